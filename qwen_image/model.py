@@ -1,0 +1,348 @@
+"""QwenImage: the complete model bundle (text encoder, VAE, MMDiT transformer, scheduler) and its samplers."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from diffusers import (
+    AutoencoderKLQwenImage,
+    FlowMatchEulerDiscreteScheduler,
+    QwenImageEditPlusPipeline,
+    QwenImageInpaintPipeline,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
+)
+from PIL import Image
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+from . import latents as latent_ops
+from .errors import QwenImageInputError
+from .sampling import Conditioning, SampleOutput, sample
+from .scheduler import inference_sigmas, make_scheduler
+from .text import PromptEncoder, validate_prompts
+from .tiny import tiny_text_encoder, tiny_transformer, tiny_vae
+from .tokenizer import load_bundled_tokenizer, load_processor, make_processor
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+REQUIRED_SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.replace("torch.", "") in DTYPES:
+        return DTYPES[dtype.replace("torch.", "")]
+    raise QwenImageInputError(f"unknown dtype {dtype!r}; use one of: {', '.join(sorted(set(DTYPES)))}.")
+
+
+def check_checkpoint_dir(path: str | os.PathLike) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise QwenImageInputError(
+            f"checkpoint folder {str(path)!r} does not exist; pass the local folder of a diffusers-format "
+            "Qwen-Image checkpoint (with model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/)."
+        )
+    missing = [s for s in REQUIRED_SUBFOLDERS if not (path / s).is_dir()]
+    if missing:
+        raise QwenImageInputError(
+            f"{str(path)!r} is not a diffusers-format Qwen-Image checkpoint: missing {', '.join(missing)}/."
+        )
+    return path
+
+
+class QwenImage:
+    """Qwen-Image as one object: encode prompts, encode/decode latents, sample (ODE or SDE), generate, edit, inpaint.
+
+    Components are the diffusers / transformers classes themselves, so anything that takes a
+    ``QwenImagePipeline`` (LoRA loading, offload, attention backends) works on them.
+    """
+
+    def __init__(
+        self,
+        transformer: QwenImageTransformer2DModel,
+        vae: AutoencoderKLQwenImage | None,
+        text_encoder: Qwen2_5_VLForConditionalGeneration | None,
+        tokenizer: Qwen2Tokenizer,
+        scheduler: FlowMatchEulerDiscreteScheduler | None = None,
+        processor=None,
+        default_size: int = 1024,
+    ):
+        self.transformer = transformer
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler or make_scheduler()
+        self.processor = processor
+        self.default_size = default_size
+        self.prompt_encoder = PromptEncoder(tokenizer, text_encoder) if text_encoder is not None else None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def tiny(cls, seed: int = 0, dtype: str | torch.dtype = torch.float32) -> "QwenImage":
+        """The same architecture with tiny random weights (about 12 M parameters); fully offline and seeded."""
+        dtype = resolve_dtype(dtype)
+        tokenizer = load_bundled_tokenizer()
+        model = cls(
+            transformer=tiny_transformer(seed),
+            vae=tiny_vae(seed),
+            text_encoder=tiny_text_encoder(seed),
+            tokenizer=tokenizer,
+            processor=make_processor(tokenizer),
+            default_size=64,
+        )
+        if dtype != torch.float32:
+            model.to(dtype=dtype)
+        return model
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        torch_dtype: str | torch.dtype | None = "bfloat16",
+        device: str | torch.device | None = None,
+        load_text_encoder: bool = True,
+        load_vae: bool = True,
+    ) -> "QwenImage":
+        """Load a local diffusers-format checkpoint (Qwen-Image, Qwen-Image-2512, Qwen-Image-Edit-2509/2511 layouts).
+
+        ``load_text_encoder=False`` / ``load_vae=False`` skip components a job does not need (e.g. training on
+        cached embeddings and latents).
+        """
+        path = check_checkpoint_dir(path)
+        dtype = resolve_dtype(torch_dtype)
+        transformer = QwenImageTransformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
+        vae = AutoencoderKLQwenImage.from_pretrained(path, subfolder="vae", torch_dtype=dtype) if load_vae else None
+        text_encoder = (
+            Qwen2_5_VLForConditionalGeneration.from_pretrained(path / "text_encoder", dtype=dtype).eval()
+            if load_text_encoder else None
+        )
+        tokenizer = Qwen2Tokenizer.from_pretrained(path / "tokenizer")
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+        processor = load_processor(str(path / "processor"), tokenizer) if (path / "processor").is_dir() else make_processor(tokenizer)
+        default_size = _default_size(path)
+        model = cls(transformer, vae, text_encoder, tokenizer, scheduler, processor, default_size)
+        for module in (transformer, vae, text_encoder):
+            if module is not None:
+                module.requires_grad_(False)
+        if device is not None:
+            model.to(device)
+        return model
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write the diffusers layout (model_index.json + subfolders) that ``QwenImagePipeline.from_pretrained`` loads."""
+        path = Path(path)
+        self.pipeline().save_pretrained(path)
+        if self.processor is not None:
+            self.processor.image_processor.save_pretrained(path / "processor")
+            self.tokenizer.save_pretrained(path / "processor")
+        with open(path / "qwen_image_align.json", "w") as f:
+            json.dump({"default_size": self.default_size}, f)
+        return path
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "QwenImage":
+        for module in (self.transformer, self.vae, self.text_encoder):
+            if module is not None:
+                module.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    # ------------------------------------------------------------------ pipelines (diffusers)
+    def pipeline(self, kind: str = "t2i"):
+        """A diffusers pipeline over the same components: 't2i', 'edit' (Edit-2509 style), 'inpaint'."""
+        common = dict(scheduler=self.scheduler, vae=self.vae, text_encoder=self.text_encoder,
+                      tokenizer=self.tokenizer, transformer=self.transformer)
+        if kind == "t2i":
+            return QwenImagePipeline(**common)
+        if kind == "inpaint":
+            return QwenImageInpaintPipeline(**common)
+        if kind == "edit":
+            return QwenImageEditPlusPipeline(**common, processor=self.processor)
+        raise QwenImageInputError(f"unknown pipeline kind {kind!r}; use 't2i', 'edit' or 'inpaint'.")
+
+    def load_lora(self, path: str | os.PathLike, adapter_name: str = "default", scale: float = 1.0) -> None:
+        """Load a LoRA (diffusers, kohya, DiffSynth or ComfyUI keys; diffusers converts) into the transformer."""
+        if not Path(path).exists():
+            raise QwenImageInputError(f"LoRA path {str(path)!r} does not exist.")
+        pipe = self.pipeline()
+        pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+        pipe.set_adapters([adapter_name], [scale])
+
+    # ------------------------------------------------------------------ building blocks
+    def _require(self, name: str):
+        if getattr(self, name) is None:
+            raise QwenImageInputError(f"this QwenImage was loaded without its {name}; load it to use this method.")
+
+    def encode_prompt(self, prompts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings (B, L, 3584) and a 0/1 mask (B, L) with Qwen-Image's T2I template; cached per prompt."""
+        self._require("text_encoder")
+        return self.prompt_encoder.encode(prompts, device=self.device, dtype=self.dtype)
+
+    def conditioning(self, prompts: str | list[str]) -> Conditioning:
+        return Conditioning.from_padded(*self.encode_prompt(prompts))
+
+    def encode_images(self, images: Sequence[Image.Image], height: int, width: int) -> torch.Tensor:
+        """PIL images -> normalised VAE latents (B, 16, 1, H/8, W/8)."""
+        self._require("vae")
+        latent_ops.check_size(height, width)
+        return latent_ops.encode(self.vae, latent_ops.images_to_tensor(list(images), height, width))
+
+    def decode_latents(self, latents: torch.Tensor, height: int | None = None, width: int | None = None) -> list[Image.Image]:
+        """Normalised latents, either (B, 16, 1, h, w) or packed (B, L, 64) with height/width given -> PIL images."""
+        self._require("vae")
+        if latents.dim() == 3:
+            if height is None or width is None:
+                raise QwenImageInputError("packed latents need height and width to unpack.")
+            latents = latent_ops.unpack(latents, height, width)
+        return latent_ops.tensor_to_images(latent_ops.decode(self.vae, latents))
+
+    def initial_noise(self, batch: int, height: int, width: int, seed: int | Sequence[int] | None = 0) -> torch.Tensor:
+        """Packed Gaussian noise (B, L, 64) drawn like the pipeline's prepare_latents (one generator per sample)."""
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [None if seed is None else seed + i for i in range(batch)]
+        if len(seeds) != batch:
+            raise QwenImageInputError(f"got {len(seeds)} seeds for {batch} images.")
+        c = self.transformer.config.in_channels // 4
+        h, w = height // latent_ops.VAE_SCALE_FACTOR, width // latent_ops.VAE_SCALE_FACTOR
+        noise = []
+        for s in seeds:
+            g = torch.Generator("cpu")
+            g.manual_seed(int(s) if s is not None else torch.seed())
+            noise.append(torch.randn((1, 1, c, h, w), generator=g))
+        noise = torch.cat(noise).to(self.device, self.dtype)
+        return latent_ops.pack(noise.permute(0, 2, 1, 3, 4))
+
+    # ------------------------------------------------------------------ sampling
+    def sample(
+        self,
+        prompts: str | list[str],
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        true_cfg_scale: float = 4.0,
+        negative_prompt: str | None = " ",
+        seed: int | Sequence[int] | None = 0,
+        latents: torch.Tensor | None = None,
+        noise_level: float = 0.0,
+        sde_window: tuple[int, int] | None = None,
+        record: bool = False,
+        progress: bool = False,
+        attention_kwargs: dict | None = None,
+    ) -> SampleOutput:
+        """Run the sampler and return packed latents (plus trajectory and log-probs when ``record``/SDE)."""
+        prompts = validate_prompts(prompts)
+        height = height or self.default_size
+        width = width or self.default_size
+        latent_ops.check_size(height, width)
+        cond = self.conditioning(prompts)
+        negative = None
+        if negative_prompt is not None and true_cfg_scale > 1:
+            negative = self.conditioning([negative_prompt] * len(prompts))
+        if latents is None:
+            latents = self.initial_noise(len(prompts), height, width, seed)
+        seq_len = latent_ops.image_seq_len(height, width)
+        if latents.shape[1] != seq_len:
+            raise QwenImageInputError(f"latents have {latents.shape[1]} tokens; {height}x{width} px needs {seq_len}.")
+        sigmas = inference_sigmas(self.scheduler, num_inference_steps, seq_len)
+        generator = torch.Generator("cpu").manual_seed(int(seed if isinstance(seed, int) else 0) + 10_000)
+        return sample(
+            self.transformer, latents, sigmas, cond, latent_ops.img_shapes(len(prompts), height, width),
+            negative=negative, true_cfg_scale=true_cfg_scale, noise_level=noise_level, sde_window=sde_window,
+            generator=generator, record=record, attention_kwargs=attention_kwargs, progress=progress,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: str | list[str],
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        true_cfg_scale: float = 4.0,
+        negative_prompt: str | None = " ",
+        seed: int | Sequence[int] | None = 0,
+        num_images_per_prompt: int = 1,
+        noise_level: float = 0.0,
+        progress: bool = True,
+    ) -> list[Image.Image]:
+        """Text-to-image. Returns ``len(prompts) * num_images_per_prompt`` PIL images (seed, seed+1, ...)."""
+        prompts = [p for p in validate_prompts(prompts) for _ in range(num_images_per_prompt)]
+        height = height or self.default_size
+        width = width or self.default_size
+        out = self.sample(prompts, height, width, num_inference_steps, true_cfg_scale, negative_prompt, seed,
+                          noise_level=noise_level, progress=progress)
+        return self.decode_latents(out.latents, height, width)
+
+    def edit(
+        self,
+        images: Image.Image | Sequence[Image.Image],
+        prompt: str,
+        num_inference_steps: int = 40,
+        true_cfg_scale: float = 4.0,
+        negative_prompt: str = " ",
+        seed: int = 0,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> Image.Image:
+        """Edit-2509 style editing from 1-3 reference images (QwenImageEditPlusPipeline)."""
+        images = [images] if isinstance(images, Image.Image) else list(images)
+        if not 1 <= len(images) <= 3:
+            raise QwenImageInputError(f"edit takes 1 to 3 reference images, got {len(images)}.")
+        validate_prompts([prompt], allow_empty_string=False)
+        if height is not None or width is not None:
+            latent_ops.check_size(height or self.default_size, width or self.default_size)
+        self._require("processor")
+        pipe = self.pipeline("edit")
+        pipe.set_progress_bar_config(leave=False)
+        return pipe(
+            image=[im.convert("RGB") for im in images], prompt=prompt, negative_prompt=negative_prompt,
+            true_cfg_scale=true_cfg_scale, num_inference_steps=num_inference_steps, height=height, width=width,
+            generator=torch.Generator("cpu").manual_seed(seed),
+        ).images[0]
+
+    def inpaint(
+        self,
+        image: Image.Image,
+        mask: Image.Image,
+        prompt: str,
+        strength: float = 0.9,
+        num_inference_steps: int = 50,
+        true_cfg_scale: float = 4.0,
+        negative_prompt: str = " ",
+        seed: int = 0,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> Image.Image:
+        """Repaint the white area of ``mask`` (QwenImageInpaintPipeline)."""
+        height = height or (image.height // 16 * 16)
+        width = width or (image.width // 16 * 16)
+        latent_ops.check_size(height, width)
+        if mask.size != image.size:
+            raise QwenImageInputError(f"mask size {mask.size} differs from image size {image.size}.")
+        if not 0 < strength <= 1:
+            raise QwenImageInputError(f"strength must be in (0, 1], got {strength}.")
+        validate_prompts([prompt], allow_empty_string=False)
+        pipe = self.pipeline("inpaint")
+        pipe.set_progress_bar_config(leave=False)
+        return pipe(
+            prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale, image=image.convert("RGB"),
+            mask_image=mask.convert("L"), strength=strength, num_inference_steps=num_inference_steps,
+            height=height, width=width, generator=torch.Generator("cpu").manual_seed(seed),
+        ).images[0]
+
+
+def _default_size(path: Path) -> int:
+    marker = path / "qwen_image_align.json"
+    if marker.is_file():
+        return int(json.loads(marker.read_text()).get("default_size", 1024))
+    return 1024

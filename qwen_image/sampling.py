@@ -1,0 +1,197 @@
+"""Samplers over packed latents: the ODE Euler sampler with true CFG (QwenImagePipeline's loop) and the
+Flow-GRPO SDE sampler that records per-step Gaussian log-probs, means and stds.
+
+All SDE math runs in fp32 (bf16 overflows in the log-prob). Formulas: ../shared/reference/alignment.md §1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning for the transformer; ``mask`` is None when no token is padding (as the pipeline does)."""
+
+    embeds: torch.Tensor
+    mask: torch.Tensor | None
+
+    @classmethod
+    def from_padded(cls, embeds: torch.Tensor, mask: torch.Tensor | None) -> "Conditioning":
+        if mask is not None and bool(mask.all()):
+            mask = None
+        return cls(embeds, mask)
+
+    def repeat_interleave(self, n: int) -> "Conditioning":
+        if n == 1:
+            return self
+        mask = None if self.mask is None else self.mask.repeat_interleave(n, 0)
+        return Conditioning(self.embeds.repeat_interleave(n, 0), mask)
+
+
+def predict_velocity(
+    transformer,
+    latents: torch.Tensor,
+    sigma: torch.Tensor | float,
+    cond: Conditioning,
+    img_shapes: list,
+    negative: Conditioning | None = None,
+    true_cfg_scale: float = 1.0,
+    attention_kwargs: dict | None = None,
+) -> torch.Tensor:
+    """v = eps - x0 at noise level ``sigma`` (scalar or per-sample), with true CFG and norm rescale when
+    ``true_cfg_scale > 1`` and a negative conditioning is given (the uncond branch carries no gradient)."""
+    batch = latents.shape[0]
+    if not torch.is_tensor(sigma):
+        sigma = torch.tensor(sigma)
+    # The pipeline passes scheduler timesteps (sigma * 1000) divided by 1000: keep the same float path.
+    timestep = (sigma.to(torch.float32) * 1000).expand(batch).to(latents.dtype).to(latents.device) / 1000
+    v = transformer(
+        hidden_states=latents,
+        timestep=timestep,
+        encoder_hidden_states=cond.embeds,
+        encoder_hidden_states_mask=cond.mask,
+        img_shapes=img_shapes,
+        attention_kwargs=attention_kwargs,
+        return_dict=False,
+    )[0]
+    if negative is None or true_cfg_scale <= 1.0:
+        return v
+    with torch.no_grad():
+        v_neg = transformer(
+            hidden_states=latents,
+            timestep=timestep,
+            encoder_hidden_states=negative.embeds,
+            encoder_hidden_states_mask=negative.mask,
+            img_shapes=img_shapes,
+            attention_kwargs=attention_kwargs,
+            return_dict=False,
+        )[0]
+    comb = v_neg + true_cfg_scale * (v - v_neg)
+    return comb * (torch.norm(v, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+
+
+def ode_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+    """Euler step x += (s_next - s) v, computed in fp32 like FlowMatchEulerDiscreteScheduler.step."""
+    out = latents.to(torch.float32) + (sigma_next - sigma) * velocity.to(torch.float32)
+    return out.to(latents.dtype)
+
+
+def sde_std(sigma: torch.Tensor, noise_level: float, sigma_max: float) -> torch.Tensor:
+    """Flow-GRPO's std_dev_t = a * sqrt(s / (1 - s)), with s = 1 replaced by sigma_max in the denominator."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32)
+    denom = 1 - torch.where(sigma >= 1, torch.as_tensor(sigma_max, dtype=torch.float32), sigma)
+    return torch.sqrt(sigma / denom) * noise_level
+
+
+@dataclass
+class SDEStep:
+    prev_sample: torch.Tensor
+    log_prob: torch.Tensor  # (B,) mean over non-batch dims
+    mean: torch.Tensor
+    std: torch.Tensor  # scalar: std_dev_t * sqrt(|dt|), the Gaussian's std per element
+
+
+def sde_step(
+    latents: torch.Tensor,
+    velocity: torch.Tensor,
+    sigma: float,
+    sigma_next: float,
+    noise_level: float,
+    sigma_max: float,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> SDEStep:
+    """One Euler-Maruyama step of the marginal-preserving SDE and the log-density of ``prev_sample`` under it.
+
+    mean = x + [v + std_t^2/(2s) (x + (1-s) v)] dt (dt < 0); x' = mean + std_t sqrt(-dt) eps.
+    Pass ``prev_sample`` to score a stored transition (training); otherwise one is drawn.
+    """
+    x = latents.to(torch.float32)
+    v = velocity.to(torch.float32)
+    dt = float(sigma_next) - float(sigma)
+    std_t = sde_std(torch.tensor(float(sigma)), noise_level, sigma_max).to(x.device)
+    mean = x + (v + std_t**2 / (2 * float(sigma)) * (x + (1 - float(sigma)) * v)) * dt
+    step_std = std_t * math.sqrt(-dt)
+    if prev_sample is None:
+        gen_device = generator.device if generator is not None else x.device
+        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32, device=gen_device).to(x.device)
+        prev_sample = mean + step_std * noise
+    prev = prev_sample.to(torch.float32)
+    if float(step_std) > 0:
+        log_prob = (
+            -((prev.detach() - mean) ** 2) / (2 * step_std**2) - torch.log(step_std) - 0.5 * math.log(2 * math.pi)
+        )
+        log_prob = log_prob.mean(dim=tuple(range(1, log_prob.dim())))
+    else:
+        log_prob = torch.zeros(x.shape[0], device=x.device)
+    return SDEStep(prev_sample=prev, log_prob=log_prob, mean=mean, std=step_std)
+
+
+@dataclass
+class SampleOutput:
+    latents: torch.Tensor  # final packed latents (B, L, 64)
+    sigmas: torch.Tensor  # (T + 1,)
+    trajectory: list[torch.Tensor] = field(default_factory=list)  # x_0..x_T when recorded (T + 1 entries)
+    log_probs: torch.Tensor | None = None  # (B, T) ; zeros at ODE steps
+    means: list[torch.Tensor] = field(default_factory=list)
+    stds: torch.Tensor | None = None  # (T,)
+    sde_steps: list[int] = field(default_factory=list)  # indices of steps taken with the SDE
+
+
+def sample(
+    transformer,
+    latents: torch.Tensor,
+    sigmas: torch.Tensor,
+    cond: Conditioning,
+    img_shapes: list,
+    negative: Conditioning | None = None,
+    true_cfg_scale: float = 1.0,
+    noise_level: float = 0.0,
+    sde_window: tuple[int, int] | None = None,
+    generator: torch.Generator | None = None,
+    record: bool = False,
+    attention_kwargs: dict | None = None,
+    progress: bool = False,
+) -> SampleOutput:
+    """Integrate from noise (sigmas[0]) to data (sigmas[-1] = 0).
+
+    ``noise_level == 0`` gives the deterministic ODE sampler (QwenImagePipeline's loop). ``noise_level > 0`` uses
+    the SDE on the steps in ``sde_window`` = [start, end) (all steps when None) and the ODE elsewhere, and records
+    log-probs for the SDE steps (Flow-GRPO / Flow-GRPO-Fast).
+    """
+    num_steps = len(sigmas) - 1
+    window = range(num_steps) if sde_window is None else range(*sde_window)
+    sigma_max = float(sigmas[1]) if num_steps > 1 else float(sigmas[0])
+    out = SampleOutput(latents=latents, sigmas=sigmas)
+    log_probs = torch.zeros(latents.shape[0], num_steps)
+    stds = torch.zeros(num_steps)
+    if record:
+        out.trajectory.append(latents.detach().cpu())
+    x = latents
+    for i in tqdm(range(num_steps), disable=not progress, desc="denoising", leave=False):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        with torch.no_grad():
+            v = predict_velocity(transformer, x, sigmas[i], cond, img_shapes, negative, true_cfg_scale, attention_kwargs)
+        if noise_level > 0 and i in window:
+            step = sde_step(x, v, s, s_next, noise_level, sigma_max, generator=generator)
+            x = step.prev_sample.to(latents.dtype)
+            log_probs[:, i] = step.log_prob.cpu()
+            stds[i] = float(step.std)
+            out.sde_steps.append(i)
+            if record:
+                out.means.append(step.mean.detach().cpu())
+        else:
+            x = ode_step(x, v, s, s_next)
+            if record:
+                out.means.append(x.detach().float().cpu())
+        if record:
+            out.trajectory.append(x.detach().cpu())
+    out.latents = x
+    out.log_probs = log_probs
+    out.stds = stds
+    return out

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs on a fresh machine, then run the whole suite (CPU only, offline).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
+if [ -f annotation/install_labelstudio.sh ]; then bash annotation/install_labelstudio.sh; fi
+exec .venv/bin/python -m pytest "$@"
