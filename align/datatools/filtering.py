@@ -1,0 +1,192 @@
+"""Run image filters over a ``datasets.Dataset`` (or a list of rows) and report what was dropped and why."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+from PIL import Image
+
+from .image_filters import ImageFilter
+
+__all__ = ["FilterReport", "filter_dataset", "filter_images", "load_image"]
+
+
+def load_image(value: Any) -> Image.Image:
+    """A PIL image from a PIL image, a path, bytes, or a ``datasets`` Image dict ({"bytes":..., "path":...})."""
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            return Image.open(io.BytesIO(value["bytes"]))
+        if value.get("path"):
+            return Image.open(value["path"])
+        raise ValueError("image dict has neither bytes nor path")
+    if isinstance(value, (bytes, bytearray)):
+        return Image.open(io.BytesIO(value))
+    if isinstance(value, str):
+        return Image.open(value)
+    raise TypeError(f"cannot read an image from {type(value).__name__}")
+
+
+@dataclass
+class FilterReport:
+    """Outcome of a filtering pass.
+
+    ``reasons[i]`` lists ``"<filter name>: <detail>"`` strings for row i (empty = kept); ``counts`` counts rows per
+    filter name (a row failing two cheap filters counts in both); ``first_reason_counts`` counts each dropped row
+    once, under the first filter that rejected it.
+    """
+
+    total: int = 0
+    kept_indices: list[int] = field(default_factory=list)
+    dropped_indices: list[int] = field(default_factory=list)
+    reasons: list[list[str]] = field(default_factory=list)
+    counts: Counter = field(default_factory=Counter)
+    first_reason_counts: Counter = field(default_factory=Counter)
+    filters: list[str] = field(default_factory=list)
+
+    @property
+    def kept(self) -> int:
+        return len(self.kept_indices)
+
+    @property
+    def dropped(self) -> int:
+        return len(self.dropped_indices)
+
+    def summary(self) -> str:
+        pct = (lambda n: f"{100.0 * n / self.total:.1f}%") if self.total else (lambda n: "-")
+        lines = [f"filter_dataset: kept {self.kept}/{self.total} ({pct(self.kept)}), dropped {self.dropped}"]
+        for name in self.filters:
+            if self.counts.get(name):
+                lines.append(f"  {name:<14} {self.counts[name]:>7} rows ({pct(self.counts[name])}), "
+                             f"first reason for {self.first_reason_counts.get(name, 0)}")
+        extra = [n for n in self.counts if n not in self.filters]
+        for name in extra:
+            lines.append(f"  {name:<14} {self.counts[name]:>7} rows")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"total": self.total, "kept": self.kept, "dropped": self.dropped,
+                "counts": dict(self.counts), "first_reason_counts": dict(self.first_reason_counts),
+                "dropped_indices": list(self.dropped_indices),
+                "reasons": {i: self.reasons[i] for i in self.dropped_indices}}
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _run_filters(image: Image.Image, row: dict, filters: Sequence[ImageFilter]) -> list[str]:
+    reasons: list[str] = []
+    # cheap, stateless filters all run, so the report says every reason a row fails
+    for f in filters:
+        if not f.expensive and not f.stateful:
+            r = f(image, row)
+            if r:
+                reasons.append(f"{f.name}: {r}")
+    # expensive / stateful ones only on survivors, in the order given
+    if not reasons:
+        for f in filters:
+            if f.expensive or f.stateful:
+                r = f(image, row)
+                if r:
+                    reasons.append(f"{f.name}: {r}")
+                    break
+    if not reasons:
+        for f in filters:
+            if f.stateful:
+                f.commit(image, row)
+    return reasons
+
+
+def filter_images(images: Iterable[Image.Image], filters: Sequence[ImageFilter],
+                  rows: Iterable[dict] | None = None) -> list[list[str]]:
+    """Reasons per image (empty list = keep). ``rows`` gives the per-image metadata (e.g. the prompt)."""
+    for f in filters:
+        f.reset()
+    rows_it = iter(rows) if rows is not None else None
+    out = []
+    for i, img in enumerate(images):
+        row = dict(next(rows_it)) if rows_it is not None else {}
+        row["__index__"] = i
+        out.append(_run_filters(load_image(img), row, filters))
+    return out
+
+
+def filter_dataset(ds, filters: Sequence[ImageFilter], image_column: str = "image",
+                   reason_column: str | None = None, verbose: bool = True, progress: bool = False):
+    """Filter a dataset with image filters; returns ``(kept_ds, report)``.
+
+    ``ds``: a ``datasets.Dataset`` or a list of dict rows. Every filter sees the decoded image and the row (so
+    the OCR-agreement filter can read ``prompt``/``text``). Rows are visited in order; the near-duplicate filter
+    keeps the first copy that passes all other filters.
+
+    ``reason_column``: when set, that column (list of strings, empty = kept) is added to the returned rows,
+    which is useful with ``ds.add_column`` style pipelines; the kept rows then carry an empty list. The full
+    per-row reasons are always in ``report.reasons``. ``verbose`` prints ``report.summary()`` to stderr.
+    """
+    for f in filters:
+        f.reset()
+    names = []
+    for f in filters:
+        if f.name in names:
+            raise ValueError(f"two filters named {f.name!r}: give one a different name")
+        names.append(f.name)
+    report = FilterReport(filters=names)
+    is_hf = hasattr(ds, "select") and hasattr(ds, "column_names")
+    other_cols = [c for c in (ds.column_names if is_hf else []) if c != image_column]
+    meta = ds.select_columns(other_cols) if is_hf and other_cols else None
+    img_ds = ds.select_columns([image_column]) if is_hf else None  # decoded one row at a time
+    n = len(ds)
+    iterator = range(n)
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(iterator, desc="filtering", total=n)
+        except ImportError:  # pragma: no cover
+            pass
+    for i in iterator:
+        if is_hf:
+            row = dict(meta[i]) if meta is not None else {}
+            value = img_ds[i][image_column]
+        else:
+            full = ds[i]
+            row = {k: v for k, v in full.items() if k != image_column}
+            value = full[image_column]
+        row["__index__"] = i
+        reasons = _run_filters(load_image(value), row, filters)
+        report.reasons.append(reasons)
+        if reasons:
+            report.dropped_indices.append(i)
+            seen = set()
+            for r in reasons:
+                name = r.split(":", 1)[0]
+                if name not in seen:
+                    report.counts[name] += 1
+                    seen.add(name)
+            report.first_reason_counts[reasons[0].split(":", 1)[0]] += 1
+        else:
+            report.kept_indices.append(i)
+    report.total = n
+    if is_hf:
+        out = ds
+        if reason_column:
+            if reason_column in out.column_names:
+                out = out.remove_columns(reason_column)
+            out = out.add_column(reason_column, report.reasons)
+        kept = out.select(report.kept_indices)
+    else:
+        kept = []
+        for i in report.kept_indices:
+            row = dict(ds[i])
+            if reason_column:
+                row[reason_column] = []
+            kept.append(row)
+    if verbose:
+        print(report.summary(), file=sys.stderr)
+    return kept, report
