@@ -18,11 +18,11 @@ def test_builtin_rewards_registered():
 
 
 def test_register_function_and_factory():
-    @register_reward("test_const")
+    @register_reward("test_const", overwrite=True)
     def const(prompts, images, value=0.25, **columns):
         return [value] * len(prompts)
 
-    @register_reward("test_scaled")
+    @register_reward("test_scaled", overwrite=True)
     class Scaled:
         def __init__(self, k=1.0):
             self.k = k
