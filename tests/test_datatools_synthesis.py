@@ -180,3 +180,15 @@ def test_write_imagefolder_loads_with_datasets(tmp_path):
 def test_synthesize_imagefolder_one_call(tmp_path):
     out = synthesize_imagefolder(["你好"], tmp_path / "f", modes=("template",), size=32)
     assert (out / "000000.png").exists() and len((out / "metadata.jsonl").read_text().splitlines()) == 1
+
+
+def test_cli_synth_then_filter(tmp_path, capsys):
+    from align.datatools.__main__ import main
+
+    assert main(["synth", "--texts", "新品上市", "OPEN", "--out", str(tmp_path / "a"), "--size", "96", "64",
+                 "--modes", "plain"]) == 0
+    assert "wrote 2 images" in capsys.readouterr().out
+    assert main(["filter", "--data-dir", str(tmp_path / "a"), "--out", str(tmp_path / "b"), "--min-side", "80",
+                 "--no-exposure"]) == 0
+    report = json.loads((tmp_path / "b" / "filter_report.json").read_text())
+    assert report["total"] == 2 and report["kept"] == 0 and report["counts"] == {"resolution": 2}

@@ -193,3 +193,17 @@ def test_reconstruction_with_tiny_qwen_image(tiny_model):
     m = reconstruction_metrics(imgs, model=tiny_model, size=(64, 64))
     assert m["n"] == 1 and math.isfinite(m["psnr"]) and 0 < m["psnr"] < 60
     assert -1 <= m["ssim"] <= 1
+
+
+def test_text_eval_with_tiny_qwen_image_generate(tiny_model):
+    sizes = []
+
+    def ocr(images):
+        sizes.extend(im.size for im in images)
+        return ["OPEN"] * len(images)  # pretend the OCR read OPEN everywhere
+
+    res = evaluate_text_rendering(
+        lambda ps: tiny_model.generate(ps, height=64, width=64, num_inference_steps=2, true_cfg_scale=1.0),
+        ['a sign "OPEN"', 'a sign "CLOSED NOW"'], ocr=ocr, batch_size=2)
+    assert sizes == [(64, 64), (64, 64)]
+    assert [r["word_accuracy"] for r in res["per_prompt"]] == [1.0, 0.0]

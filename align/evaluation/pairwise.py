@@ -124,8 +124,8 @@ def bradley_terry(rows: Iterable[Any], initial: float = 1000.0, scale: float = 4
     """Bradley-Terry maximum likelihood (Hunter's MM algorithm) on the Elo scale, mean rating = ``initial``.
 
     ``P(a beats b) = 1 / (1 + base ** ((R_b - R_a) / scale))``, the same curve as Elo. Ties count half a win each.
-    ``prior`` adds that many virtual half-win/half-loss games of each player against a mean-strength opponent,
-    which keeps an undefeated (or winless) player finite; 0 disables it.
+    ``prior``: each player gets ``2 * prior`` virtual games against a reference opponent of mean strength, half
+    of them won; this keeps an undefeated (or winless) player finite. 0 gives the plain MLE.
     """
     games = to_games(rows, **keys) if not _is_games(rows) else rows
     names = sorted({g[0] for g in games} | {g[1] for g in games})

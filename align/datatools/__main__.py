@@ -1,0 +1,107 @@
+"""Command line: ``python -m align.datatools synth|filter|rare ...`` (see docs/data-tools.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _read_lines(path: str) -> list[str]:
+    return [l.strip() for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m align.datatools", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("synth", help="render texts into an imagefolder (images + metadata.jsonl)")
+    s.add_argument("--texts", nargs="*", default=[], help="texts to render")
+    s.add_argument("--texts-file", help="a file with one text per line")
+    s.add_argument("--out", required=True)
+    s.add_argument("--modes", nargs="+", default=["plain", "scene", "template"])
+    s.add_argument("--size", type=int, nargs="+", default=[512], help="W [H]")
+    s.add_argument("--per-text", type=int, default=1)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true")
+
+    r = sub.add_parser("rare", help="print strings built from characters rare in a corpus")
+    r.add_argument("--corpus", required=True, help="a text file (e.g. all your captions)")
+    r.add_argument("--max-count", type=int, default=1)
+    r.add_argument("--all-cjk", action="store_true",
+                   help="candidates = every CJK ideograph the font can draw (absent ones count 0)")
+    r.add_argument("-n", type=int, default=20)
+    r.add_argument("--min-len", type=int, default=2)
+    r.add_argument("--max-len", type=int, default=6)
+    r.add_argument("--seed", type=int, default=0)
+
+    f = sub.add_parser("filter", help="filter an imagefolder; writes the kept rows as a new imagefolder + report")
+    f.add_argument("--data-dir", required=True)
+    f.add_argument("--out", required=True)
+    f.add_argument("--min-side", type=int, default=256)
+    f.add_argument("--max-aspect", type=float, default=3.0)
+    f.add_argument("--min-blur-var", type=float, default=100.0)
+    f.add_argument("--min-contrast", type=float, default=0.05)
+    f.add_argument("--no-exposure", action="store_true")
+    f.add_argument("--dup-distance", type=int, default=4)
+    f.add_argument("--ocr", type=float, default=None, help="drop text images with OCR agreement below this")
+    args = p.parse_args(argv)
+
+    if args.cmd == "synth":
+        from .imagefolder import synthesize_imagefolder
+
+        texts = list(args.texts) + (_read_lines(args.texts_file) if args.texts_file else [])
+        if not texts:
+            p.error("no texts (use --texts or --texts-file)")
+        size = tuple(args.size) if len(args.size) == 2 else (args.size[0], args.size[0])
+        skipped = []
+        out = synthesize_imagefolder(texts, args.out, modes=args.modes, size=size, seed=args.seed,
+                                     per_text=args.per_text, overwrite=args.overwrite,
+                                     on_skip=lambda t, m: skipped.append((t, m)))
+        n = len((out / "metadata.jsonl").read_text(encoding="utf-8").splitlines())
+        print(f"wrote {n} images to {out}" + (f"; skipped {len(skipped)} texts with missing glyphs" if skipped else ""))
+        for t, m in skipped:
+            print(f"  skipped {t!r}: no glyph for {''.join(m)!r}", file=sys.stderr)
+    elif args.cmd == "rare":
+        from .rare_chars import cjk_characters, rare_characters, rare_strings
+
+        corpus = Path(args.corpus).read_text(encoding="utf-8")
+        cands = cjk_characters() if args.all_cjk else None
+        chars = rare_characters(corpus, candidates=cands, max_count=args.max_count)
+        if not chars:
+            print("no rare characters at that threshold", file=sys.stderr)
+            return 1
+        for line in rare_strings(chars, args.n, args.min_len, args.max_len, seed=args.seed):
+            print(line)
+    else:
+        import datasets
+
+        from .filtering import filter_dataset
+        from .image_filters import default_filters
+        from .imagefolder import write_imagefolder
+
+        ds = datasets.load_dataset("imagefolder", data_dir=args.data_dir, split="train")
+        overrides = {"resolution": {"min_side": args.min_side, "max_aspect_ratio": args.max_aspect},
+                     "blur": {"min_variance": args.min_blur_var}, "contrast": {"min_contrast": args.min_contrast},
+                     "duplicate": {"max_distance": args.dup_distance}}
+        if args.no_exposure:
+            overrides["exposure"] = None
+        if args.ocr is not None:
+            overrides["ocr_agreement"] = {"min_score": args.ocr}
+        filters = default_filters(text_images=args.ocr is not None, **overrides)
+        kept, report = filter_dataset(ds, filters, progress=True)
+        out = Path(args.out)
+        if len(kept):
+            write_imagefolder(kept, out)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            print("no rows kept: no imagefolder written", file=sys.stderr)
+        (out / "filter_report.json").write_text(json.dumps(report.to_dict(), ensure_ascii=False, indent=1),
+                                                encoding="utf-8")
+        print(f"kept rows written to {out}; report in {out / 'filter_report.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
