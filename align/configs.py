@@ -1,0 +1,92 @@
+"""Training configs: ``transformers.TrainingArguments`` plus the model, LoRA, data and flow-matching fields every
+trainer shares. Field names follow TRL where the idea is the same; parse with ``trl.TrlParser`` so
+``--config recipe.yaml`` plus CLI overrides work as in TRL scripts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+DEFAULT_LORA_TARGETS = [
+    # image-stream attention
+    "to_q", "to_k", "to_v", "to_out.0",
+    # text-stream attention
+    "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+    # both MLPs
+    "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
+]
+
+
+@dataclass
+class QwenImageTrainingConfig(TrainingArguments):
+    # --- model
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Local diffusers-format Qwen-Image folder. Empty: the tiny random model (CPU demo/tests)."}
+    )
+    tiny_seed: int = field(default=0, metadata={"help": "Seed of the tiny random model when no checkpoint is given."})
+    model_dtype: str = field(default="auto", metadata={"help": "Weights dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32."})
+    finetune: str = field(default="lora", metadata={"help": "lora (PEFT adapter on the transformer) or full."})
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank r."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r); saved in the adapter metadata."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
+        metadata={"help": "Module names to adapt; default covers image+text attention and both MLPs of every block."},
+    )
+    lora_init: str = field(default="gaussian", metadata={"help": "PEFT init_lora_weights: gaussian (diffusers' choice) or true."})
+    init_adapter: str | None = field(
+        default=None, metadata={"help": "Start from this LoRA (a diffusers-format folder/file, e.g. an SFT adapter)."}
+    )
+    # --- data
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "An imagefolder with metadata.jsonl, a dataset saved with save_to_disk, or a local datasets script/folder."},
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
+    prompt_column: str = field(default="prompt", metadata={"help": "Caption column."})
+    resolution: int = field(default=1024, metadata={"help": "Training resolution in px (multiple of 16); tiny recipes use 64."})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Where cached text embeddings / VAE latents go (default: <output_dir>/cache)."}
+    )
+    encode_batch_size: int = field(default=4, metadata={"help": "Batch size when caching embeddings and latents."})
+    caption_dropout: float = field(default=0.0, metadata={"help": "Probability of training a sample on the empty prompt."})
+    # --- flow matching
+    timestep_sampling: str = field(
+        default="qwen_shift", metadata={"help": "uniform | logit_normal | mode | qwen_shift (Qwen-Image's resolution-dependent shift)."}
+    )
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    loss_weighting: str = field(default="none", metadata={"help": "none | sigma_sqrt | cosmap."})
+    # --- validation / export
+    validation_prompts: list[str] = field(default_factory=list, metadata={"help": "Fixed prompts rendered every validation_steps."})
+    validation_steps: int = field(default=0, metadata={"help": "Log validation images every N steps (0: only at the end)."})
+    validation_num_inference_steps: int = field(default=20, metadata={"help": "Sampler steps for validation images."})
+    validation_true_cfg_scale: float = field(default=4.0, metadata={"help": "True CFG scale for validation images."})
+    export_comfyui: bool = field(default=False, metadata={"help": "Also write the adapter with ComfyUI keys (diffusion_model.*)."})
+
+    def __post_init__(self):
+        # Batches are dicts of cached tensors, not model kwargs.
+        self.remove_unused_columns = False
+        # diffusers models enable checkpointing themselves (Trainer would call a transformers-only method).
+        self.transformer_gradient_checkpointing = bool(self.gradient_checkpointing)
+        self.gradient_checkpointing = False
+        super().__post_init__()
+        self._validate_model_fields()
+
+    def _validate_model_fields(self) -> None:
+        if self.finetune not in ("lora", "full"):
+            raise ValueError(f"finetune must be 'lora' or 'full', got {self.finetune!r}")
+        if self.resolution <= 0 or self.resolution % 16:
+            raise ValueError(f"resolution must be a positive multiple of 16 px, got {self.resolution}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.finetune == "lora" and self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
+
+    @property
+    def encoding_cache_dir(self) -> str:
+        import os
+
+        return self.cache_dir or os.path.join(self.output_dir or ".", "cache")

@@ -1,0 +1,64 @@
+"""Adapter and model export: diffusers LoRA format (loads with ``QwenImagePipeline.load_lora_weights``), ComfyUI keys,
+and full fine-tunes as a diffusers transformer folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import QwenImagePipeline
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from .modeling import ADAPTER_NAME
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+COMFYUI_WEIGHT_NAME = "pytorch_lora_weights_comfyui.safetensors"
+
+
+def lora_layers(transformer: torch.nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+    """PEFT keys without the adapter name (``transformer_blocks.0.attn.to_q.lora_A.weight``), on CPU."""
+    sd = get_peft_model_state_dict(transformer, state_dict=state_dict, adapter_name=ADAPTER_NAME)
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def adapter_metadata(transformer: torch.nn.Module) -> dict:
+    # Without it diffusers reloads at scale 1 even when alpha != rank.
+    return transformer.peft_config[ADAPTER_NAME].to_dict()
+
+
+def to_comfyui(layers: dict[str, torch.Tensor], lora_alpha: float) -> dict[str, torch.Tensor]:
+    """ComfyUI's Qwen-Image LoRA keys: ``diffusion_model.<module>.lora_A/B.weight`` plus ``<module>.alpha``."""
+    out = {f"diffusion_model.{k}": v for k, v in layers.items()}
+    for k in layers:
+        if k.endswith(".lora_A.weight"):
+            out[f"diffusion_model.{k[: -len('.lora_A.weight')]}.alpha"] = torch.tensor(float(lora_alpha))
+    return out
+
+
+def save_lora(
+    transformer: torch.nn.Module,
+    output_dir: str | Path,
+    export_comfyui: bool = False,
+    state_dict: dict | None = None,
+) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` (keys ``transformer.…``, adapter metadata in the header)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    layers = lora_layers(transformer, state_dict)
+    metadata = adapter_metadata(transformer)
+    QwenImagePipeline.save_lora_weights(
+        output_dir, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata,
+        weight_name=LORA_WEIGHT_NAME,
+    )
+    if export_comfyui:
+        save_file(to_comfyui(layers, metadata["lora_alpha"]), output_dir / COMFYUI_WEIGHT_NAME,
+                  metadata={"format": "pt"})
+    return output_dir / LORA_WEIGHT_NAME
+
+
+def save_full(transformer: torch.nn.Module, output_dir: str | Path, state_dict: dict | None = None) -> Path:
+    """Write a diffusers ``transformer/`` folder (``QwenImageTransformer2DModel.from_pretrained(dir, subfolder='transformer')``)."""
+    target = Path(output_dir) / "transformer"
+    transformer.save_pretrained(target, state_dict=state_dict) if state_dict is not None else transformer.save_pretrained(target)
+    return target

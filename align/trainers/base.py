@@ -1,0 +1,172 @@
+"""The shared Trainer: a ``transformers.Trainer`` over the Qwen-Image transformer with diffusers-format saving,
+resume from our checkpoints, validation images, and the velocity call every objective uses."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import Trainer, TrainerCallback
+from transformers.trainer import TRAINING_ARGS_NAME
+
+from qwen_image import QwenImage
+from qwen_image.latents import img_shapes
+from qwen_image.sampling import Conditioning, predict_velocity, sample
+from qwen_image.scheduler import inference_sigmas
+
+from ..configs import QwenImageTrainingConfig
+from ..export import LORA_WEIGHT_NAME, save_full, save_lora
+from ..modeling import ADAPTER_NAME, prepare_transformer
+
+logger = logging.getLogger(__name__)
+
+
+def release_text_encoder(qwen: QwenImage) -> None:
+    """Drop the text encoder once everything it must encode is cached (8 B parameters on the real model)."""
+    qwen.text_encoder = None
+    if qwen.prompt_encoder is not None:
+        qwen.prompt_encoder.text_encoder = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class QwenImageTrainer(Trainer):
+    """Base for every objective. Subclasses implement ``compute_loss`` on cached batches."""
+
+    def __init__(
+        self,
+        qwen: QwenImage,
+        args: QwenImageTrainingConfig,
+        train_dataset=None,
+        data_collator=None,
+        eval_dataset=None,
+        callbacks: list[TrainerCallback] | None = None,
+        **kwargs,
+    ):
+        self.qwen = qwen
+        self._validation = None
+        if args.validation_prompts and qwen.text_encoder is not None:
+            # Encoded now so the text encoder can be released before training.
+            self._validation = (qwen.conditioning(list(args.validation_prompts)),
+                                qwen.conditioning([" "] * len(args.validation_prompts)))
+        transformer = prepare_transformer(qwen, args)
+        callbacks = list(callbacks or [])
+        if self._validation is not None:
+            callbacks.append(ValidationImagesCallback(self))
+        super().__init__(model=transformer, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         data_collator=data_collator, callbacks=callbacks, **kwargs)
+
+    # ------------------------------------------------------------------ model calls
+    def velocity(
+        self,
+        model: torch.nn.Module,
+        noisy: torch.Tensor,
+        sigma: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        prompt_mask: torch.Tensor | None,
+        height: int,
+        width: int,
+        attention_kwargs: dict | None = None,
+    ) -> torch.Tensor:
+        """The transformer's velocity v = eps - x0 on packed latents at per-sample noise level ``sigma``."""
+        dtype = self.qwen.transformer.dtype
+        cond = Conditioning.from_padded(prompt_embeds.to(dtype), prompt_mask)
+        return predict_velocity(model, noisy.to(dtype), sigma, cond, img_shapes(noisy.shape[0], height, width),
+                                attention_kwargs=attention_kwargs)
+
+    # ------------------------------------------------------------------ saving / resuming
+    @property
+    def is_lora(self) -> bool:
+        return self.args.finetune == "lora"
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if state_dict is None:
+            state_dict = model.state_dict()
+        if self.is_lora:
+            save_lora(model, output_dir, export_comfyui=self.args.export_comfyui, state_dict=state_dict)
+        else:
+            save_full(model, output_dir, state_dict=state_dict)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        model = self.accelerator.unwrap_model(model or self.model)
+        ckpt = Path(resume_from_checkpoint)
+        if self.is_lora and (ckpt / LORA_WEIGHT_NAME).is_file():
+            from peft import set_peft_model_state_dict
+
+            layers = {k.removeprefix("transformer."): v for k, v in load_file(ckpt / LORA_WEIGHT_NAME).items()}
+            result = set_peft_model_state_dict(model, layers, adapter_name=ADAPTER_NAME)
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"checkpoint {ckpt} has LoRA keys this model lacks: {result.unexpected_keys[:3]}")
+        elif not self.is_lora and (ckpt / "transformer").is_dir():
+            state = {}
+            for f in sorted((ckpt / "transformer").glob("*.safetensors")):
+                state.update(load_file(f))
+            model.load_state_dict(state, strict=True)
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    # ------------------------------------------------------------------ validation images
+    @torch.no_grad()
+    def render_validation(self, seed: int = 0) -> list:
+        """Images for the fixed validation prompts with the current weights (every rank runs the forward:
+        sharded backends need all of them)."""
+        if self._validation is None or self.qwen.vae is None:
+            return []
+        cond, negative = self._validation
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        size = self.args.resolution
+        n = cond.embeds.shape[0]
+        device = self.accelerator.device
+        cond = Conditioning(cond.embeds.to(device), None if cond.mask is None else cond.mask.to(device))
+        negative = Conditioning(negative.embeds.to(device), None if negative.mask is None else negative.mask.to(device))
+        latents = self.qwen.initial_noise(n, size, size, seed=seed).to(device)
+        sigmas = inference_sigmas(self.qwen.scheduler, self.args.validation_num_inference_steps, latents.shape[1])
+        out = sample(model, latents, sigmas, cond, img_shapes(n, size, size), negative=negative,
+                     true_cfg_scale=self.args.validation_true_cfg_scale)
+        self.qwen.vae.to(device)
+        images = self.qwen.decode_latents(out.latents, size, size)
+        model.train(was_training)
+        return images
+
+
+class ValidationImagesCallback(TrainerCallback):
+    """Renders the validation prompts every ``validation_steps`` and at the end; saves PNGs under
+    ``<output_dir>/validation/`` and logs them to wandb when it is a report target."""
+
+    def __init__(self, trainer: QwenImageTrainer):
+        self.trainer = trainer
+
+    def _render(self, args, state) -> None:
+        images = self.trainer.render_validation()
+        if not images or not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / "validation"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(images):
+            img.save(folder / f"step{state.global_step:06d}_{i}.png")
+        if "wandb" in (args.report_to or []):
+            import wandb
+
+            if wandb.run is not None:
+                wandb.log({"validation": [wandb.Image(img, caption=p) for img, p in zip(images, args.validation_prompts)]},
+                          step=state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.validation_steps and state.global_step % args.validation_steps == 0:
+            self._render(args, state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._render(args, state)
