@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import random
 from collections import defaultdict
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 __all__ = ["to_games", "expected_score", "elo_ratings", "win_rates", "win_matrix", "bradley_terry",
            "bootstrap_ratings", "leaderboard"]
