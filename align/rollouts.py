@@ -1,0 +1,205 @@
+"""Flow-GRPO rollouts: sample a batch of prompts with the SDE sampler, keep what training needs to re-score
+each transition (trajectory, old log-probs, sigmas, conditioning), decode and score the images.
+
+A ``RolloutBatch`` is generated and trained as one unit: the same prompts, padding and batch size at rollout and
+at training make the recomputed log-probs bit-identical with unchanged weights (flow_grpo's FAQ: outputs differ
+with batch size, so keep the training batch equal to the sampling batch).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image
+
+from qwen_image import QwenImage
+from qwen_image.latents import check_size, image_seq_len, img_shapes
+from qwen_image.sampling import Conditioning, SDEStep, predict_velocity, sample, sde_std, sde_step
+from qwen_image.scheduler import inference_sigmas
+
+
+@dataclass
+class RolloutBatch:
+    """One sampled batch. ``trajectory[:, j]`` is x_j (x_0 = noise, x_T = final latents); step j maps x_j to x_{j+1}
+    at noise levels ``sigmas[j] -> sigmas[j+1]``; ``log_probs[:, j]`` is its log-density at rollout (0 off the SDE)."""
+
+    prompts: list[str]
+    columns: dict[str, list]
+    cond: Conditioning
+    negative: Conditioning | None
+    trajectory: torch.Tensor  # (B, T + 1, L, C)
+    log_probs: torch.Tensor  # (B, T) fp32
+    sigmas: torch.Tensor  # (T + 1,)
+    sde_steps: list[int]
+    height: int
+    width: int
+    noise_level: float
+    true_cfg_scale: float
+    sigma_max: float
+    images: list[Image.Image] = field(default_factory=list)
+    rewards: torch.Tensor | None = None  # (B,) NaN where a reward does not apply
+    rewards_per_func: dict[str, list[float | None]] = field(default_factory=dict)
+    advantages: torch.Tensor | None = None  # (B,)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def img_shapes(self) -> list:
+        return img_shapes(len(self), self.height, self.width)
+
+    def to(self, device: torch.device | str) -> "RolloutBatch":
+        def move(c: Conditioning | None) -> Conditioning | None:
+            if c is None:
+                return None
+            return Conditioning(c.embeds.to(device), None if c.mask is None else c.mask.to(device))
+
+        return replace(self, cond=move(self.cond), negative=move(self.negative), trajectory=self.trajectory.to(device))
+
+    def step_dt(self, j: int) -> float:
+        return float(self.sigmas[j + 1]) - float(self.sigmas[j])
+
+    def std_dev_t(self, j: int) -> torch.Tensor:
+        """Flow-GRPO's sigma_t = a sqrt(s / (1 - s)) at step j (the per-element std is sigma_t sqrt(|dt|))."""
+        return sde_std(self.sigmas[j], self.noise_level, self.sigma_max)
+
+
+def sde_window_for(
+    num_inference_steps: int,
+    window_size: int | None,
+    window_range: Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[int, int] | None:
+    """Flow-GRPO-Fast: a window of ``window_size`` SDE steps starting at a random step in ``window_range``
+    ([lo, hi), default the first half of the trajectory); ODE elsewhere. None / 0 = SDE on every step."""
+    if not window_size:
+        return None
+    if window_size > num_inference_steps:
+        raise ValueError(f"sde_window_size {window_size} exceeds num_inference_steps {num_inference_steps}.")
+    lo, hi = window_range if window_range else (0, max(1, num_inference_steps // 2))
+    hi = min(hi, num_inference_steps - window_size + 1)
+    if not 0 <= lo < hi:
+        raise ValueError(f"sde_window_range {list(window_range or [])} leaves no start for a window of {window_size} steps.")
+    start = int(torch.randint(lo, hi, (1,), generator=generator))
+    return start, start + window_size
+
+
+@torch.no_grad()
+def generate_rollouts(
+    qwen: QwenImage,
+    transformer: torch.nn.Module,
+    prompts: list[str],
+    columns: dict[str, list] | None = None,
+    *,
+    height: int,
+    width: int,
+    num_inference_steps: int = 10,
+    noise_level: float = 0.7,
+    sde_window: tuple[int, int] | None = None,
+    true_cfg_scale: float = 1.0,
+    negative_prompt: str | None = " ",
+    seeds: Sequence[int],
+    generator: torch.Generator,
+    decode: bool = True,
+) -> RolloutBatch:
+    """Sample ``prompts`` with the SDE (on ``sde_window`` steps, all when None) and record the trajectory.
+
+    ``transformer`` is the (unwrapped) policy; ``seeds`` give each sample's initial noise; ``generator`` draws the
+    SDE noise. With ``decode`` the final latents are decoded to PIL images for the rewards.
+    """
+    if noise_level <= 0:
+        raise ValueError(f"noise_level must be > 0 for GRPO rollouts (0 is the deterministic ODE), got {noise_level}")
+    check_size(height, width)
+    device = next(transformer.parameters()).device
+    cond = qwen.conditioning(prompts)
+    cond = Conditioning(cond.embeds.to(device), None if cond.mask is None else cond.mask.to(device))
+    negative = None
+    if true_cfg_scale > 1 and negative_prompt is not None:
+        neg = qwen.conditioning([negative_prompt] * len(prompts))
+        negative = Conditioning(neg.embeds.to(device), None if neg.mask is None else neg.mask.to(device))
+    latents = qwen.initial_noise(len(prompts), height, width, list(seeds)).to(device)
+    sigmas = inference_sigmas(qwen.scheduler, num_inference_steps, image_seq_len(height, width))
+    out = sample(transformer, latents, sigmas, cond, img_shapes(len(prompts), height, width), negative=negative,
+                 true_cfg_scale=true_cfg_scale, noise_level=noise_level, sde_window=sde_window, generator=generator,
+                 record=True)
+    images = qwen.decode_latents(out.latents, height, width) if decode else []
+    return RolloutBatch(
+        prompts=list(prompts), columns={k: list(v) for k, v in (columns or {}).items()}, cond=cond, negative=negative,
+        trajectory=torch.stack(out.trajectory, dim=1), log_probs=out.log_probs.float(), sigmas=out.sigmas,
+        sde_steps=list(out.sde_steps), height=height, width=width, noise_level=noise_level,
+        true_cfg_scale=true_cfg_scale if negative is not None else 1.0,
+        sigma_max=float(sigmas[1]) if num_inference_steps > 1 else float(sigmas[0]), images=images,
+    )
+
+
+def recompute_log_prob(
+    transformer: torch.nn.Module,
+    batch: RolloutBatch,
+    step_index: int,
+    attention_kwargs: dict | None = None,
+) -> SDEStep:
+    """Score the stored transition x_j -> x_{j+1} under ``transformer`` (grad flows through the conditional branch).
+
+    Returns the SDEStep: ``log_prob`` (B,), ``mean`` (B, L, C) fp32 and ``std`` (the per-element std).
+    """
+    j = step_index
+    if j not in batch.sde_steps:
+        raise ValueError(f"step {j} was an ODE step in this rollout (SDE steps: {batch.sde_steps}); it has no log-prob.")
+    x = batch.trajectory[:, j]
+    v = predict_velocity(transformer, x, batch.sigmas[j], batch.cond, batch.img_shapes, batch.negative,
+                         batch.true_cfg_scale, attention_kwargs)
+    return sde_step(x, v, float(batch.sigmas[j]), float(batch.sigmas[j + 1]), batch.noise_level, batch.sigma_max,
+                    prev_sample=batch.trajectory[:, j + 1])
+
+
+RewardCall = Callable[..., list]
+
+
+def score_images(
+    reward_fn: RewardCall, prompts: list[str], images: list[Image.Image], columns: dict[str, list] | None = None
+) -> tuple[list[float | None], dict[str, list[float | None]]]:
+    """Run a reward (or a ``rewards.CombinedReward``) -> (totals, per-reward lists for logging). NaN becomes None."""
+    columns = columns or {}
+    if hasattr(reward_fn, "compute"):
+        res = reward_fn.compute(prompts, images, **columns)
+        total, per = list(res.total), {k: list(v) for k, v in res.per_reward.items()}
+    else:
+        total = list(reward_fn(prompts, images, **columns))
+        from rewards import reward_name
+
+        per = {reward_name(reward_fn): list(total)}
+    if len(total) != len(prompts):
+        raise ValueError(f"the reward returned {len(total)} values for {len(prompts)} images.")
+    clean = [None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v) for v in total]
+    return clean, per
+
+
+def rollout_grid(images: list[Image.Image], columns: int = 4) -> Image.Image:
+    """One image with the rollouts in a grid (for quick looks; wandb gets the images with captions)."""
+    if not images:
+        raise ValueError("no images to put in a grid")
+    w, h = images[0].size
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (w * min(columns, len(images)), h * rows))
+    for i, im in enumerate(images):
+        grid.paste(im.convert("RGB").resize((w, h)), ((i % columns) * w, (i // columns) * h))
+    return grid
+
+
+def rollout_records(batch: RolloutBatch) -> list[dict[str, Any]]:
+    """Per-sample rows (prompt, reward, advantage, each reward) for logging tables."""
+    rows = []
+    for i, p in enumerate(batch.prompts):
+        row: dict[str, Any] = {"prompt": p}
+        if batch.rewards is not None:
+            r = float(batch.rewards[i])
+            row["reward"] = None if math.isnan(r) else r
+        if batch.advantages is not None:
+            row["advantage"] = float(batch.advantages[i])
+        for name, vals in batch.rewards_per_func.items():
+            row[name] = vals[i]
+        rows.append(row)
+    return rows
