@@ -124,6 +124,7 @@ class ReferenceModel:
             try:
                 yield self.module
             finally:
+                self._reshard()
                 if self.offload:
                     self.module.to("cpu")
             return
@@ -147,7 +148,6 @@ class ReferenceModel:
         """The reference transformer's output (``return_dict=False`` first element), without gradient."""
         with self.active() as module:
             out = module(**transformer_kwargs, return_dict=False)[0]
-        self._reshard()
         return out.detach()
 
     @torch.no_grad()
@@ -163,7 +163,6 @@ class ReferenceModel:
         """Reference velocity with the same call as ``qwen_image.sampling.predict_velocity`` (for DPO and KL terms)."""
         with self.active() as module:
             v = predict_velocity(module, latents, sigma, cond, img_shapes, negative, true_cfg_scale)
-        self._reshard()
         return v.detach()
 
     def _reshard(self) -> None:

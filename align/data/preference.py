@@ -1,0 +1,228 @@
+"""Preference pairs for Flow-DPO: rows ``prompt``, ``chosen``, ``rejected`` (images), optional ``votes``, ``agreement``.
+
+Sources: a folder (or a ``.jsonl`` file) with ``metadata.jsonl`` whose ``chosen``/``rejected`` (or
+``chosen_file_name``/``rejected_file_name``) are image paths relative to it; a dataset written with
+``Dataset.save_to_disk`` (what the annotation bridge exports); or any local ``datasets`` folder/script.
+
+Validation drops, and counts, rows that cannot train: a missing prompt, an unreadable image, identical chosen and
+rejected images (pixel-equal: the pair carries no signal), ties and pairs whose votes favour ``rejected``, and pairs
+below ``min_agreement``.
+
+``votes`` may be ``[n_chosen, n_rejected]``, ``{"chosen": n, "rejected": m}`` or one label per rater
+(``"chosen"``/``"rejected"``/anything else = no preference). ``agreement`` is the fraction of raters who agree with
+the majority, in [0, 1]; when absent it is derived from ``votes``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, Image, load_dataset, load_from_disk
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMNS = ("chosen", "rejected")
+
+
+@dataclass
+class PreferenceReport:
+    """What validation kept and why it dropped the rest (``str()`` is the one-line summary that gets logged)."""
+
+    total: int = 0
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+
+    def __str__(self) -> str:
+        reasons = ", ".join(f"{n} {why}" for why, n in self.dropped.most_common()) or "none"
+        return f"preference pairs: kept {self.kept}/{self.total}; dropped: {reasons}"
+
+
+def load_preference_dataset(
+    dataset_name: str,
+    split: str = "train",
+    prompt_column: str = "prompt",
+    min_agreement: float = 0.0,
+) -> tuple[Dataset, PreferenceReport]:
+    """Load, validate and filter preference pairs. Returns the kept rows (``prompt``, ``chosen``, ``rejected`` as
+    ``datasets.Image`` columns, plus any other columns) and a report of what was dropped."""
+    if not 0.0 <= min_agreement <= 1.0:
+        raise ValueError(f"min_agreement must be in [0, 1], got {min_agreement}")
+    ds = _load(dataset_name, split)
+    if prompt_column != "prompt" and prompt_column in ds.column_names:
+        ds = ds.rename_column(prompt_column, "prompt")
+    missing = [c for c in ("prompt", *IMAGE_COLUMNS) if c not in ds.column_names]
+    if missing:
+        raise ValueError(
+            f"preference dataset {dataset_name!r} lacks column(s) {missing} (columns: {ds.column_names}); "
+            "it needs prompt, chosen, rejected."
+        )
+    if min_agreement > 0 and "agreement" not in ds.column_names and "votes" not in ds.column_names:
+        raise ValueError(f"min_agreement={min_agreement} but the dataset has neither an 'agreement' nor a 'votes' column.")
+    for column in IMAGE_COLUMNS:
+        # Undecoded: validation opens each image itself, so one bad file is a counted skip, not a crash.
+        ds = ds.cast_column(column, Image(decode=False))
+
+    report = PreferenceReport(total=len(ds))
+    keep: list[int] = []
+    for i, row in enumerate(ds):
+        reason = _problem(row, min_agreement)
+        if reason is None:
+            keep.append(i)
+        else:
+            report.dropped[reason] += 1
+    report.kept = len(keep)
+    logger.info("%s", report)
+    if not keep:
+        raise ValueError(f"no usable preference pairs in {dataset_name!r}: {report}")
+    ds = ds.select(keep) if len(keep) < len(ds) else ds
+    for column in IMAGE_COLUMNS:
+        ds = ds.cast_column(column, Image())
+    return ds, report
+
+
+def vote_counts(votes: Any) -> tuple[float, float] | None:
+    """(votes for chosen, votes for rejected) from any supported ``votes`` format, or None when unknown."""
+    if isinstance(votes, str):
+        try:
+            votes = json.loads(votes)
+        except json.JSONDecodeError:
+            return None
+    if votes is None:
+        return None
+    if isinstance(votes, dict):
+        if "chosen" in votes or "rejected" in votes:
+            return float(votes.get("chosen") or 0), float(votes.get("rejected") or 0)
+        return None
+    if isinstance(votes, (list, tuple)):
+        if votes and all(isinstance(v, str) for v in votes):
+            labels = Counter(v.strip().lower() for v in votes)
+            return float(labels["chosen"]), float(labels["rejected"])
+        if len(votes) == 2 and all(isinstance(v, (int, float)) for v in votes):
+            return float(votes[0]), float(votes[1])
+    return None
+
+
+def _problem(row: dict, min_agreement: float) -> str | None:
+    prompt = row.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        return "missing prompt"
+    digests = []
+    for column in IMAGE_COLUMNS:
+        digest = _pixel_digest(row[column])
+        if digest is None:
+            return "unreadable image"
+        digests.append(digest)
+    if digests[0] == digests[1]:
+        return "identical images"
+    counts = vote_counts(row.get("votes"))
+    if counts is not None:
+        if counts[0] == counts[1]:
+            return "tie"
+        if counts[1] > counts[0]:
+            return "votes favour rejected"
+    if min_agreement > 0:
+        agreement = row.get("agreement")
+        if agreement is None and counts is not None:
+            agreement = max(counts) / sum(counts)
+        if agreement is None:
+            return "no agreement"
+        if float(agreement) < min_agreement:
+            return f"agreement below {min_agreement:g}"
+    return None
+
+
+def _pixel_digest(value: dict | None) -> str | None:
+    from PIL import Image as PILImage
+
+    from ..datatools.filtering import load_image
+
+    if value is None or (value.get("bytes") is None and not value.get("path")):
+        return None
+    try:
+        img = load_image(value)
+        img.load()
+        img = img.convert("RGB")
+    except (OSError, ValueError, PILImage.DecompressionBombError):
+        return None
+    return hashlib.sha1(f"{img.size}".encode() + img.tobytes()).hexdigest()
+
+
+def _load(dataset_name: str | None, split: str) -> Dataset:
+    if not dataset_name:
+        raise ValueError("no preference data: set dataset_name (a folder with metadata.jsonl, or a saved dataset).")
+    path = Path(dataset_name).expanduser()
+    if path.is_file() and path.suffix == ".jsonl":
+        return _from_jsonl(path)
+    if path.is_dir() and (path / "metadata.jsonl").is_file():
+        return _from_jsonl(path / "metadata.jsonl")
+    if path.is_dir() and (path / "dataset_info.json").is_file():
+        return load_from_disk(str(path))
+    if path.is_dir() and (path / "dataset_dict.json").is_file():
+        dd = load_from_disk(str(path))
+        if split not in dd:
+            raise ValueError(f"split {split!r} not in {dataset_name!r} (splits: {list(dd)}).")
+        return dd[split]
+    if not path.exists():
+        raise ValueError(f"preference dataset {dataset_name!r} not found (give a local folder or file).")
+    return load_dataset(str(path), split=split)
+
+
+def _from_jsonl(meta: Path) -> Dataset:
+    """imagefolder-style metadata.jsonl with two image paths per row (relative to its folder)."""
+    root = meta.parent
+    rows = []
+    with open(meta, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{meta}:{n}: not valid JSON ({err.msg}).") from None
+            for column in IMAGE_COLUMNS:
+                value = rec.pop(f"{column}_file_name", None) or rec.get(column)
+                rec[column] = str(root / value) if isinstance(value, str) and value else None
+            rows.append(rec)
+    if not rows:
+        raise ValueError(f"{meta} has no rows.")
+    # Image(decode=False) columns accept dicts {"path", "bytes"}; missing files surface later as counted skips.
+    columns = sorted({k for r in rows for k in r})
+    data = {c: [r.get(c) for r in rows] for c in columns}
+    for column in IMAGE_COLUMNS:
+        data[column] = [{"path": p, "bytes": None} if p else None for p in data[column]]
+    if "votes" in data:
+        # Mixed formats (lists/dicts) do not fit one Arrow type: keep them as JSON text, parsed back in validation.
+        data["votes"] = [json.dumps(v) if v is not None else None for v in data["votes"]]
+    ds = Dataset.from_dict(data)
+    for column in IMAGE_COLUMNS:
+        ds = ds.cast_column(column, Image(decode=False))
+    return ds
+
+
+def write_synthetic_pairs(folder: str | Path, n: int = 16, size: int = 64, seed: int = 0) -> Path:
+    """Demo/test pairs where the chosen image is consistently brighter than the rejected one (same texture).
+
+    Writes ``c{i}.png``, ``r{i}.png`` and ``metadata.jsonl``; a DPO run on it must reach high implicit accuracy.
+    """
+    import numpy as np
+    from PIL import Image as PILImage
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        texture = rng.integers(0, 60, (size, size, 3)) + rng.integers(0, 40, 3)
+        PILImage.fromarray((texture + 170).clip(0, 255).astype(np.uint8)).save(folder / f"c{i}.png")
+        PILImage.fromarray((texture + 10).clip(0, 255).astype(np.uint8)).save(folder / f"r{i}.png")
+        row = {"prompt": f"a photo number {i % 7}", "chosen": f"c{i}.png", "rejected": f"r{i}.png",
+               "votes": [3, 0], "agreement": 1.0}
+        lines.append(json.dumps(row) + "\n")
+    (folder / "metadata.jsonl").write_text("".join(lines), encoding="utf-8")
+    return folder
