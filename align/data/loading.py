@@ -1,0 +1,180 @@
+"""Load image datasets (an imagefolder with ``metadata.jsonl``, a ``save_to_disk`` folder, any local ``datasets``
+dataset) and check their rows: images that are missing or unreadable, empty prompts. General over image columns
+so SFT (``image``) and preference data (``chosen``, ``rejected``) share it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+from datasets import Dataset, Image as ImageFeature, load_dataset, load_from_disk
+from PIL import Image
+
+from .ratings import FilterSummary, describe_row
+
+METADATA_FILE = "metadata.jsonl"
+
+
+def _metadata_path(folder: Path, split: str) -> Path | None:
+    for candidate in (folder / METADATA_FILE, folder / split / METADATA_FILE):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _numeric_list(value):
+    # Arrow needs one type per column; ratings that are not numbers become NaN, which the rating filter reports.
+    if not isinstance(value, list):
+        return value
+    return [v if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) else math.nan for v in value]
+
+
+def load_imagefolder(folder: str | Path, split: str = "train", image_column: str = "image") -> Dataset:
+    """An imagefolder read from its ``metadata.jsonl``: ``image`` holds the absolute path (checked and cast to an
+    Image feature by :func:`validate_rows`), ``file_name`` is kept so messages can name the row. The dataset's
+    fingerprint covers the metadata and each image file's size and mtime, so edited images re-encode."""
+    folder = Path(folder)
+    meta = _metadata_path(folder, split)
+    if meta is None:
+        raise FileNotFoundError(f"{folder} has no {METADATA_FILE}")
+    rows, keys = [], {}
+    with open(meta, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{meta}:{n}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{meta}:{n}: each line must be a JSON object")
+            rows.append(row)
+            keys.update(dict.fromkeys(row))
+    if not rows:
+        raise ValueError(f"{meta} has no rows")
+    if image_column in keys:
+        raise ValueError(f"{meta}: rows must not have an {image_column!r} key (the image comes from file_name)")
+    base = meta.parent
+    columns: dict[str, list] = {k: [r.get(k) for r in rows] for k in keys}
+    columns.setdefault("file_name", [None] * len(rows))
+    if "ratings" in columns:
+        columns["ratings"] = [_numeric_list(v) for v in columns["ratings"]]
+    paths, signature = [], []
+    for name in columns["file_name"]:
+        path = (base / str(name)).resolve() if name else None
+        paths.append(str(path) if path else None)
+        try:
+            st = os.stat(path) if path else None
+            signature.append(f"{st.st_size}-{st.st_mtime_ns}" if st else "missing")
+        except OSError:
+            signature.append("missing")
+    columns[image_column] = paths
+    columns["_image_signature"] = signature
+    try:
+        ds = Dataset.from_dict(columns)
+    except Exception as err:  # pyarrow type clash: name the column instead of a pyarrow traceback
+        raise ValueError(f"{meta}: a column has values of mixed types ({err})") from None
+    # Dropping the signature keeps it in the fingerprint (a transform's fingerprint hashes its input's).
+    return ds.remove_columns("_image_signature")
+
+
+def load_image_dataset(name: str, split: str = "train", image_column: str = "image") -> Dataset:
+    """An imagefolder with ``metadata.jsonl``, a ``save_to_disk`` folder, a data file, or any local ``datasets``
+    folder/script (``load_dataset(name, split=split)``)."""
+    path = Path(name).expanduser()
+    if path.is_dir() and _metadata_path(path, split) is not None:
+        return load_imagefolder(path, split, image_column)
+    if path.is_dir() and (path / "dataset_info.json").is_file():
+        return load_from_disk(str(path))
+    if path.is_dir() and (path / "dataset_dict.json").is_file():
+        return load_from_disk(str(path))[split]
+    if path.exists():
+        return load_dataset(str(path), split=split)
+    try:  # not a local path: a Hub dataset, which must already be in the local cache (no network here)
+        return load_dataset(name, split=split)
+    except Exception as err:
+        raise FileNotFoundError(f"dataset {name!r} not found: not a local folder/file, nor a cached Hub dataset "
+                                f"({type(err).__name__})") from None
+
+
+def _image_source(value) -> tuple[str | None, bytes | None]:
+    if isinstance(value, dict):
+        return value.get("path"), value.get("bytes")
+    if isinstance(value, (str, os.PathLike)):
+        return str(value), None
+    return None, None
+
+
+def image_problem(value) -> str | None:
+    """Why an image cell cannot be used (None when it opens): missing file, unreadable data, no image at all."""
+    if isinstance(value, Image.Image):
+        return None
+    path, data = _image_source(value)
+    if data is None and not path:
+        return "no image"
+    if data is None and not os.path.isfile(path):
+        return f"image not found: {path}"
+    try:
+        import io
+
+        with Image.open(io.BytesIO(data) if data is not None else path) as img:
+            img.verify()  # header + structure, without decoding all pixels twice (encoding decodes them anyway)
+    except Exception as err:
+        return f"unreadable image {path or '<bytes>'}: {type(err).__name__}"
+    return None
+
+
+def validate_rows(
+    dataset: Dataset,
+    image_columns: Sequence[str] = ("image",),
+    prompt_column: str = "prompt",
+    skip_bad_rows: bool = False,
+    extra_check: Callable[[dict], str | None] | None = None,
+) -> tuple[Dataset, FilterSummary]:
+    """Check every row: each image column opens, the prompt is a non-empty string, ``extra_check(row)`` (if given)
+    returns None. Bad rows raise one ValueError naming them, or with ``skip_bad_rows`` are dropped and counted.
+    Image columns come back as decoded ``Image`` features."""
+    missing = [c for c in (*image_columns, prompt_column) if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"the dataset has no column(s) {missing} (columns: {dataset.column_names})")
+    # Read cells without decoding: paths/bytes only.
+    view = dataset
+    for column in image_columns:
+        if isinstance(view.features[column], ImageFeature):
+            view = view.cast_column(column, ImageFeature(decode=False))
+    summary = FilterSummary(total=len(dataset), settings="rows checked")
+    keep, bad = [], []
+    for i, row in enumerate(view):
+        problem = None
+        prompt = row[prompt_column]
+        if not isinstance(prompt, str) or not prompt.strip():
+            problem = ("empty prompt", f"empty prompt {prompt!r}")
+        for column in image_columns:
+            if problem:
+                break
+            why = image_problem(row[column])
+            if why:
+                reason = "missing_image" if why.startswith(("image not found", "no image")) else "unreadable_image"
+                problem = (reason, f"{column}: {why}")
+        if problem is None and extra_check is not None:
+            why = extra_check(row)
+            problem = ("bad_row", why) if why else None
+        if problem:
+            label = describe_row(i, row)
+            summary.drop(problem[0].replace(" ", "_"), label)
+            bad.append(f"{label}: {problem[1]}")
+        else:
+            keep.append(i)
+    if bad and not skip_bad_rows:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise ValueError(f"{len(bad)} bad row(s): {'; '.join(bad[:3])}{more}. "
+                         f"Fix the data or pass --skip_bad_rows to skip them.")
+    summary.kept = len(keep)
+    out = dataset if len(keep) == len(dataset) else dataset.select(keep)
+    for column in image_columns:
+        if not isinstance(out.features[column], ImageFeature) or not out.features[column].decode:
+            out = out.cast_column(column, ImageFeature())
+    return out, summary
