@@ -1,0 +1,208 @@
+"""Flow-DPO trainer: preference pairs, shared noise and sigma for winner and loser, a frozen reference.
+
+``compute_loss`` is a weighted sum of named terms so the combined objective can extend it:
+``L = w_dpo * L_DPO + beta_kl * KL + w_sft * L_FM + w_grpo * L_GRPO`` (+ whatever ``extra_loss_terms`` adds).
+On DPO batches KL is the velocity form ``mean ||v_theta - v_ref||^2`` (DESIGN §5) and the SFT term is flow matching
+on the chosen image; both reuse the forwards DPO already made. The GRPO term comes from an object with
+``loss(trainer, model, inputs) -> (loss, metrics)`` (``grpo_objective=``) or from a subclass overriding
+``extra_loss_terms``. Every term is logged separately (``loss/<name>``): their scales differ by orders of magnitude.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Sequence
+
+import torch
+from transformers import set_seed
+
+from ..configs import QwenImageTrainingConfig
+from ..data.encoding import collate_encoded, encode_dataset
+from ..data.preference import IMAGE_COLUMNS, load_preference_dataset
+from ..launch import parse_config, run
+from ..losses import DPO_LOSS_TYPES, flow_dpo_loss, flow_matching_loss, make_noisy, sample_sigmas, velocity_error
+from ..modeling import load_qwen_image, model_identity
+from ..reference import ReferenceModel
+from .base import QwenImageTrainer, release_text_encoder
+
+logger = logging.getLogger(__name__)
+
+LATENT_COLUMNS = tuple(f"{c}_latents" for c in IMAGE_COLUMNS)
+
+
+@dataclass
+class DPOConfig(QwenImageTrainingConfig):
+    """Flow-DPO settings (TRL's names ``beta``, ``loss_type``) plus the weights of the combined objective."""
+
+    beta: float = field(
+        default=100.0,
+        metadata={"help": "DPO temperature. Errors are MEANS over latent dims, so it is far larger than LLM DPO's 0.1: "
+                          "flow_grpo's Flow-DPO uses 100 on the same quantity (Diffusion-DPO used 2500-5000 on SD's eps-MSE)."},
+    )
+    loss_type: str = field(default="sigmoid", metadata={"help": f"One of {DPO_LOSS_TYPES} (TRL's forms)."})
+    min_agreement: float = field(default=0.0, metadata={"help": "Drop pairs whose rater agreement is below this (0-1)."})
+    eval_fraction: float = field(default=0.0, metadata={"help": "Hold out this fraction of pairs to report eval implicit accuracy."})
+    reference_offload: bool = field(default=False, metadata={"help": "Full fine-tune: keep the frozen copy on CPU between uses (single process / DDP)."})
+    w_dpo: float = field(default=1.0, metadata={"help": "Weight of the DPO term."})
+    w_grpo: float = field(default=0.0, metadata={"help": "Weight of the GRPO term (needs a GRPO objective; combined trainer)."})
+    beta_kl: float = field(default=0.0, metadata={"help": "Weight of the KL to the reference (velocity form on DPO batches); ADDED to the loss."})
+    w_sft: float = field(default=0.0, metadata={"help": "Weight of flow matching on the chosen images (keeps the policy on the data)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss_type not in DPO_LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {self.loss_type!r}")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        for name in ("w_dpo", "w_grpo", "beta_kl", "w_sft"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+class FlowDPOTrainer(QwenImageTrainer):
+    """Flow-DPO on cached preference pairs (``chosen_latents``, ``rejected_latents``, ``prompt_embeds``)."""
+
+    def __init__(self, qwen, args: DPOConfig, train_dataset=None, grpo_objective: Any = None, **kwargs):
+        kwargs.setdefault("data_collator", partial(collate_encoded, latent_columns=LATENT_COLUMNS))
+        super().__init__(qwen, args, train_dataset=train_dataset, **kwargs)
+        # self.model is still the bare transformer here (wrapping happens in train()): build the reference now.
+        self.reference = ReferenceModel.from_policy(
+            self.model, args.finetune, init_adapter=args.init_adapter, offload=args.reference_offload
+        ).prepare(self.accelerator)
+        self.grpo_objective = grpo_objective
+        if args.w_grpo > 0 and grpo_objective is None and type(self).extra_loss_terms is FlowDPOTrainer.extra_loss_terms:
+            raise ValueError("w_grpo > 0 needs a GRPO objective: use the combined trainer or pass grpo_objective=.")
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._eval_generator: torch.Generator | None = None
+
+    # ------------------------------------------------------------------ the objective
+    def dpo_terms(self, model, inputs: dict, generator: torch.Generator | None = None) -> tuple[dict, dict]:
+        """Forward winner and loser with the same noise and sigma through policy and reference.
+
+        Returns ``(terms, metrics)``: ``terms[name] = (weight, loss tensor)`` for dpo, kl, sft.
+        """
+        args = self.args
+        x_w, x_l = inputs["chosen_latents"], inputs["rejected_latents"]
+        batch, seq_len = x_w.shape[0], x_w.shape[1]
+        device = x_w.device
+        noise = torch.randn(x_w.shape, generator=generator, dtype=torch.float32).to(device)
+        sigma = sample_sigmas(batch, args.timestep_sampling, image_seq_len=seq_len, logit_mean=args.logit_mean,
+                              logit_std=args.logit_std, mode_scale=args.mode_scale, generator=generator, device=device)
+        # Winner and loser in one 2B batch: one forward each for policy and reference, identical noise and sigma.
+        x0 = torch.cat([x_w, x_l]).float()
+        noisy, target = make_noisy(x0, noise.repeat(2, 1, 1), sigma.repeat(2))
+        sigma2 = sigma.repeat(2)
+        embeds = inputs["prompt_embeds"].repeat(2, 1, 1)
+        mask = inputs["prompt_mask"].repeat(2, 1) if inputs.get("prompt_mask") is not None else None
+        h, w = int(inputs["height"]), int(inputs["width"])
+        # Policy first: FSDP2's lazy init must see trainable parameters on the first forward (reference.py).
+        v_pol = self.velocity(model, noisy, sigma2, embeds, mask, h, w)
+        with torch.no_grad(), self.reference.active() as ref_module:
+            v_ref = self.velocity(ref_module, noisy, sigma2, embeds, mask, h, w)
+        err_pol, err_ref = velocity_error(v_pol, target), velocity_error(v_ref, target)
+        dpo, metrics = flow_dpo_loss(err_pol[:batch], err_pol[batch:], err_ref[:batch], err_ref[batch:],
+                                     beta=args.beta, loss_type=args.loss_type)
+        kl = velocity_error(v_pol, v_ref.detach()).mean()
+        terms = {"dpo": (args.w_dpo, dpo), "kl": (args.beta_kl, kl)}
+        if args.w_sft > 0:
+            terms["sft"] = (args.w_sft, flow_matching_loss(v_pol[:batch], target[:batch], sigma, args.loss_weighting))
+        metrics["sigma"] = sigma.mean()
+        return terms, metrics
+
+    def extra_loss_terms(self, model, inputs: dict) -> tuple[dict, dict]:
+        """Hook for the combined objective: more ``name -> (weight, loss)`` terms and metrics."""
+        if self.args.w_grpo > 0 and self.grpo_objective is not None:
+            loss, metrics = self.grpo_objective.loss(self, model, inputs)
+            return {"grpo": (self.args.w_grpo, loss)}, metrics
+        return {}, {}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if model.training else "eval"
+        generator = self._eval_generator if mode == "eval" else None
+        terms, metrics = self.dpo_terms(model, inputs, generator=generator)
+        extra_terms, extra_metrics = self.extra_loss_terms(model, inputs)
+        terms.update(extra_terms)
+        metrics.update(extra_metrics)
+        loss = sum(weight * value for weight, value in terms.values() if weight)
+        if not torch.is_tensor(loss):  # every weight 0: still a graph-connected zero for backward
+            loss = terms["dpo"][1] * 0.0
+        for name, (_, value) in terms.items():
+            metrics[f"loss/{name}"] = value
+        self._record(mode, metrics)
+        return (loss, {}) if return_outputs else loss
+
+    # ------------------------------------------------------------------ evaluation: held-out implicit accuracy
+    def evaluate(self, *args, **kwargs):
+        # Same noise and sigmas at every evaluation, so eval metrics compare across steps.
+        self._eval_generator = torch.Generator().manual_seed(self.args.seed)
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self._eval_generator = None
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # ------------------------------------------------------------------ logging
+    def _record(self, mode: str, metrics: dict[str, torch.Tensor]) -> None:
+        names = sorted(metrics)
+        local = torch.stack([metrics[n].detach().float().reshape(()) for n in names]).to(self.accelerator.device)
+        mean = self.accelerator.gather(local[None]).mean(0)  # every rank's batch counts
+        for name, value in zip(names, mean.tolist()):
+            self._metrics[mode][name].append(value)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        for name, values in self._metrics[mode].items():
+            if values:
+                logs[f"{prefix}{name}"] = sum(values) / len(values)
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+
+def build_datasets(config: DPOConfig, qwen) -> tuple[Any, Any]:
+    """Load, validate, encode (cached) and split the preference pairs. Rank 0 encodes first, the others reuse it."""
+    with config.main_process_first(desc="preference data"):
+        pairs, report = load_preference_dataset(
+            config.dataset_name, config.dataset_split, config.prompt_column, config.min_agreement
+        )
+        encoded = encode_dataset(
+            pairs, qwen, model_identity(config), config.encoding_cache_dir, image_columns=IMAGE_COLUMNS,
+            prompt_column="prompt", resolution=config.resolution, batch_size=config.encode_batch_size,
+        )
+    if config.eval_fraction > 0:
+        split = encoded.train_test_split(test_size=config.eval_fraction, seed=config.seed)
+        return split["train"], split["test"]
+    return encoded, None
+
+
+def main(argv: Sequence[str] | None = None) -> FlowDPOTrainer:
+    """``accelerate launch align/dpo.py --config recipes/dpo_lora.yaml [--key value ...]``."""
+    config = parse_config(DPOConfig, argv)
+    set_seed(config.seed)
+    qwen = load_qwen_image(config)
+    for module in (qwen.text_encoder, qwen.vae):  # encode on the accelerator; the transformer is placed by the Trainer
+        if module is not None:
+            module.to(config.device)
+    train_ds, eval_ds = build_datasets(config, qwen)
+    trainer = FlowDPOTrainer(qwen, config, train_dataset=train_ds, eval_dataset=eval_ds)
+    release_text_encoder(qwen)  # after the trainer encoded the validation prompts
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.save_model(config.output_dir)
+    if eval_ds is not None:
+        trainer.evaluate()
+    trainer.save_state()  # trainer_state.json: the log history (metrics per step) next to the adapter
+    return trainer
+
+
+if __name__ == "__main__":
+    run(main)
