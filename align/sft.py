@@ -1,0 +1,14 @@
+"""SFT launch script: ``accelerate launch align/sft.py --config recipes/sft_lora.yaml [--key value ...]``."""
+
+import os
+import sys
+
+if __package__ in (None, ""):
+    # Run as a file: put the repository root (not align/) first so `align` and `qwen_image` import as packages.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from align.launch import run  # noqa: E402
+from align.trainers.sft import main  # noqa: E402
+
+if __name__ == "__main__":
+    run(main)
