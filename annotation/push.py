@@ -1,0 +1,156 @@
+"""Build Label Studio tasks from generate-pairs output and import them idempotently.
+
+Input JSONL (written by ``generate-pairs``; paths relative to the JSONL's folder or absolute):
+- pairs:      ``{"pair_id", "prompt", "image_a", "image_b", ...}``
+- candidates: ``{"candidate_id", "prompt", "image", ...}``
+Each task keeps the stable id (``pair_id``/``candidate_id``); a re-push imports only ids not yet in the project.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+from .client import LabelStudioClient
+from .configs import pairwise_config, rating_config
+from .errors import AnnotationError
+
+log = logging.getLogger("annotation")
+
+PAIRS = {"id_key": "pair_id", "image_keys": ("image_a", "image_b"), "file_keys": ("file_a", "file_b")}
+RATINGS = {"id_key": "candidate_id", "image_keys": ("image",), "file_keys": ("file",)}
+IMPORT_CHUNK = 500
+
+
+def stable_id(*parts: str) -> str:
+    return hashlib.sha1("\x00".join(parts).encode()).hexdigest()[:16]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        raise AnnotationError(f"{path} does not exist")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise AnnotationError(f"{path}:{n}: not JSON ({e.msg})") from None
+    return rows
+
+
+def inside(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+@dataclass
+class ImagePlacement:
+    """How task image URLs are made: Label Studio local-files storage, or plain URLs under a prefix."""
+
+    storage_root: Path
+    mode: str = "local-files"            # or "url"
+    document_root: Path | None = None    # must equal the server's LOCAL_FILES_DOCUMENT_ROOT (local-files)
+    url_prefix: str | None = None        # e.g. https://cdn.example.com/run7/ (url)
+
+    def __post_init__(self):
+        self.storage_root = Path(self.storage_root).expanduser().resolve()
+        if self.mode == "local-files":
+            if self.document_root is None:
+                raise AnnotationError("local-files images need --document-root (the server's "
+                                      "LOCAL_FILES_DOCUMENT_ROOT)")
+            self.document_root = Path(self.document_root).expanduser().resolve()
+            if not inside(self.storage_root, self.document_root):
+                raise AnnotationError(f"storage root {self.storage_root} is not under the document root "
+                                      f"{self.document_root}")
+        elif self.mode == "url":
+            if not self.url_prefix:
+                raise AnnotationError("url images need --url-prefix")
+        else:
+            raise AnnotationError(f"unknown image mode {self.mode!r} (local-files or url)")
+
+    def place(self, base: Path, value: str, what: str) -> tuple[str, str]:
+        """(task URL, path relative to the storage root) for an image path from the JSONL."""
+        p = Path(value)
+        full = (p if p.is_absolute() else base / p).resolve()
+        if not inside(full, self.storage_root):
+            raise AnnotationError(f"{what}: image path {value!r} escapes the storage root {self.storage_root}")
+        if not full.is_file():
+            raise AnnotationError(f"{what}: image {full} does not exist")
+        rel = full.relative_to(self.storage_root).as_posix()
+        if self.mode == "local-files":
+            return "/data/local-files/?d=" + quote(full.relative_to(self.document_root).as_posix()), rel
+        return self.url_prefix.rstrip("/") + "/" + quote(rel), rel
+
+
+def build_tasks(records: list[dict], base: Path, placement: ImagePlacement, spec: dict) -> list[dict]:
+    """Validate every record first (nothing is imported if one is bad), then build task dicts."""
+    tasks, seen = [], set()
+    for n, rec in enumerate(records, 1):
+        missing = [k for k in ("prompt", *spec["image_keys"]) if k not in rec]
+        if missing:
+            raise AnnotationError(f"record {n}: missing {', '.join(missing)}")
+        rid = str(rec.get(spec["id_key"]) or stable_id(rec["prompt"], *(str(rec[k]) for k in spec["image_keys"])))
+        if rid in seen:
+            continue
+        seen.add(rid)
+        data = {k: v for k, v in rec.items() if isinstance(v, (str, int, float, bool)) or v is None}
+        data[spec["id_key"]] = rid
+        for key, file_key in zip(spec["image_keys"], spec["file_keys"]):
+            data[key], data[file_key] = placement.place(base, str(rec[key]), f"{spec['id_key']} {rid}")
+        tasks.append({"data": data})
+    return tasks
+
+
+def ensure_project(client: LabelStudioClient, kind: str, title: str | None, project_id: int | None,
+                   raters: int, per_image_rating: bool = False, both_bad: bool = True) -> tuple[int, bool]:
+    """(project id, created?) — reuse ``project_id`` or the oldest project titled ``title``, else create."""
+    marker = "<Pairwise" if kind == "pairs" else "<Rating"
+    if project_id is None and title:
+        project_id = client.find_project(title)
+    if project_id is not None:
+        p = client.get_project(project_id)
+        if marker not in (p["label_config"] or ""):
+            raise AnnotationError(f"project {project_id} ({p['title']!r}) is not a {kind} project")
+        return project_id, False
+    if not title:
+        raise AnnotationError("give --title (to create or reuse a project) or --project-id")
+    config = pairwise_config(per_image_rating=per_image_rating, both_bad=both_bad) if kind == "pairs" \
+        else rating_config()
+    desc = f"qwen-image-align {kind}; {raters} raters per task"
+    return client.create_project(title, config, maximum_annotations=raters, description=desc), True
+
+
+def existing_ids(client: LabelStudioClient, project_id: int, id_key: str) -> set[str]:
+    return {str(t["data"][id_key]) for t in client.export(project_id) if id_key in (t.get("data") or {})}
+
+
+def push(client: LabelStudioClient, kind: str, jsonl: Path, placement: ImagePlacement, *, title: str | None = None,
+         project_id: int | None = None, raters: int = 3, per_image_rating: bool = False,
+         both_bad: bool = True) -> dict:
+    """Create or reuse the project, register the storage, import the tasks not there yet. Returns a summary."""
+    spec = PAIRS if kind == "pairs" else RATINGS
+    jsonl = Path(jsonl).resolve()
+    tasks = build_tasks(read_jsonl(jsonl), jsonl.parent, placement, spec)   # validates before any write
+    client.whoami()
+    pid, created = ensure_project(client, kind, title, project_id, raters, per_image_rating, both_bad)
+    if placement.mode == "local-files":
+        client.ensure_local_storage(pid, placement.storage_root)
+    have = set() if created else existing_ids(client, pid, spec["id_key"])
+    new = [t for t in tasks if t["data"][spec["id_key"]] not in have]
+    imported = 0
+    for i in range(0, len(new), IMPORT_CHUNK):
+        imported += client.import_tasks(pid, new[i:i + IMPORT_CHUNK])
+    summary = {"project_id": pid, "created": created, "tasks_in_file": len(tasks), "already_present":
+               len(tasks) - len(new), "imported": imported, "url": f"{client.url}/projects/{pid}/data"}
+    log.info("push %s: %s", kind, summary)
+    return summary

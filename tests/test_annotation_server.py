@@ -1,0 +1,292 @@
+"""End to end against a REAL Label Studio 1.23.2 server (own venv), three real annotators with their own tokens.
+
+One server for the module (started on a free loopback port, stopped at the end). Skipped only when the server
+venv is absent and CI is not set (see annotation_helpers.require_label_studio).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from annotation_helpers import (annotate, pairwise_result, rating_result, signup, start_server,  # noqa: E402
+                                task_ids_by)
+
+from annotation.agreement import fleiss_kappa, krippendorff_alpha  # noqa: E402
+from annotation.cli import main  # noqa: E402
+
+PAIR_PROMPTS = {f"P{i}": f"a poster that says 'sale {i}'" for i in range(1, 8)}
+
+
+@pytest.fixture(scope="module")
+def ls(tmp_path_factory):
+    root = tmp_path_factory.mktemp("labelstudio")
+    srv = start_server(root)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def raters(ls):
+    return [signup(ls.url, ls.token, f"rater{i}@example.com") for i in range(1, 4)]
+
+
+@pytest.fixture
+def env(ls, monkeypatch):
+    monkeypatch.setenv("LABEL_STUDIO_URL", ls.url)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", ls.token)
+    monkeypatch.setenv("LOCAL_FILES_DOCUMENT_ROOT", str(ls.document_root))
+    return ls
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _png(path: Path, color) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 32), color).save(path)
+
+
+@pytest.fixture(scope="module")
+def pair_files(ls):
+    """pairs.jsonl under the server's document root: 7 pairs, images a/b with distinct colours."""
+    run_dir = ls.document_root / "run1"
+    rows = []
+    for n, (pid, prompt) in enumerate(PAIR_PROMPTS.items()):
+        _png(run_dir / "images" / f"{pid}_a.png", (10 * n, 200, 0))
+        _png(run_dir / "images" / f"{pid}_b.png", (0, 10 * n, 200))
+        rows.append({"pair_id": pid, "prompt": prompt, "image_a": f"images/{pid}_a.png",
+                     "image_b": f"images/{pid}_b.png", "seed_a": 0, "seed_b": 1})
+    path = run_dir / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pairs_project(ls, raters, pair_files):
+    """Push once, then every rater labels through the API with their own token."""
+    import io
+    import os
+    from contextlib import redirect_stdout
+
+    os.environ["LABEL_STUDIO_API_KEY"] = ls.token
+    try:
+        buf = io.StringIO()
+        with redirect_stdout(buf):
+            rc = main(["push-pairs", str(pair_files), "--title", "pairs e2e", "--url", ls.url,
+                       "--document-root", str(ls.document_root)])
+    finally:
+        del os.environ["LABEL_STUDIO_API_KEY"]
+    assert rc == 0
+    summary = json.loads(buf.getvalue())
+    assert summary["created"] and summary["imported"] == 7
+    pid = summary["project_id"]
+    tid = task_ids_by(ls.url, ls.token, pid, "pair_id")
+    r1, r2, r3 = raters
+    L, R, B = pairwise_result("left"), pairwise_result("right"), pairwise_result("both_bad")
+    annotate(ls.url, r1.token, tid["P1"], L)          # P1: L L R   -> a wins 2/3
+    annotate(ls.url, r2.token, tid["P1"], L)
+    annotate(ls.url, r3.token, tid["P1"], R)
+    for r in raters:                                   # P2: R R R   -> b wins 3/3
+        annotate(ls.url, r.token, tid["P2"], R)
+    annotate(ls.url, r1.token, tid["P3"], L)          # P3: L R skip -> tie
+    annotate(ls.url, r2.token, tid["P3"], R)
+    annotate(ls.url, r3.token, tid["P3"], None, cancelled=True)
+    annotate(ls.url, r1.token, tid["P4"], L)          # P4: r1 L then R (latest counts), R, L -> b wins 2/3
+    annotate(ls.url, r1.token, tid["P4"], R)
+    annotate(ls.url, r2.token, tid["P4"], R)
+    annotate(ls.url, r3.token, tid["P4"], L)
+    annotate(ls.url, r1.token, tid["P5"], B)          # P5: both-bad majority -> dropped
+    annotate(ls.url, r2.token, tid["P5"], B)
+    annotate(ls.url, r3.token, tid["P5"], L)
+    for r in raters:                                   # P6: L L R + admin L: 4 raters > 3 -> a wins 3/4
+        annotate(ls.url, r.token, tid["P6"], R if r is r3 else L)
+    annotate(ls.url, ls.token, tid["P6"], L)
+    # P7: nobody -> too few votes
+    return pid
+
+
+EXPECTED_UNITS = [["left", "left", "right"], ["right"] * 3, ["left", "right"], ["left", "right", "right"],
+                  ["both_bad", "both_bad", "left"], ["left", "left", "right", "left"], []]
+
+
+def test_pull_majority_counts_agreement(env, capsys, tmp_path, pairs_project, pair_files):
+    out = tmp_path / "prefs"
+    rc, stdout, err = run(capsys, "pull", "--project-id", pairs_project, "--out", out)
+    assert rc == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["outcomes"] == {"kept": 4, "ties": 1, "both_bad": 1, "too_few_votes": 1}
+    assert summary["duplicate_annotations"] == 1 and summary["tasks_with_duplicates"] == 1
+    assert summary["skipped_annotations"] == 1
+    assert summary["tasks_over_limit"] == 1
+    assert summary["tasks_by_votes"] == {"0": 1, "1": 0, "2": 1, "3": 4, ">3": 1}
+    # Agreement on the deduplicated votes (P4 counts r1's latest "right")
+    full = [u for u in EXPECTED_UNITS if len(u) == 3]
+    kappa = fleiss_kappa([[u.count(c) for c in ("left", "right", "both_bad")] for u in full])
+    alpha = krippendorff_alpha(EXPECTED_UNITS)
+    assert summary["agreement"]["fleiss_items"] == 4
+    assert math.isclose(summary["agreement"]["fleiss_kappa"], round(kappa, 4), abs_tol=1e-4)
+    assert math.isclose(summary["agreement"]["krippendorff_alpha"], round(alpha, 4), abs_tol=1e-4)
+    assert summary["agreement"]["krippendorff_alpha"] == pytest.approx(0.1146, abs=1e-4)
+
+    import datasets
+    ds = datasets.load_from_disk(str(out / "hf"))
+    assert set(ds.column_names) >= {"prompt", "chosen", "rejected", "votes", "agreement", "pair_id"}
+    assert isinstance(ds.features["chosen"], datasets.Image)
+    rows = {r["pair_id"]: r for r in ds}
+    assert sorted(rows) == ["P1", "P2", "P4", "P6"]
+    expect = {"P1": ("a", 2, 2 / 3), "P2": ("b", 3, 1.0), "P4": ("b", 2, 2 / 3), "P6": ("a", 3, 0.75)}
+    images = pair_files.parent / "images"
+    for pid, (side, votes, agreement) in expect.items():
+        other = "b" if side == "a" else "a"
+        row = rows[pid]
+        assert row["prompt"] == PAIR_PROMPTS[pid]
+        assert row["votes"] == votes and row["agreement"] == pytest.approx(agreement, abs=1e-6)
+        assert row["chosen"].convert("RGB").getpixel((0, 0)) == Image.open(images / f"{pid}_{side}.png").getpixel((0, 0))
+        assert row["rejected"].convert("RGB").getpixel((0, 0)) == Image.open(images / f"{pid}_{other}.png").getpixel((0, 0))
+    meta = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert {m["pair_id"]: (m["chosen"], m["rejected"]) for m in meta}["P4"] == ("images/P4_b.png", "images/P4_a.png")
+    assert all((out / m["chosen"]).is_file() and (out / m["rejected"]).is_file() for m in meta)
+    # align's DPO loader reads the folder as it is
+    from align.data.preference import _load
+    assert sorted(_load(str(out), "train")["pair_id"]) == ["P1", "P2", "P4", "P6"]
+
+    # pulling into an existing folder refuses without --overwrite and leaves it intact
+    rc, _, err = run(capsys, "pull", "--project-id", pairs_project, "--out", out)
+    assert rc == 1 and "already exists" in err and (out / "summary.json").exists()
+
+
+def test_repush_adds_nothing(env, capsys, pairs_project, pair_files):
+    rc, out, err = run(capsys, "push-pairs", pair_files, "--title", "pairs e2e")
+    assert rc == 0, err
+    s = json.loads(out)
+    assert s == {**s, "project_id": pairs_project, "created": False, "imported": 0, "already_present": 7}
+    assert len(task_ids_by(env.url, env.token, pairs_project, "pair_id")) == 7
+
+
+def test_status(env, capsys, pairs_project, raters):
+    rc, out, err = run(capsys, "status", "--project-id", pairs_project, "--json")
+    assert rc == 0, err
+    s = json.loads(out)
+    assert s["tasks"] == 7 and s["tasks_by_votes"]["3"] == 4
+    # P1..P6 for every rater except the skip on P3 (no vote); the admin voted once (P6)
+    assert s["votes_per_rater"] == {"admin@example.com": 1, "rater1@example.com": 6, "rater2@example.com": 6,
+                                    "rater3@example.com": 5}
+    rc, out, _ = run(capsys, "status", "--project-id", pairs_project)
+    assert rc == 0 and "Fleiss kappa" in out and "rater3@example.com: 5" in out
+
+
+def test_ratings_roundtrip(env, capsys, tmp_path, raters):
+    run_dir = env.document_root / "sft1"
+    rows = []
+    for i in range(3):
+        _png(run_dir / f"c{i}.png", (50 * i, 0, 0))
+        rows.append({"candidate_id": f"c{i}", "prompt": f"logo {i}", "image": f"c{i}.png"})
+    (run_dir / "candidates.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc, out, err = run(capsys, "push-ratings", run_dir / "candidates.jsonl", "--title", "ratings e2e")
+    assert rc == 0, err
+    pid = json.loads(out)["project_id"]
+    tid = task_ids_by(env.url, env.token, pid, "candidate_id")
+    stars = {"c0": [5, 4, 5], "c1": [2, 3, None]}          # c2 unrated; rater3 skips c1
+    for cid, given in stars.items():
+        for r, s in zip(raters, given):
+            annotate(env.url, r.token, tid[cid], rating_result(s) if s else None, cancelled=s is None)
+    out_dir = tmp_path / "sft"
+    rc, _, err = run(capsys, "pull", "--project-id", pid, "--out", out_dir)
+    assert rc == 0, err
+    meta = {m["candidate_id"]: m for m in map(json.loads, (out_dir / "metadata.jsonl").read_text().splitlines())}
+    assert sorted(meta) == ["c0", "c1"]
+    assert meta["c0"]["ratings"] == [5.0, 4.0, 5.0] and meta["c1"]["ratings"] == [2.0, 3.0]
+    assert meta["c0"]["prompt"] == "logo 0" and (out_dir / meta["c0"]["file_name"]).is_file()
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["outcomes"] == {"rated": 2, "unrated": 1} and summary["skipped_annotations"] == 1
+    assert summary["agreement"]["krippendorff_alpha"] == pytest.approx(
+        krippendorff_alpha([[5, 4, 5], [2, 3]], metric="interval"), abs=1e-4)
+    import datasets
+    ds = datasets.load_from_disk(str(out_dir / "hf"))
+    assert isinstance(ds.features["image"], datasets.Image) and sorted(ds["candidate_id"]) == ["c0", "c1"]
+    # the SFT loader reads the imagefolder directly
+    from align.data.loading import load_image_dataset
+    sft = load_image_dataset(str(out_dir))
+    assert sorted(map(list, sft["ratings"])) == [[2.0, 3.0], [5.0, 4.0, 5.0]]
+
+
+def test_errors_are_one_line_and_never_leak_the_token(env, capsys, tmp_path, pairs_project, pair_files,
+                                                      monkeypatch):
+    def check(rc, err, *needles):
+        assert rc == 1
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+        for n in needles:
+            assert n in lines[0], lines[0]
+        assert env.token not in err
+
+    rc, out, err = run(capsys, "status", "--project-id", "999")
+    check(rc, err, "unknown project 999")
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "not-a-valid-token-0123456789")
+    rc, out, err = run(capsys, "status", "--project-id", pairs_project)
+    check(rc, err, "rejected the API token")
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", env.token)
+    from annotation.server import free_port
+    rc, out, err = run(capsys, "pull", "--project-id", pairs_project, "--out", tmp_path / "x",
+                       "--url", f"http://127.0.0.1:{free_port()}", "--retries", "1", "--backoff", "0.05")
+    check(rc, err, "cannot reach Label Studio")
+    assert not (tmp_path / "x").exists()
+
+    # an image outside the storage root: refused before any project or task is created
+    bad = pair_files.parent / "bad.jsonl"
+    _png(env.document_root / "outside.png", (1, 2, 3))
+    bad.write_text(json.dumps({"pair_id": "X1", "prompt": "p", "image_a": "images/P1_a.png",
+                               "image_b": "../outside.png"}) + "\n")
+    rc, out, err = run(capsys, "push-pairs", bad, "--title", "escape test", "-v")
+    check(rc, err.splitlines()[-1] + "\n", "escapes the storage root")
+    assert env.token not in err       # -v: debug logs of the SDK/httpx too
+    from annotation.client import LabelStudioClient
+    assert LabelStudioClient(env.url, env.token).find_project("escape test") is None
+
+    # a task (imported behind our back) whose path escapes the storage root: pull fails, writes nothing
+    c = LabelStudioClient(env.url, env.token)
+    evil = c.create_project("evil e2e", c.get_project(pairs_project)["label_config"], 3)
+    c.ensure_local_storage(evil, pair_files.parent)
+    c.import_tasks(evil, [{"data": {"pair_id": "E1", "prompt": "p", "image_a": "/data/local-files/?d=run1/x.png",
+                                    "image_b": "/data/local-files/?d=run1/y.png", "file_a": "../../../../etc/passwd",
+                                    "file_b": "images/P1_b.png"}}])
+    rc, out, err = run(capsys, "pull", "--project-id", evil, "--out", tmp_path / "evil")
+    check(rc, err, "escapes the storage root")
+    assert not (tmp_path / "evil").exists()
+    assert not list(tmp_path.glob(".evil*"))
+
+
+def test_killed_server_mid_pull_then_rerun(env, capsys, tmp_path, pairs_project, monkeypatch):
+    """The server dies while pull downloads images: clear error, nothing written; after a restart a rerun works."""
+    from annotation.client import LabelStudioClient
+    real_fetch = LabelStudioClient.fetch
+    calls = []
+
+    def fetch_then_die(self, url):
+        calls.append(url)
+        if len(calls) == 2:
+            env.kill()
+        return real_fetch(self, url)
+
+    monkeypatch.setattr(LabelStudioClient, "fetch", fetch_then_die)
+    out = tmp_path / "prefs"
+    rc, _, err = run(capsys, "pull", "--project-id", pairs_project, "--out", out, "--fetch", "http",
+                     "--retries", "2", "--backoff", "0.05")
+    assert rc == 1 and len(calls) == 2
+    assert err.startswith("error: ") and "cannot reach Label Studio" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob(".prefs*"))
+    env.start(wait=120)
+    rc, _, err = run(capsys, "pull", "--project-id", pairs_project, "--out", out, "--fetch", "http")
+    assert rc == 0, err
+    assert json.loads((out / "summary.json").read_text())["rows"] == 4 and len(calls) == 2 + 8
