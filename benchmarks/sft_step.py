@@ -69,7 +69,9 @@ def bare_loop(args, cfg: SFTConfig, rows, cached: bool) -> list[float]:
     qwen.vae.to(device)
     if qwen.text_encoder is not None:
         qwen.text_encoder.to(device)
-    opt = torch.optim.AdamW([p for p in transformer.parameters() if p.requires_grad], lr=1e-4)
+    # The Trainer's optimizer (transformers' default optim is adamw_torch_fused): compare like with like.
+    opt = torch.optim.AdamW([p for p in transformer.parameters() if p.requires_grad], lr=1e-4,
+                            weight_decay=cfg.weight_decay, fused=str(cfg.optim).endswith("fused"))
     images, prompts = [r[0] for r in rows[: args.batch]], [r[1] for r in rows[: args.batch]]
     res = args.resolution
 
