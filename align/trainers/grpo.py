@@ -50,6 +50,9 @@ class GRPOTrainer(QwenImageTrainer):
     def __init__(self, qwen: QwenImage, args: GRPOConfig, train_dataset, reward_fn=None, **kwargs):
         if qwen.text_encoder is None or qwen.vae is None:
             raise ValueError("GRPO needs the text encoder (new prompts) and the VAE (images for the rewards).")
+        unique = args.generation_batch_size // args.num_generations
+        if train_dataset is not None and len(train_dataset) < unique:
+            raise ValueError(f"the prompt set has {len(train_dataset)} prompts; a generation batch needs {unique} distinct ones.")
         super().__init__(qwen, args, train_dataset=train_dataset, data_collator=collate_prompts, **kwargs)
         policy = self.model  # not wrapped yet: the reference must see the bare transformer
         reference = ReferenceModel.from_policy(policy, args.finetune, args.init_adapter).prepare(self.accelerator) if args.beta > 0 else None
@@ -135,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> GRPOTrainer:
     trainer = GRPOTrainer(qwen, args, train_dataset=dataset, reward_fn=reward_fn)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)
+    trainer.save_state()  # trainer_state.json: rewards, ratios, KL per logged step
     if trainer.accelerator.is_main_process:
         logger.info("adapter saved to %s", Path(args.output_dir).resolve())
     return trainer
