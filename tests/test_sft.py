@@ -4,7 +4,6 @@ the training batch), full fine-tuning in one process, exact resume, phases/bucke
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from align.data.buckets import bucket_sizes
 from align.losses import make_noisy, velocity_error
 from qwen_image import QwenImage, pack
 from qwen_image.latents import img_shapes
-from qwen_image.sampling import Conditioning, predict_velocity
+from qwen_image.sampling import predict_velocity
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = 32
