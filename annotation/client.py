@@ -82,7 +82,7 @@ class LabelStudioClient:
                 retry = _is_transient(exc) if idempotent else _is_connect_error(exc)
                 if retry and attempt < self.retries:
                     delay = self.backoff * (2 ** attempt) * (1 + 0.2 * random.random())
-                    log.warning("%s: transient error (%s); retry %d/%d in %.1f s", what, type(exc).__name__,
+                    log.info("%s: transient error (%s); retry %d/%d in %.1f s", what, type(exc).__name__,
                                 attempt + 1, self.retries, delay)
                     time.sleep(delay)
                     attempt += 1
