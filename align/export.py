@@ -60,5 +60,23 @@ def save_lora(
 def save_full(transformer: torch.nn.Module, output_dir: str | Path, state_dict: dict | None = None) -> Path:
     """Write a diffusers ``transformer/`` folder (``QwenImageTransformer2DModel.from_pretrained(dir, subfolder='transformer')``)."""
     target = Path(output_dir) / "transformer"
-    transformer.save_pretrained(target, state_dict=state_dict) if state_dict is not None else transformer.save_pretrained(target)
+    if state_dict is None:
+        transformer.save_pretrained(target)
+        return target
+    # diffusers' save_pretrained silently ignores a state_dict argument and reads the module itself, which is
+    # sharded under FSDP2 (crash) or ZeRO-3 (writes empty tensors): write the gathered state dict ourselves.
+    import json
+
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    target.mkdir(parents=True, exist_ok=True)
+    transformer.save_config(target)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    split = split_torch_state_dict_into_shards(tensors, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+                                               max_shard_size="10GB")
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: tensors[n] for n in names}, target / filename, metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (target / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return target

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -28,11 +29,30 @@ def load_qwen_image(
 ) -> QwenImage:
     """The bundle named by the config (a local checkpoint, or the tiny random model when none is given)."""
     dtype = training_dtype(config)
-    if config.model_name_or_path:
-        return QwenImage.from_pretrained(
-            config.model_name_or_path, torch_dtype=dtype, load_text_encoder=load_text_encoder, load_vae=load_vae
-        )
-    return QwenImage.tiny(seed=config.tiny_seed, dtype=dtype)
+    with _no_zero3_init(config):
+        if config.model_name_or_path:
+            return QwenImage.from_pretrained(
+                config.model_name_or_path, torch_dtype=dtype, load_text_encoder=load_text_encoder, load_vae=load_vae
+            )
+        return QwenImage.tiny(seed=config.tiny_seed, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _no_zero3_init(config: QwenImageTrainingConfig):
+    """While a ZeRO-3 TrainingArguments is alive, transformers builds models under deepspeed.zero.Init: the text
+    encoder would come out partitioned and unusable outside an engine. The encoders run whole (caching); the Trainer
+    partitions the transformer itself."""
+    hf_config = getattr(config, "hf_deepspeed_config", None)
+    if hf_config is None:
+        yield
+        return
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(hf_config)
 
 
 def model_identity(config: QwenImageTrainingConfig) -> str:
