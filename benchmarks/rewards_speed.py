@@ -47,6 +47,7 @@ def main() -> None:
             times.append(time.perf_counter() - t)
         print(f"{name:22s} reward={score:.3f} first={first:.3f}s median={statistics.median(times):.3f}s "
               f"min={min(times):.3f}s")
+        print(f"METRIC\tocr reward: {name}\t{statistics.median(times):.3f}\ts/image")
 
 
 if __name__ == "__main__":

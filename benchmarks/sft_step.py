@@ -155,6 +155,9 @@ def main() -> None:
         print(f"  {k:32s} {v * 1000:9.1f} ms/step")
     print(f"  trainer / bare loop               {med['SFTTrainer, cached'] / med['bare loop, cached']:9.3f}")
     print(f"  no caching / caching              {med['bare loop, encode every step'] / med['bare loop, cached']:9.3f}")
+    for k, v in med.items():
+        print(f"METRIC\tsft: {k}\t{v * 1000:.1f}\tms/step")
+    print(f"METRIC\tsft: trainer / bare loop\t{med['SFTTrainer, cached'] / med['bare loop, cached']:.3f}\tratio")
 
 
 if __name__ == "__main__":
