@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from trl.trainer.utils import RepeatSampler
 
 from qwen_image import QwenImage
