@@ -57,6 +57,8 @@ class DPOConfig(QwenImageTrainingConfig):
             raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {self.loss_type!r}")
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.caption_dropout > 0:
+            raise ValueError("caption_dropout is an SFT option; Flow-DPO compares both images under the same prompt.")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         for name in ("w_dpo", "w_grpo", "beta_kl", "w_sft"):
