@@ -50,27 +50,19 @@ def predict_velocity(
         sigma = torch.tensor(sigma)
     # The pipeline passes scheduler timesteps (sigma * 1000) divided by 1000: keep the same float path.
     timestep = (sigma.to(torch.float32) * 1000).expand(batch).to(latents.dtype).to(latents.device) / 1000
-    v = transformer(
-        hidden_states=latents,
-        timestep=timestep,
-        encoder_hidden_states=cond.embeds,
-        encoder_hidden_states_mask=cond.mask,
-        img_shapes=img_shapes,
-        attention_kwargs=attention_kwargs,
-        return_dict=False,
-    )[0]
+
+    def forward(c: Conditioning) -> torch.Tensor:
+        return transformer(
+            hidden_states=latents, timestep=timestep, encoder_hidden_states=c.embeds,
+            encoder_hidden_states_mask=c.mask, img_shapes=img_shapes, attention_kwargs=attention_kwargs,
+            return_dict=False,
+        )[0]
+
+    v = forward(cond)
     if negative is None or true_cfg_scale <= 1.0:
         return v
     with torch.no_grad():
-        v_neg = transformer(
-            hidden_states=latents,
-            timestep=timestep,
-            encoder_hidden_states=negative.embeds,
-            encoder_hidden_states_mask=negative.mask,
-            img_shapes=img_shapes,
-            attention_kwargs=attention_kwargs,
-            return_dict=False,
-        )[0]
+        v_neg = forward(negative)
     comb = v_neg + true_cfg_scale * (v - v_neg)
     return comb * (torch.norm(v, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
 

@@ -25,18 +25,10 @@ def normalize(text: str | None) -> str:
 
 
 def edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance (characters; one CJK character = one unit)."""
-    if a == b:
-        return 0
-    if len(a) < len(b):
-        a, b = b, a
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
+    """Levenshtein distance (characters; one CJK character = one unit): the OCR reward's own."""
+    from rewards.text import levenshtein
+
+    return levenshtein(a, b)
 
 
 _CJK = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af"
