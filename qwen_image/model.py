@@ -83,12 +83,16 @@ class QwenImage:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def tiny(cls, seed: int = 0, dtype: str | torch.dtype = torch.float32) -> "QwenImage":
-        """The same architecture with tiny random weights (about 12 M parameters); fully offline and seeded."""
+    def tiny(cls, seed: int = 0, dtype: str | torch.dtype = torch.float32, **transformer_overrides) -> "QwenImage":
+        """The same architecture with tiny random weights (about 12 M parameters); fully offline and seeded.
+
+        ``transformer_overrides`` change the transformer config (e.g. ``num_layers=4`` for the CPU demo's larger
+        variant); the defaults stay those of ``qwen_image.tiny.TINY_TRANSFORMER``.
+        """
         dtype = resolve_dtype(dtype)
         tokenizer = load_bundled_tokenizer()
         model = cls(
-            transformer=tiny_transformer(seed),
+            transformer=tiny_transformer(seed, **transformer_overrides),
             vae=tiny_vae(seed),
             text_encoder=tiny_text_encoder(seed),
             tokenizer=tokenizer,

@@ -1,0 +1,1 @@
+"""End-to-end workflows built from the toolkit's stages (the CPU demo's brand adapter)."""

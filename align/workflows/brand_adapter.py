@@ -1,0 +1,174 @@
+"""The brand-adapter workflow (the main job), one function per stage.
+
+data -> base model (tiny; stage 0 fits its VAE) -> eval before -> SFT LoRA -> eval -> pairs labelled by a reward
+-> combined DPO+GRPO -> eval -> export (diffusers + ComfyUI) -> report. Training stages run as subprocesses
+(``accelerate launch align/sft.py ...``) so the demo shows, and logs, the exact commands a user runs at scale.
+Every stage is resumable: its folder gets a marker when it completes and a rerun skips it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import resolve_path
+from .stages import accelerate_command, display, run_logged, run_stage
+
+ALIGN_DIR = Path(__file__).resolve().parents[1]
+ADAPTER_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_comfyui.safetensors")
+
+
+def _prompts(out: Path) -> list[dict]:
+    lines = (out / "data" / "prompts.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _train_env(cfg: dict, out: Path) -> dict[str, str]:
+    # wandb offline: runs land under <out>/wandb and can be uploaded later with `wandb sync`.
+    return {"WANDB_MODE": "offline", "WANDB_DIR": str(out), "WANDB_PROJECT": str(cfg.get("wandb_project", "qwen-image-align-demo")),
+            "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
+
+
+# ---------------------------------------------------------------- stages
+def stage_data(cfg: dict, out: Path) -> dict:
+    """Render the slogans into a rated imagefolder (``data/brand``) and write ``data/prompts.jsonl``."""
+    from .brand_data import write_brand_dataset
+
+    return write_brand_dataset(cfg, out / "data")
+
+
+def stage_base_model(cfg: dict, out: Path) -> dict:
+    """Build the tiny model (wider transformer per ``model.transformer``), fit its VAE to the brand renders, save."""
+    import torch
+
+    from qwen_image import QwenImage
+    from rewards import get_reward
+
+    from .brand_data import kept_images
+    from .sample_eval import image_grid
+    from .vae_fit import fit_vae, reconstruct
+
+    mcfg = cfg["model"]
+    torch.manual_seed(int(cfg.get("seed", 0)))
+    model = QwenImage.tiny(seed=int(mcfg.get("tiny_seed", 0)), **dict(mcfg.get("transformer") or {}))
+    images = kept_images(out / "data" / "brand")
+    fit = dict(mcfg.get("vae_fit") or {})
+    history = fit_vae(model.vae, images, int(cfg["size"]), seed=int(cfg.get("seed", 0)), **fit)
+    # What the fitted VAE keeps of one render per slogan: OCR on these bounds what any later stage can reach.
+    per_slogan = len(images) // len(cfg["slogans"])
+    probe = images[::per_slogan][: len(cfg["slogans"])]
+    recs = reconstruct(model.vae, probe, int(cfg["size"]))
+    prompts = [cfg["caption"].format(slogan=s) for s in cfg["slogans"]][: len(recs)]
+    ocr = [float(x or 0.0) for x in get_reward("ocr")(prompts, recs, text=list(cfg["slogans"])[: len(recs)])]
+    stage_dir = out / "base_model"
+    image_grid(probe + recs, 2, len(probe), ["renders", "VAE reconstructions"]).save(stage_dir / "vae_reconstruction.png")
+    model.save_pretrained(stage_dir / "model")
+    (stage_dir / "vae_fit_history.json").write_text(json.dumps(history), encoding="utf-8")
+    return {"model": str(stage_dir / "model"), "vae_fit_steps": len(history),
+            "vae_final_loss": history[-1]["loss"] if history else None, "vae_reconstruction_ocr": ocr,
+            "vae_reconstruction_ocr_mean": sum(ocr) / len(ocr), "transformer_params": sum(p.numel() for p in model.transformer.parameters())}
+
+
+def stage_eval(cfg: dict, out: Path, name: str, adapter: Path | None) -> dict:
+    from .sample_eval import evaluate_samples
+
+    return evaluate_samples(out / "base_model" / "model", adapter, _prompts(out), out / name, cfg["eval"], int(cfg["size"]))
+
+
+def stage_sft(cfg: dict, out: Path) -> dict:
+    """LoRA SFT on the rated brand images (the rater filter drops the low-rated renders)."""
+    overrides = {"model_name_or_path": out / "base_model" / "model", "dataset_name": out / "data" / "brand",
+                 "output_dir": out / "sft", "resolution": cfg["size"], "report_to": cfg.get("report_to", "wandb"),
+                 "run_name": "demo-sft", **(cfg["sft"].get("args") or {})}
+    cmd = accelerate_command(ALIGN_DIR / "sft.py", resolve_path(cfg["sft"]["recipe"]), overrides)
+    run_logged(cmd, out / "sft" / "train.log", env=_train_env(cfg, out))
+    return {"command": display(cmd), "adapter": str(out / "sft"), "log": str(out / "sft" / "train.log")}
+
+
+def stage_pairs(cfg: dict, out: Path) -> dict:
+    """Candidates from the SFT model, paired per prompt and labelled by the reward (standing in for annotators)."""
+    from annotation.generate import generate_pairs
+
+    from .auto_label import label_pairs
+
+    pcfg, folder = cfg["pairs"], out / "pairs"
+    (folder / "prompts.txt").write_text("\n".join(r["prompt"] for r in _prompts(out)) + "\n", encoding="utf-8")
+    summary = generate_pairs(folder / "prompts.txt", folder, checkpoint=str(out / "base_model" / "model"),
+                             adapter=str(out / "sft"), num_candidates=int(pcfg.get("num_candidates", 4)),
+                             pairing="all", reward=pcfg.get("reward", "ocr"), seed=int(cfg.get("seed", 0)),
+                             height=int(cfg["size"]), width=int(cfg["size"]), steps=int(pcfg.get("num_inference_steps", 8)),
+                             cfg=float(pcfg.get("true_cfg_scale", 1.0)), device="cpu", dtype="float32")
+    labelled = label_pairs(folder, raters=int(pcfg.get("raters", 3)), noise=float(pcfg.get("rater_noise", 0.05)),
+                           seed=int(cfg.get("seed", 0)))
+    command = (f"qwen-image-annotation generate-pairs {folder / 'prompts.txt'} --out {folder} --checkpoint "
+               f"{out / 'base_model' / 'model'} --adapter {out / 'sft'} --num-candidates {pcfg.get('num_candidates', 4)} "
+               f"--reward {pcfg.get('reward', 'ocr')}")
+    return {**summary, **labelled, "command": command}
+
+
+def stage_dpo_grpo(cfg: dict, out: Path) -> dict:
+    """The combined objective from the SFT adapter: Flow-DPO on the labelled pairs + Flow-GRPO with the OCR reward."""
+    overrides = {"model_name_or_path": out / "base_model" / "model", "dataset_name": out / "pairs",
+                 "grpo_dataset_name": out / "data" / "prompts.jsonl", "init_adapter": out / "sft",
+                 "output_dir": out / "dpo_grpo", "resolution": cfg["size"], "report_to": cfg.get("report_to", "wandb"),
+                 "run_name": "demo-dpo-grpo", **(cfg["dpo_grpo"].get("args") or {})}
+    cmd = accelerate_command(ALIGN_DIR / "dpo.py", resolve_path(cfg["dpo_grpo"]["recipe"]), overrides)
+    run_logged(cmd, out / "dpo_grpo" / "train.log", env=_train_env(cfg, out))
+    return {"command": display(cmd), "adapter": str(out / "dpo_grpo"), "log": str(out / "dpo_grpo" / "train.log")}
+
+
+def stage_export(cfg: dict, out: Path) -> dict:
+    """Copy the final adapter (diffusers + ComfyUI keys) to ``adapter/`` and check it loads into QwenImagePipeline."""
+    from diffusers import QwenImagePipeline
+
+    src, dst = out / "dpo_grpo", out / "adapter"
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in ADAPTER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    if ADAPTER_FILES[0] not in copied:
+        raise FileNotFoundError(f"no {ADAPTER_FILES[0]} in {src}: the DPO+GRPO stage did not write an adapter")
+    pipe = QwenImagePipeline.from_pretrained(str(out / "base_model" / "model"))
+    pipe.load_lora_weights(str(dst), adapter_name="brand")
+    n_lora = sum(1 for n, _ in pipe.transformer.named_parameters() if "lora_" in n)
+    return {"adapter_dir": str(dst), "files": copied, "loaded_into_QwenImagePipeline": True, "lora_tensors": n_lora}
+
+
+def stage_report(cfg: dict, out: Path, results: dict[str, dict]) -> dict:
+    from .report import write_report
+
+    return write_report(cfg, out, results)
+
+
+# ---------------------------------------------------------------- driver
+def run_workflow(cfg: dict[str, Any], output_dir: str | Path) -> dict[str, dict]:
+    """Run (or resume) every stage into ``output_dir``; returns each stage's record."""
+    out = Path(output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "workflow_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+    plan = [
+        ("brand data (render slogans, simulated ratings)", "data", lambda: stage_data(cfg, out)),
+        ("base model (tiny; stage 0 fits its VAE)", "base_model", lambda: stage_base_model(cfg, out)),
+        ("evaluate before SFT", "eval_before", lambda: stage_eval(cfg, out, "eval_before", None)),
+        ("SFT LoRA", "sft", lambda: stage_sft(cfg, out)),
+        ("evaluate after SFT", "eval_sft", lambda: stage_eval(cfg, out, "eval_sft", out / "sft")),
+        ("pairs labelled by the OCR reward", "pairs", lambda: stage_pairs(cfg, out)),
+        ("DPO+GRPO", "dpo_grpo", lambda: stage_dpo_grpo(cfg, out)),
+        ("evaluate after DPO+GRPO", "eval_aligned", lambda: stage_eval(cfg, out, "eval_aligned", out / "dpo_grpo")),
+        ("export adapter", "adapter", lambda: stage_export(cfg, out)),
+    ]
+    total = len(plan) + 1
+    start = time.time()
+    results: dict[str, dict] = {}
+    for i, (title, key, fn) in enumerate(plan, 1):
+        results[key] = run_stage(i, total, title, out / key, fn)
+    # The report is always rewritten: it is cheap and reflects every stage, skipped or not.
+    print(f"[{total}/{total}] report ...", flush=True)
+    results["report"] = stage_report(cfg, out, results)
+    results["total_seconds"] = {"seconds": round(time.time() - start, 1)}
+    return results

@@ -1,0 +1,100 @@
+"""Resumable stages: a stage whose marker file exists is skipped on rerun, so a crash loses at most one stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+MARKER = "stage_done.json"
+
+
+class StageError(RuntimeError):
+    """A stage failed; the message names it and where its log is."""
+
+
+def stage_done(stage_dir: Path) -> dict | None:
+    marker = stage_dir / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        return json.loads(marker.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:  # a marker cut short by a crash: redo the stage
+        return None
+
+
+def run_stage(index: int, total: int, name: str, stage_dir: Path, fn: Callable[[], dict | None]) -> dict:
+    """Run ``fn`` unless ``stage_dir`` holds a completion marker; print progress and timing; return its result."""
+    done = stage_done(stage_dir)
+    header = f"[{index}/{total}] {name}"
+    if done is not None:
+        print(f"{header}: done before ({done.get('seconds', 0):.0f} s), skipped", flush=True)
+        done["skipped"] = True
+        return done
+    print(f"{header} ...", flush=True)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    result = fn() or {}
+    record = {"stage": name, "seconds": round(time.time() - start, 1), **result}
+    # Written last, atomically: only a stage that finished leaves a marker.
+    tmp = stage_dir / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    os.replace(tmp, stage_dir / MARKER)
+    print(f"{header}: done in {record['seconds']:.0f} s", flush=True)
+    record["skipped"] = False
+    return record
+
+
+def accelerate_command(script: Path, recipe: Path, overrides: dict[str, Any]) -> list[str]:
+    """``accelerate launch --num_processes 1 <script> --config <recipe> --key value ...`` (single CPU process)."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    launcher = [str(accelerate)] if accelerate.exists() else [sys.executable, "-m", "accelerate.commands.launch"]
+    cmd = [*launcher, "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(script), "--config", str(recipe)]
+    if not accelerate.exists():
+        cmd.remove("launch")
+    for key, value in overrides.items():
+        if isinstance(value, (list, tuple)):
+            cmd += [f"--{key}", *[str(v) for v in value]]
+        else:
+            cmd += [f"--{key}", str(value)]
+    return cmd
+
+
+def display(cmd: Sequence[str]) -> str:
+    """The command as a user would type it (``accelerate launch ...`` rather than the venv's absolute path)."""
+    shown = list(cmd)
+    if shown and Path(shown[0]).name == "accelerate":
+        shown[0] = "accelerate"
+    return shlex.join(shown)
+
+
+def run_logged(cmd: Sequence[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+    """Run ``cmd``, echo its output and keep it in ``log_path``; a failure raises with the log's last lines."""
+    print(f"  $ {display(cmd)}", flush=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, **(env or {})}, cwd=cwd, bufsize=1)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            if _worth_showing(line):
+                print("    " + line.rstrip()[:200], flush=True)
+        code = proc.wait()
+    if code:
+        tail = "".join(log_path.read_text(encoding="utf-8").splitlines(keepends=True)[-15:])
+        raise StageError(f"command failed (exit {code}); full log: {log_path}\n{tail}")
+
+
+def _worth_showing(line: str) -> bool:
+    # Loss lines, data summaries and errors; not library warnings or per-iteration bars.
+    text = line.strip()
+    if not text or "Warning" in text or "warn(" in text:
+        return False
+    return text.startswith(("{", "data:", "error", "Traceback")) or "'loss'" in text or "train_runtime" in text
