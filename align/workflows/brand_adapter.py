@@ -9,6 +9,7 @@ Every stage is resumable: its folder gets a marker when it completes and a rerun
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -29,7 +30,8 @@ def _prompts(out: Path) -> list[dict]:
 def _train_env(cfg: dict, out: Path) -> dict[str, str]:
     # wandb offline: runs land under <out>/wandb and can be uploaded later with `wandb sync`.
     return {"WANDB_MODE": "offline", "WANDB_DIR": str(out), "WANDB_PROJECT": str(cfg.get("wandb_project", "qwen-image-align-demo")),
-            "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
+            "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false",
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
 # ---------------------------------------------------------------- stages
@@ -103,9 +105,11 @@ def stage_pairs(cfg: dict, out: Path) -> dict:
                              cfg=float(pcfg.get("true_cfg_scale", 1.0)), device="cpu", dtype="float32")
     labelled = label_pairs(folder, raters=int(pcfg.get("raters", 3)), noise=float(pcfg.get("rater_noise", 0.05)),
                            seed=int(cfg.get("seed", 0)))
-    command = (f"qwen-image-annotation generate-pairs {folder / 'prompts.txt'} --out {folder} --checkpoint "
-               f"{out / 'base_model' / 'model'} --adapter {out / 'sft'} --num-candidates {pcfg.get('num_candidates', 4)} "
-               f"--reward {pcfg.get('reward', 'ocr')}")
+    command = (f"qwen-image-annotation generate-pairs --prompts {folder / 'prompts.txt'} --out {folder} "
+               f"--checkpoint {out / 'base_model' / 'model'} --adapter {out / 'sft'} "
+               f"--num-candidates {pcfg.get('num_candidates', 4)} --reward {pcfg.get('reward', 'ocr')} "
+               f"--height {cfg['size']} --width {cfg['size']} --steps {pcfg.get('num_inference_steps', 8)} "
+               f"--cfg {pcfg.get('true_cfg_scale', 1.0)} --dtype float32")
     return {**summary, **labelled, "command": command}
 
 

@@ -200,7 +200,7 @@ def write_report(cfg: dict, out: Path, results: dict[str, dict]) -> dict:
           f"pipe = QwenImagePipeline.from_pretrained(\"{out / 'base_model' / 'model'}\")",
           f"pipe.load_lora_weights(\"{adapter['adapter_dir']}\")", "```", ""]
     L += ["## Commands each stage ran", "", "```bash",
-          f"accelerate launch ... # SFT\n{results['sft']['command']}",
+          f"# SFT\n{results['sft']['command']}",
           f"# pairs (then labelled by {cfg['pairs'].get('reward', 'ocr')} with simulated raters instead of Label Studio)\n{pairs['command']}",
           f"# DPO+GRPO\n{results['dpo_grpo']['command']}", "```", ""]
     L += ["Training logs: `sft/train.log`, `dpo_grpo/train.log`; wandb offline runs: `wandb/` "

@@ -71,7 +71,9 @@ def display(cmd: Sequence[str]) -> str:
     shown = list(cmd)
     if shown and Path(shown[0]).name == "accelerate":
         shown[0] = "accelerate"
-    return shlex.join(shown)
+    here = str(Path.cwd()) + os.sep
+    # Paths under the current folder are shown relative to it, as a user would type them.
+    return shlex.join(a[len(here):] if a.startswith(here) else a for a in shown)
 
 
 def run_logged(cmd: Sequence[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
