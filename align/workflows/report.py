@@ -173,7 +173,8 @@ def write_report(cfg: dict, out: Path, results: dict[str, dict]) -> dict:
     L += ["## Curves", ""]
     L += [f"![SFT curves]({_rel(sft_png, out)})" if sft_png else "(no SFT metrics logged)", ""]
     L += [f"![DPO+GRPO curves]({_rel(dpo_png, out)})" if dpo_png else "(no DPO+GRPO metrics logged)", ""]
-    last = dpo_hist[-1] if dpo_hist else {}
+    # The Trainer's closing summary (train_runtime, ...) is the last record; the metrics are in the last step log.
+    last = next((r for r in reversed(dpo_hist) if "loss" in r), {})
     metrics = [
         ("brand renders (kept by the rater filter)", f"{data['images']} ({data['kept_by_raters']})"),
         ("stage 0: VAE fit steps / final loss", f"{base['vae_fit_steps']} / {_fmt(base['vae_final_loss'])}"),
