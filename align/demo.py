@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out)
     try:
         results = run_workflow(cfg, out)
-    except StageError as err:
+    except (StageError, ValueError, FileNotFoundError) as err:
+        # A stage that cannot go on (a failed training command, no usable pairs...): one line, no traceback;
+        # completed stages stay done, so a rerun resumes here.
         print(f"error: {err}", file=sys.stderr)
         return 1
     report = results["report"]

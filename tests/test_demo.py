@@ -82,3 +82,50 @@ def test_config_errors_are_one_line(tmp_path: Path, capsys):
     bad.write_text("slogans: [SALE]\ncaption: no placeholder\nsize: 64\nmodel: {}\nsft: {}\npairs: {}\ndpo_grpo: {}\neval: {}\n")
     with pytest.raises(ValueError, match="caption must contain"):
         load_workflow_config(bad)
+
+
+def test_single_frame_convs_match_the_causal_3d_convs():
+    import torch
+
+    from align.workflows.vae_fit import single_frame_convs
+    from qwen_image.tiny import tiny_vae
+
+    vae = tiny_vae(0)
+    x = torch.rand(2, 3, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        ref = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        with single_frame_convs():
+            fast = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        again = vae.decode(vae.encode(x).latent_dist.mode()).sample  # the patch is undone on exit
+    assert torch.allclose(ref, fast, atol=1e-4)
+    assert torch.equal(ref, again)
+
+
+def test_auto_label_prefers_the_higher_reward(tmp_path: Path):
+    from align.workflows.auto_label import label_pairs
+
+    (tmp_path / "images").mkdir()
+    for name, colour in (("a", 0), ("b", 128), ("c", 255)):
+        Image.new("RGB", (16, 16), (colour,) * 3).save(tmp_path / "images" / f"{name}.png")
+    cands = [{"image": f"images/{n}.png", "score": s} for n, s in (("a", 1.0), ("b", 0.0), ("c", 0.0))]
+    (tmp_path / "candidates.jsonl").write_text("\n".join(json.dumps(c) for c in cands))
+    pairs = [{"pair_id": "p1", "prompt": "x", "image_a": "images/b.png", "image_b": "images/a.png"},
+             {"pair_id": "p2", "prompt": "x", "image_a": "images/b.png", "image_b": "images/c.png"}]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(p) for p in pairs))
+    out = label_pairs(tmp_path, raters=3, noise=0.0)
+    rows = [json.loads(x) for x in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    assert out["labelled_pairs"] == 1 and out["ties_dropped"] == 1  # b vs c: same OCR, same (zero) contrast
+    assert rows[0]["chosen"] == "images/a.png" and rows[0]["rejected"] == "images/b.png"
+    assert rows[0]["votes"] == [3, 0] and rows[0]["agreement"] == 1.0
+
+
+def test_auto_label_all_ties_is_a_clear_error(tmp_path: Path):
+    from align.workflows.auto_label import label_pairs
+
+    (tmp_path / "images").mkdir()
+    for name in ("a", "b"):
+        Image.new("RGB", (8, 8), "white").save(tmp_path / "images" / f"{name}.png")
+    (tmp_path / "candidates.jsonl").write_text("\n".join(json.dumps({"image": f"images/{n}.png", "score": 0.0}) for n in "ab"))
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"pair_id": "p", "prompt": "x", "image_a": "images/a.png", "image_b": "images/b.png"}))
+    with pytest.raises(ValueError, match="every pair was a tie"):
+        label_pairs(tmp_path, noise=0.0)

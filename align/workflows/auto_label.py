@@ -28,15 +28,18 @@ def label_pairs(folder: Path, raters: int = 3, noise: float = 0.05, seed: int = 
         pair = json.loads(line)
         a, b = pair["image_a"], pair["image_b"]
         score = {k: float(cands[k].get("score", 0.0)) + 0.1 * contrast(folder / k) for k in (a, b)}
-        votes_a = sum(1 for _ in range(raters) if score[a] + rng.gauss(0, noise) > score[b] + rng.gauss(0, noise))
-        votes_b = raters - votes_a
+        votes_a = votes_b = 0
+        for _ in range(raters):
+            sa, sb = score[a] + rng.gauss(0, noise), score[b] + rng.gauss(0, noise)
+            votes_a += sa > sb
+            votes_b += sb > sa  # equal scores: the rater abstains (no side wins by position)
         if votes_a == votes_b:
             ties += 1
             continue
         chosen, rejected = (a, b) if votes_a > votes_b else (b, a)
         rows.append({"prompt": pair["prompt"], "chosen": chosen, "rejected": rejected,
                      "votes": [max(votes_a, votes_b), min(votes_a, votes_b)],
-                     "agreement": max(votes_a, votes_b) / raters, "pair_id": pair["pair_id"]})
+                     "agreement": max(votes_a, votes_b) / (votes_a + votes_b), "pair_id": pair["pair_id"]})
     if not rows:
         raise ValueError(f"no labelled pairs in {folder}: every pair was a tie")
     with open(folder / "metadata.jsonl", "w", encoding="utf-8") as f:
