@@ -299,4 +299,5 @@ def main(argv: Sequence[str] | None = None) -> SFTTrainer:
     logger.info("%s", data.summary)
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(config.output_dir)
+    trainer.save_state()  # trainer_state.json: the loss curve the reports read
     return trainer
