@@ -175,12 +175,13 @@ def write_report(cfg: dict, out: Path, results: dict[str, dict]) -> dict:
     L += [f"![DPO+GRPO curves]({_rel(dpo_png, out)})" if dpo_png else "(no DPO+GRPO metrics logged)", ""]
     # The Trainer's closing summary (train_runtime, ...) is the last record; the metrics are in the last step log.
     last = next((r for r in reversed(dpo_hist) if "loss" in r), {})
+    sft_last = next((r for r in reversed(sft_hist) if "loss" in r), {})
     metrics = [
         ("brand renders (kept by the rater filter)", f"{data['images']} ({data['kept_by_raters']})"),
         ("stage 0: VAE fit steps / final loss", f"{base['vae_fit_steps']} / {_fmt(base['vae_final_loss'])}"),
         ("stage 0: OCR on VAE reconstructions", _fmt(base["vae_reconstruction_ocr_mean"])),
         ("transformer parameters", f"{base['transformer_params']:,}"),
-        ("SFT final logged loss", _fmt(sft_hist[-1]["loss"]) if sft_hist else "n/a"),
+        ("SFT final logged loss", _fmt(sft_last.get("loss", "n/a"))),
         ("pairs generated / labelled / unanimous", f"{pairs['pairs']} / {pairs['labelled_pairs']} / {pairs['unanimous']}"),
         ("DPO implicit accuracy (last log)", _fmt(last.get("rewards/accuracies", "n/a"))),
         ("GRPO OCR reward of rollouts (last log)", _fmt(last.get("grpo/rewards/ocr/mean", "n/a"))),
