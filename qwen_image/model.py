@@ -79,7 +79,7 @@ class QwenImage:
         self.scheduler = scheduler or make_scheduler()
         self.processor = processor
         self.default_size = default_size
-        self.prompt_encoder = PromptEncoder(tokenizer, text_encoder) if text_encoder is not None else None
+        self.prompt_encoder = PromptEncoder(tokenizer, text_encoder)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -189,8 +189,8 @@ class QwenImage:
             raise QwenImageInputError(f"this QwenImage was loaded without its {name}; load it to use this method.")
 
     def encode_prompt(self, prompts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings (B, L, 3584) and a 0/1 mask (B, L) with Qwen-Image's T2I template; cached per prompt."""
-        self._require("text_encoder")
+        """Embeddings (B, L, 3584) and a 0/1 mask (B, L) with Qwen-Image's T2I template; cached per prompt
+        (prompts precomputed with ``prompt_encoder.precompute`` still encode after the text encoder is released)."""
         return self.prompt_encoder.encode(prompts, device=self.device, dtype=self.dtype)
 
     def conditioning(self, prompts: str | list[str]) -> Conditioning:

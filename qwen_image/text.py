@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Iterable
 
 import torch
+from tqdm.auto import tqdm
 
 from .errors import QwenImageInputError
 
@@ -79,11 +81,29 @@ class PromptEncoder:
         mask = tokens.attention_mask.bool().to(device)
         return [h[m][T2I_DROP_TOKENS:] for h, m in zip(hidden, mask)]
 
+    def precompute(self, prompts: Iterable[str], batch_size: int = 8, progress: bool = False) -> int:
+        """Encode every prompt once and keep the embeddings on CPU, so the text encoder can be released
+        (8 B parameters on the real model) while training still sees new batches of these prompts.
+        Returns the number of distinct prompts."""
+        unique = list(dict.fromkeys(validate_prompts(list(prompts))))
+        self.cache_size = max(self.cache_size, len(unique) + 256)
+        todo = [p for p in unique if p not in self._cache]
+        for i in tqdm(range(0, len(todo), batch_size), disable=not progress, desc="Encoding prompts", leave=False):
+            chunk = todo[i : i + batch_size]
+            for p, emb in zip(chunk, self._encode_uncached(chunk)):
+                self._cache[p] = emb.detach().cpu()
+        return len(unique)
+
     def encode(
         self, prompts: str | list[str], device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         prompts = validate_prompts(prompts)
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if missing and self.text_encoder is None:
+            raise QwenImageInputError(
+                f"prompt {missing[0][:60]!r} was not encoded before the text encoder was released; "
+                "precompute every prompt first or keep the text encoder loaded."
+            )
         if missing:
             for p, emb in zip(missing, self._encode_uncached(missing)):
                 self._cache[p] = emb.detach()

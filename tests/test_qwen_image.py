@@ -164,3 +164,15 @@ def test_bad_inputs_give_one_line_errors(tiny_model, tmp_path):
         with pytest.raises(QwenImageInputError, match=text) as info:
             fn()
         assert "\n" not in str(info.value)
+
+
+def test_precomputed_prompts_encode_after_the_text_encoder_is_released():
+    model = QwenImage.tiny(seed=0)
+    expected, _ = model.encode_prompt(PROMPTS)
+    model.prompt_encoder.clear_cache()
+    assert model.prompt_encoder.precompute([*PROMPTS, PROMPTS[0]]) == 2
+    model.text_encoder = model.prompt_encoder.text_encoder = None
+    again, mask = model.encode_prompt(list(reversed(PROMPTS)))
+    torch.testing.assert_close(again[1], expected[0], atol=1e-6, rtol=0)
+    with pytest.raises(QwenImageInputError, match="not encoded before the text encoder was released"):
+        model.encode_prompt(["a prompt nobody precomputed"])

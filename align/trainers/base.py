@@ -28,8 +28,7 @@ logger = logging.getLogger(__name__)
 def release_text_encoder(qwen: QwenImage) -> None:
     """Drop the text encoder once everything it must encode is cached (8 B parameters on the real model)."""
     qwen.text_encoder = None
-    if qwen.prompt_encoder is not None:
-        qwen.prompt_encoder.text_encoder = None
+    qwen.prompt_encoder.text_encoder = None
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

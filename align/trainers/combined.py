@@ -20,7 +20,7 @@ from trl.trainer.utils import RepeatSampler
 from ..data.prompts import collate_prompts, load_prompt_dataset
 from .dpo import DPOConfig, FlowDPOTrainer, build_datasets
 from .grpo import log_rollout_images
-from .grpo_objective import GRPOArguments, GRPOObjective, build_reward
+from .grpo_objective import GRPOArguments, GRPOObjective, build_reward, precompute_prompts_and_release
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ class DPOGRPOTrainer(FlowDPOTrainer):
             self.grpo = GRPOObjective(qwen, args, reward_fn or build_reward(args), self.accelerator, self.reference,
                                       need_kl=args.beta_kl > 0)
             self._prompts = PromptStream(grpo_prompts, args, self.accelerator.process_index)
+            precompute_prompts_and_release(qwen, args, grpo_prompts["prompt"], self.accelerator.device)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         out = super().training_step(model, inputs, num_items_in_batch)

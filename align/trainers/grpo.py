@@ -21,7 +21,7 @@ from ..configs import QwenImageTrainingConfig
 from ..data.prompts import collate_prompts, load_prompt_dataset
 from ..reference import ReferenceModel
 from .base import QwenImageTrainer
-from .grpo_objective import GRPOArguments, GRPOObjective, build_reward
+from .grpo_objective import GRPOArguments, GRPOObjective, build_reward, precompute_prompts_and_release
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ class GRPOTrainer(QwenImageTrainer):
         self._step = 0
         self._buffered: list | None = None
         qwen.vae.to(self.accelerator.device)
-        qwen.text_encoder.to(self.accelerator.device)
+        prompts = train_dataset["prompt"] if train_dataset is not None else []
+        precompute_prompts_and_release(qwen, args, prompts, self.accelerator.device)
 
     # ------------------------------------------------------------------ data: TRL's generation-batch layout
     def get_train_dataloader(self):

@@ -48,6 +48,7 @@ class GRPOArguments:
     sde_window_range: list[int] | None = field(default=None, metadata={"help": "[lo, hi): where the window may start (default [0, steps/2))."})
     true_cfg_scale: float = field(default=4.0, metadata={"help": "True CFG at rollout and training (1 = no CFG: faster, acts as CFG distillation)."})
     negative_prompt: str = field(default=" ", metadata={"help": "Negative prompt for true CFG."})
+    release_text_encoder: bool = field(default=True, metadata={"help": "Encode every training prompt and the negative prompt once (kept on CPU), then free the text encoder (8 B params on the real model) before training."})
     num_images_to_log: int = field(default=8, metadata={"help": "Rollout images (with rewards) sent to wandb at each log step; 0 = none."})
 
     def _validate_grpo(self) -> None:
@@ -90,6 +91,19 @@ class GRPOArguments:
     @property
     def scale_mode(self) -> str:
         return {"true": "group", "false": "none"}.get(str(self.scale_rewards).lower(), str(self.scale_rewards).lower())
+
+
+def precompute_prompts_and_release(qwen, args: GRPOArguments, prompts, device) -> None:
+    """With ``release_text_encoder``: encode the finite prompt set once, then drop the text encoder; otherwise move it
+    to ``device`` (rollouts encode their prompts as they come)."""
+    from .base import release_text_encoder
+
+    qwen.text_encoder.to(device)
+    if not args.release_text_encoder:
+        return
+    count = qwen.prompt_encoder.precompute([*prompts, args.negative_prompt], progress=True)
+    release_text_encoder(qwen)
+    logger.info("encoded %d distinct prompts once; text encoder released", count)
 
 
 def build_reward(args: GRPOArguments):
