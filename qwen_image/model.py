@@ -149,9 +149,11 @@ class QwenImage:
         return path
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "QwenImage":
+        # Only pass what is set: diffusers warns about any dtype keyword, even None.
+        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         for module in (self.transformer, self.vae, self.text_encoder):
-            if module is not None:
-                module.to(device=device, dtype=dtype)
+            if module is not None and kwargs:
+                module.to(**kwargs)
         return self
 
     @property
