@@ -135,6 +135,8 @@ def main() -> None:
             print(f"{r['mode']:<20} failed: {r['error']}")
         else:
             print(f"{r['mode']:<20}{r['params_M']:>12.2f}{r['peak_GiB']:>12.3f}{r['step_s']:>10.4f}")
+            print(f"METRIC\tdpo reference {r['mode']}: peak memory\t{r['peak_GiB']:.3f}\tGiB")
+            print(f"METRIC\tdpo reference {r['mode']}: step time\t{r['step_s']:.4f}\ts")
 
 
 if __name__ == "__main__":

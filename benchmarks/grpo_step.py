@@ -116,6 +116,8 @@ def main() -> None:
         rps = statistics.median(args.batch / r[0] for r in rows)
         upd[name] = statistics.median(r[1] for r in rows)
         print(f"{name:<22}{rps:>12.2f}{upd[name]:>12.3f}{rows[0][2]:>15}")
+        print(f"METRIC\tgrpo {name}: rollouts/s\t{rps:.2f}\timages/s")
+        print(f"METRIC\tgrpo {name}: update ({rows[0][2]} trained steps)\t{upd[name]:.3f}\ts")
     full, fast = upd.values()
     print(f"update speed-up with the window: {full / fast:.1f}x (rollouts cost the same: every step is one forward)")
     if args.learning and not args.model:
