@@ -14,7 +14,8 @@ from align.data.preference import write_synthetic_pairs
 from align.launch import parse_config
 from align.losses import grpo_clip_loss
 from align.rollouts import recompute_log_prob
-from align.trainers.combined import DPOGRPOConfig, DPOGRPOTrainer, build_datasets
+from align.trainers.combined import DPOGRPOConfig, DPOGRPOTrainer
+from align.trainers.dpo import build_datasets
 from align.trainers.dpo import FlowDPOTrainer
 
 ROOT = Path(__file__).resolve().parents[1]

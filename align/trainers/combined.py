@@ -18,7 +18,7 @@ from transformers import set_seed
 from trl.trainer.utils import RepeatSampler
 
 from ..data.prompts import collate_prompts, load_prompt_dataset
-from .dpo import DPOConfig, FlowDPOTrainer, build_datasets
+from .dpo import DPOConfig, FlowDPOTrainer, load_model_and_pairs, train_and_save
 from .grpo import log_rollout_images
 from .grpo_objective import GRPOArguments, GRPOObjective, build_reward, precompute_prompts_and_release
 
@@ -120,7 +120,6 @@ class DPOGRPOTrainer(FlowDPOTrainer):
 def main(argv: Sequence[str] | None = None) -> Any:
     """``accelerate launch align/dpo.py --config recipes/dpo_grpo.yaml``: Flow-DPO, plus GRPO when ``w_grpo > 0``."""
     from ..launch import parse_config
-    from ..modeling import load_qwen_image
     from .base import release_text_encoder
 
     config = parse_config(DPOGRPOConfig, argv)
@@ -129,19 +128,10 @@ def main(argv: Sequence[str] | None = None) -> Any:
     if config.w_grpo > 0:
         prompts = load_prompt_dataset(config.grpo_dataset_name, config.train_prompts, "train", config.prompt_column)
         build_reward(config)  # fail on a bad reward name before loading the model
-    qwen = load_qwen_image(config)
-    for module in (qwen.text_encoder, qwen.vae):
-        if module is not None:
-            module.to(config.device)
-    train_ds, eval_ds = build_datasets(config, qwen)
+    qwen, train_ds, eval_ds = load_model_and_pairs(config)
     if config.w_grpo > 0:
         trainer = DPOGRPOTrainer(qwen, config, train_dataset=train_ds, eval_dataset=eval_ds, grpo_prompts=prompts)
     else:
         trainer = FlowDPOTrainer(qwen, config, train_dataset=train_ds, eval_dataset=eval_ds)
         release_text_encoder(qwen)  # plain DPO trains on cached embeddings only
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    trainer.save_model(config.output_dir)
-    if eval_ds is not None:
-        trainer.evaluate()
-    trainer.save_state()
-    return trainer
+    return train_and_save(trainer, config)

@@ -187,24 +187,33 @@ def build_datasets(config: DPOConfig, qwen) -> tuple[Any, Any]:
     return encoded, None
 
 
-def main(argv: Sequence[str] | None = None) -> FlowDPOTrainer:
-    """``accelerate launch align/dpo.py --config recipes/dpo_lora.yaml [--key value ...]``."""
-    config = parse_config(DPOConfig, argv)
-    set_seed(config.seed)
+def load_model_and_pairs(config: DPOConfig) -> tuple[Any, Any, Any]:
+    """The bundle (text encoder and VAE on the accelerator for caching) and the encoded train/eval pairs."""
     qwen = load_qwen_image(config)
     for module in (qwen.text_encoder, qwen.vae):  # encode on the accelerator; the transformer is placed by the Trainer
         if module is not None:
             module.to(config.device)
     train_ds, eval_ds = build_datasets(config, qwen)
-    trainer = FlowDPOTrainer(qwen, config, train_dataset=train_ds, eval_dataset=eval_ds)
-    release_text_encoder(qwen)  # after the trainer encoded the validation prompts
+    return qwen, train_ds, eval_ds
+
+
+def train_and_save(trainer: FlowDPOTrainer, config: DPOConfig) -> FlowDPOTrainer:
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model(config.output_dir)
-    if eval_ds is not None:
+    if trainer.eval_dataset is not None:
         trainer.evaluate()
     trainer.save_state()  # trainer_state.json: the log history (metrics per step) next to the adapter
     return trainer
 
+
+def main(argv: Sequence[str] | None = None) -> FlowDPOTrainer:
+    """``accelerate launch align/dpo.py --config recipes/dpo_lora.yaml [--key value ...]``."""
+    config = parse_config(DPOConfig, argv)
+    set_seed(config.seed)
+    qwen, train_ds, eval_ds = load_model_and_pairs(config)
+    trainer = FlowDPOTrainer(qwen, config, train_dataset=train_ds, eval_dataset=eval_ds)
+    release_text_encoder(qwen)  # after the trainer encoded the validation prompts
+    return train_and_save(trainer, config)
 
 if __name__ == "__main__":
     run(main)
