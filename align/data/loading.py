@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 from datasets import Dataset, Image as ImageFeature, load_dataset, load_from_disk
 from PIL import Image
 
-from .ratings import FilterSummary, describe_row
+from .ratings import FilterSummary, describe_row, raise_bad_rows
 
 METADATA_FILE = "metadata.jsonl"
 
@@ -169,9 +169,7 @@ def validate_rows(
         else:
             keep.append(i)
     if bad and not skip_bad_rows:
-        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
-        raise ValueError(f"{len(bad)} bad row(s): {'; '.join(bad[:3])}{more}. "
-                         f"Fix the data or pass --skip_bad_rows to skip them.")
+        raise_bad_rows(bad)
     summary.kept = len(keep)
     out = dataset if len(keep) == len(dataset) else dataset.select(keep)
     for column in image_columns:

@@ -59,6 +59,13 @@ class FilterSummary:
         return "\n".join(lines)
 
 
+def raise_bad_rows(problems: Sequence[str], what: str = "bad row(s)") -> None:
+    """One-line error naming the first bad rows, and how to skip them instead."""
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    raise ValueError(f"{len(problems)} {what}: {'; '.join(problems[:3])}{more}. "
+                     f"Fix the data or pass --skip_bad_rows to skip them.")
+
+
 def describe_row(index: int, row: dict | None = None) -> str:
     """``row 3 (file_name='a.png')``: how every message names a row."""
     for key in ("file_name", "id", "image_path"):
@@ -163,8 +170,6 @@ def filter_by_ratings(
         else:
             keep.append(i)
     if bad and not skip_bad_rows:
-        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
-        raise ValueError(f"{len(bad)} row(s) with bad ratings: {'; '.join(bad[:3])}{more}. "
-                         f"Fix the data or pass --skip_bad_rows to skip them.")
+        raise_bad_rows(bad, "row(s) with bad ratings")
     summary.kept = len(keep)
     return (dataset if len(keep) == len(dataset) else dataset.select(keep)), summary
