@@ -9,7 +9,7 @@ with batch size, so keep the training batch equal to the sampling batch).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -17,7 +17,7 @@ from PIL import Image
 
 from qwen_image import QwenImage
 from qwen_image.latents import check_size, image_seq_len, img_shapes
-from qwen_image.sampling import Conditioning, SDEStep, predict_velocity, sample, sde_std, sde_step
+from qwen_image.sampling import Conditioning, SDEStep, predict_velocity, sample, sde_noise_generators, sde_std, sde_step
 from qwen_image.scheduler import inference_sigmas
 
 
@@ -52,12 +52,24 @@ class RolloutBatch:
         return img_shapes(len(self), self.height, self.width)
 
     def to(self, device: torch.device | str) -> "RolloutBatch":
-        def move(c: Conditioning | None) -> Conditioning | None:
-            if c is None:
-                return None
-            return Conditioning(c.embeds.to(device), None if c.mask is None else c.mask.to(device))
+        return replace(self, cond=self.cond.to(device), negative=None if self.negative is None else self.negative.to(device),
+                       trajectory=self.trajectory.to(device))
 
-        return replace(self, cond=move(self.cond), negative=move(self.negative), trajectory=self.trajectory.to(device))
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the batch (every field but the decoded images, on CPU)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "images"}
+        out["cond"] = self.cond.to("cpu")
+        out["negative"] = None if self.negative is None else self.negative.to("cpu")
+        out["trajectory"] = self.trajectory.cpu()
+        return out
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "RolloutBatch":
+        return cls(**state)
+
+    def x(self, j: int) -> torch.Tensor:
+        """x_j as the sampler fed it to the transformer: a contiguous copy (a strided slice changes bf16 outputs)."""
+        return self.trajectory[:, j].contiguous()
 
     def step_dt(self, j: int) -> float:
         return float(self.sigmas[j + 1]) - float(self.sigmas[j])
@@ -102,25 +114,26 @@ def generate_rollouts(
     true_cfg_scale: float = 1.0,
     negative_prompt: str | None = " ",
     seeds: Sequence[int],
-    generator: torch.Generator,
+    generator: torch.Generator | None = None,
     decode: bool = True,
 ) -> RolloutBatch:
     """Sample ``prompts`` with the SDE (on ``sde_window`` steps, all when None) and record the trajectory.
 
-    ``transformer`` is the (unwrapped) policy; ``seeds`` give each sample's initial noise; ``generator`` draws the
-    SDE noise. With ``decode`` the final latents are decoded to PIL images for the rewards.
+    ``transformer`` is the (unwrapped) policy; ``seeds`` give each sample's initial noise and, without
+    ``generator``, its SDE noise too (a sample's trajectory then depends on its seed only, not on the batch it
+    was drawn in). With ``decode`` the final latents are decoded to PIL images for the rewards.
     """
     if noise_level <= 0:
         raise ValueError(f"noise_level must be > 0 for GRPO rollouts (0 is the deterministic ODE), got {noise_level}")
     check_size(height, width)
     device = next(transformer.parameters()).device
-    cond = qwen.conditioning(prompts)
-    cond = Conditioning(cond.embeds.to(device), None if cond.mask is None else cond.mask.to(device))
+    cond = qwen.conditioning(prompts).to(device)
     negative = None
     if true_cfg_scale > 1 and negative_prompt is not None:
-        neg = qwen.conditioning([negative_prompt] * len(prompts))
-        negative = Conditioning(neg.embeds.to(device), None if neg.mask is None else neg.mask.to(device))
+        negative = qwen.conditioning([negative_prompt] * len(prompts)).to(device)
     latents = qwen.initial_noise(len(prompts), height, width, list(seeds)).to(device)
+    if generator is None:
+        generator = sde_noise_generators(seeds)
     sigmas = inference_sigmas(qwen.scheduler, num_inference_steps, image_seq_len(height, width))
     out = sample(transformer, latents, sigmas, cond, img_shapes(len(prompts), height, width), negative=negative,
                  true_cfg_scale=true_cfg_scale, noise_level=noise_level, sde_window=sde_window, generator=generator,
@@ -148,11 +161,11 @@ def recompute_log_prob(
     j = step_index
     if j not in batch.sde_steps:
         raise ValueError(f"step {j} was an ODE step in this rollout (SDE steps: {batch.sde_steps}); it has no log-prob.")
-    x = batch.trajectory[:, j]
+    x = batch.x(j)
     v = predict_velocity(transformer, x, batch.sigmas[j], batch.cond, batch.img_shapes, batch.negative,
                          batch.true_cfg_scale, attention_kwargs)
     return sde_step(x, v, float(batch.sigmas[j]), float(batch.sigmas[j + 1]), batch.noise_level, batch.sigma_max,
-                    prev_sample=batch.trajectory[:, j + 1])
+                    prev_sample=batch.x(j + 1))
 
 
 RewardCall = Callable[..., list]
@@ -175,31 +188,3 @@ def score_images(
         raise ValueError(f"the reward returned {len(total)} values for {len(prompts)} images.")
     clean = [None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v) for v in total]
     return clean, per
-
-
-def rollout_grid(images: list[Image.Image], columns: int = 4) -> Image.Image:
-    """One image with the rollouts in a grid (for quick looks; wandb gets the images with captions)."""
-    if not images:
-        raise ValueError("no images to put in a grid")
-    w, h = images[0].size
-    rows = math.ceil(len(images) / columns)
-    grid = Image.new("RGB", (w * min(columns, len(images)), h * rows))
-    for i, im in enumerate(images):
-        grid.paste(im.convert("RGB").resize((w, h)), ((i % columns) * w, (i // columns) * h))
-    return grid
-
-
-def rollout_records(batch: RolloutBatch) -> list[dict[str, Any]]:
-    """Per-sample rows (prompt, reward, advantage, each reward) for logging tables."""
-    rows = []
-    for i, p in enumerate(batch.prompts):
-        row: dict[str, Any] = {"prompt": p}
-        if batch.rewards is not None:
-            r = float(batch.rewards[i])
-            row["reward"] = None if math.isnan(r) else r
-        if batch.advantages is not None:
-            row["advantage"] = float(batch.advantages[i])
-        for name, vals in batch.rewards_per_func.items():
-            row[name] = vals[i]
-        rows.append(row)
-    return rows

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Sequence
 
@@ -21,7 +22,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
 from . import latents as latent_ops
 from .errors import QwenImageInputError
-from .sampling import Conditioning, SampleOutput, sample
+from .sampling import Conditioning, SampleOutput, sample, sde_noise_generators
 from .scheduler import inference_sigmas, make_scheduler
 from .text import PromptEncoder, validate_prompts
 from .tiny import tiny_text_encoder, tiny_transformer, tiny_vae
@@ -38,6 +39,19 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if isinstance(dtype, str) and dtype.replace("torch.", "") in DTYPES:
         return DTYPES[dtype.replace("torch.", "")]
     raise QwenImageInputError(f"unknown dtype {dtype!r}; use one of: {', '.join(sorted(set(DTYPES)))}.")
+
+
+def resolve_seeds(batch: int, seed: int | Sequence[int] | None) -> list[int]:
+    """One integer seed per image: ``seed, seed + 1, ...`` for an int, the list as given, fresh random seeds for None."""
+    if isinstance(seed, (list, tuple)):
+        seeds = [int(s) for s in seed]
+    elif seed is None:
+        seeds = [secrets.randbelow(2**31 - 1) for _ in range(batch)]  # leaves torch's global RNG alone
+    else:
+        seeds = [int(seed) + i for i in range(batch)]
+    if len(seeds) != batch:
+        raise QwenImageInputError(f"got {len(seeds)} seeds for {batch} images.")
+    return seeds
 
 
 def check_checkpoint_dir(path: str | os.PathLike) -> Path:
@@ -215,15 +229,12 @@ class QwenImage:
 
     def initial_noise(self, batch: int, height: int, width: int, seed: int | Sequence[int] | None = 0) -> torch.Tensor:
         """Packed Gaussian noise (B, L, 64) drawn like the pipeline's prepare_latents (one generator per sample)."""
-        seeds = list(seed) if isinstance(seed, (list, tuple)) else [None if seed is None else seed + i for i in range(batch)]
-        if len(seeds) != batch:
-            raise QwenImageInputError(f"got {len(seeds)} seeds for {batch} images.")
+        seeds = resolve_seeds(batch, seed)
         c = self.transformer.config.in_channels // 4
         h, w = height // latent_ops.VAE_SCALE_FACTOR, width // latent_ops.VAE_SCALE_FACTOR
         noise = []
         for s in seeds:
-            g = torch.Generator("cpu")
-            g.manual_seed(int(s) if s is not None else torch.seed())
+            g = torch.Generator("cpu").manual_seed(s)
             noise.append(torch.randn((1, 1, c, h, w), generator=g))
         noise = torch.cat(noise).to(self.device, self.dtype)
         return latent_ops.pack(noise.permute(0, 2, 1, 3, 4))
@@ -254,13 +265,14 @@ class QwenImage:
         negative = None
         if negative_prompt is not None and true_cfg_scale > 1:
             negative = self.conditioning([negative_prompt] * len(prompts))
+        seeds = resolve_seeds(len(prompts), seed)  # one per image: initial noise and SDE noise both follow it
         if latents is None:
-            latents = self.initial_noise(len(prompts), height, width, seed)
+            latents = self.initial_noise(len(prompts), height, width, seeds)
         seq_len = latent_ops.image_seq_len(height, width)
         if latents.shape[1] != seq_len:
             raise QwenImageInputError(f"latents have {latents.shape[1]} tokens; {height}x{width} px needs {seq_len}.")
         sigmas = inference_sigmas(self.scheduler, num_inference_steps, seq_len)
-        generator = torch.Generator("cpu").manual_seed(int(seed if isinstance(seed, int) else 0) + 10_000)
+        generator = sde_noise_generators(seeds) if noise_level > 0 else None
         return sample(
             self.transformer, latents, sigmas, cond, latent_ops.img_shapes(len(prompts), height, width),
             negative=negative, true_cfg_scale=true_cfg_scale, noise_level=noise_level, sde_window=sde_window,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -25,6 +26,9 @@ class Conditioning:
         if mask is not None and bool(mask.all()):
             mask = None
         return cls(embeds, mask)
+
+    def to(self, device: torch.device | str) -> "Conditioning":
+        return Conditioning(self.embeds.to(device), None if self.mask is None else self.mask.to(device))
 
     def repeat_interleave(self, n: int) -> "Conditioning":
         if n == 1:
@@ -88,6 +92,27 @@ class SDEStep:
     std: torch.Tensor  # scalar: std_dev_t * sqrt(|dt|), the Gaussian's std per element
 
 
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def sde_noise_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per sample for the SDE noise, derived from the sample's seed (not the initial-noise stream
+    of the same seed), so each sample's noise follows its own seed whatever the batch it is drawn in."""
+    return [torch.Generator("cpu").manual_seed((int(s) * 2_654_435_761 + 97) % (2**63 - 1)) for s in seeds]
+
+
+def draw_noise(shape: Sequence[int], generator: Generators, device: torch.device) -> torch.Tensor:
+    """fp32 Gaussian noise of ``shape``; a list of generators draws sample ``i`` of the batch from ``generator[i]``."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        noise = torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=torch.float32, device=g.device)
+                             for g in generator])
+        return noise.to(device)
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32, device=gen_device).to(device)
+
+
 def sde_step(
     latents: torch.Tensor,
     velocity: torch.Tensor,
@@ -96,12 +121,15 @@ def sde_step(
     noise_level: float,
     sigma_max: float,
     prev_sample: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
+    sample_dtype: torch.dtype | None = None,
 ) -> SDEStep:
     """One Euler-Maruyama step of the marginal-preserving SDE and the log-density of ``prev_sample`` under it.
 
     mean = x + [v + std_t^2/(2s) (x + (1-s) v)] dt (dt < 0); x' = mean + std_t sqrt(-dt) eps.
-    Pass ``prev_sample`` to score a stored transition (training); otherwise one is drawn.
+    Pass ``prev_sample`` to score a stored transition (training); otherwise one is drawn. A drawn sample is
+    rounded to ``sample_dtype`` (the latents' dtype, e.g. bf16) BEFORE its log-prob is taken: the trajectory keeps
+    the rounded sample, so the log-prob stored at rollout is the one training recomputes, bit for bit.
     """
     x = latents.to(torch.float32)
     v = velocity.to(torch.float32)
@@ -110,9 +138,9 @@ def sde_step(
     mean = x + (v + std_t**2 / (2 * float(sigma)) * (x + (1 - float(sigma)) * v)) * dt
     step_std = std_t * math.sqrt(-dt)
     if prev_sample is None:
-        gen_device = generator.device if generator is not None else x.device
-        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32, device=gen_device).to(x.device)
-        prev_sample = mean + step_std * noise
+        prev_sample = mean + step_std * draw_noise(x.shape, generator, x.device)
+        if sample_dtype is not None:
+            prev_sample = prev_sample.to(sample_dtype)
     prev = prev_sample.to(torch.float32)
     if float(step_std) > 0:
         log_prob = (
@@ -145,7 +173,7 @@ def sample(
     true_cfg_scale: float = 1.0,
     noise_level: float = 0.0,
     sde_window: tuple[int, int] | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     record: bool = False,
     attention_kwargs: dict | None = None,
     progress: bool = False,
@@ -164,21 +192,21 @@ def sample(
     stds = torch.zeros(num_steps)
     if record:
         out.trajectory.append(latents.detach().cpu())
-    x = latents
+    x = latents.contiguous()
     for i in tqdm(range(num_steps), disable=not progress, desc="denoising", leave=False):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         with torch.no_grad():
             v = predict_velocity(transformer, x, sigmas[i], cond, img_shapes, negative, true_cfg_scale, attention_kwargs)
         if noise_level > 0 and i in window:
-            step = sde_step(x, v, s, s_next, noise_level, sigma_max, generator=generator)
-            x = step.prev_sample.to(latents.dtype)
+            step = sde_step(x, v, s, s_next, noise_level, sigma_max, generator=generator, sample_dtype=latents.dtype)
+            x = step.prev_sample.to(latents.dtype).contiguous()
             log_probs[:, i] = step.log_prob.cpu()
             stds[i] = float(step.std)
             out.sde_steps.append(i)
             if record:
                 out.means.append(step.mean.detach().cpu())
         else:
-            x = ode_step(x, v, s, s_next)
+            x = ode_step(x, v, s, s_next).contiguous()
             if record:
                 out.means.append(x.detach().float().cpu())
         if record:

@@ -74,7 +74,7 @@ def test_w_dpo_zero_is_grpo_exactly(pairs, tmp_path):
     params = [p for p in model.parameters() if p.requires_grad]
     loss = trainer.compute_loss(model, inputs)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    batch = trainer._buffered[0].to("cpu")
+    batch = trainer.rollouts.buffer[0].to("cpu")
     assert batch.sde_steps == [0, 1, 2, 3]  # timestep_fraction 1.0: every step trained
     per_step = [grpo_clip_loss(recompute_log_prob(model, batch, j).log_prob, batch.log_probs[:, j],
                                batch.advantages, trainer.args.epsilon)[0] for j in batch.sde_steps]

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
+from collections import defaultdict
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from safetensors.torch import load_file
@@ -32,6 +35,46 @@ def release_text_encoder(qwen: QwenImage) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+class MetricLog:
+    """Training metrics averaged over every rank and every micro-step between two log lines: the one path every
+    trainer logs through. ``add`` is a collective (each rank calls it with the same names); names ending in
+    ``/min`` or ``/max`` reduce with min / max over ranks, the others with the NaN-ignoring mean."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.values: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def add(self, metrics: Mapping[str, float | torch.Tensor | None], mode: str = "train") -> None:
+        names = sorted(metrics)
+        if not names:
+            return
+        local = torch.tensor([math.nan if metrics[n] is None else float(metrics[n]) for n in names],
+                             dtype=torch.float64, device=self.accelerator.device)
+        every = self.accelerator.gather(local[None]).cpu()  # (ranks, names)
+        for i, name in enumerate(names):
+            col = every[:, i]
+            col = col[~torch.isnan(col)]
+            if not col.numel():
+                value = math.nan
+            elif name.endswith("/min"):
+                value = float(col.min())
+            elif name.endswith("/max"):
+                value = float(col.max())
+            else:
+                value = float(col.mean())
+            self.values[mode][name].append(value)
+
+    def pop(self, mode: str = "train") -> dict[str, float]:
+        """The averages since the last pop (min / max over steps for those names); names with no valid value are left out."""
+        out = {}
+        for name, vals in self.values[mode].items():
+            valid = [v for v in vals if not math.isnan(v)]
+            if valid:
+                out[name] = min(valid) if name.endswith("/min") else max(valid) if name.endswith("/max") else sum(valid) / len(valid)
+        self.values[mode].clear()
+        return out
 
 
 class QwenImageTrainer(Trainer):

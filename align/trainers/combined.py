@@ -1,33 +1,47 @@
 """The combined objective ``L = w_dpo * L_DPO + w_grpo * L_GRPO + beta_kl * KL (+ w_sft * L_FM)``.
 
 The DPO term (and its velocity-form KL, and SFT) runs on offline preference pairs exactly as ``FlowDPOTrainer``
-does; the GRPO term runs on online SDE rollouts of a separate prompt set, with its KL in closed form per step
-(``kl_rollout``, weighted by the same ``beta_kl``). One frozen reference serves DPO and both KL terms. Each term is
-logged apart (``loss/dpo``, ``loss/grpo``, ``loss/kl``, ``loss/kl_rollout``; GRPO statistics under ``grpo/``).
-``w_grpo = 0`` is plain Flow-DPO; ``w_dpo = beta_kl = 0`` is plain Flow-GRPO on the rollouts.
+does; the GRPO term runs on online SDE rollouts of a separate prompt set (``RolloutSource``, the same component
+``GRPOTrainer`` uses), with its KL in closed form per step (``kl_rollout``, weighted by the same ``beta_kl``). One
+frozen reference serves DPO and both KL terms. Each term is logged apart (``loss/dpo``, ``loss/grpo``,
+``loss/kl``, ``loss/kl_rollout``; GRPO statistics under ``grpo/``).
+
+A micro-step back-propagates the DPO terms once (skipped when their weights are all 0), then the GRPO term one
+trained timestep at a time. ``w_grpo = 0`` is plain Flow-DPO; ``w_dpo = beta_kl = w_sft = 0`` is plain Flow-GRPO on
+the rollouts.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Sequence
 
 import torch
+from accelerate.utils import DistributedType
 from transformers import set_seed
-from trl.trainer.utils import RepeatSampler
 
-from ..data.prompts import collate_prompts, load_prompt_dataset
+from ..data.prompts import load_prompt_dataset
 from .dpo import DPOConfig, FlowDPOTrainer, load_model_and_pairs, train_and_save
 from .grpo import log_rollout_images
-from .grpo_objective import GRPOArguments, GRPOObjective, build_reward, precompute_prompts_and_release
+from .grpo_objective import (
+    GRPOArguments,
+    GRPOObjective,
+    RolloutCheckpointMixin,
+    RolloutSource,
+    build_reward,
+    precompute_prompts_and_release,
+)
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class DPOGRPOConfig(GRPOArguments, DPOConfig):
-    """Flow-DPO settings plus the GRPO ones; ``dataset_name`` holds the pairs, ``grpo_dataset_name`` the prompts."""
+    """Flow-DPO settings plus the GRPO ones; ``dataset_name`` holds the pairs, ``grpo_dataset_name`` the prompts.
+    ``per_device_train_batch_size`` is the number of DPO pairs per micro-step, ``grpo_batch_size`` the number of
+    rollouts (default: the same)."""
 
     grpo_dataset_name: str | None = field(
         default=None, metadata={"help": "Prompts for the GRPO term (.jsonl with 'prompt' + reward columns); or train_prompts."}
@@ -39,44 +53,13 @@ class DPOGRPOConfig(GRPOArguments, DPOConfig):
             self._validate_grpo()
 
 
-class PromptStream:
-    """Endless generation batches of GRPO prompts for this process, laid out as TRL's RepeatSampler lays them
-    over processes (same seed everywhere; each rank takes its slice), so groups are whole across the gather."""
-
-    def __init__(self, dataset, args: DPOGRPOConfig, process_index: int):
-        self.dataset = dataset
-        self.global_size = args.generation_batch_size
-        self.local_size = self.global_size // args.world_size
-        self.rank = process_index
-        unique = self.global_size // args.num_generations
-        if len(dataset) < unique:
-            raise ValueError(f"the GRPO prompt set has {len(dataset)} prompts; a generation batch needs {unique} distinct ones.")
-        self.sampler = RepeatSampler(dataset, mini_repeat_count=args.num_generations, batch_size=unique,
-                                     repeat_count=1, shuffle=True, seed=args.seed)
-        self._iter = iter(self.sampler)
-
-    def _take(self) -> list[int]:
-        out = []
-        while len(out) < self.global_size:
-            try:
-                out.append(next(self._iter))
-            except StopIteration:  # a new epoch over the prompts (RepeatSampler reshuffles)
-                self._iter = iter(self.sampler)
-        return out
-
-    def next(self) -> dict[str, list]:
-        idx = self._take()[self.rank * self.local_size:(self.rank + 1) * self.local_size]
-        return collate_prompts([self.dataset[i] for i in idx])
-
-
-class DPOGRPOTrainer(FlowDPOTrainer):
+class DPOGRPOTrainer(RolloutCheckpointMixin, FlowDPOTrainer):
     """Flow-DPO on pairs + Flow-GRPO on rollouts of ``grpo_prompts``, one frozen reference."""
 
     def __init__(self, qwen, args: DPOGRPOConfig, train_dataset=None, grpo_prompts=None, reward_fn=None, **kwargs):
         super().__init__(qwen, args, train_dataset=train_dataset, **kwargs)
         self.grpo: GRPOObjective | None = None
-        self._grpo_step = 0
-        self._buffered: list | None = None
+        self.rollouts: RolloutSource | None = None
         if args.w_grpo > 0:
             if grpo_prompts is None:
                 raise ValueError("w_grpo > 0 needs GRPO prompts: set grpo_dataset_name or train_prompts.")
@@ -84,34 +67,49 @@ class DPOGRPOTrainer(FlowDPOTrainer):
                 raise ValueError("the GRPO term needs the text encoder (prompts) and the VAE (images for the rewards).")
             self.grpo = GRPOObjective(qwen, args, reward_fn or build_reward(args), self.accelerator, self.reference,
                                       need_kl=args.beta_kl > 0)
-            self._prompts = PromptStream(grpo_prompts, args, self.accelerator.process_index)
+            self.rollouts = RolloutSource(self.grpo, grpo_prompts, args, self.accelerator.process_index)
             precompute_prompts_and_release(qwen, args, grpo_prompts["prompt"], self.accelerator.device)
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        out = super().training_step(model, inputs, num_items_in_batch)
-        self._grpo_step += 1
-        return out
-
-    def next_rollout_batch(self):
-        """The rollout micro-batch of this micro-step (a new buffer every steps_per_generation * num_iterations)."""
-        every = self.args.steps_per_generation * self.args.num_iterations
-        if self._grpo_step % every == 0 or self._buffered is None:
-            prompts = self._prompts.next()
-            policy = self.accelerator.unwrap_model(self.model)
-            self._buffered = self.grpo.rollout(policy, list(prompts["prompt"]), prompts)
-        return self._buffered[self._grpo_step % self.args.steps_per_generation]
-
     def extra_loss_terms(self, model, inputs: dict) -> tuple[dict, dict]:
+        """The GRPO term as one graph over its trained timesteps (``compute_loss``; DeepSpeed trains this way)."""
         if self.grpo is None or not model.training:
             return {}, {}
-        policy_loss, kl = self.grpo.loss(model, self.next_rollout_batch())
+        batch = self.rollouts.batch(self.accelerator.unwrap_model(model))
+        policy_loss, kl = self.grpo.loss(model, batch, micro_step=self.rollouts.micro_step)
         terms: dict[str, tuple[float, torch.Tensor]] = {"grpo": (self.args.w_grpo, policy_loss)}
         if kl is not None:
             terms["kl_rollout"] = (self.args.beta_kl, kl)
-        metrics = {f"grpo/{k}": torch.tensor(v) for k, v in self.grpo.pop_metrics().items() if v is not None}
-        return terms, metrics
+        return terms, {}
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.grpo is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            out = super().training_step(model, inputs, num_items_in_batch)  # every term in one backward
+            self.rollouts.advance()
+            return out
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        scale = 1.0 / self.current_gradient_accumulation_steps
+        total = 0.0
+        if self.dpo_weights_active:
+            inputs = self._prepare_inputs(inputs)
+            with self.accelerator.no_sync(model):  # the last GRPO timestep reduces the summed gradient
+                loss = self.weighted_loss(*self.dpo_terms(model, inputs), mode="train")
+                self.accelerator.backward(loss * scale)
+            total += float(loss.detach())
+        total += self.grpo_backward(model, policy_weight=self.args.w_grpo, kl_weight=self.args.beta_kl, scale=scale,
+                                    no_sync=partial(self.accelerator.no_sync, model))
+        return torch.tensor(total * scale, device=self.accelerator.device)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.grpo is not None:
+            grpo = self.grpo.pop_metrics()
+            for name in ("policy_loss", self.grpo.kl_metric):
+                if name in grpo:  # the GRPO terms under the same names as the DPO terms
+                    logs["loss/grpo" if name == "policy_loss" else "loss/kl_rollout"] = grpo[name]
+            logs.update({f"grpo/{k}": v for k, v in grpo.items()})
         super().log(logs, start_time)
         if self.grpo is not None:
             log_rollout_images(self.args, self.grpo, self.state.global_step, self.accelerator.is_main_process)

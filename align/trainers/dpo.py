@@ -2,16 +2,15 @@
 
 ``compute_loss`` is a weighted sum of named terms so the combined objective can extend it:
 ``L = w_dpo * L_DPO + beta_kl * KL + w_sft * L_FM + w_grpo * L_GRPO`` (+ whatever ``extra_loss_terms`` adds).
-On DPO batches KL is the velocity form ``mean ||v_theta - v_ref||^2`` (DESIGN §5) and the SFT term is flow matching
-on the chosen image; both reuse the forwards DPO already made. The GRPO term comes from an object with
-``loss(trainer, model, inputs) -> (loss, metrics)`` (``grpo_objective=``) or from a subclass overriding
-``extra_loss_terms``. Every term is logged separately (``loss/<name>``): their scales differ by orders of magnitude.
+On DPO batches KL is the velocity form ``mean ||v_theta - v_ref||^2`` and the SFT term is flow matching on the
+chosen image; both reuse the forwards DPO already made. The GRPO term comes from a subclass overriding
+``extra_loss_terms`` (the combined trainer). Every term is logged separately (``loss/<name>``): their scales differ
+by orders of magnitude.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Sequence
@@ -22,11 +21,11 @@ from transformers import set_seed
 from ..configs import QwenImageTrainingConfig
 from ..data.encoding import collate_encoded, encode_dataset
 from ..data.preference import IMAGE_COLUMNS, load_preference_dataset
-from ..launch import parse_config, run
+from ..launch import parse_config
 from ..losses import DPO_LOSS_TYPES, flow_dpo_loss, flow_matching_loss, make_noisy, sample_sigmas, velocity_error
 from ..modeling import load_qwen_image, model_identity
 from ..reference import ReferenceModel
-from .base import QwenImageTrainer, release_text_encoder
+from .base import MetricLog, QwenImageTrainer, release_text_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -69,17 +68,16 @@ class DPOConfig(QwenImageTrainingConfig):
 class FlowDPOTrainer(QwenImageTrainer):
     """Flow-DPO on cached preference pairs (``chosen_latents``, ``rejected_latents``, ``prompt_embeds``)."""
 
-    def __init__(self, qwen, args: DPOConfig, train_dataset=None, grpo_objective: Any = None, **kwargs):
+    def __init__(self, qwen, args: DPOConfig, train_dataset=None, **kwargs):
         kwargs.setdefault("data_collator", partial(collate_encoded, latent_columns=LATENT_COLUMNS))
         super().__init__(qwen, args, train_dataset=train_dataset, **kwargs)
         # self.model is still the bare transformer here (wrapping happens in train()): build the reference now.
         self.reference = ReferenceModel.from_policy(
             self.model, args.finetune, init_adapter=args.init_adapter, offload=args.reference_offload
         ).prepare(self.accelerator)
-        self.grpo_objective = grpo_objective
-        if args.w_grpo > 0 and grpo_objective is None and type(self).extra_loss_terms is FlowDPOTrainer.extra_loss_terms:
-            raise ValueError("w_grpo > 0 needs a GRPO objective: use the combined trainer or pass grpo_objective=.")
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        if args.w_grpo > 0 and type(self).extra_loss_terms is FlowDPOTrainer.extra_loss_terms:
+            raise ValueError("w_grpo > 0 needs the GRPO term: launch align/dpo.py (the combined trainer).")
+        self.metric_log = MetricLog(self.accelerator)
         self._eval_generator: torch.Generator | None = None
 
     # ------------------------------------------------------------------ the objective
@@ -118,24 +116,34 @@ class FlowDPOTrainer(QwenImageTrainer):
 
     def extra_loss_terms(self, model, inputs: dict) -> tuple[dict, dict]:
         """Hook for the combined objective: more ``name -> (weight, loss)`` terms and metrics."""
-        if self.args.w_grpo > 0 and self.grpo_objective is not None:
-            loss, metrics = self.grpo_objective.loss(self, model, inputs)
-            return {"grpo": (self.args.w_grpo, loss)}, metrics
         return {}, {}
+
+    @property
+    def dpo_weights_active(self) -> bool:
+        """Whether any term computed from the pairs has a weight (otherwise their forwards are skipped in training)."""
+        return any(w > 0 for w in (self.args.w_dpo, self.args.beta_kl, self.args.w_sft))
+
+    def weighted_loss(self, terms: dict, metrics: dict, mode: str) -> torch.Tensor:
+        """``sum(weight * term)`` over the weighted terms; every term (weighted or not) and metric is logged."""
+        weighted = [weight * value for weight, value in terms.values() if weight]
+        loss = sum(weighted[1:], weighted[0]) if weighted else next(iter(terms.values()))[1] * 0.0
+        for name, (_, value) in terms.items():
+            metrics[f"loss/{name}"] = value
+        self.metric_log.add({k: float(v.detach()) if torch.is_tensor(v) else v for k, v in metrics.items()}, mode)
+        return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
-        generator = self._eval_generator if mode == "eval" else None
-        terms, metrics = self.dpo_terms(model, inputs, generator=generator)
+        terms, metrics = {}, {}
+        if mode == "eval" or self.dpo_weights_active:
+            generator = self._eval_generator if mode == "eval" else None
+            terms, metrics = self.dpo_terms(model, inputs, generator=generator)
         extra_terms, extra_metrics = self.extra_loss_terms(model, inputs)
         terms.update(extra_terms)
         metrics.update(extra_metrics)
-        loss = sum(weight * value for weight, value in terms.values() if weight)
-        if not torch.is_tensor(loss):  # every weight 0: still a graph-connected zero for backward
-            loss = terms["dpo"][1] * 0.0
-        for name, (_, value) in terms.items():
-            metrics[f"loss/{name}"] = value
-        self._record(mode, metrics)
+        if not terms:
+            raise ValueError("every loss weight is 0 (w_dpo, beta_kl, w_sft, w_grpo): nothing to train.")
+        loss = self.weighted_loss(terms, metrics, mode)
         return (loss, {}) if return_outputs else loss
 
     # ------------------------------------------------------------------ evaluation: held-out implicit accuracy
@@ -154,20 +162,10 @@ class FlowDPOTrainer(QwenImageTrainer):
         return loss.detach(), None, None
 
     # ------------------------------------------------------------------ logging
-    def _record(self, mode: str, metrics: dict[str, torch.Tensor]) -> None:
-        names = sorted(metrics)
-        local = torch.stack([metrics[n].detach().float().reshape(()) for n in names]).to(self.accelerator.device)
-        mean = self.accelerator.gather(local[None]).mean(0)  # every rank's batch counts
-        for name, value in zip(names, mean.tolist()):
-            self._metrics[mode][name].append(value)
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
-        for name, values in self._metrics[mode].items():
-            if values:
-                logs[f"{prefix}{name}"] = sum(values) / len(values)
-        self._metrics[mode].clear()
+        logs.update({f"{prefix}{name}": value for name, value in self.metric_log.pop(mode).items()})
         super().log(logs, start_time)
 
 
@@ -214,6 +212,3 @@ def main(argv: Sequence[str] | None = None) -> FlowDPOTrainer:
     trainer = FlowDPOTrainer(qwen, config, train_dataset=train_ds, eval_dataset=eval_ds)
     release_text_encoder(qwen)  # after the trainer encoded the validation prompts
     return train_and_save(trainer, config)
-
-if __name__ == "__main__":
-    run(main)

@@ -1,7 +1,12 @@
 """Flow-GRPO trainer (online RL on SDE rollouts) as a ``transformers.Trainer``, batching like TRL's GRPOTrainer:
-the dataloader yields a *generation* batch of prompts (RepeatSampler: ``num_generations`` copies of each prompt,
-consistent across processes); every ``steps_per_generation * num_iterations`` micro-steps it is rolled out,
-scored and buffered as ``steps_per_generation`` micro-batches that the next micro-steps train on.
+a generation batch of prompts (RepeatSampler: ``num_generations`` copies of each prompt, consistent across
+processes) is rolled out every ``steps_per_generation * num_iterations`` micro-steps, scored and buffered as
+``steps_per_generation`` micro-batches that the next micro-steps train on (``RolloutSource``). The Trainer's own
+dataloader only counts micro-steps; the prompt stream, the buffer and every random choice live in the rollout
+source, which each checkpoint saves, so ``--resume_from_checkpoint`` continues exactly.
+
+Each micro-step back-propagates one trained timestep at a time (flow_grpo's loop): memory does not grow with the
+number of trained timesteps.
 
 Launch: ``accelerate launch align/grpo.py --config recipes/grpo_ocr.yaml``.
 """
@@ -10,18 +15,28 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-from trl.trainer.utils import RepeatSampler
+import torch
+from accelerate.utils import DistributedType
+from torch.utils.data import Dataset
 
 from qwen_image import QwenImage
 
 from ..configs import QwenImageTrainingConfig
-from ..data.prompts import collate_prompts, load_prompt_dataset
+from ..data.prompts import load_prompt_dataset
 from ..reference import ReferenceModel
 from .base import QwenImageTrainer
-from .grpo_objective import GRPOArguments, GRPOObjective, build_reward, precompute_prompts_and_release
+from .grpo_objective import (
+    GRPOArguments,
+    GRPOObjective,
+    RolloutCheckpointMixin,
+    RolloutSource,
+    build_reward,
+    precompute_prompts_and_release,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,74 +58,87 @@ class GRPOConfig(GRPOArguments, QwenImageTrainingConfig):
         self._validate_grpo()
 
 
-class GRPOTrainer(QwenImageTrainer):
+class MicroSteps(Dataset):
+    """The Trainer's dataset for GRPO: one empty item per micro-batch of an epoch over the prompts (the rollout
+    source supplies the data). An epoch is every prompt sampled ``num_generations`` times, ``num_iterations``
+    passes each."""
+
+    def __init__(self, num_prompts: int, args: GRPOConfig):
+        unique_per_generation = args.generation_batch_size // args.num_generations
+        generations = max(1, num_prompts // unique_per_generation)
+        self.length = generations * args.steps_per_generation * args.num_iterations * args.world_size
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        return {}
+
+
+def _collate_micro_steps(items: list[dict]) -> dict:
+    return {}
+
+
+class GRPOTrainer(RolloutCheckpointMixin, QwenImageTrainer):
     """Flow-GRPO on a Qwen-Image bundle; ``train_dataset`` rows hold ``prompt`` plus columns the rewards read."""
 
     def __init__(self, qwen: QwenImage, args: GRPOConfig, train_dataset, reward_fn=None, **kwargs):
         if qwen.text_encoder is None or qwen.vae is None:
             raise ValueError("GRPO needs the text encoder (new prompts) and the VAE (images for the rewards).")
-        unique = args.generation_batch_size // args.num_generations
-        if train_dataset is not None and len(train_dataset) < unique:
-            raise ValueError(f"the prompt set has {len(train_dataset)} prompts; a generation batch needs {unique} distinct ones.")
-        super().__init__(qwen, args, train_dataset=train_dataset, data_collator=collate_prompts, **kwargs)
+        if train_dataset is None:
+            raise ValueError("GRPO needs a prompt set: set dataset_name or train_prompts.")
+        self.prompt_dataset = train_dataset
+        super().__init__(qwen, args, train_dataset=MicroSteps(len(train_dataset), args),
+                         data_collator=_collate_micro_steps, **kwargs)
         policy = self.model  # not wrapped yet: the reference must see the bare transformer
         reference = ReferenceModel.from_policy(policy, args.finetune, args.init_adapter).prepare(self.accelerator) if args.beta > 0 else None
         self.grpo = GRPOObjective(qwen, args, reward_fn or build_reward(args), self.accelerator, reference, need_kl=args.beta > 0)
-        self._step = 0
-        self._buffered: list | None = None
+        self.rollouts = RolloutSource(self.grpo, train_dataset, args, self.accelerator.process_index)
         qwen.vae.to(self.accelerator.device)
-        prompts = train_dataset["prompt"] if train_dataset is not None else []
-        precompute_prompts_and_release(qwen, args, prompts, self.accelerator.device)
+        precompute_prompts_and_release(qwen, args, train_dataset["prompt"], self.accelerator.device)
 
-    # ------------------------------------------------------------------ data: TRL's generation-batch layout
     def get_train_dataloader(self):
-        return self._get_dataloader(
-            dataset=self.train_dataset, description="Training",
-            batch_size=self._train_batch_size * self.args.steps_per_generation,
-            sampler_fn=self._get_train_sampler, is_training=True,
-        )
+        # one (empty) item per micro-step and process; batch size 1 so the Trainer's step count is the micro-step count
+        return self._get_dataloader(dataset=self.train_dataset, description="Training", batch_size=1,
+                                    sampler_fn=torch.utils.data.SequentialSampler,
+                                    is_training=True)
 
-    def _get_train_sampler(self, dataset=None):
-        dataset = dataset if dataset is not None else self.train_dataset
-        return RepeatSampler(
-            data_source=dataset, mini_repeat_count=self.args.num_generations,
-            batch_size=self.args.generation_batch_size // self.args.num_generations,
-            repeat_count=self.args.num_iterations * self.args.steps_per_generation,
-            shuffle=True, seed=self.args.seed,
-        )
-
-    def _prepare_inputs(self, generation_batch: dict[str, list]) -> Any:
+    def _prepare_inputs(self, inputs):
         if not self.model.training:
             raise ValueError("GRPOTrainer has no evaluation loop; set eval_strategy='no'.")
-        every = self.args.steps_per_generation * self.args.num_iterations
-        if self._step % every == 0 or self._buffered is None:
-            self._buffered = self.generate(generation_batch)
-        return self._buffered[self._step % self.args.steps_per_generation]
+        return inputs
 
-    def generate(self, generation_batch: dict[str, list]) -> list:
-        """Roll out the local generation batch into ``steps_per_generation`` scored micro-batches."""
-        prompts = list(generation_batch["prompt"])
-        policy = self.accelerator.unwrap_model(self.model)
-        chunks = self.grpo.rollout(policy, prompts, generation_batch)
-        if len(chunks) != self.args.steps_per_generation:
-            raise ValueError(f"got {len(chunks)} rollout micro-batches for steps_per_generation={self.args.steps_per_generation}")
-        return chunks
-
+    # ------------------------------------------------------------------ one micro-step
     def training_step(self, model, inputs, num_items_in_batch=None):
-        out = super().training_step(model, inputs, num_items_in_batch)
-        self._step += 1
-        return out
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        self._prepare_inputs(inputs)
+        scale = 1.0 / self.current_gradient_accumulation_steps
+        weight_kl = self.args.beta if self.grpo.need_kl else 0.0
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # DeepSpeed steps its engine inside every backward: one backward per micro-step (all timesteps at once).
+            policy = self.accelerator.unwrap_model(model)
+            batch = self.rollouts.batch(policy)
+            policy_loss, kl = self.grpo.loss(model, batch, micro_step=self.rollouts.micro_step)
+            loss = policy_loss if kl is None else policy_loss + weight_kl * kl
+            self.accelerator.backward(loss, scale_wrt_gas=False)
+            self.rollouts.advance()
+            return loss.detach() * scale
+        total = self.grpo_backward(model, policy_weight=1.0, kl_weight=weight_kl, scale=scale,
+                                   no_sync=partial(self.accelerator.no_sync, model))
+        return torch.tensor(total * scale, device=self.accelerator.device)
 
-    # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        policy_loss, kl = self.grpo.loss(model, inputs)
+        """The micro-step's loss as one graph (what ``training_step`` back-propagates per timestep)."""
+        batch = self.rollouts.batch(self.accelerator.unwrap_model(model))
+        policy_loss, kl = self.grpo.loss(model, batch, micro_step=self.rollouts.micro_step)
         loss = policy_loss if kl is None else policy_loss + self.args.beta * kl
-        self.grpo.metrics["loss"].append(float(loss.detach()))
         return (loss, None) if return_outputs else loss
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        logs.update({k: v for k, v in self.grpo.pop_metrics().items() if v is not None})
+        logs.update(self.grpo.pop_metrics())
         super().log(logs, start_time)
         log_rollout_images(self.args, self.grpo, self.state.global_step, self.accelerator.is_main_process)
 
@@ -128,10 +156,13 @@ def log_rollout_images(args, objective: GRPOObjective, step: int, is_main: bool)
 
 def main(argv: Sequence[str] | None = None) -> GRPOTrainer:
     """``python align/grpo.py --config recipe.yaml [--key value ...]``."""
+    from transformers import set_seed
+
     from ..launch import parse_config
     from ..modeling import load_qwen_image
 
     args = parse_config(GRPOConfig, argv)
+    set_seed(args.seed)  # the LoRA init draws from the global RNG
     dataset = load_prompt_dataset(args.dataset_name, args.train_prompts, args.dataset_split, args.prompt_column)
     reward_fn = build_reward(args)
     qwen = load_qwen_image(args)
