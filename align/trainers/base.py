@@ -158,6 +158,15 @@ class QwenImageTrainer(Trainer):
         else:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
 
+    def _load_best_model(self) -> None:
+        # load_best_model_at_end: our checkpoints hold a diffusers LoRA / transformer folder the Trainer's loader
+        # does not look for; DeepSpeed and FSDP checkpoints keep the Trainer's own path.
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_best_model()
+        logger.info("loading the best checkpoint %s (%s = %s)", self.state.best_model_checkpoint,
+                    self.args.metric_for_best_model, self.state.best_metric)
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
+
     # ------------------------------------------------------------------ validation images
     @torch.no_grad()
     def render_validation(self, seed: int = 0) -> list:

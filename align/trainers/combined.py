@@ -30,9 +30,12 @@ from .grpo_objective import (
     GRPOObjective,
     RolloutCheckpointMixin,
     RolloutSource,
+    build_monitor,
     build_reward,
+    load_monitor_prompts,
     precompute_prompts_and_release,
 )
+from .monitor import MonitoredEvaluationMixin
 
 logger = logging.getLogger(__name__)
 
@@ -48,15 +51,25 @@ class DPOGRPOConfig(GRPOArguments, DPOConfig):
     )
 
     def __post_init__(self):
+        self._monitor_defaults()
         super().__post_init__()
         if self.w_grpo > 0:
             self._validate_grpo()
 
 
-class DPOGRPOTrainer(RolloutCheckpointMixin, FlowDPOTrainer):
-    """Flow-DPO on pairs + Flow-GRPO on rollouts of ``grpo_prompts``, one frozen reference."""
+class DPOGRPOTrainer(MonitoredEvaluationMixin, RolloutCheckpointMixin, FlowDPOTrainer):
+    """Flow-DPO on pairs + Flow-GRPO on rollouts of ``grpo_prompts``, one frozen reference; held-out
+    ``monitor_prompts`` feed the over-optimisation monitors every ``eval_steps`` (next to the held-out pairs)."""
 
-    def __init__(self, qwen, args: DPOGRPOConfig, train_dataset=None, grpo_prompts=None, reward_fn=None, **kwargs):
+    training_reward_key = "grpo/reward"
+
+    def __init__(self, qwen, args: DPOGRPOConfig, train_dataset=None, grpo_prompts=None, reward_fn=None,
+                 monitor_prompts=None, **kwargs):
+        if monitor_prompts is None and args.has_monitor:
+            monitor_prompts = load_monitor_prompts(args)
+        self.parent_evaluates = kwargs.get("eval_dataset") is not None  # held-out pairs: implicit accuracy
+        if not self.parent_evaluates and monitor_prompts is not None:
+            kwargs["eval_dataset"] = monitor_prompts  # the Trainer wants an eval set for its schedule
         super().__init__(qwen, args, train_dataset=train_dataset, **kwargs)
         self.grpo: GRPOObjective | None = None
         self.rollouts: RolloutSource | None = None
@@ -68,7 +81,10 @@ class DPOGRPOTrainer(RolloutCheckpointMixin, FlowDPOTrainer):
             self.grpo = GRPOObjective(qwen, args, reward_fn or build_reward(args), self.accelerator, self.reference,
                                       need_kl=args.beta_kl > 0)
             self.rollouts = RolloutSource(self.grpo, grpo_prompts, args, self.accelerator.process_index)
-            precompute_prompts_and_release(qwen, args, grpo_prompts["prompt"], self.accelerator.device)
+            self.monitor, self.guard = build_monitor(qwen, args, monitor_prompts, self.accelerator, self.model,
+                                                     self.reference)
+            held_out = list(monitor_prompts["prompt"]) if monitor_prompts is not None else []
+            precompute_prompts_and_release(qwen, args, [*grpo_prompts["prompt"], *held_out], self.accelerator.device)
 
     def extra_loss_terms(self, model, inputs: dict) -> tuple[dict, dict]:
         """The GRPO term as one graph over its trained timesteps (``compute_loss``; DeepSpeed trains this way)."""

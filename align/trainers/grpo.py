@@ -34,9 +34,12 @@ from .grpo_objective import (
     GRPOObjective,
     RolloutCheckpointMixin,
     RolloutSource,
+    build_monitor,
     build_reward,
+    load_monitor_prompts,
     precompute_prompts_and_release,
 )
+from .monitor import MonitoredEvaluationMixin
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +55,7 @@ class GRPOConfig(GRPOArguments, QwenImageTrainingConfig):
     resolution: int = field(default=512, metadata={"help": "Rollout resolution in px (flow_grpo trains Qwen-Image at 512)."})
 
     def __post_init__(self):
+        self._monitor_defaults()
         super().__post_init__()
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
@@ -79,23 +83,28 @@ def _collate_micro_steps(items: list[dict]) -> dict:
     return {}
 
 
-class GRPOTrainer(RolloutCheckpointMixin, QwenImageTrainer):
-    """Flow-GRPO on a Qwen-Image bundle; ``train_dataset`` rows hold ``prompt`` plus columns the rewards read."""
+class GRPOTrainer(MonitoredEvaluationMixin, RolloutCheckpointMixin, QwenImageTrainer):
+    """Flow-GRPO on a Qwen-Image bundle; ``train_dataset`` rows hold ``prompt`` plus columns the rewards read;
+    ``monitor_prompts`` (held-out, same layout) feed the over-optimisation monitors every ``eval_steps``."""
 
-    def __init__(self, qwen: QwenImage, args: GRPOConfig, train_dataset, reward_fn=None, **kwargs):
+    def __init__(self, qwen: QwenImage, args: GRPOConfig, train_dataset, reward_fn=None, monitor_prompts=None, **kwargs):
         if qwen.text_encoder is None or qwen.vae is None:
             raise ValueError("GRPO needs the text encoder (new prompts) and the VAE (images for the rewards).")
         if train_dataset is None:
             raise ValueError("GRPO needs a prompt set: set dataset_name or train_prompts.")
         self.prompt_dataset = train_dataset
+        if monitor_prompts is None and args.has_monitor:
+            monitor_prompts = load_monitor_prompts(args)
         super().__init__(qwen, args, train_dataset=MicroSteps(len(train_dataset), args),
-                         data_collator=_collate_micro_steps, **kwargs)
+                         data_collator=_collate_micro_steps, eval_dataset=monitor_prompts, **kwargs)
         policy = self.model  # not wrapped yet: the reference must see the bare transformer
         reference = ReferenceModel.from_policy(policy, args.finetune, args.init_adapter).prepare(self.accelerator) if args.beta > 0 else None
         self.grpo = GRPOObjective(qwen, args, reward_fn or build_reward(args), self.accelerator, reference, need_kl=args.beta > 0)
         self.rollouts = RolloutSource(self.grpo, train_dataset, args, self.accelerator.process_index)
+        self.monitor, self.guard = build_monitor(qwen, args, monitor_prompts, self.accelerator, policy, reference)
         qwen.vae.to(self.accelerator.device)
-        precompute_prompts_and_release(qwen, args, train_dataset["prompt"], self.accelerator.device)
+        held_out = list(monitor_prompts["prompt"]) if monitor_prompts is not None else []
+        precompute_prompts_and_release(qwen, args, [*train_dataset["prompt"], *held_out], self.accelerator.device)
 
     def get_train_dataloader(self):
         # one (empty) item per micro-step and process; batch size 1 so the Trainer's step count is the micro-step count
@@ -105,7 +114,7 @@ class GRPOTrainer(RolloutCheckpointMixin, QwenImageTrainer):
 
     def _prepare_inputs(self, inputs):
         if not self.model.training:
-            raise ValueError("GRPOTrainer has no evaluation loop; set eval_strategy='no'.")
+            raise ValueError("GRPOTrainer evaluates through its held-out monitor only (monitor_prompts).")
         return inputs
 
     # ------------------------------------------------------------------ one micro-step
@@ -165,8 +174,9 @@ def main(argv: Sequence[str] | None = None) -> GRPOTrainer:
     set_seed(args.seed)  # the LoRA init draws from the global RNG
     dataset = load_prompt_dataset(args.dataset_name, args.train_prompts, args.dataset_split, args.prompt_column)
     reward_fn = build_reward(args)
+    monitor_prompts = load_monitor_prompts(args)
     qwen = load_qwen_image(args)
-    trainer = GRPOTrainer(qwen, args, train_dataset=dataset, reward_fn=reward_fn)
+    trainer = GRPOTrainer(qwen, args, train_dataset=dataset, reward_fn=reward_fn, monitor_prompts=monitor_prompts)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)
     trainer.save_state()  # trainer_state.json: rewards, ratios, KL per logged step

@@ -63,7 +63,42 @@ class GRPOArguments:
     negative_prompt: str = field(default=" ", metadata={"help": "Negative prompt for true CFG."})
     release_text_encoder: bool = field(default=True, metadata={"help": "Encode every training prompt and the negative prompt once (kept on CPU), then free the text encoder (8 B params on the real model) before training."})
     num_images_to_log: int = field(default=8, metadata={"help": "Rollout images (with rewards) sent to wandb at each log step; 0 = none."})
+    # --- over-optimisation monitors (align/trainers/monitor.py); measured every eval_steps
+    monitor_prompts: list[str] = field(default_factory=list, metadata={"help": "Held-out prompts (never trained on) rendered with the ODE sampler at fixed seeds every eval_steps; needs eval_strategy: steps."})
+    monitor_dataset_name: str | None = field(default=None, metadata={"help": "Held-out prompts as a file/dataset (prompt + reward columns), instead of monitor_prompts."})
+    monitor_seeds: int = field(default=4, metadata={"help": "Seeds per held-out prompt (diversity is measured across them)."})
+    monitor_reward_funcs: list[str] | None = field(default=None, metadata={"help": "Rewards for the held-out evaluation (default: reward_funcs); a judge the policy is not trained on sees hacking first."})
+    monitor_num_inference_steps: int | None = field(default=None, metadata={"help": "ODE steps of the held-out renders (default: num_inference_steps)."})
+    early_stop_patience: int = field(default=0, metadata={"help": "Stop when the held-out reward fell this many evaluations in a row while the training reward rose, and keep the best held-out checkpoint (0 = never stop)."})
     grpo_batch_size: int | None = field(default=None, metadata={"help": "Rollouts per process per micro-step (sampled and trained together); default: per_device_train_batch_size. The combined trainer's DPO pairs keep per_device_train_batch_size."})
+
+    @property
+    def has_monitor(self) -> bool:
+        return bool(self.monitor_prompts or self.monitor_dataset_name)
+
+    def _monitor_defaults(self) -> None:
+        """Before TrainingArguments.__post_init__: the early stop keeps the best held-out checkpoint, through the
+        Trainer's own best-model tracking (checkpoints at every evaluation)."""
+        def value(v):
+            return str(getattr(v, "value", v)).lower()
+
+        if self.monitor_seeds < 1:
+            raise ValueError(f"monitor_seeds must be >= 1, got {self.monitor_seeds}")
+        if self.early_stop_patience < 0:
+            raise ValueError(f"early_stop_patience must be >= 0, got {self.early_stop_patience}")
+        if self.early_stop_patience and not self.has_monitor:
+            raise ValueError("early_stop_patience needs held-out prompts: set monitor_prompts or monitor_dataset_name.")
+        if self.has_monitor and value(self.eval_strategy) == "no":  # type: ignore[attr-defined]
+            raise ValueError("monitor_prompts are evaluated on the Trainer's schedule: set eval_strategy: steps and "
+                             "eval_steps: N.")
+        if self.early_stop_patience:
+            self.load_best_model_at_end = True
+            self.metric_for_best_model = self.metric_for_best_model or "eval_reward"
+            if self.greater_is_better is None:
+                self.greater_is_better = True
+            if value(self.save_strategy) == "no":  # type: ignore[attr-defined]
+                self.save_strategy = "steps"
+                self.save_steps = self.eval_steps or self.logging_steps  # type: ignore[attr-defined]
 
     def _validate_grpo(self) -> None:
         if self.num_generations < 2:
@@ -130,20 +165,47 @@ def precompute_prompts_and_release(qwen, args: GRPOArguments, prompts, device) -
     logger.info("encoded %d distinct prompts once; text encoder released", count)
 
 
-def build_reward(args: GRPOArguments):
-    """The configured reward: one registry reward, or a weighted ``rewards.CombinedReward`` (logs each part)."""
+def build_reward(args: GRPOArguments, funcs: list[str] | None = None, weights: list[float] | None = None):
+    """The configured reward: one registry reward, or a weighted ``rewards.CombinedReward`` (logs each part).
+    ``funcs``/``weights`` name another set (the held-out monitor's); ``reward_kwargs`` apply to both."""
     from rewards import combine
 
-    if not args.reward_funcs:
+    funcs = list(args.reward_funcs if funcs is None else funcs)
+    weights = args.reward_weights if funcs == list(args.reward_funcs) and weights is None else weights
+    if not funcs:
         raise ValueError("reward_funcs is empty: name at least one reward (see rewards.available_rewards()).")
     kwargs = args.reward_kwargs or {}
-    unknown = set(kwargs) - set(args.reward_funcs)
+    unknown = set(kwargs) - set(args.reward_funcs) - set(args.monitor_reward_funcs or [])
     if unknown:
         raise ValueError(f"reward_kwargs for rewards not in reward_funcs: {sorted(unknown)}")
     try:
-        return combine(list(args.reward_funcs), args.reward_weights, reward_kwargs=kwargs)
+        return combine(funcs, weights, reward_kwargs={k: v for k, v in kwargs.items() if k in funcs})
     except KeyError as err:
         raise ValueError(str(err).strip("'\"")) from None
+
+
+def build_monitor(qwen, args: GRPOArguments, prompts, accelerator, policy, reference=None):
+    """The held-out monitor and its guard (None, None without held-out prompts). Without a KL reference a LoRA
+    policy still gets one for the KL monitor: the same weights with the adapters off (no memory)."""
+    from ..reference import ReferenceModel
+    from .monitor import HeldOutMonitor, OverOptimizationGuard
+
+    if prompts is None:
+        return None, None
+    if reference is None and args.finetune == "lora":  # type: ignore[attr-defined]
+        reference = ReferenceModel.from_policy(policy, "lora", args.init_adapter)  # type: ignore[attr-defined]
+    reward = build_reward(args, args.monitor_reward_funcs) if args.monitor_reward_funcs else build_reward(args)
+    return (HeldOutMonitor(qwen, args, prompts, reward, accelerator, reference),
+            OverOptimizationGuard(args.early_stop_patience))
+
+
+def load_monitor_prompts(args: GRPOArguments):
+    """The held-out prompt set, or None when no monitor is configured."""
+    from ..data.prompts import load_prompt_dataset
+
+    if not args.has_monitor:
+        return None
+    return load_prompt_dataset(args.monitor_dataset_name, args.monitor_prompts, "train", args.prompt_column)  # type: ignore[attr-defined]
 
 
 def derived_generator(*indices: int) -> torch.Generator:
@@ -152,6 +214,19 @@ def derived_generator(*indices: int) -> torch.Generator:
     for v in indices:
         h = ((h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
     return torch.Generator("cpu").manual_seed(h & 0x7FFFFFFFFFFFFFFF)
+
+
+def group_diversity(chunks: list[RolloutBatch]) -> float:
+    """Mean pairwise RMS distance between this process's rollouts of the same prompt (64 px grey thumbnails in
+    [0, 1]); NaN when no prompt has two images here. A collapsing policy drives it to 0."""
+    from .monitor import mean_pairwise_rms, thumbnail
+
+    by_prompt: dict[str, list] = {}
+    for batch in chunks:
+        for p, im in zip(batch.prompts, batch.images):
+            by_prompt.setdefault(p, []).append(thumbnail(im))
+    values = [d for d in (mean_pairwise_rms(t) for t in by_prompt.values()) if not math.isnan(d)]
+    return sum(values) / len(values) if values else math.nan
 
 
 # "purpose" tags of derived_generator: one stream each
@@ -232,6 +307,7 @@ class GRPOObjective:
             chunks.append(batch)
         policy.train(was_training)
         self._set_advantages(chunks, local_totals, local_per)
+        self.metrics.add({"group_diversity": group_diversity(chunks)})
         elapsed = time.perf_counter() - start
         self.rollout_seconds += elapsed
         self.num_rollouts += len(prompts)

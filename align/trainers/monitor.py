@@ -1,0 +1,199 @@
+"""Over-optimisation monitors for the GRPO trainers: what RL users look at after reward hacking and collapse.
+
+Every ``eval_steps`` (the Trainer's own evaluation schedule) ``HeldOutMonitor`` renders held-out prompts with the
+deterministic ODE sampler at fixed seeds and reports:
+
+- ``eval_reward`` (+ ``eval_rewards/<name>``): the held-out reward, by default the trained reward, or any other
+  (``monitor_reward_funcs``: a judge the policy is not optimised against sees hacking first);
+- ``eval_diversity``: mean pairwise RMS distance (pixels in [0, 1], 64 px grey thumbnails) between the images of
+  one prompt across seeds - collapse drives it to 0;
+- ``eval_kl_ref``: ``mean ||v - v_ref||^2`` between policy and reference velocities on the held-out images noised to
+  sigma 0.5 (the velocity-form KL of the DPO term; LoRA: reference = adapters off, free);
+- ``eval_overopt_falling``: for how many evaluations in a row the held-out reward fell while the training reward
+  rose since the first of them; ``eval_overopt_flag`` is 1 when that count is >= 1.
+
+With ``early_stop_patience: N`` the run stops once that count reaches N, and the checkpoint with the best held-out
+reward is loaded before the final save (``load_best_model_at_end`` on ``eval_reward``, set automatically).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from qwen_image.latents import image_seq_len, img_shapes
+from qwen_image.sampling import sample
+from qwen_image.scheduler import inference_sigmas
+
+from ..rollouts import score_images
+
+logger = logging.getLogger(__name__)
+
+MONITOR_SEED_BASE = 1_000_003  # held-out seeds: far from the rollout seeds drawn from the run seed
+
+
+def thumbnail(image, size: int = 64) -> np.ndarray:
+    """A small grey copy in [0, 1] for distances between images."""
+    return np.asarray(image.convert("L").resize((size, size)), dtype=np.float32) / 255.0
+
+
+def mean_pairwise_rms(arrays: list[np.ndarray]) -> float:
+    """Mean RMS distance over all pairs (NaN for fewer than two)."""
+    if len(arrays) < 2:
+        return math.nan
+    d = [float(np.sqrt(np.mean((a - b) ** 2))) for i, a in enumerate(arrays) for b in arrays[i + 1:]]
+    return sum(d) / len(d)
+
+
+class HeldOutMonitor:
+    """Held-out reward, diversity and KL to the reference of the current policy (see the module docstring)."""
+
+    def __init__(self, qwen, args: Any, prompts, reward_fn, accelerator, reference=None):
+        self.qwen = qwen
+        self.args = args
+        self.reward_fn = reward_fn
+        self.accelerator = accelerator
+        self.reference = reference
+        self.rows = [prompts[i] for i in range(len(prompts))]
+        self.items = [(i, MONITOR_SEED_BASE + k) for i in range(len(self.rows)) for k in range(args.monitor_seeds)]
+
+    @torch.no_grad()
+    def evaluate(self, policy: torch.nn.Module) -> dict[str, float]:
+        from accelerate.utils import gather_object
+
+        args = self.args
+        was_training = policy.training
+        policy.eval()
+        device = self.accelerator.device
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        mine = self.items[rank::world]
+        size = args.resolution
+        steps = args.monitor_num_inference_steps or args.num_inference_steps
+        sigmas = inference_sigmas(self.qwen.scheduler, steps, image_seq_len(size, size))
+        results = []
+        for start in range(0, len(mine), args.rollout_batch_size):
+            chunk = mine[start:start + args.rollout_batch_size]
+            rows = [self.rows[i] for i, _ in chunk]
+            prompts = [r["prompt"] for r in rows]
+            cond = self.qwen.conditioning(prompts).to(device)
+            negative = None
+            if args.true_cfg_scale > 1 and args.negative_prompt is not None:
+                negative = self.qwen.conditioning([args.negative_prompt] * len(prompts)).to(device)
+            latents = self.qwen.initial_noise(len(chunk), size, size, [s for _, s in chunk]).to(device)
+            shapes = img_shapes(len(chunk), size, size)
+            out = sample(policy, latents, sigmas, cond, shapes, negative=negative, true_cfg_scale=args.true_cfg_scale)
+            images = self.qwen.decode_latents(out.latents, size, size)
+            columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
+            totals, per = score_images(self.reward_fn, prompts, images, columns)
+            kl = self._kl_ref(policy, out.latents, cond, shapes, [s for _, s in chunk])
+            for n, (i, _) in enumerate(chunk):
+                results.append({"prompt": i, "reward": totals[n], "per": {k: v[n] for k, v in per.items()},
+                                "thumb": thumbnail(images[n]), "kl": None if kl is None else float(kl[n])})
+        policy.train(was_training)
+        every = gather_object(results)
+        return self._summarise(every)
+
+    def _kl_ref(self, policy, x0: torch.Tensor, cond, shapes, seeds) -> torch.Tensor | None:
+        if self.reference is None:
+            return None
+        g = torch.Generator().manual_seed(int(seeds[0]))
+        noise = torch.randn(x0.shape, generator=g, dtype=torch.float32).to(x0.device)
+        sigma = 0.5
+        noisy = ((1 - sigma) * x0.float() + sigma * noise).to(x0.dtype)
+        from qwen_image.sampling import predict_velocity
+
+        v = predict_velocity(policy, noisy, torch.tensor(sigma), cond, shapes)
+        v_ref = self.reference.velocity(noisy, torch.tensor(sigma), cond, shapes)
+        diff2 = (v.float() - v_ref.float()) ** 2
+        return diff2.mean(dim=tuple(range(1, diff2.dim()))).cpu()
+
+    def _summarise(self, results: list[dict]) -> dict[str, float]:
+        def mean(values) -> float:
+            vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+            return sum(vals) / len(vals) if vals else math.nan
+
+        out = {"reward": mean(r["reward"] for r in results)}
+        for name in results[0]["per"] if results else []:
+            out[f"rewards/{name}"] = mean(r["per"][name] for r in results)
+        by_prompt: dict[int, list[np.ndarray]] = {}
+        for r in results:
+            by_prompt.setdefault(r["prompt"], []).append(r["thumb"])
+        out["diversity"] = mean(mean_pairwise_rms(t) for t in by_prompt.values())
+        if self.reference is not None:
+            out["kl_ref"] = mean(r["kl"] for r in results)
+        return out
+
+
+class OverOptimizationGuard:
+    """Counts evaluations in a row where the held-out reward fell while the training reward rose."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.history: list[tuple[float, float]] = []  # (held-out reward, training reward) per evaluation
+
+    def update(self, held_out: float, training: float) -> int:
+        self.history.append((held_out, training))
+        falling = 0
+        for k in range(len(self.history) - 1, 0, -1):
+            if self.history[k][0] < self.history[k - 1][0]:
+                falling += 1
+            else:
+                break
+        if falling and not self.history[-1][1] > self.history[-1 - falling][1]:
+            falling = 0  # the training reward did not rise over the same evaluations: not over-optimisation
+        return falling
+
+    def should_stop(self, falling: int) -> bool:
+        return self.patience > 0 and falling >= self.patience
+
+
+def training_reward_since(log_history: list[dict], key: str, after_step: int) -> float:
+    """Mean training reward logged after ``after_step`` (the previous evaluation): one step's rollout mean is noisy,
+    the mean since the last evaluation is the trend the guard compares. The latest value when none is newer."""
+    values = [float(e[key]) for e in log_history if key in e and e.get("step", 0) > after_step]
+    if values:
+        return sum(values) / len(values)
+    older = [float(e[key]) for e in log_history if key in e]
+    return older[-1] if older else math.nan
+
+
+class MonitoredEvaluationMixin:
+    """``evaluate`` for the GRPO trainers: the held-out monitor (+ the parent's evaluation when it has one), the
+    over-optimisation guard and the early stop. ``self.monitor`` (HeldOutMonitor or None), ``self.guard`` and
+    ``self.training_reward_key`` are set by the trainer."""
+
+    monitor: HeldOutMonitor | None = None
+    guard: OverOptimizationGuard | None = None
+    training_reward_key = "reward"
+    parent_evaluates = False
+    _last_eval_step = -1
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if self.parent_evaluates:
+            metrics.update(super().evaluate(eval_dataset, ignore_keys, metric_key_prefix))  # type: ignore[misc]
+        if self.monitor is None:
+            return metrics
+        held = self.monitor.evaluate(self.accelerator.unwrap_model(self.model))  # type: ignore[attr-defined]
+        held = {f"{metric_key_prefix}_{k}": v for k, v in held.items()}
+        train_reward = training_reward_since(self.state.log_history, self.training_reward_key, self._last_eval_step)  # type: ignore[attr-defined]
+        self._last_eval_step = self.state.global_step  # type: ignore[attr-defined]
+        falling = self.guard.update(held[f"{metric_key_prefix}_reward"], train_reward)
+        held[f"{metric_key_prefix}_overopt_falling"] = float(falling)
+        held[f"{metric_key_prefix}_overopt_flag"] = float(falling >= 1)
+        self.log(held)  # type: ignore[attr-defined]
+        if falling:
+            logger.warning("held-out reward fell %d evaluation(s) in a row (%.4f) while the training reward rose "
+                           "(%.4f): possible reward over-optimisation", falling, held[f"{metric_key_prefix}_reward"],
+                           train_reward)
+        if self.guard.should_stop(falling):
+            logger.warning("early stop: held-out reward fell %d evaluations in a row while the training reward rose; "
+                           "the best checkpoint (held-out reward %s) is kept", falling, self.state.best_metric)  # type: ignore[attr-defined]
+            self.control.should_training_stop = True  # type: ignore[attr-defined]
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, held)  # type: ignore[attr-defined]
+        metrics.update(held)
+        return metrics
