@@ -43,6 +43,7 @@ class RolloutBatch:
     rewards: torch.Tensor | None = None  # (B,) NaN where a reward does not apply
     rewards_per_func: dict[str, list[float | None]] = field(default_factory=dict)
     advantages: torch.Tensor | None = None  # (B,)
+    means: torch.Tensor | None = None  # (B, T, L, C) fp32 step means at rollout (kept for the guard / DPPO losses)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -53,7 +54,7 @@ class RolloutBatch:
 
     def to(self, device: torch.device | str) -> "RolloutBatch":
         return replace(self, cond=self.cond.to(device), negative=None if self.negative is None else self.negative.to(device),
-                       trajectory=self.trajectory.to(device))
+                       trajectory=self.trajectory.to(device), means=None if self.means is None else self.means.to(device))
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps of the batch (every field but the decoded images, on CPU)."""
@@ -61,6 +62,7 @@ class RolloutBatch:
         out["cond"] = self.cond.to("cpu")
         out["negative"] = None if self.negative is None else self.negative.to("cpu")
         out["trajectory"] = self.trajectory.cpu()
+        out["means"] = None if self.means is None else self.means.cpu()
         return out
 
     @classmethod
@@ -116,12 +118,14 @@ def generate_rollouts(
     seeds: Sequence[int],
     generator: torch.Generator | None = None,
     decode: bool = True,
+    keep_means: bool = False,
 ) -> RolloutBatch:
     """Sample ``prompts`` with the SDE (on ``sde_window`` steps, all when None) and record the trajectory.
 
     ``transformer`` is the (unwrapped) policy; ``seeds`` give each sample's initial noise and, without
     ``generator``, its SDE noise too (a sample's trajectory then depends on its seed only, not on the batch it
-    was drawn in). With ``decode`` the final latents are decoded to PIL images for the rewards.
+    was drawn in). With ``decode`` the final latents are decoded to PIL images for the rewards; ``keep_means``
+    stores every step's mean (fp32, for the stabilised losses that compare the policy's step with the rollout's).
     """
     if noise_level <= 0:
         raise ValueError(f"noise_level must be > 0 for GRPO rollouts (0 is the deterministic ODE), got {noise_level}")
@@ -145,6 +149,7 @@ def generate_rollouts(
         sde_steps=list(out.sde_steps), height=height, width=width, noise_level=noise_level,
         true_cfg_scale=true_cfg_scale if negative is not None else 1.0,
         sigma_max=float(sigmas[1]) if num_inference_steps > 1 else float(sigmas[0]), images=images,
+        means=torch.stack(out.means, dim=1).float() if keep_means else None,
     )
 
 

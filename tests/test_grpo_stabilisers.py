@@ -95,3 +95,23 @@ def test_zero_dt_is_refused():
     z = torch.zeros(2)
     with pytest.raises(ValueError):
         grpo_guard_loss(z, z, z, 1e-4, torch.zeros(2, 2), torch.zeros(2, 2), 0.5, 0.0)
+
+
+@pytest.mark.parametrize("policy_loss,extra_metric", [("guard", "ratio_bias_mean"), ("dppo", "trust_kl/mean")])
+def test_trainer_with_stabiliser(policy_loss, extra_metric, tmp_path):
+    """The GRPO trainer with a stabilised loss: on-policy the normalised ratio is exactly 1, nothing is masked or
+    clipped on the first pass, and the run trains and saves."""
+    import json
+    from pathlib import Path
+
+    from align.trainers.grpo import main
+
+    root = Path(__file__).resolve().parents[1]
+    main(["--config", str(root / "recipes/tiny/grpo_brightness.yaml"), "--output_dir", str(tmp_path),
+          "--policy_loss", policy_loss, "--epsilon", "1e-5" if policy_loss == "dppo" else "1e-4", "--max_steps", "2",
+          "--disable_tqdm", "true"])
+    history = [h for h in json.loads((tmp_path / "trainer_state.json").read_text())["log_history"] if "ratio/mean" in h]
+    first = history[0]
+    assert first["ratio/min"] == 1.0 and first["ratio/max"] == 1.0 and first["clip_fraction"] == 0.0, first
+    assert extra_metric in first
+    assert (tmp_path / "transformer" / "config.json").is_file()

@@ -30,7 +30,17 @@ from qwen_image.sampling import sde_step
 from trl.trainer.utils import RepeatSampler
 
 from ..data.prompts import collate_prompts
-from ..losses.grpo import KL_FORMS, gaussian_kl, group_advantages, grpo_clip_loss, num_train_timesteps, rewards_tensor
+from ..losses.grpo import (
+    KL_FORMS,
+    POLICY_LOSSES,
+    dppo_loss,
+    gaussian_kl,
+    group_advantages,
+    grpo_clip_loss,
+    grpo_guard_loss,
+    num_train_timesteps,
+    rewards_tensor,
+)
 from ..rollouts import RolloutBatch, generate_rollouts, recompute_log_prob, score_images, sde_window_for
 from .base import MetricLog
 
@@ -44,7 +54,9 @@ class GRPOArguments:
     """GRPO fields (TRL's names where the idea is the same; defaults from flow_grpo). Mixed into trainer configs."""
 
     num_generations: int = field(default=8, metadata={"help": "Images per prompt (the group for advantages); flow_grpo: 16-24."})
-    epsilon: float = field(default=1e-4, metadata={"help": "Clip range of the ratio; tiny because log-probs are per-element means (flow_grpo 1e-4; 1e-5 for Fast)."})
+    epsilon: float = field(default=1e-4, metadata={"help": "Clip range of the ratio; tiny because log-probs are per-element means (flow_grpo 1e-4; 1e-5 for Fast). dppo: the per-step KL trust region eps_D (1e-5 in the paper)."})
+    policy_loss: str = field(default="clip", metadata={"help": "clip (Flow-GRPO's clipped ratio) | guard (GRPO-Guard: normalised ratio, 1/|dt| step weights) | dppo (Flow-DPPO: exact per-step KL trust region instead of the clip). guard/dppo keep each step's rollout mean (more rollout memory)."})
+    guard_reweight: bool = field(default=True, metadata={"help": "guard: weight each step's loss by 1/|dt| (the paper's reweighting)."})
     scale_rewards: str = field(default="group", metadata={"help": "group: divide by the group std; batch: by the batch std; none: only centre."})
     adv_clip_max: float = field(default=5.0, metadata={"help": "Advantages are clipped to [-adv_clip_max, adv_clip_max]."})
     num_iterations: int = field(default=1, metadata={"help": "Optimisation passes over each rollout buffer (PPO epochs)."})
@@ -105,6 +117,8 @@ class GRPOArguments:
             raise ValueError(f"num_generations must be >= 2 (advantages compare images of the same prompt), got {self.num_generations}")
         if str(self.scale_rewards).lower() not in SCALE_REWARDS:
             raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS[:3]}, got {self.scale_rewards!r}")
+        if self.policy_loss not in POLICY_LOSSES:
+            raise ValueError(f"policy_loss must be one of {POLICY_LOSSES}, got {self.policy_loss!r}")
         if self.kl_form not in KL_FORMS:
             raise ValueError(f"kl_form must be one of {KL_FORMS}, got {self.kl_form!r}")
         if self.noise_level <= 0:
@@ -297,6 +311,7 @@ class GRPOObjective:
                 self.qwen, policy, prompts[sl], {k: v[sl] for k, v in columns.items()}, height=size, width=size,
                 num_inference_steps=args.num_inference_steps, noise_level=args.noise_level, sde_window=window,
                 true_cfg_scale=args.true_cfg_scale, negative_prompt=args.negative_prompt, seeds=seeds[sl],
+                keep_means=args.policy_loss != "clip",
             )
             totals, per = score_images(self.reward_fn, batch.prompts, batch.images, batch.columns)
             batch.rewards = rewards_tensor(totals)
@@ -373,8 +388,18 @@ class GRPOObjective:
 
     def step_terms(self, model: torch.nn.Module, batch: RolloutBatch, j: int) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
         """Policy loss, KL (or None) and ratio statistics of trained step ``j`` (``batch`` already on the device)."""
+        args = self.args
         step = recompute_log_prob(model, batch, j)
-        policy_loss, stats = grpo_clip_loss(step.log_prob, batch.log_probs[:, j], batch.advantages, self.args.epsilon)
+        old = batch.log_probs[:, j]
+        if args.policy_loss == "clip":
+            policy_loss, stats = grpo_clip_loss(step.log_prob, old, batch.advantages, args.epsilon)
+        else:
+            if batch.means is None:
+                raise RuntimeError(f"policy_loss={args.policy_loss} needs the rollout's step means (keep_means)")
+            stabilised = grpo_guard_loss if args.policy_loss == "guard" else dppo_loss
+            extra = {"reweight": args.guard_reweight} if args.policy_loss == "guard" else {"kl_form": args.kl_form}
+            policy_loss, stats = stabilised(step.log_prob, old, batch.advantages, args.epsilon, step.mean,
+                                            batch.means[:, j], batch.std_dev_t(j), batch.step_dt(j), **extra)
         kl = self._kl(batch, j, step.mean).mean() if self.need_kl else None
         return policy_loss, kl, stats
 
@@ -447,6 +472,10 @@ class GRPOObjective:
             "clip_fraction": sum(s["clip_fraction"] for s in stats) / n,
             "policy_loss": policy_loss,
         }
+        for key in ("ratio_bias_mean", "trust_kl_mean", "trust_kl_max"):  # guard / dppo statistics
+            if key in stats[0]:
+                name = key.replace("trust_kl_", "trust_kl/")
+                m[name] = max(s[key] for s in stats) if key.endswith("max") else sum(s[key] for s in stats) / n
         if kl is not None:
             m[self.kl_metric] = kl
         self.metrics.add(m)
