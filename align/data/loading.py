@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 from datasets import Dataset, Image as ImageFeature, load_dataset, load_from_disk
 from PIL import Image
 
+from ..errors import UserError
 from .ratings import FilterSummary, describe_row, raise_bad_rows
 
 METADATA_FILE = "metadata.jsonl"
@@ -39,7 +40,7 @@ def load_imagefolder(folder: str | Path, split: str = "train", image_column: str
     folder = Path(folder)
     meta = _metadata_path(folder, split)
     if meta is None:
-        raise FileNotFoundError(f"{folder} has no {METADATA_FILE}")
+        raise UserError(f"{folder} has no {METADATA_FILE}")
     rows, keys = [], {}
     with open(meta, encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
@@ -48,15 +49,15 @@ def load_imagefolder(folder: str | Path, split: str = "train", image_column: str
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{meta}:{n}: not valid JSON ({err.msg})") from None
+                raise UserError(f"{meta}:{n}: not valid JSON ({err.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{meta}:{n}: each line must be a JSON object")
+                raise UserError(f"{meta}:{n}: each line must be a JSON object")
             rows.append(row)
             keys.update(dict.fromkeys(row))
     if not rows:
-        raise ValueError(f"{meta} has no rows")
+        raise UserError(f"{meta} has no rows")
     if image_column in keys:
-        raise ValueError(f"{meta}: rows must not have an {image_column!r} key (the image comes from file_name)")
+        raise UserError(f"{meta}: rows must not have an {image_column!r} key (the image comes from file_name)")
     base = meta.parent
     columns: dict[str, list] = {k: [r.get(k) for r in rows] for k in keys}
     columns.setdefault("file_name", [None] * len(rows))
@@ -76,7 +77,7 @@ def load_imagefolder(folder: str | Path, split: str = "train", image_column: str
     try:
         ds = Dataset.from_dict(columns)
     except Exception as err:  # pyarrow type clash: name the column instead of a pyarrow traceback
-        raise ValueError(f"{meta}: a column has values of mixed types ({err})") from None
+        raise UserError(f"{meta}: a column has values of mixed types ({err})") from None
     # Dropping the signature keeps it in the fingerprint (a transform's fingerprint hashes its input's).
     return ds.remove_columns("_image_signature")
 
@@ -96,7 +97,7 @@ def load_image_dataset(name: str, split: str = "train", image_column: str = "ima
     try:  # not a local path: a Hub dataset, which must already be in the local cache (no network here)
         return load_dataset(name, split=split)
     except Exception as err:
-        raise FileNotFoundError(f"dataset {name!r} not found: not a local folder/file, nor a cached Hub dataset "
+        raise UserError(f"dataset {name!r} not found: not a local folder/file, nor a cached Hub dataset "
                                 f"({type(err).__name__})") from None
 
 
@@ -139,7 +140,7 @@ def validate_rows(
     Image columns come back as decoded ``Image`` features."""
     missing = [c for c in (*image_columns, prompt_column) if c not in dataset.column_names]
     if missing:
-        raise ValueError(f"the dataset has no column(s) {missing} (columns: {dataset.column_names})")
+        raise UserError(f"the dataset has no column(s) {missing} (columns: {dataset.column_names})")
     # Read cells without decoding: paths/bytes only.
     view = dataset
     for column in image_columns:

@@ -7,6 +7,8 @@ from typing import Sequence
 
 from datasets import Dataset, load_dataset, load_from_disk
 
+from ..errors import UserError
+
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
@@ -25,7 +27,7 @@ def load_prompt_dataset(
         if path.is_file():
             builder = _FILE_BUILDERS.get(path.suffix.lower())
             if builder is None:
-                raise ValueError(f"cannot read prompts from {path.name!r}: use .jsonl, .json, .csv, .parquet or .txt.")
+                raise UserError(f"cannot read prompts from {path.name!r}: use .jsonl, .json, .csv, .parquet or .txt.")
             ds = load_dataset(builder, data_files=str(path), split="train")
             if builder == "text":
                 ds = ds.rename_column("text", "prompt")
@@ -35,16 +37,16 @@ def load_prompt_dataset(
             ds = load_from_disk(str(path))[split]
         else:
             if not path.exists():
-                raise ValueError(f"prompt dataset {dataset_name!r} not found (give a local file or folder).")
+                raise UserError(f"prompt dataset {dataset_name!r} not found (give a local file or folder).")
             ds = load_dataset(str(path), split=split)
     else:
-        raise ValueError("no prompts: set dataset_name (a .jsonl with a 'prompt' column) or train_prompts.")
+        raise UserError("no prompts: set dataset_name (a .jsonl with a 'prompt' column) or train_prompts.")
     if prompt_column != "prompt" and prompt_column in ds.column_names:
         ds = ds.rename_column(prompt_column, "prompt")
     if "prompt" not in ds.column_names:
-        raise ValueError(f"the prompt dataset has no {prompt_column!r} column (columns: {ds.column_names}).")
+        raise UserError(f"the prompt dataset has no {prompt_column!r} column (columns: {ds.column_names}).")
     if len(ds) == 0:
-        raise ValueError("the prompt dataset is empty.")
+        raise UserError("the prompt dataset is empty.")
     return ds
 
 

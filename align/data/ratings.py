@@ -17,6 +17,8 @@ from typing import Any, Sequence
 
 from datasets import Dataset
 
+from ..errors import UserError
+
 AGGREGATES = ("mean", "min", "median")
 _TOLERANCE = 1e-9
 
@@ -62,7 +64,7 @@ class FilterSummary:
 def raise_bad_rows(problems: Sequence[str], what: str = "bad row(s)") -> None:
     """One-line error naming the first bad rows, and how to skip them instead."""
     more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-    raise ValueError(f"{len(problems)} {what}: {'; '.join(problems[:3])}{more}. "
+    raise UserError(f"{len(problems)} {what}: {'; '.join(problems[:3])}{more}. "
                      f"Fix the data or pass --skip_bad_rows to skip them.")
 
 
@@ -77,9 +79,9 @@ def describe_row(index: int, row: dict | None = None) -> str:
 def aggregate(ratings: Sequence[float], how: str = "mean") -> float:
     """Mean, min or median of a non-empty list of ratings."""
     if how not in AGGREGATES:
-        raise ValueError(f"rating_aggregate must be one of {AGGREGATES}, got {how!r}")
+        raise UserError(f"rating_aggregate must be one of {AGGREGATES}, got {how!r}")
     if not ratings:
-        raise ValueError("cannot aggregate an empty list of ratings")
+        raise UserError("cannot aggregate an empty list of ratings")
     if how == "mean":
         return math.fsum(ratings) / len(ratings)
     if how == "min":
@@ -134,20 +136,20 @@ def filter_by_ratings(
     out-of-scale ratings) raise one ValueError listing them, unless ``skip_bad_rows``.
     """
     if rating_aggregate not in AGGREGATES:
-        raise ValueError(f"rating_aggregate must be one of {AGGREGATES}, got {rating_aggregate!r}")
+        raise UserError(f"rating_aggregate must be one of {AGGREGATES}, got {rating_aggregate!r}")
     if len(rating_scale) != 2 or float(rating_scale[0]) >= float(rating_scale[1]):
-        raise ValueError(f"rating_scale must be two numbers [low, high] with low < high, got {list(rating_scale)}")
+        raise UserError(f"rating_scale must be two numbers [low, high] with low < high, got {list(rating_scale)}")
     scale = (float(rating_scale[0]), float(rating_scale[1]))
     if min_raters < 0:
-        raise ValueError(f"min_raters must be >= 0, got {min_raters}")
+        raise UserError(f"min_raters must be >= 0, got {min_raters}")
     if min_raters > 0 and not scale[0] <= min_score <= scale[1]:
-        raise ValueError(f"min_score {min_score:g} is outside the rating scale [{scale[0]:g}, {scale[1]:g}]")
+        raise UserError(f"min_score {min_score:g} is outside the rating scale [{scale[0]:g}, {scale[1]:g}]")
     summary = FilterSummary(total=len(dataset))
     if min_raters == 0:
         summary.kept, summary.settings = len(dataset), "no rating filter"
         return dataset, summary
     if ratings_column not in dataset.column_names:
-        raise ValueError(
+        raise UserError(
             f"the dataset has no {ratings_column!r} column (columns: {dataset.column_names}); "
             f"set ratings_column, or min_raters 0 to train on unrated data."
         )

@@ -128,10 +128,11 @@ def log_rollout_images(args, objective: GRPOObjective, step: int, is_main: bool)
 
 def main(argv: Sequence[str] | None = None) -> GRPOTrainer:
     """``python align/grpo.py --config recipe.yaml [--key value ...]``."""
-    from ..launch import parse_config
+    from ..launch import parse_config, prepare_run
     from ..modeling import load_qwen_image
 
     args = parse_config(GRPOConfig, argv)
+    prepare_run(args)  # output_dir / resume checks before anything loads
     dataset = load_prompt_dataset(args.dataset_name, args.train_prompts, args.dataset_split, args.prompt_column)
     reward_fn = build_reward(args)
     qwen = load_qwen_image(args)
