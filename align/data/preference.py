@@ -147,9 +147,7 @@ def _pixel_digest(value: dict | None) -> str | None:
     if value is None or (value.get("bytes") is None and not value.get("path")):
         return None
     try:
-        img = load_image(value)
-        img.load()
-        img = img.convert("RGB")
+        img = load_image(value)  # 8-bit RGB, as the trainer will see it
     except (OSError, ValueError, PILImage.DecompressionBombError):
         return None
     return hashlib.sha1(f"{img.size}".encode() + img.tobytes()).hexdigest()

@@ -10,13 +10,15 @@ from typing import Any, Iterable, Sequence
 
 from PIL import Image
 
+from ..images import to_rgb
+
 from .image_filters import ImageFilter
 
 __all__ = ["FilterReport", "filter_dataset", "filter_images", "load_image"]
 
 
-def load_image(value: Any) -> Image.Image:
-    """A PIL image from a PIL image, a path, bytes, or a ``datasets`` Image dict ({"bytes":..., "path":...})."""
+def open_image(value: Any) -> Image.Image:
+    """A PIL image, as stored, from a PIL image, a path, bytes, or a ``datasets`` Image dict ({"bytes", "path"})."""
     if isinstance(value, Image.Image):
         return value
     if isinstance(value, dict):
@@ -30,6 +32,12 @@ def load_image(value: Any) -> Image.Image:
     if isinstance(value, str):
         return Image.open(value)
     raise TypeError(f"cannot read an image from {type(value).__name__}")
+
+
+def load_image(value: Any) -> Image.Image:
+    """:func:`open_image` as 8-bit RGB (``align.images.to_rgb``: 16-bit scaled, alpha on white, EXIF upright), so
+    filters judge the image the trainers will see (a 16-bit PNG is not "overexposed")."""
+    return to_rgb(open_image(value))
 
 
 @dataclass
