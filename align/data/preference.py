@@ -116,9 +116,14 @@ def _problem(row: dict, min_agreement: float) -> str | None:
         return "missing prompt"
     digests = []
     for column in IMAGE_COLUMNS:
-        digest = _pixel_digest(row[column])
+        value = row[column]
+        if value is None or (value.get("bytes") is None and not value.get("path")):
+            return f"no {column} image"
+        if value.get("bytes") is None and not Path(value["path"]).is_file():
+            return f"{column} image not found"
+        digest = _pixel_digest(value)
         if digest is None:
-            return "unreadable image"
+            return f"unreadable {column} image"
         digests.append(digest)
     if digests[0] == digests[1]:
         return "identical images"
@@ -134,7 +139,13 @@ def _problem(row: dict, min_agreement: float) -> str | None:
             agreement = max(counts) / sum(counts)
         if agreement is None:
             return "no agreement"
-        if float(agreement) < min_agreement:
+        try:
+            agreement = float(agreement)
+        except (TypeError, ValueError):
+            return "agreement not a number"
+        if not 0.0 <= agreement <= 1.0:  # also NaN: it compares False both ways and would pass any threshold
+            return "agreement not in [0, 1]"
+        if agreement < min_agreement:
             return f"agreement below {min_agreement:g}"
     return None
 
@@ -177,6 +188,7 @@ def _from_jsonl(meta: Path) -> Dataset:
     """imagefolder-style metadata.jsonl with two image paths per row (relative to its folder)."""
     root = meta.parent
     rows = []
+    present: set[str] = set()
     with open(meta, encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
@@ -185,12 +197,19 @@ def _from_jsonl(meta: Path) -> Dataset:
                 rec = json.loads(line)
             except json.JSONDecodeError as err:
                 raise UserError(f"{meta}:{n}: not valid JSON ({err.msg}).") from None
+            if not isinstance(rec, dict):
+                raise UserError(f"{meta}:{n}: each line must be a JSON object.")
+            present.update(c for c in IMAGE_COLUMNS if rec.get(c) is not None or rec.get(f"{c}_file_name") is not None)
             for column in IMAGE_COLUMNS:
                 value = rec.pop(f"{column}_file_name", None) or rec.get(column)
                 rec[column] = str(root / value) if isinstance(value, str) and value else None
             rows.append(rec)
     if not rows:
         raise UserError(f"{meta} has no rows.")
+    absent = [c for c in IMAGE_COLUMNS if c not in present]
+    if absent:
+        raise UserError(f"{meta}: no row has a {absent[0]!r} image (or {absent[0]}_file_name); each pair needs "
+                        f"prompt, chosen and rejected.")
     # Image(decode=False) columns accept dicts {"path", "bytes"}; missing files surface later as counted skips.
     columns = sorted({k for r in rows for k in r})
     data = {c: [r.get(c) for r in rows] for c in columns}

@@ -10,6 +10,7 @@ A score exactly at the threshold is kept (compared with a 1e-9 tolerance so 13.5
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -32,10 +33,19 @@ class FilterSummary:
     dropped: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
     settings: str = ""
+    # Rows kept but worth a look (duplicate file_name, 1x1 or extreme-aspect images): counted, not dropped.
+    warnings: dict[str, int] = field(default_factory=dict)
+    warning_examples: dict[str, list[str]] = field(default_factory=dict)
 
     def drop(self, reason: str, row: str, n_examples: int = 3) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
         shown = self.examples.setdefault(reason, [])
+        if len(shown) < n_examples:
+            shown.append(row)
+
+    def warn(self, reason: str, row: str, n_examples: int = 3) -> None:
+        self.warnings[reason] = self.warnings.get(reason, 0) + 1
+        shown = self.warning_examples.setdefault(reason, [])
         if len(shown) < n_examples:
             shown.append(row)
 
@@ -46,11 +56,15 @@ class FilterSummary:
             for reason, n in src.dropped.items():
                 out.dropped[reason] = out.dropped.get(reason, 0) + n
                 out.examples.setdefault(reason, []).extend(src.examples.get(reason, []))
+            for reason, n in src.warnings.items():
+                out.warnings[reason] = out.warnings.get(reason, 0) + n
+                out.warning_examples.setdefault(reason, []).extend(src.warning_examples.get(reason, []))
         return out
 
     def metrics(self, prefix: str = "data/") -> dict[str, float]:
         out = {f"{prefix}rows_total": float(self.total), f"{prefix}rows_kept": float(self.kept)}
         out.update({f"{prefix}dropped_{k}": float(v) for k, v in sorted(self.dropped.items())})
+        out.update({f"{prefix}warning_{k}": float(v) for k, v in sorted(self.warnings.items())})
         return out
 
     def __str__(self) -> str:
@@ -58,6 +72,9 @@ class FilterSummary:
         for reason, n in sorted(self.dropped.items()):
             eg = ", ".join(self.examples.get(reason, []))
             lines.append(f"  dropped {n} {reason}" + (f" (e.g. {eg})" if eg else ""))
+        for reason, n in sorted(self.warnings.items()):
+            eg = ", ".join(self.warning_examples.get(reason, []))
+            lines.append(f"  warning: {n} {reason} (kept)" + (f" (e.g. {eg})" if eg else ""))
         return "\n".join(lines)
 
 
@@ -103,6 +120,11 @@ def read_ratings(raw: Any, scale: tuple[float, float]) -> tuple[list[float], str
     """(ratings, problem): the numeric ratings of one row, or a description of why the row is bad."""
     if raw is None:
         return [], None
+    if isinstance(raw, str):  # the loader keeps a ratings column with non-numbers as JSON text (one Arrow type)
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:
+            return [], f"ratings {raw!r} are not a list of numbers"
     if isinstance(raw, (int, float, dict)) and not isinstance(raw, bool):
         raw = [raw]  # a single rating is a list of one
     if not isinstance(raw, (list, tuple)):

@@ -295,6 +295,7 @@ def main(argv: Sequence[str] | None = None) -> SFTTrainer:
         Path(config.output_dir, "data_summary.json").write_text(json.dumps(
             {"kept": data.summary.kept, "total": data.summary.total, "dropped": data.summary.dropped,
              "examples": data.summary.examples, "settings": data.summary.settings,
+             "warnings": data.summary.warnings, "warning_examples": data.summary.warning_examples,
              "world_size": config.world_size}, indent=2))
     logger.info("%s", data.summary)
     trainer.train(resume_from_checkpoint=checkpoint)
