@@ -47,7 +47,7 @@ def write_imagefolder(rows: Iterable[dict], out_dir: str | Path, image_column: s
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "metadata.jsonl"
     if meta_path.exists() and not overwrite:
-        raise FileExistsError(f"{meta_path} exists (pass overwrite=True)")
+        raise FileExistsError(f"{meta_path} exists (pass overwrite=True; on the command line --overwrite)")
     ext = {"jpeg": "jpg"}.get(image_format.lower(), image_format.lower())
     pil_format = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}.get(ext)
     if pil_format is None:
