@@ -102,12 +102,31 @@ def load_image_dataset(name: str, split: str = "train", image_column: str = "ima
     if path.is_dir() and (path / "dataset_dict.json").is_file():
         return load_from_disk(str(path))[split]
     if path.exists():
-        return load_dataset(str(path), split=split)
-    try:  # not a local path: a Hub dataset, which must already be in the local cache (no network here)
+        return _load_local_dataset(path, split)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or not _in_hub_cache(name):
+        # Not here, and not a Hub dataset in the local cache: fail now (asking the Hub retries for ~30 s).
+        raise UserError(f"dataset {name!r} not found: no such local folder or file (nor a Hub dataset in the "
+                        f"local cache)")
+    try:
         return load_dataset(name, split=split)
     except Exception as err:
-        raise UserError(f"dataset {name!r} not found: not a local folder/file, nor a cached Hub dataset "
-                                f"({type(err).__name__})") from None
+        raise UserError(f"dataset {name!r} could not be loaded from the local Hub cache ({type(err).__name__})") from None
+
+
+def _load_local_dataset(path: Path, split: str) -> Dataset:
+    """Any other local folder/file ``datasets`` can read; what it cannot read is the user's data, said in one line."""
+    try:
+        return load_dataset(str(path), split=split)
+    except Exception as err:
+        detail = " ".join(str(err).split())[:200]
+        raise UserError(f"{path}: not a dataset this tool can read (want a folder with metadata.jsonl, a "
+                        f"save_to_disk folder or a data file): {type(err).__name__}: {detail}") from None
+
+
+def _in_hub_cache(name: str) -> bool:
+    from huggingface_hub import constants
+
+    return (Path(constants.HF_HUB_CACHE) / f"datasets--{name.replace('/', '--')}").is_dir()
 
 
 def _image_source(value) -> tuple[str | None, bytes | None]:

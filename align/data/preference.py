@@ -181,7 +181,9 @@ def _load(dataset_name: str | None, split: str) -> Dataset:
         return dd[split]
     if not path.exists():
         raise UserError(f"preference dataset {dataset_name!r} not found (give a local folder or file).")
-    return load_dataset(str(path), split=split)
+    from .loading import _load_local_dataset
+
+    return _load_local_dataset(path, split)
 
 
 def _from_jsonl(meta: Path) -> Dataset:
