@@ -18,6 +18,7 @@ import torch
 from qwen_image import QwenImage
 from qwen_image.sampling import sde_step
 
+from ..errors import UserError
 from ..losses.grpo import KL_FORMS, gaussian_kl, group_advantages, grpo_clip_loss, num_train_timesteps, rewards_tensor
 from ..rollouts import RolloutBatch, generate_rollouts, recompute_log_prob, score_images, sde_window_for
 
@@ -111,15 +112,15 @@ def build_reward(args: GRPOArguments):
     from rewards import combine
 
     if not args.reward_funcs:
-        raise ValueError("reward_funcs is empty: name at least one reward (see rewards.available_rewards()).")
+        raise UserError("reward_funcs is empty: name at least one reward (see rewards.available_rewards()).")
     kwargs = args.reward_kwargs or {}
     unknown = set(kwargs) - set(args.reward_funcs)
     if unknown:
-        raise ValueError(f"reward_kwargs for rewards not in reward_funcs: {sorted(unknown)}")
+        raise UserError(f"reward_kwargs for rewards not in reward_funcs: {sorted(unknown)}")
     try:
         return combine(list(args.reward_funcs), args.reward_weights, reward_kwargs=kwargs)
     except KeyError as err:
-        raise ValueError(str(err).strip("'\"")) from None
+        raise UserError(str(err).strip("'\"")) from None
 
 
 class GRPOObjective:
