@@ -1,0 +1,5 @@
+"""qwen-image-align: SFT, Flow-DPO and Flow-GRPO for Qwen-Image."""
+
+from .errors import UserError
+
+__all__ = ["UserError"]

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .errors import UserError
+
 DEFAULT_LORA_TARGETS = [
     # image-stream attention
     "to_q", "to_k", "to_v", "to_out.0",
@@ -65,6 +67,11 @@ class QwenImageTrainingConfig(TrainingArguments):
     validation_num_inference_steps: int = field(default=20, metadata={"help": "Sampler steps for validation images."})
     validation_true_cfg_scale: float = field(default=4.0, metadata={"help": "True CFG scale for validation images."})
     export_comfyui: bool = field(default=False, metadata={"help": "Also write the adapter with ComfyUI keys (diffusion_model.*)."})
+    # --- run folder (transformers 5 dropped this TrainingArguments field; its meaning is kept)
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace a previous run in output_dir (its checkpoint-* folders are removed). Without it such an output_dir is refused unless resuming."},
+    )
 
     def __post_init__(self):
         # Batches are dicts of cached tensors, not model kwargs.
@@ -77,13 +84,13 @@ class QwenImageTrainingConfig(TrainingArguments):
 
     def _validate_model_fields(self) -> None:
         if self.finetune not in ("lora", "full"):
-            raise ValueError(f"finetune must be 'lora' or 'full', got {self.finetune!r}")
+            raise UserError(f"finetune must be 'lora' or 'full', got {self.finetune!r}")
         if self.resolution <= 0 or self.resolution % 16:
-            raise ValueError(f"resolution must be a positive multiple of 16 px, got {self.resolution}")
+            raise UserError(f"resolution must be a positive multiple of 16 px, got {self.resolution}")
         if not 0.0 <= self.caption_dropout < 1.0:
-            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+            raise UserError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if self.finetune == "lora" and self.lora_rank < 1:
-            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
+            raise UserError(f"lora_rank must be >= 1, got {self.lora_rank}")
 
     @property
     def encoding_cache_dir(self) -> str:

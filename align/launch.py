@@ -1,29 +1,248 @@
-"""Launch helpers shared by align/sft.py, align/dpo.py and align/grpo.py."""
+"""Launch helpers shared by align/sft.py, align/dpo.py, align/grpo.py and the ``qwen-image-align`` CLI:
+config parsing (TRL's ``--config recipe.yaml`` plus ``--key value`` overrides), the output-dir / resume checks
+every trainer runs before loading the model, and the process exit (one ``error:`` line for user mistakes)."""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import logging
 import os
+import re
+import shutil
 import sys
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
-import torch.distributed as dist
+from .errors import UserError
 
 logger = logging.getLogger("align")
 
-# Exceptions that mean "the user asked for something wrong": one line, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
+# What a trainer writes into output_dir: finding any of them there means a previous run lives in it.
+RUN_OUTPUTS = ("pytorch_lora_weights.safetensors", "transformer", "trainer_state.json", "training_args.bin")
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# A checkpoint is written under this name and renamed to checkpoint-N only when complete (trainers/base.py).
+STAGING_PREFIX = ".incomplete-"
+# Options shown by the short --help besides the project's own fields (the rest: --help-all).
+COMMON_TRAINING_ARGS = (
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "max_steps", "num_train_epochs", "learning_rate",
+    "lr_scheduler_type", "warmup_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "gradient_checkpointing", "save_steps", "save_strategy", "save_total_limit", "logging_steps", "report_to",
+    "run_name", "seed", "use_cpu", "bf16",
+)
 
 
-def parse_config(config_class, argv: Sequence[str] | None = None):
-    """``--config recipe.yaml`` plus CLI overrides, as in TRL scripts (trl.TrlParser)."""
+# ---------------------------------------------------------------------------------------------------- parsing
+def _raise_user_error(message: str) -> None:
+    raise UserError(message)
+
+
+def _make_parser(config_class):
     from trl import TrlParser
 
-    parser = TrlParser((config_class,))
-    (config,) = parser.parse_args_and_config(args=list(argv) if argv is not None else None)
+    # allow_abbrev=False: `--learning_rat` must be an error, not a silent abbreviation of --learning_rate.
+    parser = TrlParser((config_class,), allow_abbrev=False)
+    parser.error = _raise_user_error  # argparse errors (bad value, missing argument) become one line
+    return parser
+
+
+def _suggest(name: str, valid: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _read_yaml_config(path: str) -> dict:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise UserError(f"--config {path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            config = yaml.safe_load(fh)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"{path}: not valid YAML{where} ({problem})") from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: a recipe must be a YAML mapping of option: value, got a {type(config).__name__}")
     return config
 
 
+def _option_names(parser) -> list[str]:
+    return [a.dest for a in parser._actions if a.option_strings and a.dest != "help"]
+
+
+def _short_help(parser, config_class, prog: str) -> str:
+    from transformers import TrainingArguments
+
+    inherited = set(TrainingArguments.__dataclass_fields__)
+    own = [f for f in dataclasses.fields(config_class) if f.init and f.name not in inherited]
+    common = [f for f in dataclasses.fields(config_class) if f.name in COMMON_TRAINING_ARGS]
+    lines = [f"usage: {prog} --config RECIPE.yaml [--key value ...]", "",
+             "  --config RECIPE.yaml   a recipe (recipes/*.yaml): option: value per line; --key value overrides it",
+             "  --help-all             every option, including all of transformers' TrainingArguments", ""]
+
+    def describe(f) -> str:
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        text = " ".join(str(f.metadata.get("help", "")).split())
+        return f"  --{f.name} (default {default!r})" + (f"\n        {text}" if text else "")
+
+    lines.append(f"{config_class.__name__} options:")
+    lines += [describe(f) for f in own]
+    lines += ["", "common training options (transformers.TrainingArguments):"]
+    lines += [describe(f) for f in common]
+    return "\n".join(lines)
+
+
+def parse_config(config_class, argv: Sequence[str] | None = None, return_remaining: bool = False):
+    """``--config recipe.yaml`` plus CLI overrides, as in TRL scripts (``trl.TrlParser``), with user errors as one
+    :class:`UserError` line: a missing or invalid YAML file, an unknown key (with the closest valid one), a bad
+    value. ``-h/--help`` prints the project's options, ``--help-all`` everything (both exit 0).
+
+    With ``return_remaining`` unknown command-line arguments are returned (the CLI hands them to accelerate)
+    instead of being an error: ``(config, remaining)``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    parser = _make_parser(config_class)
+    prog = Path(sys.argv[0]).name if argv is None else config_class.__name__
+    if "--help-all" in args:
+        parser.print_help()
+        raise SystemExit(0)
+    if "-h" in args or "--help" in args:
+        print(_short_help(parser, config_class, prog))
+        raise SystemExit(0)
+    config_path = None
+    for i, arg in enumerate(args):
+        if arg == "--config":
+            if i + 1 >= len(args):
+                raise UserError("--config needs a recipe path (e.g. --config recipes/tiny/sft_lora.yaml)")
+            config_path = args[i + 1]
+            del args[i:i + 2]
+            break
+        if arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+            del args[i]
+            break
+    valid = _option_names(parser)
+    if config_path is not None:
+        values = _read_yaml_config(config_path)
+        env = values.pop("env", None) or {}
+        if not isinstance(env, dict):
+            raise UserError(f"{config_path}: 'env' must be a mapping of VARIABLE: value")
+        unknown = [k for k in values if k not in valid]
+        if unknown:
+            key = unknown[0]
+            raise UserError(f"{config_path}: unknown option {key!r}{_suggest(key, valid)}; "
+                            f"see --help for the options of {config_class.__name__}")
+        for key, value in env.items():
+            os.environ[key] = str(value)
+        parser.set_defaults_with_config(**values)
+    try:
+        config, remaining = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True,
+                                                               look_for_args_file=False)
+    except UserError:
+        raise
+    except (ValueError, TypeError) as err:  # a __post_init__ check of the config: the user's values are wrong
+        raise UserError(str(err)) from None
+    if return_remaining:
+        return config, remaining
+    if remaining:
+        flag = next((a for a in remaining if a.startswith("-")), remaining[0])
+        raise UserError(f"unknown option {flag!r}{_suggest(flag.lstrip('-').split('=')[0].replace('-', '_'), valid)}; "
+                        f"see --help")
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------- runs
+def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    import json
+
+    try:
+        return int(json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest ``checkpoint-N`` whose trainer state is readable. Incomplete ones (a run killed while an old,
+    non-atomic save was writing) are skipped with a warning rather than resumed from."""
+    for step, path in reversed(_checkpoints(Path(output_dir))):
+        if _checkpoint_step(path) is not None:
+            return path
+        logger.warning("skipping %s: incomplete checkpoint (no readable trainer_state.json)", path)
+    return None
+
+
+def previous_run_outputs(output_dir: str | Path) -> list[str]:
+    """Names of what an earlier run left in ``output_dir`` (checkpoints, adapter, trainer state)."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [p.name for _, p in _checkpoints(folder)]
+    found += [name for name in RUN_OUTPUTS if (folder / name).exists()]
+    return found
+
+
+def prepare_run(config: Any) -> str | None:
+    """Checks every launcher runs before loading the model; returns (and stores in the config) the checkpoint to
+    resume from.
+
+    - ``max_steps 0`` trains nothing: an error (``-1`` means "train num_train_epochs").
+    - ``resume_from_checkpoint``: a checkpoint folder, or ``last``/``true`` = the newest complete
+      ``checkpoint-N`` in output_dir. A checkpoint past ``max_steps`` belongs to another run: an error.
+    - an output_dir that holds a previous run (checkpoints, adapter, trainer state) is refused unless resuming
+      or ``--overwrite_output_dir``, which also removes the old ``checkpoint-*`` folders so ``last`` can never
+      pick them up later.
+    """
+    if config.max_steps == 0:
+        raise UserError("max_steps 0 trains nothing: set max_steps > 0 (or -1 to train num_train_epochs)")
+    out = Path(config.output_dir)
+    ckpt = config.resume_from_checkpoint
+    if ckpt in (None, "", "false", "False", "none", "None"):
+        ckpt = None
+    elif str(ckpt).lower() in ("last", "true"):
+        found = last_complete_checkpoint(out)
+        if found is None:
+            raise UserError(f"--resume_from_checkpoint {ckpt}: no complete checkpoint-* folder in {out}; "
+                            f"drop the option to start a new run")
+        ckpt = str(found)
+    else:
+        if not Path(ckpt).is_dir():
+            raise UserError(f"--resume_from_checkpoint {ckpt}: no such checkpoint folder")
+        if _checkpoint_step(Path(ckpt)) is None:
+            raise UserError(f"--resume_from_checkpoint {ckpt}: not a complete checkpoint (no readable "
+                            f"trainer_state.json)")
+    if ckpt is not None:
+        step = _checkpoint_step(Path(ckpt))
+        if config.max_steps > 0 and step is not None and step > config.max_steps:
+            raise UserError(f"checkpoint {ckpt} is at step {step}, past max_steps {config.max_steps}: it belongs to "
+                            f"another run; raise max_steps or use another output_dir")
+        logger.info("resuming from %s", ckpt)
+    else:
+        previous = previous_run_outputs(out)
+        if previous and not getattr(config, "overwrite_output_dir", False):
+            shown = ", ".join(previous[:3]) + (", ..." if len(previous) > 3 else "")
+            raise UserError(f"output_dir {out} already holds a run ({shown}): pass --resume_from_checkpoint last "
+                            f"to continue it, --overwrite_output_dir to replace it, or choose another --output_dir")
+        if previous and config.process_index == 0:
+            for _, path in _checkpoints(out):
+                shutil.rmtree(path)
+            logger.warning("overwrite_output_dir: replacing the run in %s (old checkpoints removed)", out)
+    config.resume_from_checkpoint = ckpt
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------------- exit
 def _finish_tracking() -> None:
     try:
         import wandb
@@ -34,26 +253,41 @@ def _finish_tracking() -> None:
         pass
 
 
+def run_main(main_fn: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
+    """Call a launch script's ``main`` and return its exit code: 0 done, 2 a :class:`UserError` (one
+    ``error: ...`` line on stderr), the SystemExit code (``--help``: 0), 1 anything else (with its traceback:
+    that is a bug, not a user mistake)."""
+    try:
+        main_fn(argv)
+        return 0
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except SystemExit as err:
+        if err.code is None or isinstance(err.code, int):
+            return err.code or 0
+        print(f"error: {err.code}", file=sys.stderr)
+        return 2
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        return 1
+
+
 def run(main_fn: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
-    """Run a launch script's ``main`` and end the process cleanly.
+    """Run a launch script's ``main`` (see :func:`run_main`) and end the process cleanly.
 
     2-process runs that import diffusers abort at exit ~5-13% of the time after all work is done; tearing the
     process group down and leaving with ``os._exit`` avoids it (wandb and files are flushed first).
     """
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    code = 0
     try:
-        main_fn(argv)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        code = 2
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        code = 1
+        code = run_main(main_fn, argv)
     finally:
         _finish_tracking()
+        import torch.distributed as dist
+
         if dist.is_available() and dist.is_initialized():
             try:
                 dist.destroy_process_group()

@@ -12,6 +12,7 @@ from peft import LoraConfig
 from qwen_image import QwenImage
 from qwen_image.model import resolve_dtype
 
+from .errors import UserError
 from .configs import QwenImageTrainingConfig
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def add_lora(transformer: torch.nn.Module, config: QwenImageTrainingConfig) -> N
         names = {n.rsplit(".", 1)[-1] for n, _ in transformer.named_modules()} | {n for n, _ in transformer.named_modules()}
         unknown = [t for t in targets if not any(n.endswith(t) for n in names)]
         if unknown:
-            raise ValueError(f"lora_target_modules {unknown} match no module of QwenImageTransformer2DModel.")
+            raise UserError(f"lora_target_modules {unknown} match no module of QwenImageTransformer2DModel.")
         transformer.add_adapter(lora_config(config), adapter_name=ADAPTER_NAME)
     # LoRA params train in fp32 even on a bf16 base (diffusers' cast_training_params).
     for p in transformer.parameters():
@@ -96,7 +97,7 @@ def load_adapter_into(transformer: torch.nn.Module, path: str, trainable: bool) 
 
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"init_adapter {str(path)!r} does not exist.")
+        raise UserError(f"init_adapter {str(path)!r} does not exist.")
     state_dict, metadata = QwenImagePipeline.lora_state_dict(str(path), return_lora_metadata=True)
     transformer.load_lora_adapter(
         state_dict, prefix="transformer", adapter_name=ADAPTER_NAME, metadata=metadata

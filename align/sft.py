@@ -1,4 +1,5 @@
-"""SFT launch script: ``accelerate launch align/sft.py --config recipes/sft_lora.yaml [--key value ...]``."""
+"""SFT: ``accelerate launch align/sft.py --config recipes/sft_lora.yaml [--key value ...]`` (or
+``qwen-image-align sft --config ...``)."""
 
 import os
 import sys

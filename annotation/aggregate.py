@@ -6,8 +6,9 @@ No server and no I/O here, so every rule is unit-testable:
   ``updated_at``/``created_at``, then id); the others are reported as duplicates.
 - A latest annotation that was cancelled (skipped) or has no usable result gives no vote, and is counted.
 - Tasks with more distinct raters than configured are kept (every rater's vote counts) and reported.
-- Pairs: the winner needs a strict plurality of the votes (else: a tie) and at least ``min_votes`` votes
-  (else: too few votes). A "both bad" majority drops the pair (counted).
+- Pairs: the winner needs a strict majority, more than half of the votes (an exact tie for first place: a tie;
+  a plurality without a majority, e.g. L, L, R, both-bad: no majority) and at least ``min_votes`` votes (else:
+  too few votes). A "both bad" majority drops the pair (counted).
 """
 from __future__ import annotations
 
@@ -134,6 +135,9 @@ def aggregate_pairs(tasks: list[dict], max_raters: int = 3, min_votes: int = 2) 
             outcomes["too_few_votes"] += 1
             continue
         winner, votes = ranked[0]
+        if 2 * votes <= n_votes:  # a plurality is not a majority: half the raters did not pick this side
+            outcomes["no_majority"] += 1
+            continue
         if winner == BOTH_BAD:
             outcomes["both_bad"] += 1
             continue
@@ -157,7 +161,7 @@ def aggregate_pairs(tasks: list[dict], max_raters: int = 3, min_votes: int = 2) 
         })
     report = _common_report(tvs, max_raters)
     report["kind"] = "pairs"
-    report["outcomes"] = {k: outcomes.get(k, 0) for k in ("kept", "ties", "both_bad", "too_few_votes")}
+    report["outcomes"] = {k: outcomes.get(k, 0) for k in ("kept", "ties", "no_majority", "both_bad", "too_few_votes")}
     report["vote_totals"] = {c: sum(Counter(tv.votes.values())[c] for tv in tvs) for c in PAIR_CATEGORIES}
     report["agreement"] = _agreement([list(tv.votes.values()) for tv in tvs], PAIR_CATEGORIES, max_raters,
                                      "nominal")

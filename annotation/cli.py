@@ -2,7 +2,8 @@
 
 Connection for every command that talks to the server: ``--url`` (or LABEL_STUDIO_URL) and the API token from
 LABEL_STUDIO_API_KEY or ``--token-file`` (never a plain flag, so it stays out of shell history and ``ps``).
-Errors print one line ``error: ...`` on stderr and exit 1.
+Errors print one line ``error: ...`` on stderr and exit 2 (a bad option, a missing file, an unreachable
+server, a rejected token); an unexpected failure exits 1.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def _connection(p: argparse.ArgumentParser) -> None:
 
 
 def _client(args):
-    from .client import LabelStudioClient, resolve_token
+    from .client import LabelStudioClient, check_url, resolve_token
+    check_url(args.url)  # a malformed URL fails at once instead of after the connection retries
     return LabelStudioClient(args.url, resolve_token(args.token_file), retries=args.retries,
                              backoff=args.backoff, timeout=args.timeout)
 
@@ -217,8 +219,23 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _one_line_errors(parser: argparse.ArgumentParser) -> None:
+    """argparse errors as one ``error:`` line and exit 2 (no usage block), for the parser and its subcommands."""
+    def error(message: str):
+        print(f"error: {message} (see {parser.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+    parser.error = error  # type: ignore[method-assign]
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _one_line_errors(sub)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    _one_line_errors(parser)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     install_log_redaction()
@@ -228,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[args.command](args)
     except AnnotationError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

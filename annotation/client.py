@@ -38,6 +38,20 @@ def resolve_token(token_file: str | None = None) -> str:
     return token
 
 
+def check_url(url: str) -> str:
+    """``url`` if it is an http(s) URL with a host (and a valid port); else a one-line AnnotationError."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(str(url))
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0-65535
+    except ValueError as err:
+        raise AnnotationError(f"--url {url!r} is not a valid URL ({err})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise AnnotationError(f"--url {url!r} is not an http(s) URL with a host, like http://127.0.0.1:8080")
+    return url
+
+
 def _is_connect_error(exc: BaseException) -> bool:
     import httpx
     import requests

@@ -7,16 +7,18 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from align.images import to_rgb
+
 __all__ = ["to_pil", "to_pil_list"]
 
 
 def to_pil(image: Any) -> Image.Image:
     """One image as RGB PIL: a PIL image, a path, an HWC/CHW uint8 or float [0, 1] array, or a CHW tensor."""
     if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return image if image.mode == "RGB" else to_rgb(image)
     if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
         with Image.open(image) as im:
-            return im.convert("RGB")
+            return to_rgb(im)
     if type(image).__module__.startswith("torch"):
         image = image.detach().float().cpu().numpy()
     arr = np.asarray(image)

@@ -15,6 +15,8 @@ from typing import Any, Callable, Protocol
 
 from PIL import Image
 
+from align.errors import UnknownNameError
+
 __all__ = ["RewardFn", "register_reward", "get_reward", "available_rewards", "reward_name"]
 
 
@@ -58,7 +60,7 @@ def get_reward(name: str, **kwargs: Any) -> RewardFn:
     try:
         obj, is_factory = _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown reward {name!r}; available: {', '.join(available_rewards())}") from None
+        raise UnknownNameError(f"unknown reward {name!r}; available: {', '.join(available_rewards())}") from None
     if is_factory:
         fn = obj(**kwargs)
         if getattr(fn, "reward_name", None) is None:

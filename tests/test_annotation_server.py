@@ -126,7 +126,7 @@ def test_pull_majority_counts_agreement(env, capsys, tmp_path, pairs_project, pa
     rc, stdout, err = run(capsys, "pull", "--project-id", pairs_project, "--out", out)
     assert rc == 0, err
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["outcomes"] == {"kept": 4, "ties": 1, "both_bad": 1, "too_few_votes": 1}
+    assert summary["outcomes"] == {"kept": 4, "ties": 1, "no_majority": 0, "both_bad": 1, "too_few_votes": 1}
     assert summary["duplicate_annotations"] == 1 and summary["tasks_with_duplicates"] == 1
     assert summary["skipped_annotations"] == 1
     assert summary["tasks_over_limit"] == 1
@@ -164,7 +164,7 @@ def test_pull_majority_counts_agreement(env, capsys, tmp_path, pairs_project, pa
 
     # pulling into an existing folder refuses without --overwrite and leaves it intact
     rc, _, err = run(capsys, "pull", "--project-id", pairs_project, "--out", out)
-    assert rc == 1 and "already exists" in err and (out / "summary.json").exists()
+    assert rc == 2 and "already exists" in err and (out / "summary.json").exists()
 
 
 def test_repush_adds_nothing(env, capsys, pairs_project, pair_files):
@@ -225,7 +225,7 @@ def test_ratings_roundtrip(env, capsys, tmp_path, raters):
 def test_errors_are_one_line_and_never_leak_the_token(env, capsys, caplog, tmp_path, pairs_project, pair_files,
                                                       monkeypatch):
     def check(rc, err, *needles):
-        assert rc == 1
+        assert rc == 2
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), err
         for n in needles:
@@ -286,7 +286,7 @@ def test_killed_server_mid_pull_then_rerun(env, capsys, tmp_path, pairs_project,
     out = tmp_path / "prefs"
     rc, _, err = run(capsys, "pull", "--project-id", pairs_project, "--out", out, "--fetch", "http",
                      "--retries", "2", "--backoff", "0.05")
-    assert rc == 1 and len(calls) == 2
+    assert rc == 2 and len(calls) == 2
     assert err.startswith("error: ") and "cannot reach Label Studio" in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and not list(tmp_path.glob(".prefs*"))
     env.start(wait=120)

@@ -96,7 +96,7 @@ def test_ties_skips_both_bad_too_few_and_over_limit():
     rows, rep = aggregate_pairs(tasks, max_raters=3, min_votes=2)
     assert {r["pair_id"]: (r["chosen_side"], r["votes"], r["n_votes"]) for r in rows} == {
         "p5": ("a", 3, 4), "p7": ("b", 2, 2)}
-    assert rep["outcomes"] == {"kept": 2, "ties": 2, "both_bad": 1, "too_few_votes": 2}
+    assert rep["outcomes"] == {"kept": 2, "ties": 2, "no_majority": 0, "both_bad": 1, "too_few_votes": 2}
     assert rep["skipped_annotations"] == 2 and rep["tasks_over_limit"] == 2
     assert rep["tasks_by_votes"] == {"0": 1, "1": 1, "2": 2, "3": 1, ">3": 2}
     assert rep["votes_per_rater"] == {1: 6, 2: 5, 3: 3, 4: 2}
@@ -250,10 +250,10 @@ def test_token_is_redacted_from_errors_and_logs(caplog, capsys, monkeypatch):
 def test_cli_without_token_or_server(monkeypatch, capsys, tmp_path):
     from annotation.cli import main
     monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
-    assert main(["status", "--project-id", "1"]) == 1
+    assert main(["status", "--project-id", "1"]) == 2
     assert capsys.readouterr().err.strip() == "error: no API token: set LABEL_STUDIO_API_KEY or pass --token-file"
     monkeypatch.setenv("LABEL_STUDIO_VENV", str(tmp_path / "nope"))
-    assert main(["server", "--data-dir", str(tmp_path / "d"), "--port", "1"]) == 1
+    assert main(["server", "--data-dir", str(tmp_path / "d"), "--port", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no Label Studio server in") and "install_labelstudio.sh" in err
 
@@ -272,3 +272,13 @@ def test_annotation_imports_no_torch_model():
             "annotation.generate; print(json.dumps([m for m in ('torch', 'qwen_image', 'diffusers') if m in sys.modules]))")
     r = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True)
     assert json.loads(r.stdout) == []
+
+
+def test_a_plurality_is_not_a_majority():
+    """4 raters L, L, R, both-bad: "left" leads with 2/4, which is not more than half: dropped as no_majority
+    (docs/annotation.md: the winner needs a strict majority); 3 of 4 is kept."""
+    split = task(1, ann(1, "left"), ann(2, "left"), ann(3, "right"), ann(4, "both_bad"))
+    clear = task(2, ann(1, "left"), ann(2, "left"), ann(3, "left"), ann(4, "both_bad"))
+    rows, rep = aggregate_pairs([split, clear], max_raters=4, min_votes=2)
+    assert [(r["pair_id"], r["votes"], r["n_votes"]) for r in rows] == [("p2", 3, 4)]
+    assert rep["outcomes"]["no_majority"] == 1 and rep["outcomes"]["kept"] == 1

@@ -31,8 +31,8 @@ def test_validation_drops_and_counts_bad_rows(tmp_path):
     ])
     ds, report = load_preference_dataset(str(folder), min_agreement=0.7)
     assert report.total == 12 and report.kept == 4 and len(ds) == 4
-    assert report.dropped == {"identical images": 1, "tie": 2, "votes favour rejected": 1, "unreadable image": 2,
-                              "missing prompt": 1, "agreement below 0.7": 1}
+    assert report.dropped == {"identical images": 1, "tie": 2, "votes favour rejected": 1, "unreadable chosen image": 1,
+                              "chosen image not found": 1, "missing prompt": 1, "agreement below 0.7": 1}
     assert "kept 4/12" in str(report)
     row = ds[0]
     assert isinstance(row["chosen"], PILImage.Image) and row["prompt"] == "a photo number 0"

@@ -7,6 +7,7 @@ import pytest
 from datasets import Dataset, Image as ImageFeature
 from PIL import Image
 
+from align.errors import UserError
 from align.data.buckets import BucketBatchSampler, BucketSizeFn, bucket_sizes, nearest_bucket
 from align.data.loading import load_image_dataset, validate_rows
 from align.data.schedule import PhaseSchedule, parse_phases
@@ -81,7 +82,7 @@ def test_bad_json_line_and_unknown_dataset(tmp_path):
     (tmp_path / "f" / "metadata.jsonl").write_text('{"file_name": "a.png", "prompt": "a"}\n{oops\n')
     with pytest.raises(ValueError, match=r"metadata.jsonl:2: not valid JSON"):
         load_image_dataset(str(tmp_path / "f"))
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(UserError, match="not found"):
         load_image_dataset(str(tmp_path / "nothing-here"))
 
 

@@ -14,6 +14,8 @@ from typing import Callable, Hashable, Iterator, Mapping, Sequence
 from PIL import Image
 from torch.utils.data import Sampler
 
+from ..errors import UserError
+
 # width / height
 DEFAULT_ASPECT_RATIOS: tuple[float, ...] = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16)
 Units = Sequence[Sequence[int]]  # a unit = one image; its variants (e.g. flipped) are alternative row indices
@@ -28,7 +30,7 @@ def bucket_sizes(resolution: int, aspect_ratios: Sequence[float] = DEFAULT_ASPEC
     sizes = []
     for ratio in aspect_ratios:
         if ratio <= 0:
-            raise ValueError(f"aspect ratios must be > 0, got {ratio}")
+            raise UserError(f"aspect ratios must be > 0, got {ratio}")
         h = _round16(resolution / math.sqrt(ratio))
         w = _round16(resolution * math.sqrt(ratio))
         if (h, w) not in sizes:
@@ -90,7 +92,7 @@ class _PoolStream:
                     batches.append([rng.choice(units[u]) for u in chunk])
             rng.shuffle(batches)
             if not batches:
-                raise ValueError(f"no full batch of {self.batch_size} in any bucket (drop_last): use a smaller batch")
+                raise UserError(f"no full batch of {self.batch_size} in any bucket (drop_last): use a smaller batch")
             yield from batches
             p += 1
 
@@ -115,7 +117,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         batches_per_step: int = 1,
     ):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
         if not pools:
             raise ValueError("no data to sample from")
         self.batch_size, self.drop_last = batch_size, drop_last

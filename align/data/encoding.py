@@ -14,13 +14,15 @@ from PIL import Image
 
 from qwen_image import QwenImage, pack
 
-ENCODING_VERSION = "2"
+from ..images import to_rgb
+
+ENCODING_VERSION = "3"  # 3: images go through align.images.to_rgb (16-bit, alpha, EXIF)
 SizeFn = Callable[[Image.Image], tuple[int, int]]
 
 
 def center_crop_resize(image: Image.Image, height: int, width: int) -> Image.Image:
     """Resize the short side then center-crop to exactly height x width (keeps aspect, no distortion)."""
-    image = image.convert("RGB")
+    image = to_rgb(image)
     scale = max(width / image.width, height / image.height)
     resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))), Image.BICUBIC)
     left, top = (resized.width - width) // 2, (resized.height - height) // 2
@@ -61,7 +63,9 @@ def encode_dataset(
         embeds, mask = model.encode_prompt(list(batch[prompt_column]))
         lengths = mask.sum(1).tolist()
         out["prompt_embeds"] = [e[:n].float().cpu().numpy() for e, n in zip(embeds, lengths)]
-        first = batch[image_columns[0]]
+        # RGB (and EXIF-upright) first: bucket sizes must see the image as it will be trained.
+        images = {column: [to_rgb(img) for img in batch[column]] for column in image_columns}
+        first = images[image_columns[0]]
         sizes = [size_fn(img) if size_fn else (resolution, resolution) for img in first]
         out["height"] = [h for h, _ in sizes]
         out["width"] = [w for _, w in sizes]
@@ -70,7 +74,7 @@ def encode_dataset(
             by_size.setdefault(size, []).append(i)
         for column in image_columns:
             prepared = []
-            for i, img in enumerate(batch[column]):
+            for i, img in enumerate(images[column]):
                 img = center_crop_resize(img, *sizes[i])
                 if flip_column and batch[flip_column][i]:
                     img = img.transpose(Image.FLIP_LEFT_RIGHT)

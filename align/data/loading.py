@@ -5,7 +5,6 @@ so SFT (``image``) and preference data (``chosen``, ``rejected``) share it."""
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Callable, Sequence
@@ -13,9 +12,13 @@ from typing import Callable, Sequence
 from datasets import Dataset, Image as ImageFeature, load_dataset, load_from_disk
 from PIL import Image
 
+from ..errors import UserError
 from .ratings import FilterSummary, describe_row, raise_bad_rows
 
 METADATA_FILE = "metadata.jsonl"
+# Kept but warned about (and counted in the data summary): images this small or this elongated are rarely meant.
+MIN_IMAGE_SIDE = 16
+MAX_ASPECT_RATIO = 8.0
 
 
 def _metadata_path(folder: Path, split: str) -> Path | None:
@@ -25,11 +28,17 @@ def _metadata_path(folder: Path, split: str) -> Path | None:
     return None
 
 
-def _numeric_list(value):
-    # Arrow needs one type per column; ratings that are not numbers become NaN, which the rating filter reports.
-    if not isinstance(value, list):
-        return value
-    return [v if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) else math.nan for v in value]
+def _is_number(value) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _ratings_column(values: list) -> list:
+    """Arrow needs one type per column: when any row's ratings hold a non-number (``"five"``), the whole column is
+    kept as JSON text so the rating filter can name the row and the value (instead of a NaN)."""
+    if all(v is None or (isinstance(v, list) and all(_is_number(x) for x in v)) or
+           (_is_number(v)) for v in values):
+        return values
+    return [None if v is None else json.dumps(v) for v in values]
 
 
 def load_imagefolder(folder: str | Path, split: str = "train", image_column: str = "image") -> Dataset:
@@ -39,7 +48,7 @@ def load_imagefolder(folder: str | Path, split: str = "train", image_column: str
     folder = Path(folder)
     meta = _metadata_path(folder, split)
     if meta is None:
-        raise FileNotFoundError(f"{folder} has no {METADATA_FILE}")
+        raise UserError(f"{folder} has no {METADATA_FILE}")
     rows, keys = [], {}
     with open(meta, encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
@@ -48,20 +57,21 @@ def load_imagefolder(folder: str | Path, split: str = "train", image_column: str
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{meta}:{n}: not valid JSON ({err.msg})") from None
+                raise UserError(f"{meta}:{n}: not valid JSON ({err.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{meta}:{n}: each line must be a JSON object")
+                raise UserError(f"{meta}:{n}: each line must be a JSON object")
             rows.append(row)
             keys.update(dict.fromkeys(row))
     if not rows:
-        raise ValueError(f"{meta} has no rows")
+        raise UserError(f"{meta} has no rows")
     if image_column in keys:
-        raise ValueError(f"{meta}: rows must not have an {image_column!r} key (the image comes from file_name)")
+        raise UserError(f"{meta}: rows must not have an {image_column!r} key (the image comes from file_name)")
     base = meta.parent
     columns: dict[str, list] = {k: [r.get(k) for r in rows] for k in keys}
     columns.setdefault("file_name", [None] * len(rows))
     if "ratings" in columns:
-        columns["ratings"] = [_numeric_list(v) for v in columns["ratings"]]
+        columns["ratings"] = _ratings_column(columns["ratings"])
+
     paths, signature = [], []
     for name in columns["file_name"]:
         path = (base / str(name)).resolve() if name else None
@@ -76,7 +86,7 @@ def load_imagefolder(folder: str | Path, split: str = "train", image_column: str
     try:
         ds = Dataset.from_dict(columns)
     except Exception as err:  # pyarrow type clash: name the column instead of a pyarrow traceback
-        raise ValueError(f"{meta}: a column has values of mixed types ({err})") from None
+        raise UserError(f"{meta}: a column has values of mixed types ({err})") from None
     # Dropping the signature keeps it in the fingerprint (a transform's fingerprint hashes its input's).
     return ds.remove_columns("_image_signature")
 
@@ -92,12 +102,31 @@ def load_image_dataset(name: str, split: str = "train", image_column: str = "ima
     if path.is_dir() and (path / "dataset_dict.json").is_file():
         return load_from_disk(str(path))[split]
     if path.exists():
-        return load_dataset(str(path), split=split)
-    try:  # not a local path: a Hub dataset, which must already be in the local cache (no network here)
+        return _load_local_dataset(path, split)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or not _in_hub_cache(name):
+        # Not here, and not a Hub dataset in the local cache: fail now (asking the Hub retries for ~30 s).
+        raise UserError(f"dataset {name!r} not found: no such local folder or file (nor a Hub dataset in the "
+                        f"local cache)")
+    try:
         return load_dataset(name, split=split)
     except Exception as err:
-        raise FileNotFoundError(f"dataset {name!r} not found: not a local folder/file, nor a cached Hub dataset "
-                                f"({type(err).__name__})") from None
+        raise UserError(f"dataset {name!r} could not be loaded from the local Hub cache ({type(err).__name__})") from None
+
+
+def _load_local_dataset(path: Path, split: str) -> Dataset:
+    """Any other local folder/file ``datasets`` can read; what it cannot read is the user's data, said in one line."""
+    try:
+        return load_dataset(str(path), split=split)
+    except Exception as err:
+        detail = " ".join(str(err).split())[:200]
+        raise UserError(f"{path}: not a dataset this tool can read (want a folder with metadata.jsonl, a "
+                        f"save_to_disk folder or a data file): {type(err).__name__}: {detail}") from None
+
+
+def _in_hub_cache(name: str) -> bool:
+    from huggingface_hub import constants
+
+    return (Path(constants.HF_HUB_CACHE) / f"datasets--{name.replace('/', '--')}").is_dir()
 
 
 def _image_source(value) -> tuple[str | None, bytes | None]:
@@ -110,20 +139,35 @@ def _image_source(value) -> tuple[str | None, bytes | None]:
 
 def image_problem(value) -> str | None:
     """Why an image cell cannot be used (None when it opens): missing file, unreadable data, no image at all."""
+    return _inspect_image(value)[0]
+
+
+def _inspect_image(value) -> tuple[str | None, tuple[int, int] | None]:
+    """(problem or None, (width, height) when it opens)."""
     if isinstance(value, Image.Image):
-        return None
+        return None, value.size
     path, data = _image_source(value)
     if data is None and not path:
-        return "no image"
+        return "no image", None
     if data is None and not os.path.isfile(path):
-        return f"image not found: {path}"
+        return f"image not found: {path}", None
     try:
         import io
 
         with Image.open(io.BytesIO(data) if data is not None else path) as img:
+            size = img.size
             img.verify()  # header + structure, without decoding all pixels twice (encoding decodes them anyway)
     except Exception as err:
-        return f"unreadable image {path or '<bytes>'}: {type(err).__name__}"
+        return f"unreadable image {path or '<bytes>'}: {type(err).__name__}", None
+    return None, size
+
+
+def _size_warning(size: tuple[int, int]) -> str | None:
+    width, height = size
+    if min(width, height) < MIN_IMAGE_SIDE:
+        return "tiny_image"
+    if max(width, height) / max(1, min(width, height)) > MAX_ASPECT_RATIO:
+        return "extreme_aspect_ratio"
     return None
 
 
@@ -139,7 +183,7 @@ def validate_rows(
     Image columns come back as decoded ``Image`` features."""
     missing = [c for c in (*image_columns, prompt_column) if c not in dataset.column_names]
     if missing:
-        raise ValueError(f"the dataset has no column(s) {missing} (columns: {dataset.column_names})")
+        raise UserError(f"the dataset has no column(s) {missing} (columns: {dataset.column_names})")
     # Read cells without decoding: paths/bytes only.
     view = dataset
     for column in image_columns:
@@ -147,18 +191,26 @@ def validate_rows(
             view = view.cast_column(column, ImageFeature(decode=False))
     summary = FilterSummary(total=len(dataset), settings="rows checked")
     keep, bad = [], []
+    seen_files: set = set()
     for i, row in enumerate(view):
         problem = None
         prompt = row[prompt_column]
+        name = row.get("file_name")
+        if name:
+            if name in seen_files:
+                summary.warn("duplicate_file_name", describe_row(i, row))
+            seen_files.add(name)
         if not isinstance(prompt, str) or not prompt.strip():
             problem = ("empty prompt", f"empty prompt {prompt!r}")
         for column in image_columns:
             if problem:
                 break
-            why = image_problem(row[column])
+            why, size = _inspect_image(row[column])
             if why:
                 reason = "missing_image" if why.startswith(("image not found", "no image")) else "unreadable_image"
                 problem = (reason, f"{column}: {why}")
+            elif size is not None and (warning := _size_warning(size)):
+                summary.warn(warning, f"{describe_row(i, row)} {size[0]}x{size[1]}")
         if problem is None and extra_check is not None:
             why = extra_check(row)
             problem = ("bad_row", why) if why else None

@@ -25,6 +25,8 @@ from typing import Any
 
 from datasets import Dataset, Image, load_dataset, load_from_disk
 
+from ..errors import UserError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ("chosen", "rejected")
@@ -52,18 +54,18 @@ def load_preference_dataset(
     """Load, validate and filter preference pairs. Returns the kept rows (``prompt``, ``chosen``, ``rejected`` as
     ``datasets.Image`` columns, plus any other columns) and a report of what was dropped."""
     if not 0.0 <= min_agreement <= 1.0:
-        raise ValueError(f"min_agreement must be in [0, 1], got {min_agreement}")
+        raise UserError(f"min_agreement must be in [0, 1], got {min_agreement}")
     ds = _load(dataset_name, split)
     if prompt_column != "prompt" and prompt_column in ds.column_names:
         ds = ds.rename_column(prompt_column, "prompt")
     missing = [c for c in ("prompt", *IMAGE_COLUMNS) if c not in ds.column_names]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"preference dataset {dataset_name!r} lacks column(s) {missing} (columns: {ds.column_names}); "
             "it needs prompt, chosen, rejected."
         )
     if min_agreement > 0 and "agreement" not in ds.column_names and "votes" not in ds.column_names:
-        raise ValueError(f"min_agreement={min_agreement} but the dataset has neither an 'agreement' nor a 'votes' column.")
+        raise UserError(f"min_agreement={min_agreement} but the dataset has neither an 'agreement' nor a 'votes' column.")
     for column in IMAGE_COLUMNS:
         # Undecoded: validation opens each image itself, so one bad file is a counted skip, not a crash.
         ds = ds.cast_column(column, Image(decode=False))
@@ -79,7 +81,7 @@ def load_preference_dataset(
     report.kept = len(keep)
     logger.info("%s", report)
     if not keep:
-        raise ValueError(f"no usable preference pairs in {dataset_name!r}: {report}")
+        raise UserError(f"no usable preference pairs in {dataset_name!r}: {report}")
     ds = ds.select(keep) if len(keep) < len(ds) else ds
     for column in IMAGE_COLUMNS:
         ds = ds.cast_column(column, Image())
@@ -114,9 +116,14 @@ def _problem(row: dict, min_agreement: float) -> str | None:
         return "missing prompt"
     digests = []
     for column in IMAGE_COLUMNS:
-        digest = _pixel_digest(row[column])
+        value = row[column]
+        if value is None or (value.get("bytes") is None and not value.get("path")):
+            return f"no {column} image"
+        if value.get("bytes") is None and not Path(value["path"]).is_file():
+            return f"{column} image not found"
+        digest = _pixel_digest(value)
         if digest is None:
-            return "unreadable image"
+            return f"unreadable {column} image"
         digests.append(digest)
     if digests[0] == digests[1]:
         return "identical images"
@@ -132,7 +139,13 @@ def _problem(row: dict, min_agreement: float) -> str | None:
             agreement = max(counts) / sum(counts)
         if agreement is None:
             return "no agreement"
-        if float(agreement) < min_agreement:
+        try:
+            agreement = float(agreement)
+        except (TypeError, ValueError):
+            return "agreement not a number"
+        if not 0.0 <= agreement <= 1.0:  # also NaN: it compares False both ways and would pass any threshold
+            return "agreement not in [0, 1]"
+        if agreement < min_agreement:
             return f"agreement below {min_agreement:g}"
     return None
 
@@ -145,9 +158,7 @@ def _pixel_digest(value: dict | None) -> str | None:
     if value is None or (value.get("bytes") is None and not value.get("path")):
         return None
     try:
-        img = load_image(value)
-        img.load()
-        img = img.convert("RGB")
+        img = load_image(value)  # 8-bit RGB, as the trainer will see it
     except (OSError, ValueError, PILImage.DecompressionBombError):
         return None
     return hashlib.sha1(f"{img.size}".encode() + img.tobytes()).hexdigest()
@@ -155,7 +166,7 @@ def _pixel_digest(value: dict | None) -> str | None:
 
 def _load(dataset_name: str | None, split: str) -> Dataset:
     if not dataset_name:
-        raise ValueError("no preference data: set dataset_name (a folder with metadata.jsonl, or a saved dataset).")
+        raise UserError("no preference data: set dataset_name (a folder with metadata.jsonl, or a saved dataset).")
     path = Path(dataset_name).expanduser()
     if path.is_file() and path.suffix == ".jsonl":
         return _from_jsonl(path)
@@ -166,17 +177,20 @@ def _load(dataset_name: str | None, split: str) -> Dataset:
     if path.is_dir() and (path / "dataset_dict.json").is_file():
         dd = load_from_disk(str(path))
         if split not in dd:
-            raise ValueError(f"split {split!r} not in {dataset_name!r} (splits: {list(dd)}).")
+            raise UserError(f"split {split!r} not in {dataset_name!r} (splits: {list(dd)}).")
         return dd[split]
     if not path.exists():
-        raise ValueError(f"preference dataset {dataset_name!r} not found (give a local folder or file).")
-    return load_dataset(str(path), split=split)
+        raise UserError(f"preference dataset {dataset_name!r} not found (give a local folder or file).")
+    from .loading import _load_local_dataset
+
+    return _load_local_dataset(path, split)
 
 
 def _from_jsonl(meta: Path) -> Dataset:
     """imagefolder-style metadata.jsonl with two image paths per row (relative to its folder)."""
     root = meta.parent
     rows = []
+    present: set[str] = set()
     with open(meta, encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
@@ -184,13 +198,20 @@ def _from_jsonl(meta: Path) -> Dataset:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{meta}:{n}: not valid JSON ({err.msg}).") from None
+                raise UserError(f"{meta}:{n}: not valid JSON ({err.msg}).") from None
+            if not isinstance(rec, dict):
+                raise UserError(f"{meta}:{n}: each line must be a JSON object.")
+            present.update(c for c in IMAGE_COLUMNS if rec.get(c) is not None or rec.get(f"{c}_file_name") is not None)
             for column in IMAGE_COLUMNS:
                 value = rec.pop(f"{column}_file_name", None) or rec.get(column)
                 rec[column] = str(root / value) if isinstance(value, str) and value else None
             rows.append(rec)
     if not rows:
-        raise ValueError(f"{meta} has no rows.")
+        raise UserError(f"{meta} has no rows.")
+    absent = [c for c in IMAGE_COLUMNS if c not in present]
+    if absent:
+        raise UserError(f"{meta}: no row has a {absent[0]!r} image (or {absent[0]}_file_name); each pair needs "
+                        f"prompt, chosen and rejected.")
     # Image(decode=False) columns accept dicts {"path", "bytes"}; missing files surface later as counted skips.
     columns = sorted({k for r in rows for k in r})
     data = {c: [r.get(c) for r in rows] for c in columns}

@@ -1,13 +1,76 @@
-"""Prompt sets for online RL (GRPO): a ``prompt`` column plus any columns the rewards read (e.g. ``text``)."""
+"""Prompt sets for online RL (GRPO): a ``prompt`` column plus any columns the rewards read (e.g. ``text``).
+
+Sources, exactly one of:
+- ``dataset_name`` (``grpo_dataset_name`` in the combined trainer): a file (.jsonl/.json/.csv/.parquet; .txt = one
+  prompt a line), a folder written by ``Dataset.save_to_disk``, or any local ``datasets`` folder/script;
+- ``train_prompts``: inline prompts, or ONE entry naming a prompt file (``--train_prompts data/prompts.jsonl``),
+  which is read as that file: a file name is never trained on as a prompt.
+Setting both is an error (which one wins would be a silent guess). Blank prompts are skipped.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import Sequence
 
 from datasets import Dataset, load_dataset, load_from_disk
 
-_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+from ..errors import UserError
+
+logger = logging.getLogger(__name__)
+
+PROMPT_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+
+
+def _read_jsonl(path: Path) -> Dataset:
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{n}: each line must be a JSON object like {{\"prompt\": \"...\"}}")
+            rows.append(row)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    try:
+        return Dataset.from_dict({k: [r.get(k) for r in rows] for k in keys})
+    except Exception as err:  # pyarrow type clash: name the file instead of a pyarrow traceback
+        raise UserError(f"{path}: a column has values of mixed types ({type(err).__name__})") from None
+
+
+def _read_prompt_file(path: Path) -> Dataset:
+    suffix = path.suffix.lower()
+    if suffix not in PROMPT_FILE_SUFFIXES:
+        raise UserError(f"cannot read prompts from {path.name!r}: use .jsonl, .json, .csv, .parquet or .txt")
+    if not path.read_bytes().strip():
+        raise UserError(f"prompt file {path} is empty: add one prompt per line (.txt) or {{\"prompt\": ...}} rows")
+    if suffix == ".txt":
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        return Dataset.from_dict({"prompt": [line for line in lines if line]})
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    try:
+        return load_dataset("json" if suffix == ".json" else suffix[1:], data_files=str(path), split="train")
+    except Exception as err:
+        raise UserError(f"cannot read prompt file {path}: {type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}") from None
+
+
+def _names_a_file(prompts: Sequence[str]) -> Path | None:
+    if len(prompts) != 1:
+        return None
+    path = Path(str(prompts[0])).expanduser()
+    if path.is_file():
+        return path
+    if path.suffix.lower() in PROMPT_FILE_SUFFIXES and "\n" not in str(prompts[0]) and " " not in str(prompts[0]):
+        raise UserError(f"train_prompts {prompts[0]!r} looks like a prompt file, but it does not exist")
+    return None
 
 
 def load_prompt_dataset(
@@ -16,35 +79,42 @@ def load_prompt_dataset(
     split: str = "train",
     prompt_column: str = "prompt",
 ) -> Dataset:
-    """Prompts from inline ``prompts``, a file (.jsonl/.json/.csv/.parquet; .txt = one prompt a line), a folder
-    written by ``Dataset.save_to_disk``, or any local ``datasets`` folder/script. The result has a ``prompt`` column."""
-    if prompts:
-        ds = Dataset.from_dict({"prompt": list(prompts)})
+    """Prompts from ``dataset_name`` or ``prompts`` (see the module docstring). The result has a ``prompt`` column
+    with no blank prompts."""
+    prompts = list(prompts or [])
+    if prompts and dataset_name:
+        raise UserError(f"both a prompt dataset ({dataset_name}) and inline train_prompts are set: keep one "
+                        f"(--train_prompts FILE also replaces a recipe's inline prompts)")
+    prompt_file = _names_a_file(prompts) if prompts else None
+    if prompt_file is not None:
+        ds = _read_prompt_file(prompt_file)
+    elif prompts:
+        ds = Dataset.from_dict({"prompt": [str(p) for p in prompts]})
     elif dataset_name:
         path = Path(dataset_name).expanduser()
         if path.is_file():
-            builder = _FILE_BUILDERS.get(path.suffix.lower())
-            if builder is None:
-                raise ValueError(f"cannot read prompts from {path.name!r}: use .jsonl, .json, .csv, .parquet or .txt.")
-            ds = load_dataset(builder, data_files=str(path), split="train")
-            if builder == "text":
-                ds = ds.rename_column("text", "prompt")
+            ds = _read_prompt_file(path)
         elif path.is_dir() and (path / "dataset_info.json").is_file():
             ds = load_from_disk(str(path))
         elif path.is_dir() and (path / "dataset_dict.json").is_file():
             ds = load_from_disk(str(path))[split]
         else:
             if not path.exists():
-                raise ValueError(f"prompt dataset {dataset_name!r} not found (give a local file or folder).")
+                raise UserError(f"prompt dataset {dataset_name!r} not found (give a local file or folder).")
             ds = load_dataset(str(path), split=split)
     else:
-        raise ValueError("no prompts: set dataset_name (a .jsonl with a 'prompt' column) or train_prompts.")
+        raise UserError("no prompts: set dataset_name (a .jsonl with a 'prompt' column) or train_prompts.")
     if prompt_column != "prompt" and prompt_column in ds.column_names:
         ds = ds.rename_column(prompt_column, "prompt")
     if "prompt" not in ds.column_names:
-        raise ValueError(f"the prompt dataset has no {prompt_column!r} column (columns: {ds.column_names}).")
+        raise UserError(f"the prompt dataset has no {prompt_column!r} column (columns: {ds.column_names}).")
+    blank = [i for i, p in enumerate(ds["prompt"]) if not isinstance(p, str) or not p.strip()]
+    if blank:
+        logger.warning("skipping %d blank prompt(s) (rows %s)", len(blank), blank[:5])
+        keep = sorted(set(range(len(ds))) - set(blank))
+        ds = ds.select(keep)
     if len(ds) == 0:
-        raise ValueError("the prompt dataset is empty.")
+        raise UserError("the prompt dataset is empty" + (f" ({len(blank)} blank prompts skipped)" if blank else "") + ".")
     return ds
 
 

@@ -10,12 +10,15 @@ A score exactly at the threshold is kept (compared with a 1e-9 tolerance so 13.5
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from datasets import Dataset
+
+from ..errors import UserError
 
 AGGREGATES = ("mean", "min", "median")
 _TOLERANCE = 1e-9
@@ -30,10 +33,19 @@ class FilterSummary:
     dropped: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
     settings: str = ""
+    # Rows kept but worth a look (duplicate file_name, 1x1 or extreme-aspect images): counted, not dropped.
+    warnings: dict[str, int] = field(default_factory=dict)
+    warning_examples: dict[str, list[str]] = field(default_factory=dict)
 
     def drop(self, reason: str, row: str, n_examples: int = 3) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
         shown = self.examples.setdefault(reason, [])
+        if len(shown) < n_examples:
+            shown.append(row)
+
+    def warn(self, reason: str, row: str, n_examples: int = 3) -> None:
+        self.warnings[reason] = self.warnings.get(reason, 0) + 1
+        shown = self.warning_examples.setdefault(reason, [])
         if len(shown) < n_examples:
             shown.append(row)
 
@@ -44,11 +56,15 @@ class FilterSummary:
             for reason, n in src.dropped.items():
                 out.dropped[reason] = out.dropped.get(reason, 0) + n
                 out.examples.setdefault(reason, []).extend(src.examples.get(reason, []))
+            for reason, n in src.warnings.items():
+                out.warnings[reason] = out.warnings.get(reason, 0) + n
+                out.warning_examples.setdefault(reason, []).extend(src.warning_examples.get(reason, []))
         return out
 
     def metrics(self, prefix: str = "data/") -> dict[str, float]:
         out = {f"{prefix}rows_total": float(self.total), f"{prefix}rows_kept": float(self.kept)}
         out.update({f"{prefix}dropped_{k}": float(v) for k, v in sorted(self.dropped.items())})
+        out.update({f"{prefix}warning_{k}": float(v) for k, v in sorted(self.warnings.items())})
         return out
 
     def __str__(self) -> str:
@@ -56,13 +72,16 @@ class FilterSummary:
         for reason, n in sorted(self.dropped.items()):
             eg = ", ".join(self.examples.get(reason, []))
             lines.append(f"  dropped {n} {reason}" + (f" (e.g. {eg})" if eg else ""))
+        for reason, n in sorted(self.warnings.items()):
+            eg = ", ".join(self.warning_examples.get(reason, []))
+            lines.append(f"  warning: {n} {reason} (kept)" + (f" (e.g. {eg})" if eg else ""))
         return "\n".join(lines)
 
 
 def raise_bad_rows(problems: Sequence[str], what: str = "bad row(s)") -> None:
     """One-line error naming the first bad rows, and how to skip them instead."""
     more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-    raise ValueError(f"{len(problems)} {what}: {'; '.join(problems[:3])}{more}. "
+    raise UserError(f"{len(problems)} {what}: {'; '.join(problems[:3])}{more}. "
                      f"Fix the data or pass --skip_bad_rows to skip them.")
 
 
@@ -77,9 +96,9 @@ def describe_row(index: int, row: dict | None = None) -> str:
 def aggregate(ratings: Sequence[float], how: str = "mean") -> float:
     """Mean, min or median of a non-empty list of ratings."""
     if how not in AGGREGATES:
-        raise ValueError(f"rating_aggregate must be one of {AGGREGATES}, got {how!r}")
+        raise UserError(f"rating_aggregate must be one of {AGGREGATES}, got {how!r}")
     if not ratings:
-        raise ValueError("cannot aggregate an empty list of ratings")
+        raise UserError("cannot aggregate an empty list of ratings")
     if how == "mean":
         return math.fsum(ratings) / len(ratings)
     if how == "min":
@@ -101,6 +120,11 @@ def read_ratings(raw: Any, scale: tuple[float, float]) -> tuple[list[float], str
     """(ratings, problem): the numeric ratings of one row, or a description of why the row is bad."""
     if raw is None:
         return [], None
+    if isinstance(raw, str):  # the loader keeps a ratings column with non-numbers as JSON text (one Arrow type)
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:
+            return [], f"ratings {raw!r} are not a list of numbers"
     if isinstance(raw, (int, float, dict)) and not isinstance(raw, bool):
         raw = [raw]  # a single rating is a list of one
     if not isinstance(raw, (list, tuple)):
@@ -134,20 +158,20 @@ def filter_by_ratings(
     out-of-scale ratings) raise one ValueError listing them, unless ``skip_bad_rows``.
     """
     if rating_aggregate not in AGGREGATES:
-        raise ValueError(f"rating_aggregate must be one of {AGGREGATES}, got {rating_aggregate!r}")
+        raise UserError(f"rating_aggregate must be one of {AGGREGATES}, got {rating_aggregate!r}")
     if len(rating_scale) != 2 or float(rating_scale[0]) >= float(rating_scale[1]):
-        raise ValueError(f"rating_scale must be two numbers [low, high] with low < high, got {list(rating_scale)}")
+        raise UserError(f"rating_scale must be two numbers [low, high] with low < high, got {list(rating_scale)}")
     scale = (float(rating_scale[0]), float(rating_scale[1]))
     if min_raters < 0:
-        raise ValueError(f"min_raters must be >= 0, got {min_raters}")
+        raise UserError(f"min_raters must be >= 0, got {min_raters}")
     if min_raters > 0 and not scale[0] <= min_score <= scale[1]:
-        raise ValueError(f"min_score {min_score:g} is outside the rating scale [{scale[0]:g}, {scale[1]:g}]")
+        raise UserError(f"min_score {min_score:g} is outside the rating scale [{scale[0]:g}, {scale[1]:g}]")
     summary = FilterSummary(total=len(dataset))
     if min_raters == 0:
         summary.kept, summary.settings = len(dataset), "no rating filter"
         return dataset, summary
     if ratings_column not in dataset.column_names:
-        raise ValueError(
+        raise UserError(
             f"the dataset has no {ratings_column!r} column (columns: {dataset.column_names}); "
             f"set ratings_column, or min_raters 0 to train on unrated data."
         )

@@ -16,6 +16,8 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import UserError
+
 _KEYS = ("until", "resolution", "synthetic_fraction", "lr_scale")
 
 
@@ -39,30 +41,30 @@ def parse_phases(raw: Any, default_resolution: int) -> list[Phase]:
 
             raw = yaml.safe_load(raw)
     if not isinstance(raw, list) or not all(isinstance(p, dict) for p in raw):
-        raise ValueError("phases must be a list of mappings like {until: 0.5, resolution: 512}")
+        raise UserError("phases must be a list of mappings like {until: 0.5, resolution: 512}")
     phases, last = [], 0.0
     for i, item in enumerate(raw):
         unknown = set(item) - set(_KEYS)
         if unknown:
-            raise ValueError(f"phase {i}: unknown key(s) {sorted(unknown)}; allowed: {list(_KEYS)}")
+            raise UserError(f"phase {i}: unknown key(s) {sorted(unknown)}; allowed: {list(_KEYS)}")
         if "until" not in item:
-            raise ValueError(f"phase {i}: 'until' (fraction of max_steps where the phase ends) is required")
+            raise UserError(f"phase {i}: 'until' (fraction of max_steps where the phase ends) is required")
         until = float(item["until"])
         if not last < until <= 1.0:
-            raise ValueError(f"phase {i}: until must increase and lie in (0, 1], got {until:g} after {last:g}")
+            raise UserError(f"phase {i}: until must increase and lie in (0, 1], got {until:g} after {last:g}")
         res = int(item.get("resolution") or default_resolution)
         if res <= 0 or res % 16:
-            raise ValueError(f"phase {i}: resolution must be a positive multiple of 16 px, got {res}")
+            raise UserError(f"phase {i}: resolution must be a positive multiple of 16 px, got {res}")
         frac = item.get("synthetic_fraction")
         if frac is not None and not 0.0 <= float(frac) <= 1.0:
-            raise ValueError(f"phase {i}: synthetic_fraction must be in [0, 1], got {frac}")
+            raise UserError(f"phase {i}: synthetic_fraction must be in [0, 1], got {frac}")
         scale = float(item.get("lr_scale", 1.0))
         if scale <= 0:
-            raise ValueError(f"phase {i}: lr_scale must be > 0, got {scale:g}")
+            raise UserError(f"phase {i}: lr_scale must be > 0, got {scale:g}")
         phases.append(Phase(until, res, None if frac is None else float(frac), scale))
         last = until
     if last < 1.0:
-        raise ValueError(f"the last phase must end at until: 1.0 (got {last:g})")
+        raise UserError(f"the last phase must end at until: 1.0 (got {last:g})")
     return phases
 
 
@@ -71,7 +73,7 @@ class PhaseSchedule:
 
     def __init__(self, phases: list[Phase], max_steps: int, seed: int = 0):
         if phases and max_steps <= 0:
-            raise ValueError("phases need max_steps > 0 (they are fractions of the run)")
+            raise UserError("phases need max_steps > 0 (they are fractions of the run)")
         self.phases, self.max_steps, self.seed = phases, max_steps, seed
 
     def phase_index(self, step: int) -> int:

@@ -8,12 +8,36 @@ import sys
 from pathlib import Path
 
 
+from ..errors import UserError
+
+
 def _read_lines(path: str) -> list[str]:
+    if not Path(path).is_file():
+        raise UserError(f"--texts-file {path}: no such file")
     return [l.strip() for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()]
 
 
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse to write into a folder that already holds data, unless --overwrite (before any work is done)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--out {out} already exists and is not empty: pass --overwrite to replace its "
+                        f"metadata.jsonl, or choose another folder")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m align.datatools", description=__doc__)
+    """Run a subcommand; a user mistake prints one ``error: ...`` line and returns 2."""
+    try:
+        return _main(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
+    p = argparse.ArgumentParser(prog="python -m align.datatools", description=__doc__, allow_abbrev=False)
+    p.error = _raise  # type: ignore[method-assign]  # one line, exit 2 (argparse would add its usage)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("synth", help="render texts into an imagefolder (images + metadata.jsonl)")
@@ -46,14 +70,21 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--no-exposure", action="store_true")
     f.add_argument("--dup-distance", type=int, default=4)
     f.add_argument("--ocr", type=float, default=None, help="drop text images with OCR agreement below this")
+    f.add_argument("--overwrite", action="store_true", help="write into a non-empty --out (replaces its metadata.jsonl)")
+    for sp in (s, r, f):
+        sp.error = _raise  # type: ignore[method-assign]
+        sp.allow_abbrev = False
     args = p.parse_args(argv)
 
     if args.cmd == "synth":
         from .imagefolder import synthesize_imagefolder
 
-        texts = list(args.texts) + (_read_lines(args.texts_file) if args.texts_file else [])
+        texts = [t for t in args.texts if t.strip()] + (_read_lines(args.texts_file) if args.texts_file else [])
         if not texts:
-            p.error("no texts (use --texts or --texts-file)")
+            raise UserError("no texts to render: give non-empty --texts or a --texts-file with one text per line")
+        if any(v <= 0 for v in args.size) or len(args.size) > 2:
+            raise UserError(f"--size must be W or W H in positive pixels, got {args.size}")
+        _check_out(Path(args.out), args.overwrite)
         size = tuple(args.size) if len(args.size) == 2 else (args.size[0], args.size[0])
         skipped = []
         out = synthesize_imagefolder(texts, args.out, modes=args.modes, size=size, seed=args.seed,
@@ -66,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "rare":
         from .rare_chars import cjk_characters, rare_characters, rare_strings
 
+        if not Path(args.corpus).is_file():
+            raise UserError(f"--corpus {args.corpus}: no such file")
         corpus = Path(args.corpus).read_text(encoding="utf-8")
         cands = cjk_characters() if args.all_cjk else None
         chars = rare_characters(corpus, candidates=cands, max_count=args.max_count)
@@ -81,7 +114,17 @@ def main(argv: list[str] | None = None) -> int:
         from .image_filters import default_filters
         from .imagefolder import write_imagefolder
 
-        ds = datasets.load_dataset("imagefolder", data_dir=args.data_dir, split="train")
+        data_dir, out = Path(args.data_dir), Path(args.out)
+        if not data_dir.is_dir():
+            raise UserError(f"--data-dir {data_dir}: no such folder")
+        if out.resolve() == data_dir.resolve():
+            raise UserError("--out must differ from --data-dir (the input would be overwritten)")
+        _check_out(out, args.overwrite)
+        try:
+            ds = datasets.load_dataset("imagefolder", data_dir=str(data_dir), split="train")
+        except Exception as err:  # no images, unreadable metadata.jsonl: datasets' own message, on one line
+            raise UserError(f"--data-dir {data_dir}: not a readable imagefolder ({type(err).__name__}: "
+                            f"{' '.join(str(err).split())[:200]})") from None
         overrides = {"resolution": {"min_side": args.min_side, "max_aspect_ratio": args.max_aspect},
                      "blur": {"min_variance": args.min_blur_var}, "contrast": {"min_contrast": args.min_contrast},
                      "duplicate": {"max_distance": args.dup_distance}}
@@ -91,9 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides["ocr_agreement"] = {"min_score": args.ocr}
         filters = default_filters(text_images=args.ocr is not None, **overrides)
         kept, report = filter_dataset(ds, filters, progress=True)
-        out = Path(args.out)
         if len(kept):
-            write_imagefolder(kept, out)
+            write_imagefolder(kept, out, overwrite=args.overwrite)
         else:
             out.mkdir(parents=True, exist_ok=True)
             print("no rows kept: no imagefolder written", file=sys.stderr)
@@ -101,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
                                                 encoding="utf-8")
         print(f"kept rows written to {out}; report in {out / 'filter_report.json'}")
     return 0
+
+
+def _raise(message: str) -> None:
+    raise UserError(message)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,15 @@ from typing import Any, Iterable, Sequence
 
 from PIL import Image
 
+from ..images import to_rgb
+
 from .image_filters import ImageFilter
 
 __all__ = ["FilterReport", "filter_dataset", "filter_images", "load_image"]
 
 
-def load_image(value: Any) -> Image.Image:
-    """A PIL image from a PIL image, a path, bytes, or a ``datasets`` Image dict ({"bytes":..., "path":...})."""
+def open_image(value: Any) -> Image.Image:
+    """A PIL image, as stored, from a PIL image, a path, bytes, or a ``datasets`` Image dict ({"bytes", "path"})."""
     if isinstance(value, Image.Image):
         return value
     if isinstance(value, dict):
@@ -30,6 +32,12 @@ def load_image(value: Any) -> Image.Image:
     if isinstance(value, str):
         return Image.open(value)
     raise TypeError(f"cannot read an image from {type(value).__name__}")
+
+
+def load_image(value: Any) -> Image.Image:
+    """:func:`open_image` as 8-bit RGB (``align.images.to_rgb``: 16-bit scaled, alpha on white, EXIF upright), so
+    filters judge the image the trainers will see (a 16-bit PNG is not "overexposed")."""
+    return to_rgb(open_image(value))
 
 
 @dataclass
@@ -140,6 +148,11 @@ def filter_dataset(ds, filters: Sequence[ImageFilter], image_column: str = "imag
     other_cols = [c for c in (ds.column_names if is_hf else []) if c != image_column]
     meta = ds.select_columns(other_cols) if is_hf and other_cols else None
     img_ds = ds.select_columns([image_column]) if is_hf else None  # decoded one row at a time
+    if is_hf and getattr(img_ds.features[image_column], "decode", False):
+        # Undecoded cells: a corrupt file becomes a dropped row ("unreadable"), not a crash in datasets' decoder.
+        from datasets import Image as ImageFeature
+
+        img_ds = img_ds.cast_column(image_column, ImageFeature(decode=False))
     n = len(ds)
     iterator = range(n)
     if progress:
@@ -158,7 +171,12 @@ def filter_dataset(ds, filters: Sequence[ImageFilter], image_column: str = "imag
             row = {k: v for k, v in full.items() if k != image_column}
             value = full[image_column]
         row["__index__"] = i
-        reasons = _run_filters(load_image(value), row, filters)
+        try:
+            image = load_image(value)
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            image, reasons = None, [f"unreadable: {type(err).__name__}"]
+        if image is not None:
+            reasons = _run_filters(image, row, filters)
         report.reasons.append(reasons)
         if reasons:
             report.dropped_indices.append(i)

@@ -20,6 +20,8 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
+from ..errors import UserError
+
 __all__ = [
     "to_luma",
     "laplacian_variance",
@@ -343,7 +345,7 @@ def default_filters(text_images: bool = False, **overrides) -> list[ImageFilter]
     spec.append(("duplicate", DuplicateFilter))
     unknown = set(overrides) - {n for n, _ in spec}
     if unknown:
-        raise ValueError(f"unknown filter names {sorted(unknown)}")
+        raise UserError(f"unknown filter names {sorted(unknown)}")
     out = []
     for name, cls in spec:
         if name in overrides and overrides[name] is None:

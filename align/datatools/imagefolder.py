@@ -15,6 +15,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 from PIL import Image
 
+from ..errors import UserError
+
 __all__ = ["write_imagefolder", "synthesize_imagefolder"]
 
 
@@ -45,11 +47,11 @@ def write_imagefolder(rows: Iterable[dict], out_dir: str | Path, image_column: s
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "metadata.jsonl"
     if meta_path.exists() and not overwrite:
-        raise FileExistsError(f"{meta_path} exists (pass overwrite=True)")
+        raise FileExistsError(f"{meta_path} exists (pass overwrite=True; on the command line --overwrite)")
     ext = {"jpeg": "jpg"}.get(image_format.lower(), image_format.lower())
     pil_format = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}.get(ext)
     if pil_format is None:
-        raise ValueError("image_format must be png, jpg or webp")
+        raise UserError("image_format must be png, jpg or webp")
     n = 0
     with open(meta_path, "w", encoding="utf-8") as fh:
         for i, row in enumerate(rows):
@@ -68,7 +70,7 @@ def write_imagefolder(rows: Iterable[dict], out_dir: str | Path, image_column: s
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
             n += 1
     if n == 0:
-        raise ValueError("no rows to write")
+        raise UserError("no rows to write")
     return out
 
 

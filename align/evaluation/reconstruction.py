@@ -14,6 +14,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from ..images import to_rgb
+
 __all__ = ["to_tensor", "psnr", "ssim", "reconstruction_metrics"]
 
 
@@ -37,7 +39,7 @@ def to_tensor(images: Sequence[Any], size: tuple[int, int] | None = None, pixel_
     for im in images:
         if not isinstance(im, Image.Image):
             return to_tensor(torch.stack([torch.as_tensor(np.asarray(x)) for x in images]), size, pixel_range)
-        im = im.convert("RGB")
+        im = to_rgb(im)
         if size is not None and im.size != tuple(size):
             im = im.resize(tuple(size), Image.BICUBIC)
         arrs.append(np.asarray(im, dtype=np.float32) / 255.0)
@@ -97,7 +99,7 @@ def reconstruction_metrics(images: Sequence[Image.Image], encode: Callable | Non
         raise ValueError("need encode and decode callables (or model=)")
     if size is None:
         size = images[0].size
-    src = [im.convert("RGB").resize(tuple(size), Image.BICUBIC) if im.size != tuple(size) else im.convert("RGB")
+    src = [to_rgb(im).resize(tuple(size), Image.BICUBIC) if im.size != tuple(size) else to_rgb(im)
            for im in images]
     per_psnr: list[float] = []
     per_ssim: list[float] = []

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 from collections import defaultdict
+import shutil
 from pathlib import Path
 from typing import Mapping
 
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import rotate_checkpoints
 
 from qwen_image import QwenImage
 from qwen_image.latents import img_shapes
@@ -139,6 +141,37 @@ class QwenImageTrainer(Trainer):
         else:
             save_full(model, output_dir, state_dict=state_dict)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write ``checkpoint-N`` atomically: into ``.incomplete-checkpoint-N/`` first, renamed when every file
+        (weights, optimizer, scheduler, RNG states, trainer state) is written. A run killed mid-save leaves only the
+        staging folder, which ``--resume_from_checkpoint last`` never picks (and the next save replaces)."""
+        from ..launch import STAGING_PREFIX
+
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"checkpoint-{self.state.global_step}"
+        staging_root = os.path.join(run_dir, STAGING_PREFIX + name)
+        final = os.path.join(run_dir, name)
+        if self.args.should_save and os.path.isdir(staging_root):
+            shutil.rmtree(staging_root)  # left by a run killed while saving this step
+        self.accelerator.wait_for_everyone()
+        # Trainer writes <run_dir>/checkpoint-N and rotates old checkpoints there: point it at the staging root.
+        self._get_output_dir = lambda trial=None: staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        self.accelerator.wait_for_everyone()  # every rank's shards / RNG states are in
+        if self.args.should_save:
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging_root, name), final)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging_root):
+                self.state.best_model_checkpoint = final
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         model = self.accelerator.unwrap_model(model or self.model)

@@ -133,10 +133,11 @@ class DPOGRPOTrainer(MonitoredEvaluationMixin, RolloutCheckpointMixin, FlowDPOTr
 
 def main(argv: Sequence[str] | None = None) -> Any:
     """``accelerate launch align/dpo.py --config recipes/dpo_grpo.yaml``: Flow-DPO, plus GRPO when ``w_grpo > 0``."""
-    from ..launch import parse_config
+    from ..launch import parse_config, prepare_run
     from .base import release_text_encoder
 
     config = parse_config(DPOGRPOConfig, argv)
+    prepare_run(config)  # output_dir / resume checks before anything loads
     set_seed(config.seed)
     prompts = None
     if config.w_grpo > 0:

@@ -18,10 +18,11 @@ from typing import Any, Sequence
 import torch
 from transformers import set_seed
 
+from ..errors import UserError
 from ..configs import QwenImageTrainingConfig
 from ..data.encoding import collate_encoded, encode_dataset
 from ..data.preference import IMAGE_COLUMNS, load_preference_dataset
-from ..launch import parse_config
+from ..launch import parse_config, prepare_run
 from ..losses import DPO_LOSS_TYPES, flow_dpo_loss, flow_matching_loss, make_noisy, sample_sigmas, velocity_error
 from ..modeling import load_qwen_image, model_identity
 from ..reference import ReferenceModel
@@ -53,16 +54,16 @@ class DPOConfig(QwenImageTrainingConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.loss_type not in DPO_LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {self.loss_type!r}")
+            raise UserError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {self.loss_type!r}")
         if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
+            raise UserError(f"beta must be > 0, got {self.beta}")
         if self.caption_dropout > 0:
-            raise ValueError("caption_dropout is an SFT option; Flow-DPO compares both images under the same prompt.")
+            raise UserError("caption_dropout is an SFT option; Flow-DPO compares both images under the same prompt.")
         if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+            raise UserError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         for name in ("w_dpo", "w_grpo", "beta_kl", "w_sft"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 class FlowDPOTrainer(QwenImageTrainer):
@@ -76,7 +77,7 @@ class FlowDPOTrainer(QwenImageTrainer):
             self.model, args.finetune, init_adapter=args.init_adapter, offload=args.reference_offload
         ).prepare(self.accelerator)
         if args.w_grpo > 0 and type(self).extra_loss_terms is FlowDPOTrainer.extra_loss_terms:
-            raise ValueError("w_grpo > 0 needs the GRPO term: launch align/dpo.py (the combined trainer).")
+            raise UserError("w_grpo > 0 needs the GRPO term: launch align/dpo.py (the combined trainer).")
         self.metric_log = MetricLog(self.accelerator)
         self._eval_generator: torch.Generator | None = None
 
@@ -169,12 +170,14 @@ class FlowDPOTrainer(QwenImageTrainer):
         super().log(logs, start_time)
 
 
-def build_datasets(config: DPOConfig, qwen) -> tuple[Any, Any]:
-    """Load, validate, encode (cached) and split the preference pairs. Rank 0 encodes first, the others reuse it."""
+def build_datasets(config: DPOConfig, qwen, pairs=None) -> tuple[Any, Any]:
+    """Load (unless ``pairs`` are given), validate, encode (cached) and split the preference pairs. Rank 0 encodes
+    first, the others reuse its cache."""
     with config.main_process_first(desc="preference data"):
-        pairs, report = load_preference_dataset(
-            config.dataset_name, config.dataset_split, config.prompt_column, config.min_agreement
-        )
+        if pairs is None:
+            pairs, _ = load_preference_dataset(
+                config.dataset_name, config.dataset_split, config.prompt_column, config.min_agreement
+            )
         encoded = encode_dataset(
             pairs, qwen, model_identity(config), config.encoding_cache_dir, image_columns=IMAGE_COLUMNS,
             prompt_column="prompt", resolution=config.resolution, batch_size=config.encode_batch_size,
@@ -186,12 +189,15 @@ def build_datasets(config: DPOConfig, qwen) -> tuple[Any, Any]:
 
 
 def load_model_and_pairs(config: DPOConfig) -> tuple[Any, Any, Any]:
-    """The bundle (text encoder and VAE on the accelerator for caching) and the encoded train/eval pairs."""
+    """The bundle (text encoder and VAE on the accelerator for caching) and the encoded train/eval pairs. The pairs
+    are read and checked first, so a data mistake is reported before the model loads."""
+    pairs, _ = load_preference_dataset(config.dataset_name, config.dataset_split, config.prompt_column,
+                                       config.min_agreement)
     qwen = load_qwen_image(config)
     for module in (qwen.text_encoder, qwen.vae):  # encode on the accelerator; the transformer is placed by the Trainer
         if module is not None:
             module.to(config.device)
-    train_ds, eval_ds = build_datasets(config, qwen)
+    train_ds, eval_ds = build_datasets(config, qwen, pairs)
     return qwen, train_ds, eval_ds
 
 
@@ -207,6 +213,7 @@ def train_and_save(trainer: FlowDPOTrainer, config: DPOConfig) -> FlowDPOTrainer
 def main(argv: Sequence[str] | None = None) -> FlowDPOTrainer:
     """``accelerate launch align/dpo.py --config recipes/dpo_lora.yaml [--key value ...]``."""
     config = parse_config(DPOConfig, argv)
+    prepare_run(config)
     set_seed(config.seed)
     qwen, train_ds, eval_ds = load_model_and_pairs(config)
     trainer = FlowDPOTrainer(qwen, config, train_dataset=train_ds, eval_dataset=eval_ds)

@@ -167,10 +167,11 @@ def main(argv: Sequence[str] | None = None) -> GRPOTrainer:
     """``python align/grpo.py --config recipe.yaml [--key value ...]``."""
     from transformers import set_seed
 
-    from ..launch import parse_config
+    from ..launch import parse_config, prepare_run
     from ..modeling import load_qwen_image
 
     args = parse_config(GRPOConfig, argv)
+    prepare_run(args)  # output_dir / resume checks before anything loads
     set_seed(args.seed)  # the LoRA init draws from the global RNG
     dataset = load_prompt_dataset(args.dataset_name, args.train_prompts, args.dataset_split, args.prompt_column)
     reward_fn = build_reward(args)

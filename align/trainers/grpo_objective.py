@@ -41,6 +41,7 @@ from ..losses.grpo import (
     num_train_timesteps,
     rewards_tensor,
 )
+from ..errors import UserError
 from ..rollouts import RolloutBatch, generate_rollouts, recompute_log_prob, score_images, sde_window_for
 from .base import MetricLog
 
@@ -187,15 +188,15 @@ def build_reward(args: GRPOArguments, funcs: list[str] | None = None, weights: l
     funcs = list(args.reward_funcs if funcs is None else funcs)
     weights = args.reward_weights if funcs == list(args.reward_funcs) and weights is None else weights
     if not funcs:
-        raise ValueError("reward_funcs is empty: name at least one reward (see rewards.available_rewards()).")
+        raise UserError("reward_funcs is empty: name at least one reward (see rewards.available_rewards()).")
     kwargs = args.reward_kwargs or {}
     unknown = set(kwargs) - set(args.reward_funcs) - set(args.monitor_reward_funcs or [])
     if unknown:
-        raise ValueError(f"reward_kwargs for rewards not in reward_funcs: {sorted(unknown)}")
+        raise UserError(f"reward_kwargs for rewards not in reward_funcs: {sorted(unknown)}")
     try:
         return combine(funcs, weights, reward_kwargs={k: v for k, v in kwargs.items() if k in funcs})
     except KeyError as err:
-        raise ValueError(str(err).strip("'\"")) from None
+        raise UserError(str(err).strip("'\"")) from None
 
 
 def build_monitor(qwen, args: GRPOArguments, prompts, accelerator, policy, reference=None):

@@ -21,17 +21,17 @@ import torch
 from datasets import Dataset, concatenate_datasets
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from qwen_image import QwenImage
 
+from ..errors import UserError
 from ..configs import QwenImageTrainingConfig
 from ..data.buckets import DEFAULT_ASPECT_RATIOS, BucketBatchSampler, BucketSizeFn
 from ..data.encoding import collate_encoded, encode_dataset
 from ..data.loading import load_image_dataset, validate_rows
 from ..data.ratings import AGGREGATES, FilterSummary, filter_by_ratings
 from ..data.schedule import PhaseSchedule, parse_phases
-from ..launch import parse_config
+from ..launch import parse_config, prepare_run
 from ..losses import flow_matching_loss, make_noisy, sample_sigmas
 from ..modeling import load_qwen_image, model_identity
 from .base import QwenImageTrainer, release_text_encoder
@@ -66,12 +66,12 @@ class SFTConfig(QwenImageTrainingConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.rating_aggregate not in AGGREGATES:
-            raise ValueError(f"rating_aggregate must be one of {AGGREGATES}, got {self.rating_aggregate!r}")
+            raise UserError(f"rating_aggregate must be one of {AGGREGATES}, got {self.rating_aggregate!r}")
         if not self.dataset_name:
-            raise ValueError("dataset_name is required (an imagefolder with metadata.jsonl, or a datasets folder).")
+            raise UserError("dataset_name is required (an imagefolder with metadata.jsonl, or a datasets folder).")
         self.phase_list = parse_phases(self.phases, self.resolution)
         if self.phase_list and self.max_steps <= 0:
-            raise ValueError("phases need max_steps > 0 (phase boundaries are fractions of max_steps).")
+            raise UserError("phases need max_steps > 0 (phase boundaries are fractions of max_steps).")
 
 
 @dataclass
@@ -86,17 +86,31 @@ def _is_synthetic(value, synthetic_values: Sequence[str]) -> bool:
     return str(value) in set(synthetic_values)
 
 
-def prepare_sft_data(config: SFTConfig, qwen: QwenImage) -> SFTData:
-    """Load, filter, check and cache the training data (the text encoder and VAE must still be loaded)."""
+def load_sft_rows(config: SFTConfig) -> tuple[Dataset, FilterSummary]:
+    """Load, rater-filter and check the training rows (no model needed: data mistakes surface before it loads)."""
     raw = load_image_dataset(config.dataset_name, config.dataset_split, config.image_column)
     raw, rated = filter_by_ratings(raw, config.min_score, config.min_raters, config.rating_aggregate,
                                    config.rating_scale, config.ratings_column, config.skip_bad_rows)
+    if len(raw) == 0:  # every row filtered out by the ratings: say so before the row checks touch the images
+        raise UserError(f"no training rows left ({_dropped(rated)}); lower min_score/min_raters or fix the ratings")
     raw, checked = validate_rows(raw, [config.image_column], config.prompt_column, config.skip_bad_rows)
     summary = rated.merge(checked)
     if len(raw) == 0:
-        raise ValueError(f"no training rows left after filtering.\n{summary}")
+        raise UserError(f"no training rows left ({_dropped(summary)}); fix the data or the filter settings")
+    return raw, summary
+
+
+def _dropped(summary: FilterSummary) -> str:
+    reasons = ", ".join(f"{n} {why}" for why, n in sorted(summary.dropped.items())) or "none dropped"
+    return f"{summary.total} rows, {reasons}" + (f"; filter: {summary.settings}" if summary.settings else "")
+
+
+def prepare_sft_data(config: SFTConfig, qwen: QwenImage, rows: tuple[Dataset, FilterSummary] | None = None) -> SFTData:
+    """Load (unless ``rows`` from :func:`load_sft_rows` are given), filter, check and cache the training data (the
+    text encoder and VAE must still be loaded)."""
+    raw, summary = rows if rows is not None else load_sft_rows(config)
     if any(p.synthetic_fraction is not None for p in config.phase_list) and config.source_column not in raw.column_names:
-        raise ValueError(f"phases set synthetic_fraction but the dataset has no {config.source_column!r} column.")
+        raise UserError(f"phases set synthetic_fraction but the dataset has no {config.source_column!r} column.")
 
     n = len(raw)
     raw = raw.add_column("unit", list(range(n)))
@@ -134,10 +148,10 @@ def prepare_sft_data(config: SFTConfig, qwen: QwenImage) -> SFTData:
         offset += len(part)
     for i, p in enumerate(config.phase_list):
         if p.synthetic_fraction and (p.resolution, "synthetic") not in pools:
-            raise ValueError(f"phase {i} asks for synthetic_fraction {p.synthetic_fraction:g} but no row has "
+            raise UserError(f"phase {i} asks for synthetic_fraction {p.synthetic_fraction:g} but no row has "
                              f"{config.source_column} in {config.synthetic_values}.")
         if p.synthetic_fraction is not None and p.synthetic_fraction < 1 and (p.resolution, "real") not in pools:
-            raise ValueError(f"phase {i} asks for real rows but every row is synthetic.")
+            raise UserError(f"phase {i} asks for real rows but every row is synthetic.")
 
     dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     latent = f"{config.image_column}_latents"
@@ -192,7 +206,7 @@ class SFTTrainer(QwenImageTrainer):
         if not self.schedule.phases or getattr(scheduler, "_phase_scaled", False):
             return scheduler
         if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-            raise ValueError(f"phase lr_scale needs a LambdaLR schedule; {self.args.lr_scheduler_type!r} is not one.")
+            raise UserError(f"phase lr_scale needs a LambdaLR schedule; {self.args.lr_scheduler_type!r} is not one.")
         optimizer = optimizer or self.optimizer
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"]
@@ -264,29 +278,15 @@ class _SamplerEpoch(TrainerCallback):
             self.trainer._batch_sampler.set_epoch(int(state.epoch + 1e-6))
 
 
-def resolve_checkpoint(config: SFTConfig) -> str | None:
-    """``resume_from_checkpoint``: a folder, or ``last``/``true`` for the newest checkpoint in output_dir."""
-    ckpt = config.resume_from_checkpoint
-    if ckpt in (None, "", "false", "False"):
-        return None
-    if str(ckpt).lower() in ("last", "true"):
-        found = get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
-        if found is None:
-            raise ValueError(f"resume_from_checkpoint={ckpt}: no checkpoint-* folder in {config.output_dir}")
-        return found
-    if not os.path.isdir(ckpt):
-        raise ValueError(f"resume_from_checkpoint {ckpt!r} is not a folder")
-    return ckpt
-
-
 def main(argv: Sequence[str] | None = None) -> SFTTrainer:
     config = parse_config(SFTConfig, argv)
+    checkpoint = prepare_run(config)
     set_seed(config.seed)
-    checkpoint = resolve_checkpoint(config)
+    rows = load_sft_rows(config)  # before the model: a data mistake is reported in seconds
     qwen = load_qwen_image(config)
-    # Rank 0 checks and encodes first; the others then read its on-disk cache instead of encoding again.
+    # Rank 0 encodes first; the others then read its on-disk cache instead of encoding again.
     with config.main_process_first(desc="SFT data"):
-        data = prepare_sft_data(config, qwen)
+        data = prepare_sft_data(config, qwen, rows)
     trainer = SFTTrainer(qwen, config, data)  # encodes the validation prompts before the text encoder goes
     release_text_encoder(qwen)
     if trainer.is_world_process_zero():
@@ -295,6 +295,7 @@ def main(argv: Sequence[str] | None = None) -> SFTTrainer:
         Path(config.output_dir, "data_summary.json").write_text(json.dumps(
             {"kept": data.summary.kept, "total": data.summary.total, "dropped": data.summary.dropped,
              "examples": data.summary.examples, "settings": data.summary.settings,
+             "warnings": data.summary.warnings, "warning_examples": data.summary.warning_examples,
              "world_size": config.world_size}, indent=2))
     logger.info("%s", data.summary)
     trainer.train(resume_from_checkpoint=checkpoint)

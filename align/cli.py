@@ -1,0 +1,125 @@
+"""``qwen-image-align sft|dpo|grpo --config recipe.yaml [accelerate options] [--key value ...]``.
+
+TRL's ``trl sft|dpo --config`` convention: the recipe and ``--key value`` overrides are checked here first (a
+mistake is one ``error:`` line, exit 2, before any process starts), every option the trainer does not know is
+handed to ``accelerate launch`` (``--num_processes 2``, ``--config_file recipes/accelerate/fsdp2.yaml``, ...;
+``--accelerate_config X`` is an alias of ``--config_file``), and the training script's exit code is passed through
+without accelerate's CalledProcessError traceback. ``accelerate launch align/sft.py ...`` keeps working.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .errors import UserError
+
+SCRIPTS = {"sft": "sft.py", "dpo": "dpo.py", "grpo": "grpo.py"}
+USAGE = ("usage: qwen-image-align {sft,dpo,grpo} --config RECIPE.yaml [accelerate options] [--key value ...]\n"
+         "  qwen-image-align sft --help   the trainer's options;  accelerate launch --help   the launcher's")
+
+
+def _config_class(command: str):
+    if command == "sft":
+        from .trainers.sft import SFTConfig
+
+        return SFTConfig
+    if command == "dpo":
+        from .trainers.combined import DPOGRPOConfig
+
+        return DPOGRPOConfig
+    from .trainers.grpo import GRPOConfig
+
+    return GRPOConfig
+
+
+def _is_value(token: str) -> bool:
+    return not token.startswith("-") or bool(re.fullmatch(r"-\d+(\.\d*)?([eE][-+]?\d+)?", token))
+
+
+def split_arguments(command: str, args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(accelerate launch arguments, training script arguments): an option the trainer knows (or ``--config``)
+    goes to the script with its values, any other option to accelerate. The script's part is validated here
+    (:func:`align.launch.parse_config`: a mistake raises UserError before anything starts)."""
+    from .launch import _make_parser, parse_config
+
+    trainer_options = set(_make_parser(_config_class(command))._option_string_actions) | {"--config", "-h", "--help",
+                                                                                         "--help-all"}
+    launch: list[str] = []
+    script: list[str] = []
+    target = script
+    for token in args:
+        if token.startswith("-") and not _is_value(token):
+            name = token.split("=", 1)[0]
+            target = script if name in trainer_options else launch
+        target.append(token)
+    if "--accelerate_config" in launch:
+        i = launch.index("--accelerate_config")
+        if i + 1 >= len(launch):
+            raise UserError("--accelerate_config needs a file (e.g. recipes/accelerate/multi_gpu.yaml)")
+        launch[i] = "--config_file"
+    parse_config(_config_class(command), script)
+    _check_launch_args(launch, sorted(o for o in trainer_options if o.startswith("--")))
+    return launch, script
+
+
+def _check_launch_args(launch: list[str], trainer_options: Sequence[str] = ()) -> list[str]:
+    from accelerate.commands.launch import launch_command_parser
+
+    parser = launch_command_parser()
+    parser.error = lambda message: (_ for _ in ()).throw(UserError(f"accelerate launch: {message}"))
+    known, unknown = parser.parse_known_args([*launch, "SCRIPT"])
+    if unknown:
+        import difflib
+
+        flag = unknown[0].split("=", 1)[0]
+        accelerate_options = [o for o in parser._option_string_actions if o.startswith("--")]
+        close = difflib.get_close_matches(flag, [*trainer_options, *accelerate_options], n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UserError(f"unknown option {flag!r} ({hint}neither a trainer option, see qwen-image-align "
+                        f"<command> --help, nor an accelerate launch option)")
+    if getattr(known, "config_file", None) and not Path(known.config_file).is_file():
+        raise UserError(f"--config_file {known.config_file}: no such accelerate config file")
+    return launch
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = args[0], args[1:]
+    if command not in SCRIPTS:
+        print(f"error: unknown command {command!r}; choose sft, dpo or grpo\n{USAGE}".splitlines()[0], file=sys.stderr)
+        return 2
+    from .launch import run_main
+
+    result: dict = {}
+
+    def prepare(_argv):
+        result["split"] = split_arguments(command, rest)
+
+    code = run_main(prepare)
+    if code or "split" not in result:  # --help (0) or a one-line error (2)
+        return code
+    launch, script = result["split"]
+    import subprocess
+
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    script_path = str(Path(__file__).resolve().parent / SCRIPTS[command])
+    launch_args = launch_command_parser().parse_args([*launch, script_path, *script])
+    try:
+        launch_command(launch_args)
+    except subprocess.CalledProcessError as err:
+        # The script already printed its one `error:` line (or its traceback): keep its exit code, add nothing.
+        return err.returncode if err.returncode > 0 else 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,409 @@
+"""What a new user gets wrong, across every command line: each case must exit 2 with ONE ``error:`` line on stderr
+that names the problem (file / row / option, and what to do), no traceback, and nothing valid deleted or changed.
+
+Most cases run in-process through the same exit handling the scripts use (``align.launch.run_main``), and all of
+them fail before a model loads, so the table is cheap; a few subprocess cases check the real entry points
+(``python align/sft.py``, ``qwen-image-align`` through accelerate, ``python -m align.datatools``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "tiny"
+SFT, DPO, DPO_GRPO, GRPO = (str(TINY / n) for n in ("sft_lora.yaml", "dpo_lora.yaml", "dpo_grpo.yaml",
+                                                        "grpo_brightness.yaml"))
+
+
+# ---------------------------------------------------------------------------------------------------- fixtures
+def _image(path: Path, size=(32, 32), value=120) -> None:
+    rng = np.random.default_rng(value)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def _imagefolder(folder: Path, rows: list[dict], images=("a.png", "b.png", "c.png")) -> Path:
+    folder.mkdir(parents=True)
+    for i, name in enumerate(images):
+        _image(folder / name, value=i)
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return folder
+
+
+def _pairs(folder: Path, rows: list[dict]) -> Path:
+    folder.mkdir(parents=True)
+    for i in range(2):
+        _image(folder / f"c{i}.png", value=10 + i)
+        _image(folder / f"r{i}.png", value=20 + i)
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return folder
+
+
+GOOD_ROWS = [{"file_name": "a.png", "prompt": "a red sign", "ratings": [5, 5, 5]},
+             {"file_name": "b.png", "prompt": "a blue sign", "ratings": [5, 5, 4]},
+             {"file_name": "c.png", "prompt": "a grey sign", "ratings": [1, 2, 1]}]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """Every input the cases use; all of it is 'valid user data' that no failing command may touch."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    d = {"root": root}
+    d["sft"] = _imagefolder(root / "sft", GOOD_ROWS)
+    d["sft_five"] = _imagefolder(root / "sft_five", [{**GOOD_ROWS[0], "ratings": [5, "five", 5]}, *GOOD_ROWS[1:]])
+    d["sft_badjson"] = _imagefolder(root / "sft_badjson", GOOD_ROWS[:1])
+    with open(d["sft_badjson"] / "metadata.jsonl", "a") as fh:
+        fh.write('{"file_name": "b.png", "prompt": \n')
+    d["sft_missing_img"] = _imagefolder(root / "sft_missing_img",
+                                        [*GOOD_ROWS[:2], {**GOOD_ROWS[0], "file_name": "gone.png"}])
+    d["sft_corrupt"] = _imagefolder(root / "sft_corrupt", [*GOOD_ROWS[:2], {**GOOD_ROWS[0], "file_name": "bad.png"}])
+    (d["sft_corrupt"] / "bad.png").write_bytes(b"not a png at all")
+    d["sft_empty_prompt"] = _imagefolder(root / "sft_empty_prompt", [{**GOOD_ROWS[0], "prompt": "  "}, *GOOD_ROWS[1:]])
+    d["sft_image_key"] = _imagefolder(root / "sft_image_key", [{**GOOD_ROWS[0], "image": "a.png"}])
+    d["sft_no_rows"] = _imagefolder(root / "sft_no_rows", [])
+    d["sft_scale"] = _imagefolder(root / "sft_scale", [{**GOOD_ROWS[0], "ratings": [5, 7, 5]}])
+    d["sft_unrated"] = _imagefolder(root / "sft_unrated", [{k: v for k, v in r.items() if k != "ratings"}
+                                                           for r in GOOD_ROWS])
+    d["empty_dir"] = root / "empty_dir"
+    d["empty_dir"].mkdir()
+    good_pair = {"prompt": "a sign", "chosen": "c0.png", "rejected": "r0.png", "votes": [3, 0]}
+    d["pairs"] = _pairs(root / "pairs", [good_pair, {**good_pair, "chosen": "c1.png", "rejected": "r1.png"}])
+    d["pairs_no_rejected"] = _pairs(root / "pairs_no_rejected", [{"prompt": "a sign", "chosen": "c0.png"}])
+    d["pairs_same"] = _pairs(root / "pairs_same", [{**good_pair, "rejected": "c0.png"}])
+    d["pairs_nan"] = _pairs(root / "pairs_nan", [{**good_pair, "agreement": math.nan}])
+    d["pairs_badjson"] = _pairs(root / "pairs_badjson", [good_pair])
+    with open(d["pairs_badjson"] / "metadata.jsonl", "a") as fh:
+        fh.write("{nope\n")
+    d["pairs_novotes"] = _pairs(root / "pairs_novotes", [{k: v for k, v in good_pair.items() if k != "votes"}])
+    prompts = root / "prompts"
+    prompts.mkdir()
+    (prompts / "ok.jsonl").write_text('{"prompt": "a cat"}\n{"prompt": "a dog"}\n', encoding="utf-8")
+    (prompts / "empty.txt").write_text("", encoding="utf-8")
+    (prompts / "blank.txt").write_text("\n  \n\n", encoding="utf-8")
+    (prompts / "noprompt.jsonl").write_text('{"caption": "a cat"}\n', encoding="utf-8")
+    (prompts / "bad.jsonl").write_text('{"prompt": "a cat"}\n{"prompt": \n', encoding="utf-8")
+    (prompts / "prompts.xml").write_text("<p>a cat</p>", encoding="utf-8")
+    d["prompts"] = prompts
+    recipes = root / "recipes"
+    recipes.mkdir()
+    (recipes / "syntax.yaml").write_text("learning_rate: 1e-4\nmax_steps: [1, 2\n", encoding="utf-8")
+    (recipes / "typo.yaml").write_text("learnin_rate: 1.0e-4\n", encoding="utf-8")
+    (recipes / "typo_dpo.yaml").write_text("bta: 10\n", encoding="utf-8")
+    (recipes / "list.yaml").write_text("- learning_rate: 1\n", encoding="utf-8")
+    d["recipes"] = recipes
+    # A finished run (adapter + checkpoint) that a careless second run must not overwrite or resume into.
+    prev = root / "previous_run"
+    (prev / "checkpoint-3").mkdir(parents=True)
+    (prev / "checkpoint-3" / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    (prev / "pytorch_lora_weights.safetensors").write_bytes(b"the user's adapter")
+    d["previous_run"] = prev
+    far = root / "far_run"
+    (far / "checkpoint-20").mkdir(parents=True)
+    (far / "checkpoint-20" / "trainer_state.json").write_text(json.dumps({"global_step": 20}))
+    d["far_run"] = far
+    half = root / "half_written"
+    (half / "checkpoint-5").mkdir(parents=True)
+    (half / "checkpoint-5" / "optimizer.pt").write_bytes(b"")
+    (half / ".incomplete-checkpoint-6" / "checkpoint-6").mkdir(parents=True)
+    d["half_written"] = half
+    dt = root / "dt_out"
+    dt.mkdir()
+    (dt / "metadata.jsonl").write_text('{"file_name": "x.png"}\n')
+    d["dt_out"] = dt
+    (root / "accelerate_missing.yaml").unlink(missing_ok=True)
+    return d
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and "cache" not in p.parts}
+
+
+# ---------------------------------------------------------------------------------------------------- runners
+def _run_trainer(which: str, argv: list[str]) -> int:
+    from align.launch import run_main
+
+    if which == "sft":
+        from align.trainers.sft import main
+    elif which == "dpo":
+        from align.trainers.combined import main
+    else:
+        from align.trainers.grpo import main
+    return run_main(main, argv)
+
+
+def _run_cli(which: str, argv: list[str]) -> int:
+    try:
+        if which in ("sft", "dpo", "grpo"):
+            return _run_trainer(which, argv)
+        if which == "align":
+            from align.cli import main
+        elif which == "datatools":
+            from align.datatools.__main__ import main
+        elif which == "annotation":
+            from annotation.cli import main
+        else:
+            from align.demo import main
+        return main(argv)
+    except SystemExit as err:  # argparse's own exit (the demo keeps argparse's usage + error lines)
+        return int(err.code or 0)
+
+
+# (id, cli, argv with {name} placeholders for fixture paths and {out} for a fresh folder, text the line must hold)
+CASES = [
+    # ---- SFT: options and recipes
+    ("sft-bad-float", "sft", ["--config", SFT, "--learning_rate", "fast"], "invalid float value: 'fast'"),
+    ("sft-abbreviation", "sft", ["--config", SFT, "--learning_rat", "1e-4"], "did you mean 'learning_rate'"),
+    ("sft-bad-int", "sft", ["--config", SFT, "--per_device_train_batch_size", "two"], "invalid int value: 'two'"),
+    ("sft-bad-choice", "sft", ["--config", SFT, "--lr_scheduler_type", "bogus"], "invalid choice: 'bogus'"),
+    ("sft-stray-word", "sft", ["--config", SFT, "foo"], "unknown option 'foo'"),
+    ("sft-config-missing", "sft", ["--config", "{root}/nope.yaml"], "nope.yaml: no such file"),
+    ("sft-config-no-value", "sft", ["--config"], "--config needs a recipe path"),
+    ("sft-yaml-syntax", "sft", ["--config", "{recipes}/syntax.yaml"], "not valid YAML at line"),
+    ("sft-yaml-typo", "sft", ["--config", "{recipes}/typo.yaml"], "unknown option 'learnin_rate' (did you mean 'learning_rate'?)"),
+    ("sft-yaml-list", "sft", ["--config", "{recipes}/list.yaml"], "must be a YAML mapping"),
+    ("sft-max-steps-0", "sft", ["--config", SFT, "--max_steps", "0", "--dataset_name", "{sft}", "--output_dir", "{out}"],
+     "max_steps 0 trains nothing"),
+    ("sft-resolution", "sft", ["--config", SFT, "--resolution", "30"], "resolution must be a positive multiple of 16"),
+    ("sft-finetune", "sft", ["--config", SFT, "--finetune", "qlora"], "finetune must be 'lora' or 'full'"),
+    ("sft-caption-dropout", "sft", ["--config", SFT, "--caption_dropout", "1.5"], "caption_dropout must be in [0, 1)"),
+    ("sft-aggregate", "sft", ["--config", SFT, "--rating_aggregate", "mode"], "rating_aggregate must be one of"),
+    ("sft-lora-rank", "sft", ["--config", SFT, "--lora_rank", "0"], "lora_rank must be >= 1"),
+    ("sft-no-dataset", "sft", ["--output_dir", "{out}"], "dataset_name is required"),
+    ("sft-phases", "sft", ["--config", SFT, "--phases", '[{"until": 0.5}]'], "the last phase must end at until: 1.0"),
+    # ---- SFT: output_dir and resume
+    ("sft-previous-run", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{previous_run}"],
+     "already holds a run (checkpoint-3, pytorch_lora_weights.safetensors): pass --resume_from_checkpoint last"),
+    ("sft-resume-nothing", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
+                                   "--resume_from_checkpoint", "last"], "no complete checkpoint-* folder in"),
+    ("sft-resume-only-incomplete", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir",
+                                           "{half_written}", "--resume_from_checkpoint", "last"],
+     "no complete checkpoint-* folder in"),
+    ("sft-resume-incomplete-path", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
+                                           "--resume_from_checkpoint", "{half_written}/checkpoint-5"],
+     "not a complete checkpoint"),
+    ("sft-resume-missing-path", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
+                                        "--resume_from_checkpoint", "{root}/nope"], "no such checkpoint folder"),
+    ("sft-resume-other-run", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{far_run}",
+                                     "--resume_from_checkpoint", "last", "--max_steps", "10"],
+     "is at step 20, past max_steps 10"),
+    # ---- SFT: data
+    ("sft-dataset-missing", "sft", ["--config", SFT, "--dataset_name", "{root}/no_such_data", "--output_dir", "{out}"],
+     "no_such_data' not found"),
+    ("sft-dataset-relative-missing", "sft", ["--config", SFT, "--dataset_name", "data/tiny_sft_missing",
+                                             "--output_dir", "{out}"], "not found: no such local folder or file"),
+    ("sft-all-filtered", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
+                                 "--min_score", "5", "--min_raters", "4"], "no training rows left (3 rows, 3 too_few_ratings"),
+    ("sft-rating-five", "sft", ["--config", SFT, "--dataset_name", "{sft_five}", "--output_dir", "{out}"],
+     "row 0 (file_name='a.png'): rating 'five' is not a number"),
+    ("sft-rating-scale", "sft", ["--config", SFT, "--dataset_name", "{sft_scale}", "--output_dir", "{out}"],
+     "rating 7 is outside the rating scale [1, 5]"),
+    ("sft-min-score-scale", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
+                                    "--min_score", "9"], "min_score 9 is outside the rating scale"),
+    ("sft-no-ratings", "sft", ["--config", SFT, "--dataset_name", "{sft_unrated}", "--output_dir", "{out}"],
+     "no 'ratings' column"),
+    ("sft-bad-json", "sft", ["--config", SFT, "--dataset_name", "{sft_badjson}", "--output_dir", "{out}"],
+     "metadata.jsonl:2: not valid JSON"),
+    ("sft-missing-image", "sft", ["--config", SFT, "--dataset_name", "{sft_missing_img}", "--output_dir", "{out}",
+                                  "--min_raters", "0"], "row 2 (file_name='gone.png'): image: image not found"),
+    ("sft-corrupt-image", "sft", ["--config", SFT, "--dataset_name", "{sft_corrupt}", "--output_dir", "{out}",
+                                  "--min_raters", "0"], "row 2 (file_name='bad.png'): image: unreadable image"),
+    ("sft-empty-prompt", "sft", ["--config", SFT, "--dataset_name", "{sft_empty_prompt}", "--output_dir", "{out}"],
+     "row 0 (file_name='a.png'): empty prompt"),
+    ("sft-image-key", "sft", ["--config", SFT, "--dataset_name", "{sft_image_key}", "--output_dir", "{out}"],
+     "rows must not have an 'image' key"),
+    ("sft-no-rows", "sft", ["--config", SFT, "--dataset_name", "{sft_no_rows}", "--output_dir", "{out}"], "has no rows"),
+    ("sft-empty-folder", "sft", ["--config", SFT, "--dataset_name", "{empty_dir}", "--output_dir", "{out}"],
+     "not a dataset this tool can read"),
+    # ---- DPO
+    ("dpo-loss-type", "dpo", ["--config", DPO, "--loss_type", "kto"], "loss_type must be one of"),
+    ("dpo-beta", "dpo", ["--config", DPO, "--beta", "0"], "beta must be > 0"),
+    ("dpo-caption-dropout", "dpo", ["--config", DPO, "--caption_dropout", "0.1"], "caption_dropout is an SFT option"),
+    ("dpo-eval-fraction", "dpo", ["--config", DPO, "--eval_fraction", "1"], "eval_fraction must be in [0, 1)"),
+    ("dpo-negative-weight", "dpo", ["--config", DPO, "--w_sft", "-1"], "w_sft must be >= 0"),
+    ("dpo-yaml-typo", "dpo", ["--config", "{recipes}/typo_dpo.yaml"], "unknown option 'bta' (did you mean 'beta'?)"),
+    ("dpo-max-steps-0", "dpo", ["--config", DPO, "--dataset_name", "{pairs}", "--output_dir", "{out}", "--max_steps", "0"],
+     "max_steps 0 trains nothing"),
+    ("dpo-previous-run", "dpo", ["--config", DPO, "--dataset_name", "{pairs}", "--output_dir", "{previous_run}"],
+     "already holds a run"),
+    ("dpo-resume-nothing", "dpo", ["--config", DPO, "--dataset_name", "{pairs}", "--output_dir", "{out}",
+                                   "--resume_from_checkpoint", "last"], "no complete checkpoint-* folder"),
+    ("dpo-min-agreement-range", "dpo", ["--config", DPO, "--dataset_name", "{pairs}", "--output_dir", "{out}",
+                                        "--min_agreement", "1.5"], "min_agreement must be in [0, 1]"),
+    ("dpo-missing-rejected", "dpo", ["--config", DPO, "--dataset_name", "{pairs_no_rejected}", "--output_dir", "{out}"],
+     "no row has a 'rejected' image"),
+    ("dpo-dataset-missing", "dpo", ["--config", DPO, "--dataset_name", "{root}/no_pairs", "--output_dir", "{out}"],
+     "preference dataset"),
+    ("dpo-identical", "dpo", ["--config", DPO, "--dataset_name", "{pairs_same}", "--output_dir", "{out}"],
+     "no usable preference pairs"),
+    ("dpo-nan-agreement", "dpo", ["--config", DPO, "--dataset_name", "{pairs_nan}", "--output_dir", "{out}",
+                                  "--min_agreement", "0.5"], "1 agreement not in [0, 1]"),
+    ("dpo-bad-json", "dpo", ["--config", DPO, "--dataset_name", "{pairs_badjson}", "--output_dir", "{out}"],
+     "metadata.jsonl:2: not valid JSON"),
+    ("dpo-no-agreement", "dpo", ["--config", DPO, "--dataset_name", "{pairs_novotes}", "--output_dir", "{out}",
+                                 "--min_agreement", "0.5"], "neither an 'agreement' nor a 'votes' column"),
+    ("dpo-grpo-two-prompt-sources", "dpo", ["--config", DPO_GRPO, "--dataset_name", "{pairs}", "--output_dir", "{out}",
+                                            "--grpo_dataset_name", "{prompts}/ok.jsonl"],
+     "both a prompt dataset"),
+    # ---- GRPO
+    ("grpo-unknown-reward", "grpo", ["--config", GRPO, "--reward_funcs", "nope", "--output_dir", "{out}"],
+     "unknown reward 'nope'"),
+    ("grpo-num-generations", "grpo", ["--config", GRPO, "--num_generations", "1"], "num_generations must be >= 2"),
+    ("grpo-kl-form", "grpo", ["--config", GRPO, "--kl_form", "k3"], "kl_form must be one of"),
+    ("grpo-beta", "grpo", ["--config", GRPO, "--beta", "-1"], "beta must be >= 0"),
+    ("grpo-reward-kwargs", "grpo", ["--config", GRPO, "--reward_kwargs", "{bad"], "reward_kwargs is not valid JSON"),
+    ("grpo-timestep-fraction", "grpo", ["--config", GRPO, "--timestep_fraction", "0"], "timestep_fraction must be in (0, 1]"),
+    ("grpo-max-steps-0", "grpo", ["--config", GRPO, "--max_steps", "0", "--output_dir", "{out}"], "max_steps 0"),
+    ("grpo-previous-run", "grpo", ["--config", GRPO, "--output_dir", "{previous_run}"], "already holds a run"),
+    ("grpo-prompt-file-missing", "grpo", ["--config", GRPO, "--train_prompts", "{root}/ocr_prompts.jsonl",
+                                          "--output_dir", "{out}"], "looks like a prompt file, but it does not exist"),
+    ("grpo-two-prompt-sources", "grpo", ["--config", GRPO, "--dataset_name", "{prompts}/ok.jsonl",
+                                         "--output_dir", "{out}"], "both a prompt dataset"),
+    ("grpo-empty-prompt-file", "grpo", ["--config", GRPO, "--train_prompts", "{prompts}/empty.txt",
+                                        "--output_dir", "{out}"], "empty.txt is empty"),
+    ("grpo-blank-prompt-file", "grpo", ["--config", GRPO, "--train_prompts", "{prompts}/blank.txt",
+                                        "--output_dir", "{out}"], "blank.txt is empty"),
+    ("grpo-no-prompt-column", "grpo", ["--config", GRPO, "--train_prompts", "{prompts}/noprompt.jsonl",
+                                       "--output_dir", "{out}"], "has no 'prompt' column"),
+    ("grpo-bad-jsonl", "grpo", ["--config", GRPO, "--train_prompts", "{prompts}/bad.jsonl", "--output_dir", "{out}"],
+     "bad.jsonl:2: not valid JSON"),
+    ("grpo-prompt-format", "grpo", ["--config", GRPO, "--train_prompts", "{prompts}/prompts.xml",
+                                    "--output_dir", "{out}"], "cannot read prompts from 'prompts.xml'"),
+    ("grpo-prompt-dataset-missing", "grpo", ["--config", GRPO, "--train_prompts", "a", "b", "--dataset_name",
+                                             "{root}/nope", "--output_dir", "{out}"], "both a prompt dataset"),
+    # ---- qwen-image-align (checked before accelerate starts anything)
+    ("align-unknown-command", "align", ["train", "--config", SFT], "unknown command 'train'"),
+    ("align-config-missing", "align", ["sft", "--config", "{root}/nope.yaml"], "no such file"),
+    ("align-typo", "align", ["sft", "--config", SFT, "--learning_rat", "1"], "did you mean '--learning_rate'"),
+    ("align-accelerate-typo", "align", ["dpo", "--config", DPO, "--num_procs", "2"], "did you mean '--num_processes'"),
+    ("align-accelerate-bad-value", "align", ["sft", "--config", SFT, "--num_processes", "two"],
+     "invalid int value: 'two'"),
+    ("align-accelerate-config-missing", "align", ["grpo", "--config", GRPO, "--config_file", "{root}/nope.yaml"],
+     "no such accelerate config file"),
+    ("align-accelerate-config-no-value", "align", ["grpo", "--config", GRPO, "--accelerate_config"],
+     "--accelerate_config needs a file"),
+    ("align-bad-value", "align", ["dpo", "--config", DPO, "--loss_type", "kto"], "loss_type must be one of"),
+    ("align-yaml-syntax", "align", ["sft", "--config", "{recipes}/syntax.yaml"], "not valid YAML"),
+    # ---- python -m align.datatools
+    ("dt-missing-folder", "datatools", ["filter", "--data-dir", "{root}/nope", "--out", "{out}"], "no such folder"),
+    ("dt-out-is-input", "datatools", ["filter", "--data-dir", "{sft}", "--out", "{sft}"], "--out must differ from --data-dir"),
+    ("dt-out-exists", "datatools", ["filter", "--data-dir", "{sft}", "--out", "{dt_out}"],
+     "already exists and is not empty: pass --overwrite"),
+    ("dt-synth-out-exists", "datatools", ["synth", "--texts", "OPEN", "--out", "{dt_out}"], "pass --overwrite"),
+    ("dt-empty-folder", "datatools", ["filter", "--data-dir", "{empty_dir}", "--out", "{out}"], "not a readable imagefolder"),
+    ("dt-empty-text", "datatools", ["synth", "--texts", "", "--out", "{out}"], "no texts to render"),
+    ("dt-texts-file-missing", "datatools", ["synth", "--texts-file", "{root}/nope.txt", "--out", "{out}"], "no such file"),
+    ("dt-size", "datatools", ["synth", "--texts", "OPEN", "--size", "0", "--out", "{out}"], "--size must be"),
+    ("dt-corpus-missing", "datatools", ["rare", "--corpus", "{root}/nope.txt"], "--corpus"),
+    ("dt-unknown-option", "datatools", ["filter", "--data-dir", "{sft}", "--out", "{out}", "--min-sid", "3"],
+     "unrecognized arguments: --min-sid"),
+    ("dt-abbreviation", "datatools", ["filter", "--data-dir", "{sft}", "--out", "{out}", "--min-si", "3"],
+     "unrecognized arguments: --min-si"),
+    ("dt-no-command", "datatools", [], "the following arguments are required"),
+    # ---- qwen-image-annotation (no server needed)
+    ("ann-no-token", "annotation", ["status", "--project-id", "1"], "no API token"),
+    ("ann-token-file-missing", "annotation", ["status", "--project-id", "1", "--token-file", "{root}/nope"],
+     "does not exist"),
+    ("ann-bad-url", "annotation", ["status", "--project-id", "1", "--url", "localhost8080", "--token-file", "{sft}/metadata.jsonl"],
+     "is not an http(s) URL"),
+    ("ann-bad-port", "annotation", ["status", "--project-id", "1", "--url", "http://127.0.0.1:99999",
+                                    "--token-file", "{sft}/metadata.jsonl"], "is not a valid URL"),
+    ("ann-missing-arg", "annotation", ["status"], "the following arguments are required: --project-id"),
+    ("ann-unknown-command", "annotation", ["pul"], "invalid choice: 'pul'"),
+    ("ann-prompts-missing", "annotation", ["generate-pairs", "--prompts", "{root}/nope.txt", "--out", "{out}"],
+     "does not exist"),
+    ("ann-bad-int", "annotation", ["status", "--project-id", "x"], "invalid int value: 'x'"),
+    # ---- qwen-image-demo
+    ("demo-config-missing", "demo", ["--config", "{root}/nope.yaml", "--output_dir", "{out}"], "nope.yaml"),
+    ("demo-unknown-option", "demo", ["--fastt"], "unrecognized arguments: --fastt"),
+]
+
+
+def _fill(arg: str, paths: dict[str, str]) -> str:
+    for key, value in paths.items():
+        arg = arg.replace("{" + key + "}", value)
+    return arg
+
+
+@pytest.mark.parametrize("case_id, cli, argv, expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(case_id, cli, argv, expected, data, tmp_path, capsys,
+                                                          monkeypatch):
+    monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)  # relative paths (outputs/, data/) resolve in an empty folder
+    paths = {k: str(v) for k, v in data.items()} | {"out": str(tmp_path / "out")}
+    args = [_fill(a, paths) for a in argv]
+    before = _snapshot(data["root"])
+    code = _run_cli(cli, args)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2, err
+    assert len(errors) == 1, err
+    assert expected in errors[0], errors[0]
+    assert _snapshot(data["root"]) == before, "a failing command changed the user's files"
+    assert not (tmp_path / "out" / "checkpoint-1").exists()
+
+
+def test_the_table_is_large_and_covers_every_cli():
+    assert len(CASES) >= 60 and len({c[0] for c in CASES}) == len(CASES)
+    assert {c[1] for c in CASES} == {"sft", "dpo", "grpo", "align", "datatools", "annotation", "demo"}
+
+
+@pytest.mark.parametrize("which", ["sft", "dpo", "grpo"])
+def test_help_exits_0_and_lists_the_projects_options_first(which, capsys):
+    assert _run_trainer(which, ["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage:") and "--config RECIPE.yaml" in out and "--help-all" in out
+    own = {"sft": "--min_raters", "dpo": "--loss_type", "grpo": "--num_generations"}[which]
+    assert own in out and out.index(own) < out.index("--learning_rate")
+    assert len(out.splitlines()) < 250  # not transformers' ~600 lines
+    assert _run_trainer(which, ["--help-all"]) == 0
+    assert "--adam_beta1" in capsys.readouterr().out
+
+
+def test_a_bug_keeps_its_traceback(capsys):
+    from align.launch import run_main
+
+    def buggy(argv):
+        raise KeyError("internal")
+
+    assert run_main(buggy, []) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "ACCELERATE_USE_CPU": "true"}
+
+
+def test_scripts_end_to_end(data, tmp_path):
+    """The real entry points: `python align/sft.py --help` (exit 0, no traceback; it used to be a SystemExit
+    traceback), `python -m align.datatools` (exit code 2 through sys.exit)."""
+    help_run = subprocess.run([sys.executable, str(ROOT / "align/sft.py"), "--help"], capture_output=True, text=True,
+                              env=_env(), timeout=120, cwd=tmp_path)
+    assert help_run.returncode == 0 and "Traceback" not in help_run.stderr and "--config" in help_run.stdout
+    dt = subprocess.run([sys.executable, "-m", "align.datatools", "filter", "--data-dir", str(tmp_path / "nope"),
+                         "--out", str(tmp_path / "o")], capture_output=True, text=True, env=_env(), timeout=120)
+    assert dt.returncode == 2 and dt.stderr.strip() == f"error: --data-dir {tmp_path / 'nope'}: no such folder"
+
+
+def test_qwen_image_align_passes_the_scripts_one_line_error_through_accelerate(data, tmp_path):
+    """A data mistake found inside the launched training process: exit 2 and its one line, without accelerate's
+    CalledProcessError traceback."""
+    proc = subprocess.run([sys.executable, "-m", "align.cli", "sft", "--config", SFT, "--num_processes", "1",
+                           "--dataset_name", str(data["sft_five"]), "--output_dir", str(tmp_path / "o")],
+                          capture_output=True, text=True, env=_env(), timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "CalledProcessError" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "rating 'five' is not a number" in errors[0]
