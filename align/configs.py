@@ -25,6 +25,9 @@ class QwenImageTrainingConfig(TrainingArguments):
         default=None, metadata={"help": "Local diffusers-format Qwen-Image folder. Empty: the tiny random model (CPU demo/tests)."}
     )
     tiny_seed: int = field(default=0, metadata={"help": "Seed of the tiny random model when no checkpoint is given."})
+    tiny_variant: str = field(
+        default="t2i", metadata={"help": "Tiny random model layout when no checkpoint is given: t2i, edit-2509 or edit-2511 (zero_cond_t)."}
+    )
     model_dtype: str = field(default="auto", metadata={"help": "Weights dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32."})
     finetune: str = field(default="lora", metadata={"help": "lora (PEFT adapter on the transformer) or full."})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank r."})

@@ -34,6 +34,11 @@ def load_qwen_image(
             return QwenImage.from_pretrained(
                 config.model_name_or_path, torch_dtype=dtype, load_text_encoder=load_text_encoder, load_vae=load_vae
             )
+        variant = getattr(config, "tiny_variant", "t2i")
+        if variant != "t2i":
+            if not variant.startswith("edit-"):
+                raise ValueError(f"tiny_variant must be t2i, edit-2509 or edit-2511, got {variant!r}")
+            return QwenImage.tiny_edit(variant.removeprefix("edit-"), seed=config.tiny_seed, dtype=dtype)
         return QwenImage.tiny(seed=config.tiny_seed, dtype=dtype)
 
 

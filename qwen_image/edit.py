@@ -109,8 +109,9 @@ class EditEncoder:
     def condition_size(self, image: Image.Image) -> tuple[int, int]:
         return edit_size(image, self.model.edit_condition_area)
 
-    def reference_size(self, image: Image.Image) -> tuple[int, int]:
-        return edit_size(image, self.model.edit_reference_area)
+    def reference_size(self, image: Image.Image, area: int | None = None) -> tuple[int, int]:
+        """VAE-side size; ``area`` overrides the model's reference area (training at a smaller control size)."""
+        return edit_size(image, area or self.model.edit_reference_area)
 
     def default_target_size(self, references: Sequence[Image.Image]) -> tuple[int, int]:
         """EditPlus's default output size: the last reference's aspect ratio at the model's default area."""
@@ -169,16 +170,16 @@ class EditEncoder:
         return pad_embeddings(per_row, device=device, dtype=dtype)
 
     # ------------------------------------------------------------------ VAE side
-    def reference_pixels(self, image: Image.Image) -> torch.Tensor:
+    def reference_pixels(self, image: Image.Image, area: int | None = None) -> torch.Tensor:
         """(1, 3, 1, H, W) in [-1, 1] at the reference size (EditPlus's preprocessing)."""
-        return self.image_processor.preprocess(image.convert("RGB"), *self.reference_size(image)).unsqueeze(2)
+        return self.image_processor.preprocess(image.convert("RGB"), *self.reference_size(image, area)).unsqueeze(2)
 
     @torch.no_grad()
-    def encode_reference_latents(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+    def encode_reference_latents(self, images: Sequence[Image.Image], area: int | None = None) -> list[torch.Tensor]:
         """Packed latents (L_i, 64) of each image at its reference size (one VAE call per image)."""
         model = self.model
         model._require("vae")
-        return [latent_ops.pack(latent_ops.encode(model.vae, self.reference_pixels(im)))[0] for im in images]
+        return [latent_ops.pack(latent_ops.encode(model.vae, self.reference_pixels(im, area)))[0] for im in images]
 
     def references(self, images, n_rows: int, device=None, dtype: torch.dtype | None = None) -> References:
         """The VAE side of a batch: every row's references, which must have the same sizes across rows."""

@@ -15,7 +15,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 
 from qwen_image import QwenImage
 from qwen_image.latents import img_shapes
-from qwen_image.sampling import Conditioning, predict_velocity, sample
+from qwen_image.sampling import Conditioning, References, predict_velocity, sample
 from qwen_image.scheduler import inference_sigmas
 
 from ..configs import QwenImageTrainingConfig
@@ -71,10 +71,14 @@ class QwenImageTrainer(Trainer):
         height: int,
         width: int,
         attention_kwargs: dict | None = None,
+        references: References | None = None,
     ) -> torch.Tensor:
-        """The transformer's velocity v = eps - x0 on packed latents at per-sample noise level ``sigma``."""
+        """The transformer's velocity v = eps - x0 on packed latents at per-sample noise level ``sigma``
+        (edit models: of the target tokens, with ``references`` appended as the conditioning seam does)."""
         dtype = self.qwen.transformer.dtype
-        cond = Conditioning.from_padded(prompt_embeds.to(dtype), prompt_mask)
+        if references is not None:
+            references = references.to(noisy.device, dtype)
+        cond = Conditioning.from_padded(prompt_embeds.to(dtype), prompt_mask, references)
         return predict_velocity(model, noisy.to(dtype), sigma, cond, img_shapes(noisy.shape[0], height, width),
                                 attention_kwargs=attention_kwargs)
 

@@ -27,6 +27,7 @@ from qwen_image import QwenImage
 
 from ..configs import QwenImageTrainingConfig
 from ..data.buckets import DEFAULT_ASPECT_RATIOS, BucketBatchSampler, BucketSizeFn
+from ..data.edit import CONTROL_COLUMNS as EDIT_CONTROL_COLUMNS, CONTROL_LIST_COLUMN as EDIT_CONTROL_LIST, collate_edit
 from ..data.encoding import collate_encoded, encode_dataset
 from ..data.loading import load_image_dataset, validate_rows
 from ..data.ratings import AGGREGATES, FilterSummary, filter_by_ratings
@@ -62,6 +63,11 @@ class SFTConfig(QwenImageTrainingConfig):
     )
     source_column: str = field(default="source", metadata={"help": "Column telling real from synthetic rows (for phase mixes)."})
     synthetic_values: list[str] = field(default_factory=lambda: ["synthetic"], metadata={"help": "source_column values that mean synthetic."})
+    # --- edit models (used when the checkpoint is an Edit-2509/2511 one; see docs/edit.md)
+    control_columns: list[str] = field(default_factory=lambda: list(EDIT_CONTROL_COLUMNS), metadata={"help": "Edit: numbered control (reference) image columns, in order."})
+    control_images_column: str = field(default=EDIT_CONTROL_LIST, metadata={"help": "Edit: a list column of 1-3 control images (instead of numbered columns)."})
+    control_resolution: int = field(default=0, metadata={"help": "Edit: control images at about this many px squared on the VAE side (0: the model's reference area, as at inference)."})
+    num_control_images: int = field(default=0, metadata={"help": "Edit: require exactly this many control images per row (0: any of 1-3)."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -80,6 +86,7 @@ class SFTData:
     pools: dict  # (resolution, source) -> (height, width) -> units (lists of interchangeable row indices)
     summary: FilterSummary
     empty_prompt: torch.Tensor | None  # (L, D) embedding of EMPTY_PROMPT for caption dropout
+    edit: bool = False  # rows carry reference latents (edit models): batches get ``references``
 
 
 def _is_synthetic(value, synthetic_values: Sequence[str]) -> bool:
@@ -88,6 +95,10 @@ def _is_synthetic(value, synthetic_values: Sequence[str]) -> bool:
 
 def prepare_sft_data(config: SFTConfig, qwen: QwenImage) -> SFTData:
     """Load, filter, check and cache the training data (the text encoder and VAE must still be loaded)."""
+    if qwen.edit_model:
+        from .edit_sft import prepare_edit_sft_data
+
+        return prepare_edit_sft_data(config, qwen)
     raw = load_image_dataset(config.dataset_name, config.dataset_split, config.image_column)
     raw, rated = filter_by_ratings(raw, config.min_score, config.min_raters, config.rating_aggregate,
                                    config.rating_scale, config.ratings_column, config.skip_bad_rows)
@@ -169,8 +180,9 @@ class SFTTrainer(QwenImageTrainer):
         self._micro = (-1, 0)
         self._pending_metrics = data.summary.metrics()
         self._batch_sampler: BucketBatchSampler | None = None
+        collate = collate_edit if data.edit else collate_encoded
         super().__init__(qwen, args, train_dataset=data.dataset,
-                         data_collator=partial(collate_encoded, latent_columns=[self._latent_key]), **kwargs)
+                         data_collator=partial(collate, latent_columns=[self._latent_key]), **kwargs)
         self.add_callback(_SamplerEpoch(self))
 
     # ------------------------------------------------------------------ data
@@ -239,7 +251,7 @@ class SFTTrainer(QwenImageTrainer):
         sigma = sigma.to(x0.device)
         noisy, target = make_noisy(x0, noise, sigma)
         pred = self.velocity(model, noisy, sigma, embeds.to(x0.device), mask.to(x0.device),
-                             int(inputs["height"]), int(inputs["width"]))
+                             int(inputs["height"]), int(inputs["width"]), references=inputs.get("references"))
         loss = flow_matching_loss(pred, target, sigma, args.loss_weighting)
         return (loss, {"velocity": pred}) if return_outputs else loss
 
