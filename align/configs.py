@@ -54,6 +54,14 @@ class QwenImageTrainingConfig(TrainingArguments):
     )
     encode_batch_size: int = field(default=4, metadata={"help": "Batch size when caching embeddings and latents."})
     caption_dropout: float = field(default=0.0, metadata={"help": "Probability of training a sample on the empty prompt."})
+    # --- edit models (read when the checkpoint is an Edit-2509/2511 one; docs/edit.md)
+    control_columns: list[str] = field(
+        default_factory=lambda: ["control_image", "control_image_1", "control_image_2"],
+        metadata={"help": "Edit: numbered control (reference) image columns, in order."},
+    )
+    control_images_column: str = field(default="control_images", metadata={"help": "Edit: a list column of 1-3 control images (instead of numbered columns)."})
+    control_resolution: int = field(default=0, metadata={"help": "Edit: control images at about this side squared in px on the VAE side (0: the model's reference area, as at inference)."})
+    num_control_images: int = field(default=0, metadata={"help": "Edit: require exactly this many control images per row (0: any of 1-3)."})
     # --- flow matching
     timestep_sampling: str = field(
         default="qwen_shift", metadata={"help": "uniform | logit_normal | mode | qwen_shift (Qwen-Image's resolution-dependent shift)."}

@@ -44,6 +44,10 @@ class References:
     def repeat_interleave(self, n: int) -> "References":
         return self if n == 1 else References(self.latents.repeat_interleave(n, 0), self.shapes)
 
+    def repeat(self, n: int) -> "References":
+        """The batch tiled ``n`` times (rows 0..B-1, 0..B-1, ...), like ``embeds.repeat(n, 1, 1)``."""
+        return self if n == 1 else References(self.latents.repeat(n, 1, 1), self.shapes)
+
     def to(self, device=None, dtype: torch.dtype | None = None) -> "References":
         return References(self.latents.to(device=device, dtype=dtype), self.shapes)
 

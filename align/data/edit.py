@@ -155,19 +155,20 @@ def encode_edit_dataset(
     model: QwenImage,
     model_id: str,
     cache_dir: str,
-    image_column: str = "image",
+    image_columns: Sequence[str] = ("image",),
     prompt_column: str = "prompt",
     resolution: int = 1024,
     size_fn: Callable[[Image.Image], tuple[int, int]] | None = None,
     control_resolution: int = 0,
     batch_size: int = 4,
 ) -> Dataset:
-    """Add ``prompt_embeds`` (edit template, reading the control images), ``<image>_latents`` (target, packed),
-    ``height``/``width``, :data:`REFERENCE_LATENTS` and :data:`REFERENCE_SHAPES`. Controls keep their aspect ratio
-    at ``control_resolution``² px (0: the model's reference area, what inference uses), sides multiples of 32."""
+    """Add ``prompt_embeds`` (edit template, reading the control images), ``<C>_latents`` per target column C
+    (packed; SFT: ``image``, DPO: ``chosen`` and ``rejected``, all at the first column's size), ``height``/``width``,
+    :data:`REFERENCE_LATENTS` and :data:`REFERENCE_SHAPES`. Controls keep their aspect ratio at
+    ``control_resolution``² px (0: the model's reference area, what inference uses), sides multiples of 32."""
     reference_area = control_resolution**2 if control_resolution else model.edit_reference_area
     fingerprint = encoding_fingerprint(
-        dataset, model_id, kind="edit", images=[image_column], prompt=prompt_column, res=resolution,
+        dataset, model_id, kind="edit", images=list(image_columns), prompt=prompt_column, res=resolution,
         size=getattr(size_fn, "__qualname__", None), size_repr=repr(size_fn), reference_area=reference_area,
         condition_area=model.edit_condition_area,
     )
@@ -177,8 +178,7 @@ def encode_edit_dataset(
     @torch.no_grad()
     def encode_batch(batch: dict) -> dict:
         out: dict = defaultdict(list)
-        targets = batch[image_column]
-        sizes = [size_fn(img) if size_fn else (resolution, resolution) for img in targets]
+        sizes = [size_fn(img) if size_fn else (resolution, resolution) for img in batch[image_columns[0]]]
         for i, prompt in enumerate(batch[prompt_column]):
             controls = [open_control(c) for c in batch[CONTROLS][i]]
             embeds, _ = encoder.encode_prompts([prompt], [controls])
@@ -188,18 +188,19 @@ def encode_edit_dataset(
             shapes = [encoder.reference_size(c, reference_area) for c in controls]
             out[REFERENCE_SHAPES].append([[1, h // 16, w // 16] for h, w in shapes])
             h, w = sizes[i]
-            target = center_crop_resize(targets[i], h, w)
-            out[f"{image_column}_latents"].append(pack(model.encode_images([target], h, w)).float().cpu().numpy()[0])
+            for column in image_columns:
+                target = center_crop_resize(batch[column][i], h, w)
+                out[f"{column}_latents"].append(pack(model.encode_images([target], h, w)).float().cpu().numpy()[0])
             out["height"].append(h)
             out["width"].append(w)
         return dict(out)
 
     encoded = dataset.map(
-        encode_batch, batched=True, batch_size=batch_size, remove_columns=[image_column, CONTROLS],
+        encode_batch, batched=True, batch_size=batch_size, remove_columns=[*image_columns, CONTROLS],
         new_fingerprint=fingerprint, cache_file_name=os.path.join(cache_dir, f"encoded-edit-{fingerprint}.arrow"),
         desc="Caching edit embeddings and latents",
     )
-    return encoded.with_format("torch", columns=["prompt_embeds", "height", "width", f"{image_column}_latents",
+    return encoded.with_format("torch", columns=["prompt_embeds", "height", "width", *[f"{c}_latents" for c in image_columns],
                                                  REFERENCE_LATENTS, REFERENCE_SHAPES], output_all_columns=True)
 
 
@@ -228,3 +229,52 @@ def collate_edit(rows: list[dict], latent_columns: Sequence[str] = ("image_laten
     batch.pop(REFERENCE_LATENTS, None)
     batch.pop(REFERENCE_SHAPES, None)
     return batch
+
+
+def load_edit_preference_dataset(
+    name: str,
+    split: str = "train",
+    prompt_column: str = "prompt",
+    min_agreement: float = 0.0,
+    control_columns: Sequence[str] = CONTROL_COLUMNS,
+    list_column: str = CONTROL_LIST_COLUMN,
+    num_control_images: int = 0,
+):
+    """Edit preference pairs: rows ``prompt`` (the instruction), ``chosen``, ``rejected`` and 1-3 control images
+    (the columns of :func:`load_edit_dataset`). The pair checks are T2I's (:mod:`align.data.preference`); a bad
+    control image is an error naming the rows (a pair without its source cannot be judged)."""
+    from .preference import load_preference_dataset
+    from .ratings import describe_row, raise_bad_rows
+
+    pairs, report = load_preference_dataset(name, split, prompt_column, min_agreement)
+    path = Path(name).expanduser()
+    meta = path if path.is_file() else (path / "metadata.jsonl" if (path / "metadata.jsonl").is_file() else None)
+    pairs = with_control_list(pairs, meta.parent if meta else None, control_columns, list_column)
+    bad = []
+    for i, row in enumerate(pairs.select_columns([CONTROLS])):
+        why = control_problem(row, num_control_images)
+        if why:
+            bad.append(f"{describe_row(i)}: {why}")
+    if bad:
+        raise_bad_rows(bad, "pair(s) with bad control images")
+    return pairs, report
+
+
+def write_synthetic_edit_pairs(folder: str | Path, n: int = 16, size: int = 64, seed: int = 0) -> Path:
+    """Demo/test edit pairs: T2I's synthetic pairs (chosen consistently brighter than rejected) plus a control
+    image per row (the same texture at mid brightness). A DPO run on them must reach high implicit accuracy."""
+    import json
+
+    from .preference import write_synthetic_pairs
+
+    folder = write_synthetic_pairs(folder, n=n, size=size, seed=seed)
+    lines = []
+    for i, line in enumerate((folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines()):
+        row = json.loads(line)
+        chosen = np.asarray(Image.open(folder / row["chosen"]), dtype=np.int16)
+        Image.fromarray((chosen - 80).clip(0, 255).astype(np.uint8)).save(folder / f"s{i}.png")
+        row["prompt"] = f"make photo {i % 7} brighter"
+        row["control_image"] = f"s{i}.png"
+        lines.append(json.dumps(row) + "\n")
+    (folder / "metadata.jsonl").write_text("".join(lines), encoding="utf-8")
+    return folder

@@ -49,6 +49,9 @@ class QwenImageTrainer(Trainer):
     ):
         self.qwen = qwen
         self._validation = None
+        if args.validation_prompts and qwen.edit_model:
+            raise ValueError("validation images for edit models need control images, which are not supported yet; "
+                             "set validation_prompts: [] for an edit checkpoint.")
         if args.validation_prompts and qwen.text_encoder is not None:
             # Encoded now so the text encoder can be released before training.
             self._validation = (qwen.conditioning(list(args.validation_prompts)),

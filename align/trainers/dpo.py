@@ -20,6 +20,7 @@ import torch
 from transformers import set_seed
 
 from ..configs import QwenImageTrainingConfig
+from ..data.edit import collate_edit, encode_edit_dataset, load_edit_preference_dataset
 from ..data.encoding import collate_encoded, encode_dataset
 from ..data.preference import IMAGE_COLUMNS, load_preference_dataset
 from ..launch import parse_config, run
@@ -70,7 +71,9 @@ class FlowDPOTrainer(QwenImageTrainer):
     """Flow-DPO on cached preference pairs (``chosen_latents``, ``rejected_latents``, ``prompt_embeds``)."""
 
     def __init__(self, qwen, args: DPOConfig, train_dataset=None, grpo_objective: Any = None, **kwargs):
-        kwargs.setdefault("data_collator", partial(collate_encoded, latent_columns=LATENT_COLUMNS))
+        # Edit models: batches also carry the pairs' shared ``references`` (both images edit the same sources).
+        collate = collate_edit if qwen.edit_model else collate_encoded
+        kwargs.setdefault("data_collator", partial(collate, latent_columns=LATENT_COLUMNS))
         super().__init__(qwen, args, train_dataset=train_dataset, **kwargs)
         # self.model is still the bare transformer here (wrapping happens in train()): build the reference now.
         self.reference = ReferenceModel.from_policy(
@@ -102,10 +105,11 @@ class FlowDPOTrainer(QwenImageTrainer):
         embeds = inputs["prompt_embeds"].repeat(2, 1, 1)
         mask = inputs["prompt_mask"].repeat(2, 1) if inputs.get("prompt_mask") is not None else None
         h, w = int(inputs["height"]), int(inputs["width"])
+        refs = inputs["references"].repeat(2) if inputs.get("references") is not None else None
         # Policy first: FSDP2's lazy init must see trainable parameters on the first forward (reference.py).
-        v_pol = self.velocity(model, noisy, sigma2, embeds, mask, h, w)
+        v_pol = self.velocity(model, noisy, sigma2, embeds, mask, h, w, references=refs)
         with torch.no_grad(), self.reference.active() as ref_module:
-            v_ref = self.velocity(ref_module, noisy, sigma2, embeds, mask, h, w)
+            v_ref = self.velocity(ref_module, noisy, sigma2, embeds, mask, h, w, references=refs)
         err_pol, err_ref = velocity_error(v_pol, target), velocity_error(v_ref, target)
         dpo, metrics = flow_dpo_loss(err_pol[:batch], err_pol[batch:], err_ref[:batch], err_ref[batch:],
                                      beta=args.beta, loss_type=args.loss_type)
@@ -174,17 +178,33 @@ class FlowDPOTrainer(QwenImageTrainer):
 def build_datasets(config: DPOConfig, qwen) -> tuple[Any, Any]:
     """Load, validate, encode (cached) and split the preference pairs. Rank 0 encodes first, the others reuse it."""
     with config.main_process_first(desc="preference data"):
-        pairs, report = load_preference_dataset(
-            config.dataset_name, config.dataset_split, config.prompt_column, config.min_agreement
-        )
-        encoded = encode_dataset(
-            pairs, qwen, model_identity(config), config.encoding_cache_dir, image_columns=IMAGE_COLUMNS,
-            prompt_column="prompt", resolution=config.resolution, batch_size=config.encode_batch_size,
-        )
+        if qwen.edit_model:
+            encoded = build_edit_pairs(config, qwen)
+        else:
+            pairs, report = load_preference_dataset(
+                config.dataset_name, config.dataset_split, config.prompt_column, config.min_agreement
+            )
+            encoded = encode_dataset(
+                pairs, qwen, model_identity(config), config.encoding_cache_dir, image_columns=IMAGE_COLUMNS,
+                prompt_column="prompt", resolution=config.resolution, batch_size=config.encode_batch_size,
+            )
     if config.eval_fraction > 0:
         split = encoded.train_test_split(test_size=config.eval_fraction, seed=config.seed)
         return split["train"], split["test"]
     return encoded, None
+
+
+def build_edit_pairs(config: DPOConfig, qwen):
+    """Edit pairs (instruction, control image(s), chosen, rejected), encoded with the edit template and references."""
+    pairs, _ = load_edit_preference_dataset(
+        config.dataset_name, config.dataset_split, config.prompt_column, config.min_agreement,
+        config.control_columns, config.control_images_column, config.num_control_images,
+    )
+    return encode_edit_dataset(
+        pairs, qwen, model_identity(config), config.encoding_cache_dir, image_columns=IMAGE_COLUMNS,
+        resolution=config.resolution, control_resolution=config.control_resolution,
+        batch_size=config.encode_batch_size,
+    )
 
 
 def load_model_and_pairs(config: DPOConfig) -> tuple[Any, Any, Any]:

@@ -29,7 +29,6 @@ def check_edit_config(config: "SFTConfig") -> None:
         "caption_dropout": config.caption_dropout > 0,  # the empty instruction still reads the images: per-row cache
         "random_flip": config.random_flip,  # mirrored text is not an edit the model should learn
         "phases": bool(config.phase_list),
-        "validation_prompts": bool(config.validation_prompts),  # would need validation control images
     }
     bad = [k for k, v in unsupported.items() if v]
     if bad:
@@ -53,7 +52,7 @@ def prepare_edit_sft_data(config: "SFTConfig", qwen: QwenImage) -> "SFTData":
         raise ValueError(f"no training rows left after filtering.\n{summary}")
     size_fn = BucketSizeFn(config.resolution, config.bucket_aspect_ratios) if config.aspect_ratio_buckets else None
     encoded = encode_edit_dataset(raw, qwen, model_identity(config), config.encoding_cache_dir,
-                                  image_column=config.image_column, prompt_column=config.prompt_column,
+                                  image_columns=[config.image_column], prompt_column=config.prompt_column,
                                   resolution=config.resolution, size_fn=size_fn,
                                   control_resolution=config.control_resolution, batch_size=config.encode_batch_size)
     return SFTData(encoded, edit_pools(encoded, config.resolution), summary, None, edit=True)

@@ -27,7 +27,7 @@ from qwen_image import QwenImage
 
 from ..configs import QwenImageTrainingConfig
 from ..data.buckets import DEFAULT_ASPECT_RATIOS, BucketBatchSampler, BucketSizeFn
-from ..data.edit import CONTROL_COLUMNS as EDIT_CONTROL_COLUMNS, CONTROL_LIST_COLUMN as EDIT_CONTROL_LIST, collate_edit
+from ..data.edit import collate_edit
 from ..data.encoding import collate_encoded, encode_dataset
 from ..data.loading import load_image_dataset, validate_rows
 from ..data.ratings import AGGREGATES, FilterSummary, filter_by_ratings
@@ -63,11 +63,6 @@ class SFTConfig(QwenImageTrainingConfig):
     )
     source_column: str = field(default="source", metadata={"help": "Column telling real from synthetic rows (for phase mixes)."})
     synthetic_values: list[str] = field(default_factory=lambda: ["synthetic"], metadata={"help": "source_column values that mean synthetic."})
-    # --- edit models (used when the checkpoint is an Edit-2509/2511 one; see docs/edit.md)
-    control_columns: list[str] = field(default_factory=lambda: list(EDIT_CONTROL_COLUMNS), metadata={"help": "Edit: numbered control (reference) image columns, in order."})
-    control_images_column: str = field(default=EDIT_CONTROL_LIST, metadata={"help": "Edit: a list column of 1-3 control images (instead of numbered columns)."})
-    control_resolution: int = field(default=0, metadata={"help": "Edit: control images at about this many px squared on the VAE side (0: the model's reference area, as at inference)."})
-    num_control_images: int = field(default=0, metadata={"help": "Edit: require exactly this many control images per row (0: any of 1-3)."})
 
     def __post_init__(self):
         super().__post_init__()
