@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -28,6 +29,7 @@ from .text import PromptEncoder, validate_prompts
 from .tiny import tiny_text_encoder, tiny_transformer, tiny_vae
 from .tokenizer import load_bundled_tokenizer, load_processor, make_processor
 
+logger = logging.getLogger(__name__)
 # Transformer configs that tell the edit generations apart: Edit-2511 modulates reference tokens at t = 0.
 EDIT_VARIANTS = {"2509": {"zero_cond_t": False}, "2511": {"zero_cond_t": True}}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -388,12 +390,18 @@ class QwenImage:
 
 
 def is_edit_checkpoint(path: str | os.PathLike) -> bool:
-    """An edit checkpoint (Edit-2509 / 2511): a ``processor/`` folder and an Edit pipeline in model_index.json."""
+    """An edit checkpoint (Edit-2509 / 2511): a ``processor/`` folder and ``QwenImageEditPlusPipeline`` in
+    model_index.json. The first Qwen-Image-Edit (``QwenImageEditPipeline``: one image, no "Picture 1:" prefix, the
+    vision side at 1024² px) encodes differently and is not trained here: a warning says so."""
     path = Path(path)
     index = path / "model_index.json"
     if not (path / "processor").is_dir() or not index.is_file():
         return False
-    return "Edit" in str(json.loads(index.read_text()).get("_class_name", ""))
+    name = str(json.loads(index.read_text()).get("_class_name", ""))
+    if "Edit" in name and name != QwenImageEditPlusPipeline.__name__:
+        logger.warning("%s is a %s checkpoint: only QwenImageEditPlusPipeline ones (Edit-2509/2511) get the edit "
+                       "conditioning; loading it as text-to-image.", path, name)
+    return name == QwenImageEditPlusPipeline.__name__
 
 
 def _default_size(path: Path) -> int:
