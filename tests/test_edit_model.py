@@ -88,6 +88,17 @@ def test_batched_rows_with_their_own_references_equal_one_at_a_time(edit_models)
         vi = predict_velocity(model.transformer, x[i : i + 1], torch.tensor([0.9, 0.3][i]), single, img_shapes(1, 48, 80))
         torch.testing.assert_close(v[i : i + 1], vi, atol=1e-5, rtol=0)
     torch.testing.assert_close(cond.select([1]).references.latents, model.conditioning([prompts[1]], [rows[1]]).references.latents)
+    # GRPO groups: every row repeated with its own references
+    group = cond.repeat_interleave(2)
+    assert torch.equal(group.references.latents[2], cond.references.latents[1]) and group.embeds.shape[0] == 4
+
+
+def test_sde_sampler_with_references_records_log_probs(edit_models):
+    model = edit_models["2511"]
+    out = model.sample([PROMPT], 48, 80, num_inference_steps=3, images=REFS[:1], noise_level=0.7, sde_window=(0, 2),
+                       record=True, seed=0)
+    assert out.sde_steps == [0, 1] and torch.isfinite(out.log_probs).all() and out.log_probs[:, 2].eq(0).all()
+    assert out.latents.shape == model.initial_noise(1, 48, 80).shape
 
 
 def test_text_cache_key_includes_the_images(edit_models):
