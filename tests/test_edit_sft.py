@@ -2,6 +2,9 @@
 ``QwenImageEditPlusPipeline`` and lowers the edit loss, and exact resume."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as edit_plus
@@ -20,6 +23,7 @@ from qwen_image.latents import img_shapes
 from qwen_image.sampling import predict_velocity
 
 ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 RES = 32
 PROMPTS = ['replace the text with "OPEN"', 'replace the text with "SALE"']
 
@@ -144,17 +148,20 @@ def common_args(data, cache, out) -> list[str]:
             "--output_dir", str(out), "--cache_dir", str(cache), "--min_raters", "3", "--logging_steps", "1"]
 
 
-def test_edit_lora_sft_from_an_edit_checkpoint_loads_into_edit_plus_and_lowers_the_loss(edit_dir, tmp_path, monkeypatch):
+def test_edit_lora_sft_two_process_ddp_from_an_edit_checkpoint_loads_into_edit_plus_and_lowers_the_loss(
+        edit_dir, tmp_path, monkeypatch):
     ckpt = tmp_path / "ckpt"
     QwenImage.tiny_edit("2509").save_pretrained(ckpt)
     out = tmp_path / "out"
-    trainer = run_main([*common_args(edit_dir, tmp_path / "cache", out), "--model_name_or_path", str(ckpt),
-                        "--model_dtype", "float32", "--max_steps", "12", "--learning_rate", "1e-2",
-                        "--lora_rank", "8", "--lora_alpha", "8", "--per_device_train_batch_size", "1"])
-    assert trainer.qwen.edit_model and trainer.data.edit  # selected by the checkpoint's model_index.json
-    batch = next(iter(trainer.get_train_dataloader()))
-    assert batch["references"].shapes in ([(1, 4, 4)], [(1, 4, 4), (1, 4, 4)])  # 64x64 px controls reach the loss
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", str(ROOT / "align/sft.py"), *common_args(edit_dir, tmp_path / "cache", out),
+           "--model_name_or_path", str(ckpt), "--model_dtype", "float32", "--max_steps", "12",
+           "--learning_rate", "1e-2", "--lora_rank", "8", "--lora_alpha", "8", "--per_device_train_batch_size", "1"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "data_summary.json").read_text())
+    assert summary["world_size"] == 2  # real 2-process DDP
     assert (summary["kept"], summary["total"], summary["dropped"]) == (2, 3, {"low_score": 1})
 
     base = QwenImage.from_pretrained(ckpt, torch_dtype="float32")
@@ -178,7 +185,9 @@ def test_edit_sft_resume_matches_an_uninterrupted_run(edit_dir, tmp_path):
     args = ["--max_steps", "4", "--per_device_train_batch_size", "1", "--learning_rate", "1e-2",
             "--save_strategy", "steps", "--save_steps", "2"]
     full = run_main([*common_args(edit_dir, tmp_path / "cache", tmp_path / "a"), *args])
-    assert full.qwen.transformer.config.zero_cond_t  # the recipe's Edit-2511 layout
+    assert full.qwen.transformer.config.zero_cond_t and full.data.edit  # the recipe's Edit-2511 layout
+    batch = next(iter(full.get_train_dataloader()))
+    assert batch["references"].shapes in ([(1, 4, 4)], [(1, 4, 4), (1, 4, 4)])  # 64x64 px controls reach the loss
     resumed = run_main([*common_args(edit_dir, tmp_path / "cache", tmp_path / "b"), *args,
                         "--resume_from_checkpoint", str(tmp_path / "a" / "checkpoint-2")])
     losses = lambda t: [h["loss"] for h in t.state.log_history if "loss" in h]  # noqa: E731
@@ -189,5 +198,11 @@ def test_edit_sft_resume_matches_an_uninterrupted_run(edit_dir, tmp_path):
 
 
 def test_edit_sft_rejects_what_it_does_not_support_yet(edit_dir, tmp_path):
-    with pytest.raises(ValueError, match="edit SFT does not support caption_dropout"):
-        run_main([*common_args(edit_dir, tmp_path / "cache", tmp_path / "c"), "--caption_dropout", "0.1"])
+    from align.launch import parse_config
+    from align.trainers.edit_sft import check_edit_config
+    from align.trainers.sft import SFTConfig
+
+    config = parse_config(SFTConfig, [*common_args(edit_dir, tmp_path / "cache", tmp_path / "c"), "--caption_dropout", "0.1",
+                                      "--random_flip", "true"])
+    with pytest.raises(ValueError, match="edit SFT does not support caption_dropout, random_flip yet"):
+        check_edit_config(config)
