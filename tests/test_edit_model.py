@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from diffusers import QwenImageEditPlusPipeline
 from PIL import Image
 
 import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as edit_plus
@@ -145,6 +146,9 @@ def test_edit_checkpoint_round_trip(edit_models, tmp_path, tiny_checkpoint):
     assert is_edit_checkpoint(tmp_path) and not is_edit_checkpoint(tiny_checkpoint)  # T2I has processor/ too
     loaded = QwenImage.from_pretrained(tmp_path, torch_dtype="float32")
     assert loaded.edit_model and loaded.transformer.config.zero_cond_t
+    # diffusers loads it too (with our offline processor: the default one needs torchvision)
+    pipe = QwenImageEditPlusPipeline.from_pretrained(tmp_path, processor=loaded.processor)
+    assert pipe.transformer.config.zero_cond_t
     lat = model.initial_noise(1, 48, 80, seed=0)
     x1 = model.sample([PROMPT], 48, 80, num_inference_steps=2, latents=lat.clone(), images=REFS).latents
     x2 = loaded.sample([PROMPT], 48, 80, num_inference_steps=2, latents=lat.clone(), images=REFS).latents
