@@ -27,6 +27,9 @@ class QwenImageTrainingConfig(TrainingArguments):
         default=None, metadata={"help": "Local diffusers-format Qwen-Image folder. Empty: the tiny random model (CPU demo/tests)."}
     )
     tiny_seed: int = field(default=0, metadata={"help": "Seed of the tiny random model when no checkpoint is given."})
+    tiny_variant: str = field(
+        default="t2i", metadata={"help": "Tiny random model layout when no checkpoint is given: t2i, edit-2509 or edit-2511 (zero_cond_t)."}
+    )
     model_dtype: str = field(default="auto", metadata={"help": "Weights dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32."})
     finetune: str = field(default="lora", metadata={"help": "lora (PEFT adapter on the transformer) or full."})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank r."})
@@ -53,6 +56,14 @@ class QwenImageTrainingConfig(TrainingArguments):
     )
     encode_batch_size: int = field(default=4, metadata={"help": "Batch size when caching embeddings and latents."})
     caption_dropout: float = field(default=0.0, metadata={"help": "Probability of training a sample on the empty prompt."})
+    # --- edit models (read when the checkpoint is an Edit-2509/2511 one; docs/edit.md)
+    control_columns: list[str] = field(
+        default_factory=lambda: ["control_image", "control_image_1", "control_image_2"],
+        metadata={"help": "Edit: numbered control (reference) image columns, in order."},
+    )
+    control_images_column: str = field(default="control_images", metadata={"help": "Edit: a list column of 1-3 control images (instead of numbered columns)."})
+    control_resolution: int = field(default=0, metadata={"help": "Edit: control images at about this side squared in px on the VAE side (0: the model's reference area, as at inference)."})
+    num_control_images: int = field(default=0, metadata={"help": "Edit: require exactly this many control images per row (0: any of 1-3)."})
     # --- flow matching
     timestep_sampling: str = field(
         default="qwen_shift", metadata={"help": "uniform | logit_normal | mode | qwen_shift (Qwen-Image's resolution-dependent shift)."}

@@ -35,7 +35,22 @@ def load_qwen_image(
             return QwenImage.from_pretrained(
                 config.model_name_or_path, torch_dtype=dtype, load_text_encoder=load_text_encoder, load_vae=load_vae
             )
+        variant = getattr(config, "tiny_variant", "t2i")
+        if variant != "t2i":
+            if not variant.startswith("edit-"):
+                raise ValueError(f"tiny_variant must be t2i, edit-2509 or edit-2511, got {variant!r}")
+            return QwenImage.tiny_edit(variant.removeprefix("edit-"), seed=config.tiny_seed, dtype=dtype)
         return QwenImage.tiny(seed=config.tiny_seed, dtype=dtype)
+
+
+def uses_edit_model(config: QwenImageTrainingConfig) -> bool:
+    """Whether the config names an edit model (an Edit-2509/2511 checkpoint or a tiny edit variant), known before
+    any weights load so data can be checked first."""
+    from qwen_image.model import is_edit_checkpoint
+
+    if config.model_name_or_path:
+        return Path(config.model_name_or_path).is_dir() and is_edit_checkpoint(config.model_name_or_path)
+    return getattr(config, "tiny_variant", "t2i") != "t2i"
 
 
 @contextlib.contextmanager

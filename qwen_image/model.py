@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 from pathlib import Path
@@ -21,6 +22,7 @@ from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
 from . import latents as latent_ops
+from .edit import CONDITION_SIDE_FRACTION, EditEncoder, normalize_references
 from .errors import QwenImageInputError
 from .sampling import Conditioning, SampleOutput, sample, sde_noise_generators
 from .scheduler import inference_sigmas, make_scheduler
@@ -28,6 +30,9 @@ from .text import PromptEncoder, validate_prompts
 from .tiny import tiny_text_encoder, tiny_transformer, tiny_vae
 from .tokenizer import load_bundled_tokenizer, load_processor, make_processor
 
+logger = logging.getLogger(__name__)
+# Transformer configs that tell the edit generations apart: Edit-2511 modulates reference tokens at t = 0.
+EDIT_VARIANTS = {"2509": {"zero_cond_t": False}, "2511": {"zero_cond_t": True}}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 REQUIRED_SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -85,6 +90,7 @@ class QwenImage:
         scheduler: FlowMatchEulerDiscreteScheduler | None = None,
         processor=None,
         default_size: int = 1024,
+        edit_model: bool = False,
     ):
         self.transformer = transformer
         self.vae = vae
@@ -94,14 +100,24 @@ class QwenImage:
         self.processor = processor
         self.default_size = default_size
         self.prompt_encoder = PromptEncoder(tokenizer, text_encoder)
+        # Edit models (Edit-2509 / 2511): references go through Qwen2.5-VL at the condition area and through the
+        # VAE at the reference area; EditPlus's 384² and 1024² px scale with the default size (tiny: 24², 64²).
+        self.edit_model = edit_model
+        self.edit_condition_area = round(default_size * CONDITION_SIDE_FRACTION) ** 2
+        self.edit_reference_area = default_size**2
+        self.edit_encoder = EditEncoder(self)
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def tiny(cls, seed: int = 0, dtype: str | torch.dtype = torch.float32, **transformer_overrides) -> "QwenImage":
+    def tiny(
+        cls, seed: int = 0, dtype: str | torch.dtype = torch.float32, edit: bool = False, **transformer_overrides
+    ) -> "QwenImage":
         """The same architecture with tiny random weights (about 12 M parameters); fully offline and seeded.
 
         ``transformer_overrides`` change the transformer config (e.g. ``num_layers=4`` for the CPU demo's larger
-        variant); the defaults stay those of ``qwen_image.tiny.TINY_TRANSFORMER``.
+        variant, ``zero_cond_t=True`` for an Edit-2511 layout); the defaults stay those of
+        ``qwen_image.tiny.TINY_TRANSFORMER``. ``edit=True`` marks it an edit model (its Qwen2.5-VL already has a
+        tiny vision tower and the bundle an offline Qwen2-VL processor); see :meth:`tiny_edit`.
         """
         dtype = resolve_dtype(dtype)
         tokenizer = load_bundled_tokenizer()
@@ -112,10 +128,18 @@ class QwenImage:
             tokenizer=tokenizer,
             processor=make_processor(tokenizer),
             default_size=64,
+            edit_model=edit,
         )
         if dtype != torch.float32:
             model.to(dtype=dtype)
         return model
+
+    @classmethod
+    def tiny_edit(cls, variant: str = "2509", seed: int = 0, dtype: str | torch.dtype = torch.float32, **overrides) -> "QwenImage":
+        """A tiny edit model laid out like Qwen-Image-Edit-``variant``: "2509", or "2511" (``zero_cond_t``)."""
+        if variant not in EDIT_VARIANTS:
+            raise QwenImageInputError(f"unknown edit variant {variant!r}; use one of {sorted(EDIT_VARIANTS)}.")
+        return cls.tiny(seed=seed, dtype=dtype, edit=True, **{**EDIT_VARIANTS[variant], **overrides})
 
     @classmethod
     def from_pretrained(
@@ -143,7 +167,8 @@ class QwenImage:
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
         processor = load_processor(str(path / "processor"), tokenizer) if (path / "processor").is_dir() else make_processor(tokenizer)
         default_size = _default_size(path)
-        model = cls(transformer, vae, text_encoder, tokenizer, scheduler, processor, default_size)
+        model = cls(transformer, vae, text_encoder, tokenizer, scheduler, processor, default_size,
+                    edit_model=is_edit_checkpoint(path))
         for module in (transformer, vae, text_encoder):
             if module is not None:
                 module.requires_grad_(False)
@@ -155,6 +180,11 @@ class QwenImage:
         """Write the diffusers layout (model_index.json + subfolders) that ``QwenImagePipeline.from_pretrained`` loads."""
         path = Path(path)
         self.pipeline().save_pretrained(path)
+        if self.edit_model:  # what marks an edit checkpoint (the Edit pipeline's class name in model_index.json)
+            index = json.loads((path / "model_index.json").read_text())
+            index["_class_name"] = QwenImageEditPlusPipeline.__name__
+            index["processor"] = ["transformers", "Qwen2VLProcessor"]
+            (path / "model_index.json").write_text(json.dumps(index, indent=2))
         if self.processor is not None:
             self.processor.image_processor.save_pretrained(path / "processor")
             self.tokenizer.save_pretrained(path / "processor")
@@ -209,8 +239,16 @@ class QwenImage:
         (prompts precomputed with ``prompt_encoder.precompute`` still encode after the text encoder is released)."""
         return self.prompt_encoder.encode(prompts, device=self.device, dtype=self.dtype)
 
-    def conditioning(self, prompts: str | list[str]) -> Conditioning:
-        return Conditioning.from_padded(*self.encode_prompt(prompts))
+    def conditioning(self, prompts: str | list[str], images=None, references: bool = True) -> Conditioning:
+        """What conditions the transformer: the prompts alone (text-to-image), or with ``images`` (edit models: 1-3
+        reference images shared by every prompt, or one list per prompt) the edit-template embeddings that read the
+        images plus, unless ``references=False`` (a CFG negative: it shares the positive's), the references' VAE
+        tokens."""
+        if images is None:
+            return Conditioning.from_padded(*self.encode_prompt(prompts))
+        if not references:
+            return Conditioning.from_padded(*self.edit_encoder.encode_prompts(prompts, images, self.device, self.dtype))
+        return self.edit_encoder.conditioning(prompts, images, device=self.device, dtype=self.dtype)
 
     def encode_images(self, images: Sequence[Image.Image], height: int, width: int) -> torch.Tensor:
         """PIL images -> normalised VAE latents (B, 16, 1, H/8, W/8)."""
@@ -255,16 +293,23 @@ class QwenImage:
         record: bool = False,
         progress: bool = False,
         attention_kwargs: dict | None = None,
+        images=None,
     ) -> SampleOutput:
-        """Run the sampler and return packed latents (plus trajectory and log-probs when ``record``/SDE)."""
+        """Run the sampler and return packed latents (plus trajectory and log-probs when ``record``/SDE).
+
+        ``images`` (edit models): 1-3 reference images shared by every prompt, or one list per prompt; the output
+        size then defaults to the last reference's aspect ratio at the default area (as EditPlus)."""
         prompts = validate_prompts(prompts)
+        if images is not None and (height is None or width is None):
+            default_h, default_w = self.edit_encoder.default_target_size(normalize_references(images, len(prompts))[0])
+            height, width = height or default_h, width or default_w
         height = height or self.default_size
         width = width or self.default_size
         latent_ops.check_size(height, width)
-        cond = self.conditioning(prompts)
+        cond = self.conditioning(prompts, images)
         negative = None
         if negative_prompt is not None and true_cfg_scale > 1:
-            negative = self.conditioning([negative_prompt] * len(prompts))
+            negative = self.conditioning([negative_prompt] * len(prompts), images, references=False)
         seeds = resolve_seeds(len(prompts), seed)  # one per image: initial noise and SDE noise both follow it
         if latents is None:
             latents = self.initial_noise(len(prompts), height, width, seeds)
@@ -312,21 +357,18 @@ class QwenImage:
         height: int | None = None,
         width: int | None = None,
     ) -> Image.Image:
-        """Edit-2509 style editing from 1-3 reference images (QwenImageEditPlusPipeline)."""
-        images = [images] if isinstance(images, Image.Image) else list(images)
-        if not 1 <= len(images) <= 3:
-            raise QwenImageInputError(f"edit takes 1 to 3 reference images, got {len(images)}.")
+        """Edit-2509/2511 style editing from 1-3 reference images.
+
+        Runs our sampler, which equals ``QwenImageEditPlusPipeline`` (tests/test_edit_model.py checks it to 1e-5),
+        so what edit training optimises is exactly what this samples; ``pipeline("edit")`` is the diffusers one."""
+        references = normalize_references(images, 1)[0]
         validate_prompts([prompt], allow_empty_string=False)
-        if height is not None or width is not None:
-            latent_ops.check_size(height or self.default_size, width or self.default_size)
         self._require("processor")
-        pipe = self.pipeline("edit")
-        pipe.set_progress_bar_config(leave=False)
-        return pipe(
-            image=[im.convert("RGB") for im in images], prompt=prompt, negative_prompt=negative_prompt,
-            true_cfg_scale=true_cfg_scale, num_inference_steps=num_inference_steps, height=height, width=width,
-            generator=torch.Generator("cpu").manual_seed(seed),
-        ).images[0]
+        default_h, default_w = self.edit_encoder.default_target_size(references)
+        height, width = height or default_h, width or default_w
+        out = self.sample([prompt], height, width, num_inference_steps, true_cfg_scale, negative_prompt, seed,
+                          images=[references])
+        return self.decode_latents(out.latents, height, width)[0]
 
     def inpaint(
         self,
@@ -357,6 +399,21 @@ class QwenImage:
             mask_image=mask.convert("L"), strength=strength, num_inference_steps=num_inference_steps,
             height=height, width=width, generator=torch.Generator("cpu").manual_seed(seed),
         ).images[0]
+
+
+def is_edit_checkpoint(path: str | os.PathLike) -> bool:
+    """An edit checkpoint (Edit-2509 / 2511): a ``processor/`` folder and ``QwenImageEditPlusPipeline`` in
+    model_index.json. The first Qwen-Image-Edit (``QwenImageEditPipeline``: one image, no "Picture 1:" prefix, the
+    vision side at 1024² px) encodes differently and is not trained here: a warning says so."""
+    path = Path(path)
+    index = path / "model_index.json"
+    if not (path / "processor").is_dir() or not index.is_file():
+        return False
+    name = str(json.loads(index.read_text()).get("_class_name", ""))
+    if "Edit" in name and name != QwenImageEditPlusPipeline.__name__:
+        logger.warning("%s is a %s checkpoint: only QwenImageEditPlusPipeline ones (Edit-2509/2511) get the edit "
+                       "conditioning; loading it as text-to-image.", path, name)
+    return name == QwenImageEditPlusPipeline.__name__
 
 
 def _default_size(path: Path) -> int:

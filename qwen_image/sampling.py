@@ -1,6 +1,12 @@
 """Samplers over packed latents: the ODE Euler sampler with true CFG (QwenImagePipeline's loop) and the
 Flow-GRPO SDE sampler that records per-step Gaussian log-probs, means and stds.
 
+What conditions the transformer travels as one :class:`Conditioning`: the prompt embeddings and mask, and for the
+edit models (Edit-2509 / 2511) the reference images' packed VAE latents with their grids (:class:`References`).
+:func:`predict_velocity` appends the reference tokens after the noisy target tokens and keeps only the target part
+of the output, as ``QwenImageEditPlusPipeline`` does, so every caller (samplers, losses, rollouts, the reference
+model) trains or samples an edit model without knowing it is one. Text-to-image is the case ``references=None``.
+
 All SDE math runs in fp32 (bf16 overflows in the log-prob). Formulas: ../shared/reference/alignment.md §1.
 """
 
@@ -15,26 +21,88 @@ from tqdm.auto import tqdm
 
 
 @dataclass
+class References:
+    """Reference (control) images of an edit as the transformer reads them.
+
+    ``latents``: (B, L_1 + ... + L_n, 64), each reference's normalised VAE latents packed 2x2, concatenated in
+    reference order. ``shapes``: one ``(1, h/16, w/16)`` grid per reference, shared by the whole batch (tokens of
+    different lengths cannot share a batch; the edit buckets guarantee equal sizes).
+
+    Edit-2511's ``zero_cond_t`` (reference tokens modulated at t = 0) is a flag of the transformer's config that the
+    transformer applies itself, telling reference tokens from target tokens by these grids: nothing to carry here.
+    """
+
+    latents: torch.Tensor
+    shapes: list[tuple[int, int, int]]
+
+    def __post_init__(self):
+        self.shapes = [tuple(int(v) for v in s) for s in self.shapes]
+        tokens = sum(f * h * w for f, h, w in self.shapes)
+        if self.latents.dim() != 3 or self.latents.shape[1] != tokens:
+            raise ValueError(f"reference latents {tuple(self.latents.shape)} do not hold the {tokens} tokens of "
+                             f"grids {self.shapes}")
+
+    def repeat_interleave(self, n: int) -> "References":
+        return self if n == 1 else References(self.latents.repeat_interleave(n, 0), self.shapes)
+
+    def repeat(self, n: int) -> "References":
+        """The batch tiled ``n`` times (rows 0..B-1, 0..B-1, ...), like ``embeds.repeat(n, 1, 1)``."""
+        return self if n == 1 else References(self.latents.repeat(n, 1, 1), self.shapes)
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "References":
+        return References(self.latents.to(device=device, dtype=dtype), self.shapes)
+
+    def select(self, index) -> "References":
+        return References(self.latents[index], self.shapes)
+
+
+@dataclass
 class Conditioning:
-    """Text conditioning for the transformer; ``mask`` is None when no token is padding (as the pipeline does)."""
+    """What conditions the transformer: text embeddings (``mask`` None when no token is padding, as the pipeline
+    does) and, for the edit models, the reference images (None for text-to-image)."""
 
     embeds: torch.Tensor
     mask: torch.Tensor | None
+    references: References | None = None
 
     @classmethod
-    def from_padded(cls, embeds: torch.Tensor, mask: torch.Tensor | None) -> "Conditioning":
+    def from_padded(
+        cls, embeds: torch.Tensor, mask: torch.Tensor | None, references: References | None = None
+    ) -> "Conditioning":
         if mask is not None and bool(mask.all()):
             mask = None
-        return cls(embeds, mask)
-
-    def to(self, device: torch.device | str) -> "Conditioning":
-        return Conditioning(self.embeds.to(device), None if self.mask is None else self.mask.to(device))
+        return cls(embeds, mask, references)
 
     def repeat_interleave(self, n: int) -> "Conditioning":
         if n == 1:
             return self
         mask = None if self.mask is None else self.mask.repeat_interleave(n, 0)
-        return Conditioning(self.embeds.repeat_interleave(n, 0), mask)
+        refs = None if self.references is None else self.references.repeat_interleave(n)
+        return Conditioning(self.embeds.repeat_interleave(n, 0), mask, refs)
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "Conditioning":
+        """Move every tensor (the mask keeps its integer/bool dtype)."""
+        mask = None if self.mask is None else self.mask.to(device)
+        refs = None if self.references is None else self.references.to(device, dtype)
+        return Conditioning(self.embeds.to(device=device, dtype=dtype), mask, refs)
+
+    def select(self, index) -> "Conditioning":
+        """Rows ``index`` (an int list, slice or index tensor) of every field."""
+        mask = None if self.mask is None else self.mask[index]
+        refs = None if self.references is None else self.references.select(index)
+        return Conditioning(self.embeds[index], mask, refs)
+
+
+def full_img_shapes(img_shapes: list, references: References | None) -> list:
+    """Per-sample grids the transformer needs: the target's (what callers pass, nested ``[[(1, h, w)]] * B`` or
+    flat ``[(1, h, w)] * B``) followed by each reference's. Unchanged for text-to-image."""
+    if references is None:
+        return img_shapes
+    out = []
+    for s in img_shapes:
+        target = [tuple(s)] if len(s) == 3 and all(isinstance(v, int) for v in s) else [tuple(t) for t in s][:1]
+        out.append(target + list(references.shapes))
+    return out
 
 
 def predict_velocity(
@@ -48,19 +116,32 @@ def predict_velocity(
     attention_kwargs: dict | None = None,
 ) -> torch.Tensor:
     """v = eps - x0 at noise level ``sigma`` (scalar or per-sample), with true CFG and norm rescale when
-    ``true_cfg_scale > 1`` and a negative conditioning is given (the uncond branch carries no gradient)."""
+    ``true_cfg_scale > 1`` and a negative conditioning is given (the uncond branch carries no gradient).
+
+    ``img_shapes`` are the target's grids; with ``cond.references`` the reference tokens are appended to
+    ``latents`` (their grids to ``img_shapes``) and the velocity of the target tokens alone is returned. Both CFG
+    branches see ``cond``'s references, as in ``QwenImageEditPlusPipeline`` (the negative carries only text)."""
     batch = latents.shape[0]
     if not torch.is_tensor(sigma):
         sigma = torch.tensor(sigma)
     # The pipeline passes scheduler timesteps (sigma * 1000) divided by 1000: keep the same float path.
     timestep = (sigma.to(torch.float32) * 1000).expand(batch).to(latents.dtype).to(latents.device) / 1000
+    refs = cond.references
+    hidden = latents
+    if refs is not None:
+        if refs.latents.shape[0] != batch:
+            raise ValueError(f"{refs.latents.shape[0]} rows of reference latents for a batch of {batch}")
+        hidden = torch.cat([latents, refs.latents.to(device=latents.device, dtype=latents.dtype)], dim=1)
+    shapes = full_img_shapes(img_shapes, refs)
+    target_len = latents.shape[1]
 
     def forward(c: Conditioning) -> torch.Tensor:
-        return transformer(
-            hidden_states=latents, timestep=timestep, encoder_hidden_states=c.embeds,
-            encoder_hidden_states_mask=c.mask, img_shapes=img_shapes, attention_kwargs=attention_kwargs,
+        out = transformer(
+            hidden_states=hidden, timestep=timestep, encoder_hidden_states=c.embeds,
+            encoder_hidden_states_mask=c.mask, img_shapes=shapes, attention_kwargs=attention_kwargs,
             return_dict=False,
         )[0]
+        return out if refs is None else out[:, :target_len]
 
     v = forward(cond)
     if negative is None or true_cfg_scale <= 1.0:

@@ -11,6 +11,7 @@ Every reward has one signature::
 
 from __future__ import annotations
 
+from .edit import EditTextReward, SourceConsistency, requested_text
 from .combine import CombinedResult, CombinedReward, combine, mean_ignore_none, per_prompt_advantages
 from .images import to_pil, to_pil_list
 from .models import AestheticScore, ClipScore, HPSv2, PickScore, load_clip, load_linear_head
@@ -27,6 +28,7 @@ __all__ = [
     "ClipScore", "PickScore", "HPSv2", "AestheticScore", "load_clip", "load_linear_head",
     "VLMJudge", "parse_score",
     "jpeg_compressibility", "brightness",
+    "EditTextReward", "SourceConsistency", "requested_text",
     "extract_quoted_text", "target_text", "normalize_text", "levenshtein", "text_accuracy",
     "to_pil", "to_pil_list",
 ]

@@ -20,7 +20,7 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from qwen_image import QwenImage
 from qwen_image.latents import img_shapes
-from qwen_image.sampling import Conditioning, predict_velocity, sample
+from qwen_image.sampling import Conditioning, References, predict_velocity, sample
 from qwen_image.scheduler import inference_sigmas
 
 from ..configs import QwenImageTrainingConfig
@@ -94,6 +94,9 @@ class QwenImageTrainer(Trainer):
     ):
         self.qwen = qwen
         self._validation = None
+        if args.validation_prompts and qwen.edit_model:
+            raise ValueError("validation images for edit models need control images, which are not supported yet; "
+                             "set validation_prompts: [] for an edit checkpoint.")
         if args.validation_prompts and qwen.text_encoder is not None:
             # Encoded now so the text encoder can be released before training.
             self._validation = (qwen.conditioning(list(args.validation_prompts)),
@@ -116,10 +119,14 @@ class QwenImageTrainer(Trainer):
         height: int,
         width: int,
         attention_kwargs: dict | None = None,
+        references: References | None = None,
     ) -> torch.Tensor:
-        """The transformer's velocity v = eps - x0 on packed latents at per-sample noise level ``sigma``."""
+        """The transformer's velocity v = eps - x0 on packed latents at per-sample noise level ``sigma``
+        (edit models: of the target tokens, with ``references`` appended as the conditioning seam does)."""
         dtype = self.qwen.transformer.dtype
-        cond = Conditioning.from_padded(prompt_embeds.to(dtype), prompt_mask)
+        if references is not None:
+            references = references.to(noisy.device, dtype)
+        cond = Conditioning.from_padded(prompt_embeds.to(dtype), prompt_mask, references)
         return predict_velocity(model, noisy.to(dtype), sigma, cond, img_shapes(noisy.shape[0], height, width),
                                 attention_kwargs=attention_kwargs)
 
@@ -214,8 +221,7 @@ class QwenImageTrainer(Trainer):
         size = self.args.resolution
         n = cond.embeds.shape[0]
         device = self.accelerator.device
-        cond = Conditioning(cond.embeds.to(device), None if cond.mask is None else cond.mask.to(device))
-        negative = Conditioning(negative.embeds.to(device), None if negative.mask is None else negative.mask.to(device))
+        cond, negative = cond.to(device), negative.to(device)
         latents = self.qwen.initial_noise(n, size, size, seed=seed).to(device)
         sigmas = inference_sigmas(self.qwen.scheduler, self.args.validation_num_inference_steps, latents.shape[1])
         out = sample(model, latents, sigmas, cond, img_shapes(n, size, size), negative=negative,

@@ -20,11 +20,12 @@ from transformers import set_seed
 
 from ..errors import UserError
 from ..configs import QwenImageTrainingConfig
+from ..data.edit import collate_edit, encode_edit_dataset, load_edit_preference_dataset
 from ..data.encoding import collate_encoded, encode_dataset
 from ..data.preference import IMAGE_COLUMNS, load_preference_dataset
 from ..launch import parse_config, prepare_run
 from ..losses import DPO_LOSS_TYPES, flow_dpo_loss, flow_matching_loss, make_noisy, sample_sigmas, velocity_error
-from ..modeling import load_qwen_image, model_identity
+from ..modeling import load_qwen_image, model_identity, uses_edit_model
 from ..reference import ReferenceModel
 from .base import MetricLog, QwenImageTrainer, release_text_encoder
 
@@ -70,7 +71,9 @@ class FlowDPOTrainer(QwenImageTrainer):
     """Flow-DPO on cached preference pairs (``chosen_latents``, ``rejected_latents``, ``prompt_embeds``)."""
 
     def __init__(self, qwen, args: DPOConfig, train_dataset=None, **kwargs):
-        kwargs.setdefault("data_collator", partial(collate_encoded, latent_columns=LATENT_COLUMNS))
+        # Edit models: batches also carry the pairs' shared ``references`` (both images edit the same sources).
+        collate = collate_edit if qwen.edit_model else collate_encoded
+        kwargs.setdefault("data_collator", partial(collate, latent_columns=LATENT_COLUMNS))
         super().__init__(qwen, args, train_dataset=train_dataset, **kwargs)
         # self.model is still the bare transformer here (wrapping happens in train()): build the reference now.
         self.reference = ReferenceModel.from_policy(
@@ -101,10 +104,11 @@ class FlowDPOTrainer(QwenImageTrainer):
         embeds = inputs["prompt_embeds"].repeat(2, 1, 1)
         mask = inputs["prompt_mask"].repeat(2, 1) if inputs.get("prompt_mask") is not None else None
         h, w = int(inputs["height"]), int(inputs["width"])
+        refs = inputs["references"].repeat(2) if inputs.get("references") is not None else None
         # Policy first: FSDP2's lazy init must see trainable parameters on the first forward (reference.py).
-        v_pol = self.velocity(model, noisy, sigma2, embeds, mask, h, w)
+        v_pol = self.velocity(model, noisy, sigma2, embeds, mask, h, w, references=refs)
         with torch.no_grad(), self.reference.active() as ref_module:
-            v_ref = self.velocity(ref_module, noisy, sigma2, embeds, mask, h, w)
+            v_ref = self.velocity(ref_module, noisy, sigma2, embeds, mask, h, w, references=refs)
         err_pol, err_ref = velocity_error(v_pol, target), velocity_error(v_ref, target)
         dpo, metrics = flow_dpo_loss(err_pol[:batch], err_pol[batch:], err_ref[:batch], err_ref[batch:],
                                      beta=args.beta, loss_type=args.loss_type)
@@ -174,25 +178,43 @@ def build_datasets(config: DPOConfig, qwen, pairs=None) -> tuple[Any, Any]:
     """Load (unless ``pairs`` are given), validate, encode (cached) and split the preference pairs. Rank 0 encodes
     first, the others reuse its cache."""
     with config.main_process_first(desc="preference data"):
-        if pairs is None:
-            pairs, _ = load_preference_dataset(
-                config.dataset_name, config.dataset_split, config.prompt_column, config.min_agreement
+        if qwen.edit_model:
+            encoded = build_edit_pairs(config, qwen)
+        else:
+            if pairs is None:
+                pairs, _ = load_preference_dataset(
+                    config.dataset_name, config.dataset_split, config.prompt_column, config.min_agreement
+                )
+            encoded = encode_dataset(
+                pairs, qwen, model_identity(config), config.encoding_cache_dir, image_columns=IMAGE_COLUMNS,
+                prompt_column="prompt", resolution=config.resolution, batch_size=config.encode_batch_size,
             )
-        encoded = encode_dataset(
-            pairs, qwen, model_identity(config), config.encoding_cache_dir, image_columns=IMAGE_COLUMNS,
-            prompt_column="prompt", resolution=config.resolution, batch_size=config.encode_batch_size,
-        )
     if config.eval_fraction > 0:
         split = encoded.train_test_split(test_size=config.eval_fraction, seed=config.seed)
         return split["train"], split["test"]
     return encoded, None
 
 
+def build_edit_pairs(config: DPOConfig, qwen):
+    """Edit pairs (instruction, control image(s), chosen, rejected), encoded with the edit template and references."""
+    pairs, _ = load_edit_preference_dataset(
+        config.dataset_name, config.dataset_split, config.prompt_column, config.min_agreement,
+        config.control_columns, config.control_images_column, config.num_control_images,
+    )
+    return encode_edit_dataset(
+        pairs, qwen, model_identity(config), config.encoding_cache_dir, image_columns=IMAGE_COLUMNS,
+        resolution=config.resolution, control_resolution=config.control_resolution,
+        batch_size=config.encode_batch_size,
+    )
+
+
 def load_model_and_pairs(config: DPOConfig) -> tuple[Any, Any, Any]:
     """The bundle (text encoder and VAE on the accelerator for caching) and the encoded train/eval pairs. The pairs
     are read and checked first, so a data mistake is reported before the model loads."""
-    pairs, _ = load_preference_dataset(config.dataset_name, config.dataset_split, config.prompt_column,
-                                       config.min_agreement)
+    pairs = None
+    if not uses_edit_model(config):  # edit pairs are checked with their control images, once the processor is there
+        pairs, _ = load_preference_dataset(config.dataset_name, config.dataset_split, config.prompt_column,
+                                           config.min_agreement)
     qwen = load_qwen_image(config)
     for module in (qwen.text_encoder, qwen.vae):  # encode on the accelerator; the transformer is placed by the Trainer
         if module is not None:

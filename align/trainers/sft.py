@@ -27,13 +27,14 @@ from qwen_image import QwenImage
 from ..errors import UserError
 from ..configs import QwenImageTrainingConfig
 from ..data.buckets import DEFAULT_ASPECT_RATIOS, BucketBatchSampler, BucketSizeFn
+from ..data.edit import collate_edit
 from ..data.encoding import collate_encoded, encode_dataset
 from ..data.loading import load_image_dataset, validate_rows
 from ..data.ratings import AGGREGATES, FilterSummary, filter_by_ratings
 from ..data.schedule import PhaseSchedule, parse_phases
 from ..launch import parse_config, prepare_run
 from ..losses import flow_matching_loss, make_noisy, sample_sigmas
-from ..modeling import load_qwen_image, model_identity
+from ..modeling import uses_edit_model, load_qwen_image, model_identity
 from .base import QwenImageTrainer, release_text_encoder
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class SFTData:
     pools: dict  # (resolution, source) -> (height, width) -> units (lists of interchangeable row indices)
     summary: FilterSummary
     empty_prompt: torch.Tensor | None  # (L, D) embedding of EMPTY_PROMPT for caption dropout
+    edit: bool = False  # rows carry reference latents (edit models): batches get ``references``
 
 
 def _is_synthetic(value, synthetic_values: Sequence[str]) -> bool:
@@ -107,7 +109,11 @@ def _dropped(summary: FilterSummary) -> str:
 
 def prepare_sft_data(config: SFTConfig, qwen: QwenImage, rows: tuple[Dataset, FilterSummary] | None = None) -> SFTData:
     """Load (unless ``rows`` from :func:`load_sft_rows` are given), filter, check and cache the training data (the
-    text encoder and VAE must still be loaded)."""
+    text encoder and VAE must still be loaded). Edit models read instruction / target / control-image rows."""
+    if qwen.edit_model:
+        from .edit_sft import prepare_edit_sft_data
+
+        return prepare_edit_sft_data(config, qwen)
     raw, summary = rows if rows is not None else load_sft_rows(config)
     if any(p.synthetic_fraction is not None for p in config.phase_list) and config.source_column not in raw.column_names:
         raise UserError(f"phases set synthetic_fraction but the dataset has no {config.source_column!r} column.")
@@ -183,8 +189,9 @@ class SFTTrainer(QwenImageTrainer):
         self._micro = (-1, 0)
         self._pending_metrics = data.summary.metrics()
         self._batch_sampler: BucketBatchSampler | None = None
+        collate = collate_edit if data.edit else collate_encoded
         super().__init__(qwen, args, train_dataset=data.dataset,
-                         data_collator=partial(collate_encoded, latent_columns=[self._latent_key]), **kwargs)
+                         data_collator=partial(collate, latent_columns=[self._latent_key]), **kwargs)
         self.add_callback(_SamplerEpoch(self))
 
     # ------------------------------------------------------------------ data
@@ -253,7 +260,7 @@ class SFTTrainer(QwenImageTrainer):
         sigma = sigma.to(x0.device)
         noisy, target = make_noisy(x0, noise, sigma)
         pred = self.velocity(model, noisy, sigma, embeds.to(x0.device), mask.to(x0.device),
-                             int(inputs["height"]), int(inputs["width"]))
+                             int(inputs["height"]), int(inputs["width"]), references=inputs.get("references"))
         loss = flow_matching_loss(pred, target, sigma, args.loss_weighting)
         return (loss, {"velocity": pred}) if return_outputs else loss
 
@@ -282,7 +289,8 @@ def main(argv: Sequence[str] | None = None) -> SFTTrainer:
     config = parse_config(SFTConfig, argv)
     checkpoint = prepare_run(config)
     set_seed(config.seed)
-    rows = load_sft_rows(config)  # before the model: a data mistake is reported in seconds
+    # Before the model: a data mistake is reported in seconds (edit rows are checked with their control images).
+    rows = None if uses_edit_model(config) else load_sft_rows(config)
     qwen = load_qwen_image(config)
     # Rank 0 encodes first; the others then read its on-disk cache instead of encoding again.
     with config.main_process_first(desc="SFT data"):
