@@ -24,7 +24,7 @@ from ..data.encoding import collate_encoded, encode_dataset
 from ..data.preference import IMAGE_COLUMNS, load_preference_dataset
 from ..launch import parse_config, run
 from ..losses import DPO_LOSS_TYPES, flow_dpo_loss, flow_matching_loss, make_noisy, sample_sigmas, velocity_error
-from ..modeling import load_qwen_image, model_identity
+from ..modeling import load_qwen_image, model_identity, place_encoders
 from ..reference import ReferenceModel
 from .base import QwenImageTrainer, release_text_encoder
 
@@ -190,9 +190,7 @@ def build_datasets(config: DPOConfig, qwen) -> tuple[Any, Any]:
 def load_model_and_pairs(config: DPOConfig) -> tuple[Any, Any, Any]:
     """The bundle (text encoder and VAE on the accelerator for caching) and the encoded train/eval pairs."""
     qwen = load_qwen_image(config)
-    for module in (qwen.text_encoder, qwen.vae):  # encode on the accelerator; the transformer is placed by the Trainer
-        if module is not None:
-            module.to(config.device)
+    place_encoders(qwen, config)  # encode on the accelerator; the Trainer places the transformer
     train_ds, eval_ds = build_datasets(config, qwen)
     return qwen, train_ds, eval_ds
 
