@@ -47,6 +47,8 @@ def run(main_fn: Callable[[Sequence[str] | None], object], argv: Sequence[str] |
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         code = 2
+    except SystemExit as err:  # --help, --estimate_only: a clean exit, not a crash
+        code = err.code if isinstance(err.code, int) else 0
     except BaseException:
         import traceback
 

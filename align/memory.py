@@ -158,7 +158,7 @@ class Options:
             nested=config.use_bnb_nested_quant,
             weight_streaming=config.weight_streaming,
             resident_blocks=config.resident_blocks,
-            optimizer_8bit="8bit" in str(getattr(config, "optim", "")),
+            optimizer_8bit="8bit" in str(getattr(getattr(config, "optim", ""), "value", getattr(config, "optim", ""))),
             lora_rank=config.lora_rank,
             lora_targets=tuple(config.lora_target_modules or DEFAULT_LORA_TARGETS),
             resolution=config.resolution,

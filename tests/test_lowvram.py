@@ -280,3 +280,21 @@ def test_every_objective_trains_on_a_quantised_base_and_the_adapter_loads_on_the
     for key, value in trained.items():
         name = key.removeprefix("transformer.").replace("lora_B.weight", "lora_B.default_0.weight")
         torch.testing.assert_close(loaded[name].float(), value.float())
+
+
+@pytest.mark.parametrize("recipe,card_gb", [("sft_24gb", 24), ("sft_24gb_streaming", 24), ("sft_48gb", 48),
+                                            ("dpo_24gb", 24), ("grpo_24gb", 24), ("dpo_grpo_24gb", 24)])
+def test_low_vram_recipes_parse_and_their_estimate_fits_the_card(recipe, card_gb, tmp_path):
+    from align.launch import parse_config
+    from align.memory import GIB, Options, architecture, estimate
+    from align.trainers.combined import DPOGRPOConfig
+    from align.trainers.grpo import GRPOConfig
+    from align.trainers.sft import SFTConfig
+
+    cls = {"sft": SFTConfig, "dpo": DPOGRPOConfig, "grpo": GRPOConfig}[recipe.split("_")[0]]
+    config = parse_config(cls, ["--config", str(ROOT / "recipes/low_vram" / f"{recipe}.yaml"), "--output_dir",
+                                str(tmp_path), "--bf16", "false", "--report_to", "none"])
+    assert config.base_storage != "none"
+    est = estimate(Options.from_config(config), architecture(None))
+    assert est.options.gradient_checkpointing
+    assert est.peak_gib * GIB <= card_gb * 1e9, "\n".join(est.lines())
