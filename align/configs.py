@@ -43,6 +43,35 @@ class QwenImageTrainingConfig(TrainingArguments):
     init_adapter: str | None = field(
         default=None, metadata={"help": "Start from this LoRA (a diffusers-format folder/file, e.g. an SFT adapter)."}
     )
+    # --- memory: how the frozen base is stored and placed (consumed by align/modeling.py; docs/low-vram.md).
+    # The optimizer is TrainingArguments' own `optim`: adamw_torch (default), adamw_8bit (bitsandbytes) or
+    # adamw_torch_8bit (torchao) keep the LoRA's two Adam states in 8 bits.
+    base_storage: str = field(
+        default="none",
+        metadata={"help": "Storage of the frozen transformer blocks' Linear weights (LoRA only): none (model_dtype), "
+                          "fp8 / int8 (torchao weight-only, 1 byte/param), nf4 (bitsandbytes 4-bit, ~0.56 byte/param)."},
+    )
+    use_bnb_nested_quant: bool = field(
+        default=False, metadata={"help": "nf4: also quantise the block scales (double quantisation, ~0.52 byte/param; TRL's name)."}
+    )
+    text_encoder_storage: str = field(
+        default="none",
+        metadata={"help": "Storage of the text encoder while it caches prompt embeddings: none, fp8 or int8 (torchao weight-only)."},
+    )
+    weight_streaming: str = field(
+        default="none",
+        metadata={"help": "none, or blocks: keep the frozen weights of the transformer blocks in CPU memory and copy each "
+                          "block to the GPU for its forward (again for its recompute in backward). Needs a single process or DDP."},
+    )
+    resident_blocks: int = field(
+        default=0, metadata={"help": "weight_streaming=blocks: how many leading blocks stay on the GPU (more = faster, more memory)."}
+    )
+    estimate_only: bool = field(
+        default=False, metadata={"help": "Print the estimated peak GPU memory of these options and exit before loading weights."}
+    )
+    estimate_text_tokens: int = field(
+        default=256, metadata={"help": "Prompt length (tokens) the memory estimate assumes."}
+    )
     # --- data
     dataset_name: str | None = field(
         default=None,
@@ -102,6 +131,9 @@ class QwenImageTrainingConfig(TrainingArguments):
             raise UserError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if self.finetune == "lora" and self.lora_rank < 1:
             raise UserError(f"lora_rank must be >= 1, got {self.lora_rank}")
+        from .lowvram import validate_memory_options
+
+        validate_memory_options(self)
 
     @property
     def encoding_cache_dir(self) -> str:

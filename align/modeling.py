@@ -14,6 +14,7 @@ from qwen_image.model import resolve_dtype
 
 from .errors import UserError
 from .configs import QwenImageTrainingConfig
+from .lowvram import BlockStreamer, checkpointing_reason, quantize_text_encoder, quantize_transformer_blocks
 
 logger = logging.getLogger(__name__)
 ADAPTER_NAME = "default"
@@ -28,19 +29,44 @@ def training_dtype(config: QwenImageTrainingConfig) -> torch.dtype:
 def load_qwen_image(
     config: QwenImageTrainingConfig, load_text_encoder: bool = True, load_vae: bool = True
 ) -> QwenImage:
-    """The bundle named by the config (a local checkpoint, or the tiny random model when none is given)."""
+    """The bundle named by the config (a local checkpoint, or the tiny random model when none is given), stored as
+    the config's memory options say. Every launcher loads through here: it first prints the memory estimate (and
+    stops there with ``estimate_only``)."""
+    from .memory import report_estimate
+
+    report_estimate(config)
     dtype = training_dtype(config)
     with _no_zero3_init(config):
         if config.model_name_or_path:
-            return QwenImage.from_pretrained(
+            qwen = QwenImage.from_pretrained(
                 config.model_name_or_path, torch_dtype=dtype, load_text_encoder=load_text_encoder, load_vae=load_vae
             )
-        variant = getattr(config, "tiny_variant", "t2i")
-        if variant != "t2i":
-            if not variant.startswith("edit-"):
-                raise ValueError(f"tiny_variant must be t2i, edit-2509 or edit-2511, got {variant!r}")
-            return QwenImage.tiny_edit(variant.removeprefix("edit-"), seed=config.tiny_seed, dtype=dtype)
-        return QwenImage.tiny(seed=config.tiny_seed, dtype=dtype)
+        else:
+            variant = getattr(config, "tiny_variant", "t2i")
+            if variant != "t2i":
+                if not variant.startswith("edit-"):
+                    raise UserError(f"tiny_variant must be t2i, edit-2509 or edit-2511, got {variant!r}")
+                qwen = QwenImage.tiny_edit(variant.removeprefix("edit-"), seed=config.tiny_seed, dtype=dtype)
+            else:
+                qwen = QwenImage.tiny(seed=config.tiny_seed, dtype=dtype)
+    apply_storage(qwen, config)
+    return qwen
+
+
+def apply_storage(qwen: QwenImage, config: QwenImageTrainingConfig) -> None:
+    """Quantise the frozen blocks (on the training device, one block at a time, then back to CPU) and the text encoder as the config says. LoRA is added later, on top (PEFT wraps torchao and bitsandbytes layers)."""
+    if config.base_storage != "none":
+        quantize_transformer_blocks(qwen.transformer, config.base_storage, training_dtype(config), config.device,
+                                    nested=config.use_bnb_nested_quant)
+    if qwen.text_encoder is not None:
+        quantize_text_encoder(qwen.text_encoder, config.text_encoder_storage)
+
+
+def place_encoders(qwen: QwenImage, config: QwenImageTrainingConfig) -> None:
+    """Put the text encoder and the VAE on the training device for caching (the Trainer places the transformer)."""
+    for module in (qwen.text_encoder, qwen.vae):
+        if module is not None:
+            module.to(config.device)
 
 
 def uses_edit_model(config: QwenImageTrainingConfig) -> bool:
@@ -134,8 +160,20 @@ def prepare_transformer(model: QwenImage, config: QwenImageTrainingConfig) -> to
             transformer.fuse_lora()
             transformer.unload_lora()
         transformer.requires_grad_(True)
+    reason = checkpointing_reason(config)
+    if reason and not getattr(config, "transformer_gradient_checkpointing", False):
+        # Without it autograd keeps every block's de-quantised (or fetched) weights for backward: no memory saved.
+        logger.info("gradient checkpointing switched on: %s needs it (otherwise backward keeps full-precision "
+                    "copies of every block's weights)", reason)
+        config.transformer_gradient_checkpointing = True
     if getattr(config, "transformer_gradient_checkpointing", False):
         transformer.enable_gradient_checkpointing()
+    if config.weight_streaming == "blocks":
+        streamer = BlockStreamer(transformer.transformer_blocks, config.device, resident=config.resident_blocks)
+        transformer._block_streamer = streamer  # kept alive with the model (hooks refer to it)
+        logger.info("weight streaming: %d of %d blocks streamed from CPU memory, %d resident",
+                    streamer.streamed_blocks, len(transformer.transformer_blocks),
+                    len(transformer.transformer_blocks) - streamer.streamed_blocks)
     transformer.train()
     n_train = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in transformer.parameters())

@@ -4,6 +4,8 @@ seconds per iteration and peak GPU memory for LoRA SFT, Flow-DPO and Flow-GRPO s
     python benchmarks/gpu_scale.py                          # needs a GPU (~80 GB); skips cleanly on CPU
     python benchmarks/gpu_scale.py --resolution 1328 --rank 64 --modes sft dpo
     python benchmarks/gpu_scale.py --allow_cpu --layers 1 --heads 2 --head_dim 32 --joint_dim 64 --resolution 64  # smoke
+    python benchmarks/gpu_scale.py --base_storage nf4 --optim adamw8bit           # the low-VRAM options (docs/low-vram.md)
+    python benchmarks/gpu_scale.py --base_storage fp8 --weight_streaming blocks --resident_blocks 8
 
 Training-time inputs are what the trainers feed after caching: packed latents (B, (res/16)^2, 64) and text
 embeddings (B, text_len, 3584); the text encoder and the VAE are not resident (that is the point of caching).
@@ -25,7 +27,9 @@ import torch  # noqa: E402
 from diffusers import QwenImageTransformer2DModel  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 
+from align import memory as estimator  # noqa: E402
 from align.configs import DEFAULT_LORA_TARGETS  # noqa: E402
+from align.lowvram import BASE_STORAGES, BlockStreamer, quantize_transformer_blocks  # noqa: E402
 from align.losses import flow_dpo_loss, flow_matching_loss, grpo_clip_loss, make_noisy, velocity_error  # noqa: E402
 from qwen_image.latents import img_shapes  # noqa: E402
 from qwen_image.sampling import Conditioning, predict_velocity, sde_step  # noqa: E402
@@ -55,6 +59,10 @@ def build(args, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     if dtype != torch.float32:
         model = model.to(dtype)
     model.requires_grad_(False)
+    # The same order as align/modeling.py: quantise the blocks, add the LoRA on top, checkpoint, then stream.
+    if args.base_storage != "none":
+        quantize_transformer_blocks(model, args.base_storage, dtype, device, nested=args.nested)
+        model.to(device)
     model.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
                                  target_modules=DEFAULT_LORA_TARGETS))
     for p in model.parameters():
@@ -62,6 +70,10 @@ def build(args, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
             p.data = p.data.float()
     if not args.no_grad_ckpt:
         model.enable_gradient_checkpointing()
+    if args.weight_streaming == "blocks":
+        model._block_streamer = BlockStreamer(model.transformer_blocks, device, resident=args.resident_blocks)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return model
 
 
@@ -171,6 +183,11 @@ def main(argv=None) -> None:
     ap.add_argument("--rollout_steps", type=int, default=10, help="SDE steps of a GRPO rollout")
     ap.add_argument("--train_timesteps", type=int, default=2, help="GRPO steps trained per update (an SDE window)")
     ap.add_argument("--no_grad_ckpt", action="store_true")
+    ap.add_argument("--base_storage", default="none", choices=BASE_STORAGES, help="frozen block weights (align's base_storage)")
+    ap.add_argument("--nested", action="store_true", help="nf4 with nested (double) quantisation")
+    ap.add_argument("--weight_streaming", default="none", choices=("none", "blocks"))
+    ap.add_argument("--resident_blocks", type=int, default=0)
+    ap.add_argument("--optim", default="adamw", choices=("adamw", "adamw8bit"))
     ap.add_argument("--layers", type=int, default=0, help="0 = the real 60; fewer for a smoke run")
     ap.add_argument("--heads", type=int, default=0)
     ap.add_argument("--head_dim", type=int, default=0)
@@ -181,6 +198,8 @@ def main(argv=None) -> None:
 
     if args.resolution % 16:
         ap.error(f"--resolution must be a multiple of 16, got {args.resolution}")
+    if (args.base_storage != "none" or args.weight_streaming != "none") and args.no_grad_ckpt:
+        ap.error("a quantised or streamed base needs gradient checkpointing (without it backward keeps full-precision weight copies)")
     print(f"real Qwen-Image transformer config: {real_param_count():.2f} B parameters")
     if not torch.cuda.is_available() and not args.allow_cpu:
         print("no GPU here: skipping the 20B measurements (run on a GPU machine; --allow_cpu for a reduced smoke run)")
@@ -193,8 +212,15 @@ def main(argv=None) -> None:
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
     print(f"built {n:.2f} B params ({n_lora:.1f} M LoRA r={args.rank}) on {device} {dtype} in {time.perf_counter() - t:.1f} s; "
           f"{args.resolution}px = {(args.resolution // 16) ** 2} image tokens, text {args.text_len}, batch {args.batch}, "
-          f"grad ckpt {'off' if args.no_grad_ckpt else 'on'}")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+          f"grad ckpt {'off' if args.no_grad_ckpt else 'on'}, base {args.base_storage}{' nested' if args.nested else ''}, "
+          f"streaming {args.weight_streaming} ({args.resident_blocks} resident), optimizer {args.optim}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.optim == "adamw8bit":
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.AdamW8bit(params, lr=1e-5)
+    else:
+        opt = torch.optim.AdamW(params, lr=1e-5)
     results = {}
     if "sft" in args.modes:
         results["LoRA SFT step"] = measure(lambda: sft_step(model, opt, args, device, dtype), device, args.steps, args.warmup)
@@ -206,9 +232,20 @@ def main(argv=None) -> None:
             lambda: holder.__setitem__("r", grpo_rollout(model, args, device, dtype)), device, args.steps, args.warmup)
         results[f"GRPO update ({args.train_timesteps} trained steps)"] = measure(
             lambda: grpo_update(model, opt, args, device, dtype, holder["r"]), device, args.steps, args.warmup)
-    print(f"{'step':<40}{'s/it':>10}{'peak GiB':>12}")
+    estimates = {}
+    if not any((args.layers, args.heads, args.head_dim, args.joint_dim)):  # the real config: the estimate applies
+        for name, objective in (("LoRA SFT step", "sft"), ("Flow-DPO step", "dpo"), ("GRPO update", "grpo")):
+            est = estimator.estimate(estimator.Options(
+                objective=objective, base_storage=args.base_storage, nested=args.nested, weight_streaming=args.weight_streaming,
+                resident_blocks=args.resident_blocks, optimizer_8bit=args.optim == "adamw8bit", lora_rank=args.rank,
+                lora_targets=tuple(DEFAULT_LORA_TARGETS), resolution=args.resolution, batch=args.batch, grpo_batch=args.batch,
+                text_tokens=args.text_len, gradient_checkpointing=not args.no_grad_ckpt))
+            # the benchmark holds no VAE and no CUDA-context share in max_memory_allocated
+            estimates[name] = est.training_gib - est.parts.get("VAE", 0) - est.parts["context"]
+    print(f"{'step':<40}{'s/it':>10}{'peak GiB':>12}{'estimate':>10}")
     for name, (sec, peak) in results.items():
-        print(f"{name:<40}{sec:>10.3f}{peak:>12.2f}")
+        est = next((v for k, v in estimates.items() if name.startswith(k)), float("nan"))
+        print(f"{name:<40}{sec:>10.3f}{peak:>12.2f}{est:>10.2f}")
         print(f"METRIC\t20B {args.resolution}px: {name}\t{sec:.3f}\ts/it (peak {peak:.2f} GiB)")
     if args.json:
         print(json.dumps({k: {"s_per_it": v[0], "peak_gib": v[1]} for k, v in results.items()}))

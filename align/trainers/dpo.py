@@ -25,7 +25,7 @@ from ..data.encoding import collate_encoded, encode_dataset
 from ..data.preference import IMAGE_COLUMNS, load_preference_dataset
 from ..launch import parse_config, prepare_run
 from ..losses import DPO_LOSS_TYPES, flow_dpo_loss, flow_matching_loss, make_noisy, sample_sigmas, velocity_error
-from ..modeling import load_qwen_image, model_identity, uses_edit_model
+from ..modeling import load_qwen_image, model_identity, place_encoders, uses_edit_model
 from ..reference import ReferenceModel
 from .base import MetricLog, QwenImageTrainer, release_text_encoder
 
@@ -216,9 +216,7 @@ def load_model_and_pairs(config: DPOConfig) -> tuple[Any, Any, Any]:
         pairs, _ = load_preference_dataset(config.dataset_name, config.dataset_split, config.prompt_column,
                                            config.min_agreement)
     qwen = load_qwen_image(config)
-    for module in (qwen.text_encoder, qwen.vae):  # encode on the accelerator; the transformer is placed by the Trainer
-        if module is not None:
-            module.to(config.device)
+    place_encoders(qwen, config)  # encode on the accelerator; the Trainer places the transformer
     train_ds, eval_ds = build_datasets(config, qwen, pairs)
     return qwen, train_ds, eval_ds
 

@@ -1,0 +1,367 @@
+"""Estimated peak GPU memory of a training run, from its options, before any weight loads.
+
+Every launcher prints it (``align.modeling.load_qwen_image``) and warns when it exceeds the GPU; ``--estimate_only``
+prints it and exits. ``python -m align.memory`` prints the README table (LoRA SFT / DPO / GRPO / DPO+GRPO at 1024²
+for each storage option on 24 / 48 / 80 GB cards). ``benchmarks/memory.py`` measures the same components on one
+real-size block and checks this model against them.
+
+What a training step holds on the GPU (all of it is counted):
+
+- weights: the 60 blocks' Linear weights in their storage format (bf16 2 B/param; torchao int8 1 B + 5 B per row;
+  fp8 1 B + 4 B per row; nf4 0.5 B + a 4 B scale per 64 weights; nested nf4 ~0.516 B), everything else in bf16.
+  With block streaming only the resident blocks plus two in flight (the block computing and the one autograd
+  still holds in backward).
+- LoRA parameters (fp32), their gradients (fp32) and AdamW's two states (fp32; 8-bit optimizers: 1 B each).
+- activations: a block saves ``ACT_WIDTHS_PER_TOKEN`` tensors of width ``inner_dim`` per token (image + text) for
+  backward (measured: benchmarks/memory.py), plus, when its weights are quantised, a full-precision de-quantised
+  copy of each Linear weight its backward needs (trap: without checkpointing that is an unquantised model's worth).
+  With block checkpointing only each block's two input streams stay, plus one block's worth during its recompute.
+- per objective: SFT one image per sample; Flow-DPO chosen + rejected in one forward (2 images per pair; the
+  reference forward has no graph); GRPO one trained timestep per backward (the CFG uncond branch and the rollouts
+  run without graph), plus the VAE for decoding rollouts; DPO+GRPO both graphs at once.
+- ``CONTEXT_GIB`` for the CUDA context and allocator slack.
+
+The caching phase (text encoder + VAE, before training) is estimated too; the peak is the larger of the two.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+GIB = 2**30
+CONTEXT_GIB = 1.5
+# Tensors of width inner_dim (in the compute dtype) one block saves for backward per token, LoRA on the default
+# targets, no checkpointing. Measured on a real-size block (benchmarks/memory.py): 34.5 at 1024 + 128 tokens.
+ACT_WIDTHS_PER_TOKEN = 34.5
+# Gradients flowing through a block in backward (in/out of both streams, the MLP hidden): working set per token.
+BACKWARD_WIDTHS_PER_TOKEN = 8.0
+# The real Qwen-Image text encoder (Qwen2.5-VL-7B: 8.29 B params) and VAE (0.127 B params).
+TEXT_ENCODER_PARAMS = 8.29e9
+VAE_PARAMS = 0.127e9
+OBJECTIVES = ("sft", "dpo", "grpo", "dpo+grpo")
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What the estimate needs from the transformer config (read from a meta-device model: no weights)."""
+
+    num_blocks: int
+    inner_dim: int
+    block_linears: tuple[LinearShape, ...]
+    block_other_params: int  # norms inside a block
+    non_block_params: int
+    grad_weight_params: int  # Linear weights whose input needs grad (their backward uses the weight)
+
+    @property
+    def block_params(self) -> int:
+        return sum(l.in_features * l.out_features + (l.out_features if l.bias else 0) for l in self.block_linears) + self.block_other_params
+
+
+@lru_cache(maxsize=8)
+def architecture(config_json: str | None = None) -> Architecture:
+    """The real Qwen-Image transformer (diffusers' default config), or the one of ``config_json``."""
+    import torch
+    from diffusers import QwenImageTransformer2DModel
+
+    kwargs = json.loads(config_json) if config_json else {}
+    kwargs = {k: v for k, v in kwargs.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        model = QwenImageTransformer2DModel(**kwargs)
+    block = model.transformer_blocks[0]
+    linears, linear_params = [], set()
+    for name, mod in block.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            linears.append(LinearShape(name, mod.in_features, mod.out_features, mod.bias is not None))
+            linear_params |= {id(p) for p in mod.parameters()}
+    other = sum(p.numel() for p in block.parameters() if id(p) not in linear_params)
+    in_blocks = sum(p.numel() for b in model.transformer_blocks for p in b.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    # The modulation Linears act on the timestep embedding, which needs no grad: their weights are not saved.
+    grad_weight = sum(l.in_features * l.out_features for l in linears if not l.name.endswith("_mod.1"))
+    return Architecture(len(model.transformer_blocks), model.inner_dim, tuple(linears), other, total - in_blocks, grad_weight)
+
+
+def architecture_of(model_name_or_path: str | None) -> Architecture:
+    """The checkpoint's transformer config when given, else the real Qwen-Image config."""
+    if model_name_or_path:
+        cfg = Path(model_name_or_path) / "transformer" / "config.json"
+        if cfg.is_file():
+            return architecture(cfg.read_text())
+    return architecture(None)
+
+
+def linear_weight_bytes(shape: LinearShape, storage: str, dtype_bytes: int, nested: bool = False) -> float:
+    """Bytes of one Linear layer (weight + bias) stored as ``storage``; the bias stays in the compute dtype."""
+    n = shape.in_features * shape.out_features
+    bias = shape.out_features * dtype_bytes if shape.bias else 0
+    if storage == "none":
+        return n * dtype_bytes + bias
+    if storage == "int8":  # int8 data + per-row scale and zero point
+        return n + shape.out_features * 5 + bias
+    if storage == "fp8":  # fp8 data + per-row fp32 scale
+        return n + shape.out_features * 4 + bias
+    if storage == "nf4":  # 4-bit codes + fp32 absmax per 64 (nested: 8-bit absmax + fp32 per 256 of them)
+        scales = n / 64 + n / 64 / 256 * 4 if nested else n / 64 * 4
+        return n / 2 + scales + bias
+    raise ValueError(f"unknown storage {storage!r}")
+
+
+@dataclass(frozen=True)
+class Options:
+    """The options that set the peak (from a training config with :meth:`from_config`, or by hand for tables)."""
+
+    objective: str = "sft"
+    finetune: str = "lora"
+    base_storage: str = "none"
+    nested: bool = False
+    weight_streaming: str = "none"
+    resident_blocks: int = 0
+    optimizer_8bit: bool = False
+    lora_rank: int = 16
+    lora_targets: tuple[str, ...] = ()
+    resolution: int = 1024
+    batch: int = 1
+    text_tokens: int = 256
+    gradient_checkpointing: bool = True
+    dtype_bytes: int = 2
+    text_encoder_storage: str = "none"
+    grpo_batch: int = 1
+    kl_reference: bool = False
+
+    @classmethod
+    def from_config(cls, config) -> "Options":
+        from .configs import DEFAULT_LORA_TARGETS
+        from .lowvram import checkpointing_reason
+
+        objective = objective_of(config)
+        dtype = getattr(config, "model_dtype", "auto")
+        dtype_bytes = 4 if dtype in ("float32", "fp32") else 2
+        return cls(
+            objective=objective,
+            finetune=config.finetune,
+            base_storage=config.base_storage,
+            nested=config.use_bnb_nested_quant,
+            weight_streaming=config.weight_streaming,
+            resident_blocks=config.resident_blocks,
+            optimizer_8bit="8bit" in str(getattr(getattr(config, "optim", ""), "value", getattr(config, "optim", ""))),
+            lora_rank=config.lora_rank,
+            lora_targets=tuple(config.lora_target_modules or DEFAULT_LORA_TARGETS),
+            resolution=config.resolution,
+            batch=config.per_device_train_batch_size,
+            text_tokens=config.estimate_text_tokens,
+            gradient_checkpointing=bool(getattr(config, "transformer_gradient_checkpointing", False)
+                                        or checkpointing_reason(config)),
+            dtype_bytes=dtype_bytes,
+            text_encoder_storage=config.text_encoder_storage,
+            grpo_batch=config.per_device_train_batch_size,
+            kl_reference=objective in ("dpo", "dpo+grpo") or getattr(config, "beta", 0) > 0,
+        )
+
+
+def objective_of(config) -> str:
+    """sft | dpo | grpo | dpo+grpo, from the config class's fields (the launchers' configs differ in them)."""
+    has_dpo = hasattr(config, "loss_type") and hasattr(config, "w_dpo")
+    if has_dpo and getattr(config, "w_grpo", 0) > 0:
+        return "dpo+grpo"
+    if has_dpo:
+        return "dpo"
+    if hasattr(config, "num_generations"):
+        return "grpo"
+    return "sft"
+
+
+@dataclass
+class Estimate:
+    options: Options
+    parts: dict[str, float] = field(default_factory=dict)  # GiB, training step
+    caching: dict[str, float] = field(default_factory=dict)  # GiB, caching phase
+    host_gib: float = 0.0  # CPU memory the streamed blocks need
+
+    @property
+    def training_gib(self) -> float:
+        return sum(self.parts.values())
+
+    @property
+    def caching_gib(self) -> float:
+        return sum(self.caching.values())
+
+    @property
+    def peak_gib(self) -> float:
+        return max(self.training_gib, self.caching_gib)
+
+    def lines(self) -> list[str]:
+        o = self.options
+        storage = o.base_storage + (" nested" if o.nested and o.base_storage == "nf4" else "")
+        head = (f"estimated peak GPU memory: {self.peak_gib:.1f} GiB ({o.objective}, {o.finetune}"
+                + (f" r{o.lora_rank}" if o.finetune == "lora" else "")
+                + f", {o.resolution}px x{o.batch}, base {storage}, streaming {o.weight_streaming}"
+                + (f" ({o.resident_blocks} resident)" if o.weight_streaming == "blocks" else "")
+                + f", optimizer {'8-bit' if o.optimizer_8bit else 'fp32'} AdamW, checkpointing {'on' if o.gradient_checkpointing else 'off'})")
+        train = ", ".join(f"{k} {v:.2f}" for k, v in self.parts.items())
+        cache = ", ".join(f"{k} {v:.2f}" for k, v in self.caching.items())
+        out = [head, f"  training step {self.training_gib:.1f} GiB: {train}", f"  caching {self.caching_gib:.1f} GiB: {cache}"]
+        if self.host_gib:
+            out.append(f"  CPU memory for the streamed blocks: {self.host_gib:.1f} GiB (pinned)")
+        return out
+
+
+def _activation_bytes(arch: Architecture, o: Options, images: int, quantised: bool) -> tuple[float, float]:
+    """(bytes held by the graph of ``images`` samples, bytes of one block's recompute + backward working set)."""
+    tokens = (o.resolution // 16) ** 2 + o.text_tokens
+    width = arch.inner_dim * o.dtype_bytes
+    per_block = images * tokens * ACT_WIDTHS_PER_TOKEN * width
+    dequantised = arch.grad_weight_params * o.dtype_bytes if quantised else 0  # weight copies the backward keeps
+    if o.gradient_checkpointing:
+        held = arch.num_blocks * images * tokens * width  # each block's input (image + text streams)
+        return held, per_block + dequantised + images * tokens * BACKWARD_WIDTHS_PER_TOKEN * width
+    return arch.num_blocks * (per_block + dequantised), images * tokens * BACKWARD_WIDTHS_PER_TOKEN * width
+
+
+def estimate(o: Options, arch: Architecture | None = None) -> Estimate:
+    arch = arch or architecture(None)
+    est = Estimate(o)
+    db = o.dtype_bytes
+    block = sum(linear_weight_bytes(l, o.base_storage, db, o.nested) for l in arch.block_linears) + arch.block_other_params * db
+    on_gpu_blocks = arch.num_blocks
+    if o.weight_streaming == "blocks":
+        on_gpu_blocks = min(arch.num_blocks, o.resident_blocks + 2)
+        est.host_gib = (arch.num_blocks - min(o.resident_blocks, arch.num_blocks)) * block / GIB
+    weights = on_gpu_blocks * block + arch.non_block_params * db
+    est.parts["weights"] = weights / GIB
+    if o.finetune == "lora":
+        targets = set(o.lora_targets)
+        lora = arch.num_blocks * sum(o.lora_rank * (l.in_features + l.out_features) for l in arch.block_linears
+                                     if any(l.name == t or l.name.endswith("." + t) for t in targets))
+        est.parts["LoRA"] = lora * 4 / GIB
+        est.parts["grads"] = lora * 4 / GIB
+        est.parts["optimizer"] = lora * (2 if o.optimizer_8bit else 8) / GIB
+    else:
+        n = arch.num_blocks * arch.block_params + arch.non_block_params
+        est.parts["grads"] = n * db / GIB
+        est.parts["optimizer"] = n * (2 if o.optimizer_8bit else 2 * db) / GIB
+        if o.kl_reference:
+            est.parts["reference copy"] = n * db / GIB  # a frozen copy: shard it (FSDP2/ZeRO-3) on real cards
+    quantised = o.base_storage != "none"
+    graphs = {"sft": [o.batch], "dpo": [2 * o.batch], "grpo": [o.grpo_batch], "dpo+grpo": [2 * o.batch, o.grpo_batch]}[o.objective]
+    held, transient = 0.0, 0.0
+    for images in graphs:
+        h, t = _activation_bytes(arch, o, images, quantised)
+        held, transient = held + h, max(transient, t)
+    est.parts["activations"] = (held + transient) / GIB
+    if o.objective in ("grpo", "dpo+grpo"):
+        est.parts["VAE"] = VAE_PARAMS * db / GIB  # decodes rollouts for the rewards
+    est.parts["context"] = CONTEXT_GIB
+    te_bytes = 1 if o.text_encoder_storage in ("fp8", "int8") else db
+    est.caching = {"text encoder": TEXT_ENCODER_PARAMS * te_bytes / GIB, "VAE": VAE_PARAMS * db / GIB,
+                   "encoding": 1.0, "context": CONTEXT_GIB}
+    return est
+
+
+def device_gib() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
+
+
+def report_estimate(config) -> Estimate:
+    """Print the estimate (local main process), warn when it exceeds the GPU; exit 0 after it with ``estimate_only``."""
+    est = estimate(Options.from_config(config), architecture_of(config.model_name_or_path))
+    if getattr(config, "local_process_index", 0) == 0:
+        print("\n".join(est.lines()), flush=True)
+        total = device_gib()
+        if total is not None and est.peak_gib > total:
+            logger.warning("the estimated peak (%.1f GiB) exceeds this GPU (%.1f GiB): see docs/low-vram.md for options "
+                           "that fit (base_storage, weight_streaming, optim=adamw_8bit)", est.peak_gib, total)
+    if config.estimate_only:
+        raise SystemExit(0)
+    return est
+
+
+# ----------------------------------------------------------------------------------------------- README table
+# Every low-VRAM row caches with an fp8 text encoder (bf16 it alone takes 15.4 GiB while caching).
+_TE = dict(text_encoder_storage="fp8")
+TABLE_OPTIONS = (
+    ("bf16", dict()),
+    ("fp8", dict(base_storage="fp8", **_TE)),
+    ("int8", dict(base_storage="int8", **_TE)),
+    ("nf4", dict(base_storage="nf4", **_TE)),
+    ("nf4 + 8-bit AdamW", dict(base_storage="nf4", optimizer_8bit=True, **_TE)),
+    ("fp8 + streaming (8 resident)", dict(base_storage="fp8", weight_streaming="blocks", resident_blocks=8, **_TE)),
+    ("nf4 + streaming (8 resident)", dict(base_storage="nf4", weight_streaming="blocks", resident_blocks=8, **_TE)),
+)
+CARDS_GB = (24, 48, 80)
+# Targets the issue set (estimated, 1024², bs1, LoRA r16): (objective, card GB, options that must fit).
+TARGETS = (
+    ("sft", 24, ("nf4", "fp8 + streaming (8 resident)")),
+    ("sft", 48, ("fp8",)),
+    ("dpo", 24, None),
+    ("grpo", 24, None),
+    ("dpo+grpo", 24, None),
+)
+
+
+def table(resolution: int = 1024, rank: int = 16) -> tuple[list[str], dict]:
+    from .configs import DEFAULT_LORA_TARGETS
+
+    base = Options(lora_rank=rank, lora_targets=tuple(DEFAULT_LORA_TARGETS), resolution=resolution)
+    results: dict[tuple[str, str], float] = {}
+    header = "| option | " + " | ".join(o.upper() if o != "dpo+grpo" else "DPO+GRPO" for o in OBJECTIVES) + " |"
+    rows = [header, "|" + "---|" * (len(OBJECTIVES) + 1)]
+    for label, kw in TABLE_OPTIONS:
+        cells = []
+        for obj in OBJECTIVES:
+            est = estimate(replace(base, objective=obj, kl_reference=obj != "sft", **kw))
+            results[(label, obj)] = est.peak_gib
+            fits = [c for c in CARDS_GB if est.peak_gib * GIB <= c * 1e9]
+            cells.append(f"{est.peak_gib:.1f} ({fits[0]} GB)" if fits else f"{est.peak_gib:.1f} (>80 GB)")
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    return rows, results
+
+
+def target_lines(results: dict) -> list[str]:
+    out = []
+    for obj, card, labels in TARGETS:
+        candidates = labels or tuple(label for label, _ in TABLE_OPTIONS)
+        best = min(candidates, key=lambda label: results[(label, obj)])
+        met = all(results[(label, obj)] * GIB <= card * 1e9 for label in candidates) if labels else results[(best, obj)] * GIB <= card * 1e9
+        which = " and ".join(labels) if labels else f"best option ({best})"
+        values = ", ".join(f"{label} {results[(label, obj)]:.1f} GiB" for label in (labels or (best,)))
+        out.append(f"{obj.upper()} <= {card} GB with {which}: {values} -> {'met' if met else 'NOT met'}")
+    return out
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Print the README memory table (estimated peak GiB; smallest card that fits).")
+    ap.add_argument("--resolution", type=int, default=1024)
+    ap.add_argument("--rank", type=int, default=16)
+    args = ap.parse_args(argv)
+    rows, results = table(args.resolution, args.rank)
+    print(f"Estimated peak GPU memory, GiB (smallest of {'/'.join(map(str, CARDS_GB))} GB that fits), LoRA r{args.rank}, "
+          f"{args.resolution}², batch 1, {Options().text_tokens} text tokens, gradient checkpointing; every row but bf16 "
+          "caches with text_encoder_storage=fp8 (peak = max(caching, training step)):")
+    print("\n".join(rows))
+    print()
+    print("\n".join(target_lines(results)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""What a LoRA step on the real 20B transformer holds, measured on ONE real-size block on CPU and extrapolated to
+60 blocks, beside the estimate of ``align/memory.py`` (which every launcher prints). Also the CPU slowdown of each
+storage option against bf16 (a hint only: GPUs have fp8/int8 kernels, CPUs mostly do not).
+
+    python benchmarks/memory.py                     # ~5 min on 2 CPU cores
+    python benchmarks/memory.py --resolutions 512   # the measured resolution only
+
+Measured, per storage format (bf16 | fp8 | int8 | nf4 | nf4 nested), on a block with the real config (inner dim
+3072, 24 heads x 128, LoRA r16 on the default targets, bf16 compute):
+- bytes of the block's parameters as stored (inner tensors of torchao / bitsandbytes subclasses, scales included);
+- bytes autograd saves for backward in one block forward (``torch.autograd.graph.saved_tensors_hooks``, unique
+  storages that are not parameters: independent of the allocator): activations at the real token count of a
+  512² image, and the de-quantised weight copies a quantised block adds;
+- LoRA parameters, their gradients and AdamW's states (fp32 and 8-bit) after a real training step (run in fp32
+  compute on CPU, where bf16 backward is pathologically slow; LoRA, gradients and states are fp32 either way).
+Extrapolation to the full model, with gradient checkpointing (what the launchers use on a quantised base): the 60
+blocks' weights (or 2 + resident ones when streamed) + the 40 M non-block parameters in bf16 + LoRA + gradients +
+optimizer + 60 block inputs + one block's saved tensors and de-quantised copies during its recompute + the same
+backward working set and context the estimator assumes (neither exists on CPU). 1024² scales the measured
+per-token bytes (saved activations are linear in tokens: printed at two token counts to show it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope, QwenImageTransformerBlock  # noqa: E402
+from peft import LoraConfig, inject_adapter_in_model  # noqa: E402
+
+from align import memory as estimator  # noqa: E402
+from align.configs import DEFAULT_LORA_TARGETS  # noqa: E402
+from align.lowvram import BlockStreamer, quantize_linears, storage_bytes, tensor_bytes  # noqa: E402
+
+GIB = 2**30
+FORMATS = {"bf16": ("none", False), "fp8": ("fp8", False), "int8": ("int8", False), "nf4": ("nf4", False),
+           "nf4 nested": ("nf4", True)}
+DIM, HEADS, HEAD_DIM = 3072, 24, 128  # the real config (benchmarks/gpu_scale.py builds all 60 blocks of it)
+DTYPE = torch.bfloat16
+
+
+def build_block(storage: str, nested: bool, rank: int, dtype: torch.dtype = DTYPE) -> torch.nn.Module:
+    """One real-size block with random weights (built on meta, filled in place: fast), quantised, + LoRA."""
+    with torch.device("meta"):
+        block = QwenImageTransformerBlock(DIM, HEADS, HEAD_DIM)
+    block = block.to_empty(device="cpu").to(dtype)
+    g = torch.Generator().manual_seed(0)
+    for p in block.parameters():
+        p.data.normal_(0, 0.02, generator=g)
+    block.requires_grad_(False)
+    quantize_linears(block, storage, dtype, nested)
+    block = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=DEFAULT_LORA_TARGETS), block)
+    for name, p in block.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+            if "lora_B" in name:
+                p.data.normal_(0, 0.01, generator=g)
+            p.requires_grad_(True)
+    return block
+
+
+def block_inputs(image_side: int, text_tokens: int, batch: int = 1, dtype: torch.dtype = DTYPE):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, image_side * image_side, DIM, generator=g).to(dtype).requires_grad_(True)
+    text = torch.randn(batch, text_tokens, DIM, generator=g).to(dtype).requires_grad_(True)
+    temb = torch.randn(batch, DIM, generator=g).to(dtype)
+    rope = QwenEmbedRope(theta=10000, axes_dim=[16, 56, 56], scale_rope=True)
+    freqs = rope([(1, image_side, image_side)] * batch, device=torch.device("cpu"), max_txt_seq_len=text_tokens)
+    return dict(hidden_states=x, encoder_hidden_states=text, encoder_hidden_states_mask=None, temb=temb, image_rotary_emb=freqs)
+
+
+def saved_bytes(block: torch.nn.Module, inputs: dict) -> int:
+    """Bytes autograd keeps for backward after one forward: unique storages that are not parameters or inputs."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            key = t.untyped_storage().data_ptr()
+            seen.setdefault(key, t.untyped_storage().nbytes())
+        except Exception:  # noqa: BLE001 - tensor subclasses without one storage: count their inner tensors
+            seen.setdefault(id(t), tensor_bytes(t))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(**inputs)
+    skip = set()
+    for p in block.parameters():
+        try:
+            skip.add(p.untyped_storage().data_ptr())
+        except Exception:  # noqa: BLE001
+            pass
+    for v in (inputs["hidden_states"], inputs["encoder_hidden_states"]):
+        skip.add(v.untyped_storage().data_ptr())  # the block inputs are counted as held inputs
+    return sum(n for k, n in seen.items() if k not in skip)
+
+
+def train_step(block, inputs, optimizer, checkpointing: bool) -> float:
+    t = time.perf_counter()
+    if checkpointing:
+        out = torch.utils.checkpoint.checkpoint(lambda **kw: block(**kw), use_reentrant=False, **inputs)
+    else:
+        out = block(**inputs)
+    loss = out[1].float().pow(2).mean() + out[0].float().pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)
+    return time.perf_counter() - t
+
+
+def make_optimizer(params, eight_bit: bool):
+    if eight_bit:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=1e-4)
+    return torch.optim.AdamW(params, lr=1e-4)
+
+
+def optimizer_bytes(optimizer) -> int:
+    return sum(tensor_bytes(t) for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.numel() > 1)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--resolutions", type=int, nargs="+", default=[512, 1024])
+    ap.add_argument("--text_len", type=int, default=256)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
+    ap.add_argument("--step_side", type=int, default=8, help="image tokens per side of the timed training step")
+    ap.add_argument("--step_text", type=int, default=32)
+    ap.add_argument("--measure_side", type=int, default=32, help="image tokens per side where activations are measured (512²: 32)")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    arch = estimator.architecture(None)
+    print(f"one real-size block: inner dim {DIM}, {HEADS} heads x {HEAD_DIM}, bf16, LoRA r{args.rank}; model: "
+          f"{arch.num_blocks} blocks + {arch.non_block_params / 1e6:.1f} M non-block params")
+
+    rows: dict[str, dict] = {}
+    act_per_token = None
+    for label in args.formats:
+        storage, nested = FORMATS[label]
+        t = time.perf_counter()
+        block = build_block(storage, nested, args.rank)
+        frozen = sum(tensor_bytes(p) for n, p in block.named_parameters() if "lora_" not in n)
+        lora = [p for p in block.parameters() if p.requires_grad]
+        r = dict(block_bytes=frozen, block_params=sum(p.numel() for n, p in block.named_parameters() if "lora_" not in n),
+                 lora_bytes=sum(p.numel() * p.element_size() for p in lora), lora_params=sum(p.numel() for p in lora))
+        small = block_inputs(args.step_side, args.step_text)
+        r["saved_small"] = saved_bytes(block, small)
+        if label == "bf16":
+            big = block_inputs(args.measure_side, args.text_len)
+            tokens_big = args.measure_side**2 + args.text_len
+            r["saved_big"] = saved_bytes(block, big)
+            tokens_small = args.step_side**2 + args.step_text
+            act_per_token = r["saved_big"] / tokens_big
+            print(f"bf16 block saves {r['saved_small'] / tokens_small / DIM / 2:.1f} x inner_dim x 2 B per token at "
+                  f"{tokens_small} tokens, {r['saved_big'] / tokens_big / DIM / 2:.1f} at {tokens_big} "
+                  f"({r['saved_big'] / 2**20:.0f} MiB; estimator constant {estimator.ACT_WIDTHS_PER_TOKEN})")
+            del big
+        del block
+        gc.collect()
+        # A real training step (checkpointed, as the launchers run a quantised base): gradients, optimizer states,
+        # time. In fp32 compute: CPU bf16 backward through frozen weights is ~20x slower than its forward here.
+        block = build_block(storage, nested, args.rank, torch.float32)
+        lora = [p for p in block.parameters() if p.requires_grad]
+        small = block_inputs(args.step_side, args.step_text, dtype=torch.float32)
+        for eight_bit in (False, True) if label in ("bf16", "nf4") else (False,):
+            opt = make_optimizer(lora, eight_bit)
+            r["sec_8bit" if eight_bit else "sec"] = train_step(block, small, opt, checkpointing=True)
+            r["optimizer_8bit" if eight_bit else "optimizer"] = optimizer_bytes(opt)
+            del opt
+        r["grad_bytes"] = sum(p.grad.numel() * p.grad.element_size() for p in lora if p.grad is not None)
+        if label == "bf16":  # streaming: the weights leave and come back every forward
+            streamer = BlockStreamer([block], "cpu")
+            r["sec_streamed"] = train_step(block, small, make_optimizer(lora, False), checkpointing=True)
+            assert streamer.fetches == 2  # forward + recompute
+            del streamer
+        rows[label] = r
+        print(f"  {label}: {frozen / r['block_params']:.3f} B/param, built + measured in {time.perf_counter() - t:.0f} s")
+        del block, small
+        gc.collect()
+
+    base = rows["bf16"]
+    dequant = {k: max(0, r["saved_small"] - base["saved_small"]) for k, r in rows.items()}
+    non_block = arch.non_block_params * 2
+    lora_total = base["lora_bytes"] * arch.num_blocks
+    grads_total = base["grad_bytes"] * arch.num_blocks
+
+    print("\nper block, measured:")
+    print(f"{'format':<12}{'weights MiB':>12}{'B/param':>9}{'dequant copies MiB':>20}{'LoRA MiB':>10}{'grads MiB':>10}"
+          f"{'AdamW MiB':>11}{'8-bit MiB':>11}")
+    for k, r in rows.items():
+        print(f"{k:<12}{r['block_bytes'] / 2**20:>12.1f}{r['block_bytes'] / r['block_params']:>9.3f}{dequant[k] / 2**20:>20.1f}"
+              f"{r['lora_bytes'] / 2**20:>10.2f}{r['grad_bytes'] / 2**20:>10.2f}{r['optimizer'] / 2**20:>11.2f}"
+              + (f"{r['optimizer_8bit'] / 2**20:>11.2f}" if "optimizer_8bit" in r else f"{'':>11}"))
+
+    print("\nextrapolated to 60 blocks (checkpointing on, batch 1) vs the estimator (align/memory.py), GiB:")
+    print(f"{'option':<30}{'res':>6}{'objective':>10}{'measured':>10}{'estimate':>10}{'diff':>8}")
+    worst = 0.0
+    options = [("bf16", "bf16", 0, False), ("fp8", "fp8", 0, False), ("int8", "int8", 0, False), ("nf4", "nf4", 0, False),
+               ("nf4 nested", "nf4 nested", 0, False), ("nf4 + 8-bit AdamW", "nf4", 0, True),
+               ("fp8 + streaming (8 resident)", "fp8", 8, False)]
+    for label, fmt, resident, eight in options:
+        if fmt not in rows:
+            continue
+        r = rows[fmt]
+        for res in args.resolutions:
+            for objective, images in (("sft", 1), ("dpo", 2)):
+                tokens = (res // 16) ** 2 + args.text_len
+                blocks_on_gpu = min(arch.num_blocks, resident + 2) if "streaming" in label else arch.num_blocks
+                opt_bytes = (rows["nf4"].get("optimizer_8bit") if eight else base["optimizer"]) * arch.num_blocks
+                act = (arch.num_blocks * images * tokens * DIM * 2  # block inputs held by checkpointing
+                       + images * tokens * act_per_token + dequant[fmt]  # one block recomputed in backward
+                       + images * tokens * estimator.BACKWARD_WIDTHS_PER_TOKEN * DIM * 2)
+                measured = (blocks_on_gpu * r["block_bytes"] + non_block + lora_total + grads_total + opt_bytes + act) / GIB \
+                    + estimator.CONTEXT_GIB
+                storage, nested = FORMATS[fmt]
+                est = estimator.estimate(estimator.Options(
+                    objective=objective, base_storage=storage, nested=nested, optimizer_8bit=eight, lora_rank=args.rank,
+                    lora_targets=tuple(DEFAULT_LORA_TARGETS), resolution=res, text_tokens=args.text_len,
+                    weight_streaming="blocks" if "streaming" in label else "none", resident_blocks=resident,
+                    text_encoder_storage="fp8"), arch)
+                diff = est.training_gib / measured - 1
+                worst = max(worst, abs(diff))
+                print(f"{label:<30}{res:>6}{objective:>10}{measured:>10.2f}{est.training_gib:>10.2f}{100 * diff:>7.1f}%")
+    print(f"largest estimate error: {100 * worst:.1f}% ({'within' if worst <= 0.15 else 'OUTSIDE'} 15%)")
+
+    tokens_small = args.step_side**2 + args.step_text
+    print(f"\nCPU step time of one block ({tokens_small} tokens, fp32 compute, checkpointed, fwd+recompute+bwd+AdamW), "
+          "vs the unquantised base:")
+    for k, r in rows.items():
+        line = f"  {k:<12}{r['sec']:>7.2f} s  x{r['sec'] / base['sec']:.2f}"
+        if "sec_8bit" in r:
+            line += f"   8-bit AdamW {r['sec_8bit']:.2f} s x{r['sec_8bit'] / base['sec']:.2f}"
+        if "sec_streamed" in r:
+            line += f"   streamed {r['sec_streamed']:.2f} s x{r['sec_streamed'] / base['sec']:.2f} (CPU: no copy)"
+        print(line)
+        print(f"METRIC\tCPU block step {k}\t{r['sec']:.3f}\ts (x{r['sec'] / base['sec']:.2f} vs bf16)")
+
+
+if __name__ == "__main__":
+    main()
