@@ -1,5 +1,5 @@
 """The REAL Qwen-Image transformer config (60 blocks, 24x128 heads, 20.4 B params) with random weights in bf16:
-seconds per iteration and peak GPU memory for LoRA SFT, Flow-DPO and Flow-GRPO steps at 1024^2.
+seconds per iteration and peak GPU memory of the trainers' own LoRA SFT, Flow-DPO and Flow-GRPO steps at 1024^2.
 
     python benchmarks/gpu_scale.py                          # needs a GPU (~80 GB); skips cleanly on CPU
     python benchmarks/gpu_scale.py --resolution 1328 --rank 64 --modes sft dpo
@@ -7,17 +7,24 @@ seconds per iteration and peak GPU memory for LoRA SFT, Flow-DPO and Flow-GRPO s
     python benchmarks/gpu_scale.py --base_storage nf4 --optim adamw8bit           # the low-VRAM options (docs/low-vram.md)
     python benchmarks/gpu_scale.py --base_storage fp8 --weight_streaming blocks --resident_blocks 8
 
-Training-time inputs are what the trainers feed after caching: packed latents (B, (res/16)^2, 64) and text
-embeddings (B, text_len, 3584); the text encoder and the VAE are not resident (that is the point of caching).
-Not a test: numbers depend on the machine. Each mode resets the peak-memory counter; base weights are shared.
+Each step is the trainer's: ``SFTTrainer`` / ``FlowDPOTrainer`` / ``GRPOTrainer.training_step`` (GRPO: rollout of a
+generation batch with the SDE sampler and true CFG, then the per-timestep backward over ``--train_timesteps``
+trained steps) followed by the optimizer step, on a bundle built like ``align.modeling.load_qwen_image`` builds it
+(base storage, LoRA, checkpointing, streaming). Inputs are what the trainers see after caching: packed latents
+(B, (res/16)^2, 64) and text embeddings (B, text_len, 3584); random prompt embeddings in the prompt cache stand in
+for the 8 B text encoder (released before training in real runs), and the tiny VAE decodes the rollouts for the
+brightness reward (the real VAE only adds its decode time). Not a test: numbers depend on the machine. Each mode
+resets the peak-memory counter; base weights are shared.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,15 +32,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from diffusers import QwenImageTransformer2DModel  # noqa: E402
-from peft import LoraConfig  # noqa: E402
 
 from align import memory as estimator  # noqa: E402
 from align.configs import DEFAULT_LORA_TARGETS  # noqa: E402
-from align.lowvram import BASE_STORAGES, BlockStreamer, quantize_transformer_blocks  # noqa: E402
-from align.losses import flow_dpo_loss, flow_matching_loss, grpo_clip_loss, make_noisy, velocity_error  # noqa: E402
-from qwen_image.latents import img_shapes  # noqa: E402
-from qwen_image.sampling import Conditioning, predict_velocity, sde_step  # noqa: E402
+from align.launch import parse_config  # noqa: E402
+from align.lowvram import BASE_STORAGES  # noqa: E402
+from align.modeling import apply_storage  # noqa: E402
+from qwen_image import QwenImage  # noqa: E402
+from qwen_image.tiny import tiny_vae  # noqa: E402
+from qwen_image.tokenizer import load_bundled_tokenizer  # noqa: E402
 
+PROMPTS = ["a poster that says \"SALE\"", "a red cat", "a neon sign", "a bowl of fruit"]
 MODES = ("sft", "dpo", "grpo")
 
 
@@ -43,7 +52,7 @@ def real_param_count() -> float:
     return sum(p.numel() for p in model.parameters()) / 1e9
 
 
-def build(args, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def _config_overrides(args) -> dict:
     kwargs = {}
     if args.layers:
         kwargs["num_layers"] = args.layers
@@ -53,28 +62,97 @@ def build(args, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
         kwargs.update(attention_head_dim=args.head_dim, axes_dims_rope=_axes(args.head_dim))
     if args.joint_dim:
         kwargs.update(joint_attention_dim=args.joint_dim)
+    return kwargs
+
+
+def build_bundle(args, device: torch.device, dtype: torch.dtype) -> QwenImage:
+    """A QwenImage bundle around a random transformer of the real (or a reduced) config."""
     torch.manual_seed(0)
     with torch.device(device):
-        model = QwenImageTransformer2DModel(**kwargs)
-    if dtype != torch.float32:
-        model = model.to(dtype)
-    model.requires_grad_(False)
-    # The same order as align/modeling.py: quantise the blocks, add the LoRA on top, checkpoint, then stream.
-    if args.base_storage != "none":
-        quantize_transformer_blocks(model, args.base_storage, dtype, device, nested=args.nested)
-        model.to(device)
-    model.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
-                                 target_modules=DEFAULT_LORA_TARGETS))
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    if not args.no_grad_ckpt:
-        model.enable_gradient_checkpointing()
-    if args.weight_streaming == "blocks":
-        model._block_streamer = BlockStreamer(model.transformer_blocks, device, resident=args.resident_blocks)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return model
+        transformer = QwenImageTransformer2DModel(**_config_overrides(args))
+    transformer = transformer.to(dtype)
+    # The text encoder is released before training in every trainer: its embeddings live in the prompt cache.
+    qwen = QwenImage(transformer=transformer, vae=tiny_vae(0).to(device), text_encoder=torch.nn.Identity(),
+                     tokenizer=load_bundled_tokenizer(), default_size=args.resolution)
+    g = torch.Generator().manual_seed(2)
+    joint = transformer.config.joint_attention_dim
+    for prompt in [*PROMPTS, " "]:
+        qwen.prompt_encoder._cache[prompt] = torch.randn(args.text_len, joint, generator=g).to(dtype)
+    qwen.prompt_encoder.cache_size = len(PROMPTS) + 8
+    return qwen
+
+
+def trainer_config(cls, args, device: torch.device, extra: list[str]):
+    argv = ["--output_dir", tempfile.mkdtemp(prefix="gpu_scale_"), "--report_to", "none", "--finetune", "lora",
+            "--lora_rank", str(args.rank), "--lora_alpha", str(args.rank), "--resolution", str(args.resolution),
+            "--per_device_train_batch_size", str(args.batch), "--gradient_checkpointing", str(not args.no_grad_ckpt),
+            "--base_storage", args.base_storage, "--use_bnb_nested_quant", str(args.nested),
+            "--weight_streaming", args.weight_streaming, "--resident_blocks", str(args.resident_blocks),
+            "--optim", "adamw_8bit" if args.optim == "adamw8bit" else "adamw_torch", "--learning_rate", "1e-5",
+            "--model_dtype", "bfloat16" if device.type == "cuda" else "float32", "--save_strategy", "no",
+            "--lora_target_modules", *DEFAULT_LORA_TARGETS, *extra]
+    if device.type != "cuda":
+        argv += ["--use_cpu", "true"]
+    return parse_config(cls, argv)
+
+
+def latent_inputs(args, qwen: QwenImage, batch: int, device, dtype, columns: tuple[str, ...]) -> dict:
+    seq = (args.resolution // 16) ** 2
+    g = torch.Generator().manual_seed(1)
+    out = {c: torch.randn(batch, seq, 64, generator=g).to(device, dtype) for c in columns}
+    out["prompt_embeds"] = torch.randn(batch, args.text_len, qwen.transformer.config.joint_attention_dim,
+                                       generator=g).to(device, dtype)
+    out["prompt_mask"] = torch.ones(batch, args.text_len, dtype=torch.long, device=device)
+    out["height"] = out["width"] = args.resolution
+    return out
+
+
+def _stored_bundle(args, device, dtype, config) -> QwenImage:
+    qwen = build_bundle(args, device, dtype)
+    apply_storage(qwen, config)
+    return qwen
+
+
+def make_trainer(mode: str, args, device, dtype):
+    """(trainer, step function): one micro-step of the trainer + its optimizer step, on a fresh bundle stored as
+    ``align.modeling.load_qwen_image`` stores it for the config."""
+    from datasets import Dataset
+
+    from align.data.ratings import FilterSummary
+    from align.trainers.dpo import DPOConfig, FlowDPOTrainer
+    from align.trainers.grpo import GRPOConfig, GRPOTrainer
+    from align.trainers.sft import SFTConfig, SFTData, SFTTrainer
+    from rewards import brightness
+
+    if mode == "sft":
+        config = trainer_config(SFTConfig, args, device, ["--timestep_sampling", "logit_normal"])
+        qwen = _stored_bundle(args, device, dtype, config)
+        data = SFTData(dataset=Dataset.from_dict({"unit": [0]}), pools={}, summary=FilterSummary(), empty_prompt=None)
+        trainer = SFTTrainer(qwen, config, data)
+        inputs = latent_inputs(args, qwen, args.batch, device, dtype, (f"{config.image_column}_latents",))
+    elif mode == "dpo":
+        config = trainer_config(DPOConfig, args, device, ["--timestep_sampling", "logit_normal"])
+        qwen = _stored_bundle(args, device, dtype, config)
+        trainer = FlowDPOTrainer(qwen, config)
+        inputs = latent_inputs(args, qwen, args.batch, device, dtype, ("chosen_latents", "rejected_latents"))
+    else:
+        fraction = min(1.0, args.train_timesteps / args.rollout_steps + 1e-6)
+        config = trainer_config(GRPOConfig, args, device, [
+            "--num_generations", "2", "--gradient_accumulation_steps", "2", "--num_inference_steps",
+            str(args.rollout_steps), "--timestep_fraction", str(fraction), "--true_cfg_scale", "4.0",
+            "--reward_funcs", "brightness", "--num_images_to_log", "0"])
+        qwen = _stored_bundle(args, device, dtype, config)
+        trainer = GRPOTrainer(qwen, config, train_dataset=Dataset.from_dict({"prompt": PROMPTS}), reward_fn=brightness)
+        inputs = {}
+    trainer.create_optimizer_and_scheduler(num_training_steps=1000)
+    trainer.current_gradient_accumulation_steps = 1
+
+    def step():
+        trainer.training_step(trainer.model, dict(inputs))
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    return trainer, step
 
 
 def _axes(head_dim: int) -> tuple[int, int, int]:
@@ -82,73 +160,6 @@ def _axes(head_dim: int) -> tuple[int, int, int]:
     f = max(2, head_dim // 8 // 2 * 2)
     rest = head_dim - f
     return (f, rest // 2 // 2 * 2, rest - rest // 2 // 2 * 2)
-
-
-def inputs(args, model, batch: int, device, dtype):
-    seq = (args.resolution // 16) ** 2
-    joint = model.config.joint_attention_dim
-    g = torch.Generator(device="cpu").manual_seed(1)
-    x0 = torch.randn(batch, seq, 64, generator=g).to(device, dtype)
-    text = torch.randn(batch, args.text_len, joint, generator=g).to(device, dtype)
-    return x0, Conditioning(text, None), img_shapes(batch, args.resolution, args.resolution)
-
-
-def sft_step(model, opt, args, device, dtype):
-    x0, cond, shapes = inputs(args, model, args.batch, device, dtype)
-    sigma = torch.rand(args.batch, device=device)
-    noisy, target = make_noisy(x0, torch.randn_like(x0), sigma.to(dtype))
-    v = predict_velocity(model, noisy, sigma, cond, shapes)
-    loss = flow_matching_loss(v, target, sigma)
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
-def dpo_step(model, opt, args, device, dtype):
-    # chosen and rejected share noise and sigma; the reference is the same weights with adapters off
-    x0, cond, shapes = inputs(args, model, 2 * args.batch, device, dtype)
-    sigma = torch.rand(args.batch, device=device).repeat(2)
-    noise = torch.randn_like(x0[: args.batch]).repeat(2, 1, 1)
-    noisy, target = make_noisy(x0, noise, sigma.to(dtype))
-    with torch.no_grad():
-        model.disable_adapters()
-        v_ref = predict_velocity(model, noisy, sigma, cond, shapes)
-        model.enable_adapters()
-    v = predict_velocity(model, noisy, sigma, cond, shapes)
-    err, err_ref = velocity_error(v, target), velocity_error(v_ref, target)
-    b = args.batch
-    loss, _ = flow_dpo_loss(err[:b], err[b:], err_ref[:b], err_ref[b:], beta=100.0)
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
-def grpo_rollout(model, args, device, dtype):
-    """One SDE rollout of ``batch`` images with true CFG (two passes per step), no grad."""
-    x, cond, shapes = inputs(args, model, args.batch, device, dtype)
-    neg = Conditioning(cond.embeds[:, :8].clone(), None)
-    sigmas = torch.linspace(1.0, 0.0, args.rollout_steps + 1)
-    stored = []
-    with torch.no_grad():
-        for i in range(args.rollout_steps):
-            v = predict_velocity(model, x, sigmas[i], cond, shapes, negative=neg, true_cfg_scale=4.0)
-            step = sde_step(x, v, float(sigmas[i]), float(sigmas[i + 1]), 0.7, float(sigmas[1]))
-            stored.append((x, step.prev_sample, step.log_prob))
-            x = step.prev_sample.to(dtype)
-    return stored, cond, neg, shapes, sigmas
-
-
-def grpo_update(model, opt, args, device, dtype, rollout):
-    stored, cond, neg, shapes, sigmas = rollout
-    adv = torch.randn(args.batch, device=device)
-    for i in range(args.train_timesteps):
-        x, prev, old_lp = stored[i]
-        v = predict_velocity(model, x, sigmas[i], cond, shapes, negative=neg, true_cfg_scale=4.0)
-        step = sde_step(x, v, float(sigmas[i]), float(sigmas[i + 1]), 0.7, float(sigmas[1]), prev_sample=prev)
-        loss, _ = grpo_clip_loss(step.log_prob, old_lp, adv, 1e-4)
-        (loss / args.train_timesteps).backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
 
 
 def sync(device):
@@ -169,6 +180,11 @@ def measure(fn, device, steps: int, warmup: int) -> tuple[float, float]:
             times.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     return statistics.median(times), peak
+
+
+def build_bundle_meta(args) -> torch.nn.Module:
+    with torch.device("meta"):
+        return QwenImageTransformer2DModel(**_config_overrides(args))
 
 
 def main(argv=None) -> None:
@@ -206,35 +222,28 @@ def main(argv=None) -> None:
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    t = time.perf_counter()
-    model = build(args, device, dtype)
-    n = sum(p.numel() for p in model.parameters()) / 1e9
-    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
-    print(f"built {n:.2f} B params ({n_lora:.1f} M LoRA r={args.rank}) on {device} {dtype} in {time.perf_counter() - t:.1f} s; "
-          f"{args.resolution}px = {(args.resolution // 16) ** 2} image tokens, text {args.text_len}, batch {args.batch}, "
+    n = sum(p.numel() for p in build_bundle_meta(args).parameters()) / 1e9
+    print(f"benchmarking {n:.2f} B params on {device} {dtype}; {args.resolution}px = "
+          f"{(args.resolution // 16) ** 2} image tokens, text {args.text_len}, batch {args.batch}, LoRA r={args.rank}, "
           f"grad ckpt {'off' if args.no_grad_ckpt else 'on'}, base {args.base_storage}{' nested' if args.nested else ''}, "
           f"streaming {args.weight_streaming} ({args.resident_blocks} resident), optimizer {args.optim}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if args.optim == "adamw8bit":
-        import bitsandbytes as bnb
-
-        opt = bnb.optim.AdamW8bit(params, lr=1e-5)
-    else:
-        opt = torch.optim.AdamW(params, lr=1e-5)
     results = {}
-    if "sft" in args.modes:
-        results["LoRA SFT step"] = measure(lambda: sft_step(model, opt, args, device, dtype), device, args.steps, args.warmup)
-    if "dpo" in args.modes:
-        results["Flow-DPO step"] = measure(lambda: dpo_step(model, opt, args, device, dtype), device, args.steps, args.warmup)
-    if "grpo" in args.modes:
-        holder = {}
-        results[f"GRPO rollout ({args.rollout_steps} SDE steps, CFG)"] = measure(
-            lambda: holder.__setitem__("r", grpo_rollout(model, args, device, dtype)), device, args.steps, args.warmup)
-        results[f"GRPO update ({args.train_timesteps} trained steps)"] = measure(
-            lambda: grpo_update(model, opt, args, device, dtype, holder["r"]), device, args.steps, args.warmup)
+    names = {"sft": "LoRA SFT step", "dpo": "Flow-DPO step",
+             "grpo": f"GRPO step (2x{args.batch} rollouts, {args.rollout_steps} SDE steps + {args.train_timesteps} trained)"}
+    for mode in MODES:
+        if mode not in args.modes:
+            continue
+        t = time.perf_counter()
+        trainer, step = make_trainer(mode, args, device, dtype)
+        print(f"{mode}: trainer built in {time.perf_counter() - t:.1f} s", flush=True)
+        results[names[mode]] = measure(step, device, args.steps, args.warmup)
+        del trainer, step
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     estimates = {}
     if not any((args.layers, args.heads, args.head_dim, args.joint_dim)):  # the real config: the estimate applies
-        for name, objective in (("LoRA SFT step", "sft"), ("Flow-DPO step", "dpo"), ("GRPO update", "grpo")):
+        for name, objective in (("LoRA SFT step", "sft"), ("Flow-DPO step", "dpo"), ("GRPO step", "grpo")):
             est = estimator.estimate(estimator.Options(
                 objective=objective, base_storage=args.base_storage, nested=args.nested, weight_streaming=args.weight_streaming,
                 resident_blocks=args.resident_blocks, optimizer_8bit=args.optim == "adamw8bit", lora_rank=args.rank,
@@ -242,10 +251,10 @@ def main(argv=None) -> None:
                 text_tokens=args.text_len, gradient_checkpointing=not args.no_grad_ckpt))
             # the benchmark holds no VAE and no CUDA-context share in max_memory_allocated
             estimates[name] = est.training_gib - est.parts.get("VAE", 0) - est.parts["context"]
-    print(f"{'step':<40}{'s/it':>10}{'peak GiB':>12}{'estimate':>10}")
+    print(f"{'step':<64}{'s/it':>10}{'peak GiB':>12}{'estimate':>10}")
     for name, (sec, peak) in results.items():
         est = next((v for k, v in estimates.items() if name.startswith(k)), float("nan"))
-        print(f"{name:<40}{sec:>10.3f}{peak:>12.2f}{est:>10.2f}")
+        print(f"{name:<64}{sec:>10.3f}{peak:>12.2f}{est:>10.2f}")
         print(f"METRIC\t20B {args.resolution}px: {name}\t{sec:.3f}\ts/it (peak {peak:.2f} GiB)")
     if args.json:
         print(json.dumps({k: {"s_per_it": v[0], "peak_gib": v[1]} for k, v in results.items()}))
