@@ -125,13 +125,15 @@ def make_trainer(mode: str, args, device, dtype):
     from rewards import brightness
 
     if mode == "sft":
-        config = trainer_config(SFTConfig, args, device, ["--timestep_sampling", "logit_normal"])
+        config = trainer_config(SFTConfig, args, device, ["--timestep_sampling", "logit_normal",
+                                                          "--dataset_name", "in-memory"])  # batches are built here
         qwen = _stored_bundle(args, device, dtype, config)
         data = SFTData(dataset=Dataset.from_dict({"unit": [0]}), pools={}, summary=FilterSummary(), empty_prompt=None)
         trainer = SFTTrainer(qwen, config, data)
         inputs = latent_inputs(args, qwen, args.batch, device, dtype, (f"{config.image_column}_latents",))
     elif mode == "dpo":
-        config = trainer_config(DPOConfig, args, device, ["--timestep_sampling", "logit_normal"])
+        config = trainer_config(DPOConfig, args, device, ["--timestep_sampling", "logit_normal",
+                                                          "--dataset_name", "in-memory"])
         qwen = _stored_bundle(args, device, dtype, config)
         trainer = FlowDPOTrainer(qwen, config)
         inputs = latent_inputs(args, qwen, args.batch, device, dtype, ("chosen_latents", "rejected_latents"))
