@@ -20,3 +20,4 @@ def tiny_checkpoint(tmp_path_factory, tiny_model):
     path = tmp_path_factory.mktemp("tiny_ckpt")
     tiny_model.save_pretrained(path)
     return path
+

@@ -10,28 +10,16 @@ import torch
 
 from align.rollouts import generate_rollouts, recompute_log_prob
 from qwen_image import QwenImage
+from lora_helpers import perturbed_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 GRPO_RECIPE = str(ROOT / "recipes/tiny/grpo_brightness.yaml")
 COMBINED_RECIPE = str(ROOT / "recipes/tiny/dpo_grpo.yaml")
 
 
-def _perturbed_lora(q: QwenImage) -> QwenImage:
-    from peft import LoraConfig
-
-    q.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                         target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in q.transformer.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return q
-
-
 @pytest.fixture(scope="module")
 def bf16_model():
-    return _perturbed_lora(QwenImage.tiny(seed=0, dtype=torch.bfloat16))
+    return perturbed_lora(QwenImage.tiny(seed=0, dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("cfg,window", [(1.0, None), (3.0, None), (3.0, (1, 3))])

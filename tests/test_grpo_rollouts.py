@@ -6,24 +6,15 @@ import torch
 
 from align.losses import grpo_clip_loss
 from align.rollouts import generate_rollouts, recompute_log_prob, sde_window_for
+from lora_helpers import perturbed_lora
 
 
 @pytest.fixture(scope="module")
 def lora_model():
     """A tiny model with a LoRA whose lora_B is perturbed (gaussian init leaves adapters-on == off)."""
-    from peft import LoraConfig
-
     from qwen_image import QwenImage
 
-    q = QwenImage.tiny(seed=0)
-    q.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                         target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in q.transformer.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return q
+    return perturbed_lora(QwenImage.tiny(seed=0))
 
 
 @pytest.mark.parametrize("cfg,window", [(1.0, None), (3.0, (1, 3))])

@@ -67,20 +67,23 @@ def grpo_clip_loss(
     All inputs are (B,). Returns the loss and detached statistics: ratio mean/min/max and the fraction of
     samples whose ratio lies outside the clip range (where the clipped branch stops the gradient).
     """
-    ratio = torch.exp(log_prob - old_log_prob.detach())
+    per_sample, metrics = clipped_surrogate(torch.exp(log_prob - old_log_prob.detach()), advantages, epsilon)
+    return per_sample.mean(), metrics
+
+
+def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Per-sample PPO surrogate ``max(-A r, -A clip(r, 1-eps, 1+eps))`` and the ratio statistics every policy loss
+    reports (mean/min/max, fraction outside the clip range)."""
     adv = advantages.detach().to(ratio.dtype)
-    unclipped = -adv * ratio
-    clipped = -adv * torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon)
-    loss = torch.maximum(unclipped, clipped).mean()
-    with torch.no_grad():
-        r = ratio.detach()
-        metrics = {
-            "ratio_mean": float(r.mean()),
-            "ratio_min": float(r.min()),
-            "ratio_max": float(r.max()),
-            "clip_fraction": float(((r - 1.0).abs() > epsilon).float().mean()),
-        }
-    return loss, metrics
+    per_sample = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon))
+    r = ratio.detach()
+    metrics = {
+        "ratio_mean": float(r.mean()),
+        "ratio_min": float(r.min()),
+        "ratio_max": float(r.max()),
+        "clip_fraction": float(((r - 1.0).abs() > epsilon).float().mean()),
+    }
+    return per_sample, metrics
 
 
 def gaussian_kl(
@@ -169,20 +172,10 @@ def grpo_guard_loss(
     scale = _step_scale(std_dev_t, dt).to(log_prob.device)
     bias = _mean_over_dims((mean.float() - old_mean.detach().float()) ** 2) / (2 * scale**2)
     ratio = torch.exp((log_prob - old_log_prob.detach() + bias) * scale)
-    adv = advantages.detach().to(ratio.dtype)
-    per_sample = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon))
+    per_sample, metrics = clipped_surrogate(ratio, advantages, epsilon)
     weight = 1.0 / abs(float(dt)) if reweight else 1.0
-    loss = per_sample.mean() * weight
-    with torch.no_grad():
-        r = ratio.detach()
-        metrics = {
-            "ratio_mean": float(r.mean()),
-            "ratio_min": float(r.min()),
-            "ratio_max": float(r.max()),
-            "clip_fraction": float(((r - 1.0).abs() > epsilon).float().mean()),
-            "ratio_bias_mean": float(bias.detach().mean()),
-        }
-    return loss, metrics
+    metrics["ratio_bias_mean"] = float(bias.detach().mean())
+    return per_sample.mean() * weight, metrics
 
 
 def dppo_loss(

@@ -1,0 +1,15 @@
+"""A LoRA whose adapters-on output differs from adapters-off, for tests that compare policy and reference."""
+
+
+def perturbed_lora(q, targets=("to_q", "to_k", "to_v", "to_out.0"), seed: int = 1, scale: float = 0.05):
+    """Add a LoRA to ``q.transformer`` and move lora_B off zero (gaussian init leaves adapters-on == off)."""
+    import torch
+    from peft import LoraConfig
+
+    q.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=list(targets)))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in q.transformer.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return q
