@@ -13,8 +13,9 @@ What a training step holds on the GPU (all of it is counted):
   still holds in backward).
 - LoRA parameters (fp32), their gradients (fp32) and AdamW's two states (fp32; 8-bit optimizers: 1 B each).
 - activations: a block saves ``ACT_WIDTHS_PER_TOKEN`` tensors of width ``inner_dim`` per token (image + text) for
-  backward (measured: benchmarks/memory.py), plus, when its weights are quantised, a full-precision de-quantised
-  copy of each Linear weight its backward needs (trap: without checkpointing that is an unquantised model's worth).
+  backward (measured: benchmarks/memory.py), plus, when its weights are torchao fp8/int8, a full-precision
+  de-quantised copy of each Linear weight its backward needs (trap: without checkpointing that is an unquantised
+  model's worth; bitsandbytes nf4 keeps the packed weight and de-quantises again in backward).
   With block checkpointing only each block's two input streams stay, plus one block's worth during its recompute.
 - per objective: SFT one image per sample; Flow-DPO chosen + rejected in one forward (2 images per pair; the
   reference forward has no graph); GRPO one trained timestep per backward (the CFG uncond branch and the rollouts
@@ -225,7 +226,9 @@ def _activation_bytes(arch: Architecture, o: Options, images: int, quantised: bo
     tokens = (o.resolution // 16) ** 2 + o.text_tokens
     width = arch.inner_dim * o.dtype_bytes
     per_block = images * tokens * ACT_WIDTHS_PER_TOKEN * width
-    dequantised = arch.grad_weight_params * o.dtype_bytes if quantised else 0  # weight copies the backward keeps
+    # torchao's weight-only matmul keeps the de-quantised weight for backward; bitsandbytes' 4-bit matmul keeps the
+    # packed weight and de-quantises again in backward (measured: benchmarks/memory.py).
+    dequantised = arch.grad_weight_params * o.dtype_bytes if quantised and o.base_storage != "nf4" else 0
     if o.gradient_checkpointing:
         held = arch.num_blocks * images * tokens * width  # each block's input (image + text streams)
         return held, per_block + dequantised + images * tokens * BACKWARD_WIDTHS_PER_TOKEN * width

@@ -181,7 +181,9 @@ def main(argv=None) -> None:
             assert streamer.fetches == 2  # forward + recompute
             del streamer
         rows[label] = r
-        print(f"  {label}: {frozen / r['block_params']:.3f} B/param, built + measured in {time.perf_counter() - t:.0f} s")
+        n_params = rows["bf16"]["block_params"] if "bf16" in rows else arch.block_params  # Params4bit numel is packed
+        r["bytes_per_param"] = frozen / n_params
+        print(f"  {label}: {r['bytes_per_param']:.3f} B/param, built + measured in {time.perf_counter() - t:.0f} s")
         del block, small
         gc.collect()
 
@@ -195,7 +197,7 @@ def main(argv=None) -> None:
     print(f"{'format':<12}{'weights MiB':>12}{'B/param':>9}{'dequant copies MiB':>20}{'LoRA MiB':>10}{'grads MiB':>10}"
           f"{'AdamW MiB':>11}{'8-bit MiB':>11}")
     for k, r in rows.items():
-        print(f"{k:<12}{r['block_bytes'] / 2**20:>12.1f}{r['block_bytes'] / r['block_params']:>9.3f}{dequant[k] / 2**20:>20.1f}"
+        print(f"{k:<12}{r['block_bytes'] / 2**20:>12.1f}{r['bytes_per_param']:>9.3f}{dequant[k] / 2**20:>20.1f}"
               f"{r['lora_bytes'] / 2**20:>10.2f}{r['grad_bytes'] / 2**20:>10.2f}{r['optimizer'] / 2**20:>11.2f}"
               + (f"{r['optimizer_8bit'] / 2**20:>11.2f}" if "optimizer_8bit" in r else f"{'':>11}"))
 
