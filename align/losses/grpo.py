@@ -120,3 +120,115 @@ def num_train_timesteps(num_sde_steps: int, timestep_fraction: float) -> int:
     if not 0 < timestep_fraction <= 1:
         raise ValueError(f"timestep_fraction must be in (0, 1], got {timestep_fraction}")
     return max(1, int(num_sde_steps * timestep_fraction + 1e-9)) if num_sde_steps else 0
+
+
+# ---------------------------------------------------------------- stabilisers (drop-in for grpo_clip_loss)
+POLICY_LOSSES = ("clip", "guard", "dppo")
+
+
+def _mean_over_dims(x: torch.Tensor) -> torch.Tensor:
+    return x.mean(dim=tuple(range(1, x.dim()))) if x.dim() > 1 else x
+
+
+def _step_scale(std_dev_t: torch.Tensor | float, dt: float) -> torch.Tensor:
+    # The per-element std of one SDE step, sigma_t sqrt(|dt|), as a scalar (sigma_t is the same for the batch).
+    if dt == 0:
+        raise ValueError("a stabiliser needs an SDE step with dt != 0")
+    return torch.as_tensor(std_dev_t, dtype=torch.float32).mean() * abs(float(dt)) ** 0.5
+
+
+def grpo_guard_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    epsilon: float,
+    mean: torch.Tensor,
+    old_mean: torch.Tensor,
+    std_dev_t: torch.Tensor | float,
+    dt: float,
+    reweight: bool = True,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO-Guard (Wang et al. 2025, arXiv 2510.22319): the clipped loss on a *normalised* ratio, one SDE step.
+
+    Why: with a Gaussian step, ``log r = lp - lp_old`` has mean ``-b`` and a spread that grows as the step's std
+    ``s = sigma_t sqrt(|dt|)`` shrinks, so the raw ratio sits below 1 (worst at low-noise steps) and positive-advantage
+    samples rarely reach the ``1 + eps`` clip: the clip stops guarding against over-confident updates. RatioNorm
+    removes the shift and puts every step on one scale::
+
+        b     = mean_dims((mean - old_mean)^2) / (2 s^2)          # -E[log r] per element
+        r_hat = exp((lp - lp_old + b) * s)
+        L     = mean(max(-A r_hat, -A clip(r_hat, 1 - eps, 1 + eps))) * w,   w = 1/|dt| if reweight else 1
+
+    ``w = 1/|dt|`` is the paper's gradient reweighting across noise levels (verl-omni's GRPOGuardLoss does the
+    same). ``b`` keeps its gradient (it is a function of the current mean). Inputs: ``log_prob``/``old_log_prob``/
+    ``advantages`` (B,) as for :func:`grpo_clip_loss`; ``mean`` the current policy's step mean (B, ...) with
+    gradients, ``old_mean`` the rollout policy's (stored at sampling), ``std_dev_t`` sigma_t = a sqrt(s/(1-s)),
+    ``dt`` the step's sigma_next - sigma. Same metric keys as :func:`grpo_clip_loss` (on ``r_hat``) plus
+    ``ratio_bias_mean`` (b). With ``mean == old_mean`` and equal log-probs ``r_hat`` is exactly 1.
+    """
+    scale = _step_scale(std_dev_t, dt).to(log_prob.device)
+    bias = _mean_over_dims((mean.float() - old_mean.detach().float()) ** 2) / (2 * scale**2)
+    ratio = torch.exp((log_prob - old_log_prob.detach() + bias) * scale)
+    adv = advantages.detach().to(ratio.dtype)
+    per_sample = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon))
+    weight = 1.0 / abs(float(dt)) if reweight else 1.0
+    loss = per_sample.mean() * weight
+    with torch.no_grad():
+        r = ratio.detach()
+        metrics = {
+            "ratio_mean": float(r.mean()),
+            "ratio_min": float(r.min()),
+            "ratio_max": float(r.max()),
+            "clip_fraction": float(((r - 1.0).abs() > epsilon).float().mean()),
+            "ratio_bias_mean": float(bias.detach().mean()),
+        }
+    return loss, metrics
+
+
+def dppo_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    epsilon_kl: float,
+    mean: torch.Tensor,
+    old_mean: torch.Tensor,
+    std_dev_t: torch.Tensor | float,
+    dt: float,
+    kl_form: str = "flow_grpo",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Flow-DPPO (Ping et al. 2026, arXiv 2606.11025): a KL trust region per SDE step instead of ratio clipping.
+
+    Why: the ratio of one sampled transition is a noisy estimate of how far the policy moved; the step policies
+    are Gaussians with a shared std, so the divergence itself is exact and cheap::
+
+        D = KL(N(old_mean, s^2) || N(mean, s^2))       # gaussian_kl(mean, old_mean, sigma_t, dt, kl_form)
+        r = exp(lp - lp_old)
+        M = 0 where D > eps_D and the update moves further out (A > 0 and r > 1, or A < 0 and r < 1), else 1
+        L = mean(-A r M)
+
+    The mask ``M`` (no gradient) is asymmetric like PPO's clip: a sample past the trust region still gets the
+    gradient that pulls it back. ``kl_form="flow_grpo"`` (default) measures D per element,
+    ``mean_dims((mean - old_mean)^2) / (2 sigma_t^2)``, the scale at which the paper's eps_D ~ 1e-5 reads;
+    ``"exact"`` sums over elements and divides by |dt| (the true step KL, much larger for the same move).
+    Same inputs as :func:`grpo_guard_loss` with ``epsilon_kl`` in place of the clip range; the metric keys of
+    :func:`grpo_clip_loss` (``clip_fraction`` = fraction masked) plus ``trust_kl_mean`` / ``trust_kl_max``.
+    On-policy (``mean == old_mean``) nothing is masked and the loss is the plain policy gradient ``mean(-A r)``.
+    """
+    ratio = torch.exp(log_prob - old_log_prob.detach())
+    adv = advantages.detach().to(ratio.dtype)
+    with torch.no_grad():
+        kl = gaussian_kl(old_mean.detach(), mean.detach(), std_dev_t, dt, kl_form).to(ratio.device)
+        r = ratio.detach()
+        moving_out = ((adv > 0) & (r > 1)) | ((adv < 0) & (r < 1))
+        masked = (kl > epsilon_kl) & moving_out
+        keep = (~masked).to(ratio.dtype)
+    loss = (-adv * ratio * keep).mean()
+    metrics = {
+        "ratio_mean": float(r.mean()),
+        "ratio_min": float(r.min()),
+        "ratio_max": float(r.max()),
+        "clip_fraction": float(masked.float().mean()),
+        "trust_kl_mean": float(kl.mean()),
+        "trust_kl_max": float(kl.max()),
+    }
+    return loss, metrics
