@@ -87,7 +87,7 @@ def stage_sft(cfg: dict, out: Path) -> dict:
     """LoRA SFT on the rated brand images (the rater filter drops the low-rated renders)."""
     overrides = {"model_name_or_path": out / "base_model" / "model", "dataset_name": out / "data" / "brand",
                  "output_dir": out / "sft", "resolution": cfg["size"], "report_to": cfg.get("report_to", "wandb"),
-                 "run_name": "demo-sft", **(cfg["sft"].get("args") or {})}
+                 "run_name": "demo-sft", "seed": int(cfg.get("seed", 0)), **(cfg["sft"].get("args") or {})}
     cmd = accelerate_command(ALIGN_DIR / "sft.py", resolve_path(cfg["sft"]["recipe"]), overrides)
     run_logged(cmd, out / "sft" / "train.log", env=_train_env(cfg, out))
     return {"command": display(cmd), "adapter": str(out / "sft"), "log": str(out / "sft" / "train.log")}
@@ -121,7 +121,7 @@ def stage_dpo_grpo(cfg: dict, out: Path) -> dict:
     overrides = {"model_name_or_path": out / "base_model" / "model", "dataset_name": out / "pairs",
                  "grpo_dataset_name": out / "data" / "prompts.jsonl", "init_adapter": out / "sft",
                  "output_dir": out / "dpo_grpo", "resolution": cfg["size"], "report_to": cfg.get("report_to", "wandb"),
-                 "run_name": "demo-dpo-grpo", **(cfg["dpo_grpo"].get("args") or {})}
+                 "run_name": "demo-dpo-grpo", "seed": int(cfg.get("seed", 0)), **(cfg["dpo_grpo"].get("args") or {})}
     cmd = accelerate_command(ALIGN_DIR / "dpo.py", resolve_path(cfg["dpo_grpo"]["recipe"]), overrides)
     run_logged(cmd, out / "dpo_grpo" / "train.log", env=_train_env(cfg, out))
     return {"command": display(cmd), "adapter": str(out / "dpo_grpo"), "log": str(out / "dpo_grpo" / "train.log")}
@@ -168,12 +168,12 @@ def run_workflow(cfg: dict[str, Any], output_dir: str | Path) -> dict[str, dict]
          ("seed", "size", "model"), ("data",)),
         ("evaluate before SFT", "eval_before", lambda: stage_eval(cfg, out, "eval_before", None),
          ("eval", "size"), ("data", "base_model")),
-        ("SFT LoRA", "sft", lambda: stage_sft(cfg, out), ("sft", "size", "report_to"), ("data", "base_model")),
+        ("SFT LoRA", "sft", lambda: stage_sft(cfg, out), ("sft", "seed", "size", "report_to"), ("data", "base_model")),
         ("evaluate after SFT", "eval_sft", lambda: stage_eval(cfg, out, "eval_sft", out / "sft"),
          ("eval", "size"), ("data", "base_model", "sft")),
         ("pairs labelled by three simulated raters", "pairs", lambda: stage_pairs(cfg, out),
          ("pairs", "seed", "size"), ("data", "base_model", "sft")),
-        ("DPO+GRPO", "dpo_grpo", lambda: stage_dpo_grpo(cfg, out), ("dpo_grpo", "size", "report_to"),
+        ("DPO+GRPO", "dpo_grpo", lambda: stage_dpo_grpo(cfg, out), ("dpo_grpo", "seed", "size", "report_to"),
          ("data", "base_model", "sft", "pairs")),
         ("evaluate after DPO+GRPO", "eval_aligned", lambda: stage_eval(cfg, out, "eval_aligned", out / "dpo_grpo"),
          ("eval", "size"), ("data", "base_model", "dpo_grpo")),

@@ -324,10 +324,12 @@ def write_report(cfg: dict, out: Path, results: dict[str, dict]) -> dict:
     L += ["Training logs: `sft/train.log`, `dpo_grpo/train.log`; wandb offline runs: `wandb/` "
           "(`wandb sync wandb/offline-run-*` uploads them).", ""]
     L += ["## What this shows, and what it does not", "",
-          "The demo runs every stage of the real workflow with the real code paths on CPU in minutes. The model is "
-          "tiny and random (its text encoder too), so SFT teaches it to reproduce four slogans rather than to "
-          "render text in general, and DPO+GRPO run a few steps only: they are expected to keep, not transform, "
-          "the SFT result. For a real adapter see `docs/brand-adapter.md` and `recipes/brand_adapter/`.", ""]
+          "The demo runs every stage of the real workflow with the real code paths on CPU in minutes, and judges each "
+          "stage on seeds no stage trained on, with an interval, so a gain can be told from seed noise. SFT stops "
+          "early on purpose (see `recipes/demo/sft.yaml`) so that DPO+GRPO has errors to fix, as after a real SFT on a "
+          "small brand set. The model is tiny and random (its text encoder too): it learns four slogans, not text "
+          "rendering in general, so the held-out prompts test whether what it learned survives a new caption "
+          "template, not new words. For a real adapter see `docs/brand-adapter.md` and `recipes/brand_adapter/`.", ""]
     report = out / "report.md"
     report.write_text("\n".join(L), encoding="utf-8")
     (assets / "gains.json").write_text(json.dumps(gains, indent=2, ensure_ascii=False), encoding="utf-8")
