@@ -265,7 +265,14 @@ def write_report(cfg: dict, out: Path, results: dict[str, dict]) -> dict:
         verdict = ("is above 0 with 95 % confidence" if o["low"] > 0 else
                    "is below 0 with 95 % confidence: it made the OCR worse" if o["high"] < 0 else
                    "is not distinguishable from seed noise (the interval includes 0)")
-        L += [f"On held-out seeds, DPO+GRPO's gain over SFT {verdict}.", ""]
+        L += [f"On held-out seeds, DPO+GRPO's gain over SFT {verdict}."]
+        weak = [r["text"] for r in aligned["per_prompt"] if r["before"] < 0.15]
+        if o["low"] <= 0:
+            L += ["To get a clearer gain: train DPO+GRPO longer (`dpo_grpo.args: {max_steps: ...}`), raise "
+                  "`num_generations` so each group has spread"
+                  + (f", and give SFT more steps for {', '.join(weak)}: after SFT they are almost never readable, so "
+                     "their rollout groups score all 0 and their pairs are decided by noise" if weak else "") + "."]
+        L += [""]
     for key, g in gains.items():
         if not key.endswith("/aligned"):
             continue
