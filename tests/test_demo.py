@@ -52,7 +52,7 @@ def test_adapter_loads_into_diffusers(demo_run: Path):
 
 def test_report(demo_run: Path):
     report = (demo_run / "report.md").read_text(encoding="utf-8")
-    for heading in ("## OCR reward on the demo prompts", "## Samples", "## Curves", "## Metrics", "## The adapter",
+    for heading in ("## OCR gain per stage, on held-out seeds", "## Learning signal", "## Samples", "## Curves", "## Metrics", "## The adapter",
                     "## Commands each stage ran"):
         assert heading in report
     assert "accelerate launch" in report and "align/sft.py" in report and "align/dpo.py" in report
@@ -64,6 +64,16 @@ def test_report(demo_run: Path):
     for stage in ("eval_before", "eval_sft", "eval_aligned"):
         scores = json.loads((demo_run / stage / "scores.json").read_text())
         assert 0.0 <= scores["ocr_mean"] <= 1.0 and scores["per_prompt"]
+        assert scores["seeds"] == [1000, 1001]  # held out: the pairs were generated with seeds 0, 1, ...
+        assert all(len(p["ocr"]) == 2 for p in scores["per_prompt"] + scores["heldout"]["per_prompt"])
+        train_prompts = {p["prompt"] for p in scores["per_prompt"]}
+        assert train_prompts.isdisjoint(p["prompt"] for p in scores["heldout"]["per_prompt"])
+    gains = json.loads((demo_run / "report" / "gains.json").read_text())
+    assert set(gains) == {"train/sft", "train/aligned", "heldout/sft", "heldout/aligned"}
+    for g in gains.values():
+        o = g["overall"]
+        assert o["low"] <= o["gain"] <= o["high"] and len(g["per_prompt"]) == o["n_prompts"]
+    assert "95 %" in report and "DPO+GRPO over SFT" in report
 
 
 def test_rerun_skips_completed_stages(demo_run: Path, capsys):
@@ -73,6 +83,62 @@ def test_rerun_skips_completed_stages(demo_run: Path, capsys):
     printed = capsys.readouterr().out
     assert printed.count("skipped") == len(STAGES)
     assert sft_adapter.stat().st_mtime_ns == mtime  # nothing retrained
+
+
+def test_a_config_change_redoes_the_stages_that_read_it(demo_run: Path, capsys, tmp_path: Path):
+    import yaml
+
+    from align.workflows.config import REPO_ROOT
+
+    cfg = yaml.safe_load((REPO_ROOT / "recipes/demo/brand_adapter.yaml").read_text(encoding="utf-8"))
+    cfg["fast"]["eval"]["num_inference_steps"] = 3
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    sft_adapter = demo_run / "sft" / "pytorch_lora_weights.safetensors"
+    mtime = sft_adapter.stat().st_mtime_ns
+    assert demo_main(["--fast", "--config", str(changed), "--output_dir", str(demo_run)]) == 0
+    printed = capsys.readouterr().out
+    redone = [line.split("] ")[1].split(":")[0] for line in printed.splitlines() if "redoing" in line]
+    assert redone == ["evaluate before SFT", "evaluate after SFT", "evaluate after DPO+GRPO"]
+    assert printed.count("skipped") == len(STAGES) - 3
+    assert sft_adapter.stat().st_mtime_ns == mtime
+    # and back: the original config redoes the evaluations again instead of reusing the 3-step ones
+    assert demo_main(["--fast", "--output_dir", str(demo_run)]) == 0
+    assert capsys.readouterr().out.count("redoing") == 3
+
+
+def test_stage_markers_are_keyed_on_inputs(tmp_path: Path, capsys):
+    from align.workflows.stages import run_stage, stage_key
+
+    calls = []
+
+    def work():
+        calls.append(1)
+        (tmp_path / "s" / f"out{len(calls)}.txt").write_text("x")
+        return {"n": len(calls)}
+
+    k1, k2 = stage_key({"steps": 1}), stage_key({"steps": 2})
+    assert k1 == stage_key({"steps": 1}) and k1 != k2 and stage_key({"steps": 1}, ["up"]) != k1
+    assert run_stage(1, 1, "s", tmp_path / "s", work, key=k1)["n"] == 1
+    assert run_stage(1, 1, "s", tmp_path / "s", work, key=k1)["skipped"]
+    again = run_stage(1, 1, "s", tmp_path / "s", work, key=k2)
+    assert again["n"] == 2 and not again["skipped"] and again["inputs_key"] == k2
+    assert not (tmp_path / "s" / "out1.txt").exists()  # the other config's outputs were cleared
+    assert "other inputs" in capsys.readouterr().out
+
+
+def test_learning_signal_notes_say_when_a_term_had_no_signal():
+    from align.workflows.report import learning_signal_notes
+
+    dead = [{"step": i, "grpo/frac_reward_zero_std": 1.0, "grpo/advantages/abs_mean": 0.0, "loss/grpo": 1e-9,
+             "grpo/reward": 0.97, "rewards/accuracies": 1.0} for i in range(1, 5)]
+    text = " ".join(learning_signal_notes(dead))
+    assert "100% of the groups had zero reward spread" in text and "no learning signal" in text
+    assert "saturated" in text and "headroom" in text
+    alive = [{"step": i, "grpo/frac_reward_zero_std": 0.25, "grpo/advantages/abs_mean": 0.8, "loss/grpo": 1e-9,
+              "grpo/reward": 0.5, "rewards/accuracies": 0.6} for i in range(1, 5)]
+    text = " ".join(learning_signal_notes(alive))
+    assert "no learning signal" not in text and "saturated" not in text and "by construction" in text
 
 
 def test_config_errors_are_one_line(tmp_path: Path, capsys):

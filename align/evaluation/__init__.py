@@ -1,6 +1,7 @@
 """Evaluation: text-rendering accuracy (CVTG-2K word accuracy / NED), Elo / Bradley-Terry / win rates from
-pairwise annotations, and VAE reconstruction PSNR / SSIM on text images."""
+pairwise annotations, paired bootstrap intervals for gains over seeds, and VAE reconstruction PSNR / SSIM on text images."""
 
+from .bootstrap import bootstrap_gain
 from .pairwise import (
     bootstrap_ratings,
     bradley_terry,
@@ -24,5 +25,5 @@ from .text_rendering import (
 __all__ = [
     "evaluate_text_rendering", "word_accuracy", "ned_score", "char_accuracy", "edit_distance", "split_words",
     "elo_ratings", "expected_score", "win_rates", "win_matrix", "bradley_terry", "bootstrap_ratings", "leaderboard",
-    "to_games", "reconstruction_metrics", "psnr", "ssim", "to_tensor",
+    "to_games", "bootstrap_gain", "reconstruction_metrics", "psnr", "ssim", "to_tensor",
 ]

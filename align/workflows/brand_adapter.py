@@ -3,7 +3,8 @@
 data -> base model (tiny; stage 0 fits its VAE) -> eval before -> SFT LoRA -> eval -> pairs labelled by a reward
 -> combined DPO+GRPO -> eval -> export (diffusers + ComfyUI) -> report. Training stages run as subprocesses
 (``accelerate launch align/sft.py ...``) so the demo shows, and logs, the exact commands a user runs at scale.
-Every stage is resumable: its folder gets a marker when it completes and a rerun skips it.
+Every stage is resumable: its folder gets a marker when it completes, keyed on the stage's inputs (its config
+and the stages it reads), and a rerun skips it unless those inputs changed.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from .config import resolve_path
-from .stages import accelerate_command, display, run_logged, run_stage
+from .stages import accelerate_command, display, run_logged, run_stage, stage_key
 
 ALIGN_DIR = Path(__file__).resolve().parents[1]
 ADAPTER_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_comfyui.safetensors")
 
 
-def _prompts(out: Path) -> list[dict]:
-    lines = (out / "data" / "prompts.jsonl").read_text(encoding="utf-8").splitlines()
+def _prompts(out: Path, name: str = "prompts.jsonl") -> list[dict]:
+    path = out / "data" / name
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
     return [json.loads(line) for line in lines if line.strip()]
 
 
@@ -77,14 +79,15 @@ def stage_base_model(cfg: dict, out: Path) -> dict:
 def stage_eval(cfg: dict, out: Path, name: str, adapter: Path | None) -> dict:
     from .sample_eval import evaluate_samples
 
-    return evaluate_samples(out / "base_model" / "model", adapter, _prompts(out), out / name, cfg["eval"], int(cfg["size"]))
+    return evaluate_samples(out / "base_model" / "model", adapter, _prompts(out), out / name, cfg["eval"], int(cfg["size"]),
+                            heldout_prompts=_prompts(out, "heldout_prompts.jsonl"))
 
 
 def stage_sft(cfg: dict, out: Path) -> dict:
     """LoRA SFT on the rated brand images (the rater filter drops the low-rated renders)."""
     overrides = {"model_name_or_path": out / "base_model" / "model", "dataset_name": out / "data" / "brand",
                  "output_dir": out / "sft", "resolution": cfg["size"], "report_to": cfg.get("report_to", "wandb"),
-                 "run_name": "demo-sft", **(cfg["sft"].get("args") or {})}
+                 "run_name": "demo-sft", "seed": int(cfg.get("seed", 0)), **(cfg["sft"].get("args") or {})}
     cmd = accelerate_command(ALIGN_DIR / "sft.py", resolve_path(cfg["sft"]["recipe"]), overrides)
     run_logged(cmd, out / "sft" / "train.log", env=_train_env(cfg, out))
     return {"command": display(cmd), "adapter": str(out / "sft"), "log": str(out / "sft" / "train.log")}
@@ -118,7 +121,7 @@ def stage_dpo_grpo(cfg: dict, out: Path) -> dict:
     overrides = {"model_name_or_path": out / "base_model" / "model", "dataset_name": out / "pairs",
                  "grpo_dataset_name": out / "data" / "prompts.jsonl", "init_adapter": out / "sft",
                  "output_dir": out / "dpo_grpo", "resolution": cfg["size"], "report_to": cfg.get("report_to", "wandb"),
-                 "run_name": "demo-dpo-grpo", **(cfg["dpo_grpo"].get("args") or {})}
+                 "run_name": "demo-dpo-grpo", "seed": int(cfg.get("seed", 0)), **(cfg["dpo_grpo"].get("args") or {})}
     cmd = accelerate_command(ALIGN_DIR / "dpo.py", resolve_path(cfg["dpo_grpo"]["recipe"]), overrides)
     run_logged(cmd, out / "dpo_grpo" / "train.log", env=_train_env(cfg, out))
     return {"command": display(cmd), "adapter": str(out / "dpo_grpo"), "log": str(out / "dpo_grpo" / "train.log")}
@@ -155,22 +158,37 @@ def run_workflow(cfg: dict[str, Any], output_dir: str | Path) -> dict[str, dict]
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "workflow_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+    # (title, folder, run, config keys it reads, stages it reads from): the inputs key of each stage hashes the
+    # config it reads and its upstream keys, so changing a setting redoes that stage and everything after it.
+    data_keys = ("seed", "size", "slogans", "caption", "heldout_captions", "font_size", "backgrounds", "text_colors",
+                 "rejects_per_slogan", "sft_data")
     plan = [
-        ("brand data (render slogans, simulated ratings)", "data", lambda: stage_data(cfg, out)),
-        ("base model (tiny; stage 0 fits its VAE)", "base_model", lambda: stage_base_model(cfg, out)),
-        ("evaluate before SFT", "eval_before", lambda: stage_eval(cfg, out, "eval_before", None)),
-        ("SFT LoRA", "sft", lambda: stage_sft(cfg, out)),
-        ("evaluate after SFT", "eval_sft", lambda: stage_eval(cfg, out, "eval_sft", out / "sft")),
-        ("pairs labelled by the OCR reward", "pairs", lambda: stage_pairs(cfg, out)),
-        ("DPO+GRPO", "dpo_grpo", lambda: stage_dpo_grpo(cfg, out)),
-        ("evaluate after DPO+GRPO", "eval_aligned", lambda: stage_eval(cfg, out, "eval_aligned", out / "dpo_grpo")),
-        ("export adapter", "adapter", lambda: stage_export(cfg, out)),
+        ("brand data (render slogans, simulated ratings)", "data", lambda: stage_data(cfg, out), data_keys, ()),
+        ("base model (tiny; stage 0 fits its VAE)", "base_model", lambda: stage_base_model(cfg, out),
+         ("seed", "size", "model"), ("data",)),
+        ("evaluate before SFT", "eval_before", lambda: stage_eval(cfg, out, "eval_before", None),
+         ("eval", "size"), ("data", "base_model")),
+        ("SFT LoRA", "sft", lambda: stage_sft(cfg, out), ("sft", "seed", "size", "report_to"), ("data", "base_model")),
+        ("evaluate after SFT", "eval_sft", lambda: stage_eval(cfg, out, "eval_sft", out / "sft"),
+         ("eval", "size"), ("data", "base_model", "sft")),
+        ("pairs labelled by three simulated raters", "pairs", lambda: stage_pairs(cfg, out),
+         ("pairs", "seed", "size"), ("data", "base_model", "sft")),
+        ("DPO+GRPO", "dpo_grpo", lambda: stage_dpo_grpo(cfg, out), ("dpo_grpo", "seed", "size", "report_to"),
+         ("data", "base_model", "sft", "pairs")),
+        ("evaluate after DPO+GRPO", "eval_aligned", lambda: stage_eval(cfg, out, "eval_aligned", out / "dpo_grpo"),
+         ("eval", "size"), ("data", "base_model", "dpo_grpo")),
+        ("export adapter", "adapter", lambda: stage_export(cfg, out), (), ("base_model", "dpo_grpo")),
     ]
     total = len(plan) + 1
     start = time.time()
     results: dict[str, dict] = {}
-    for i, (title, key, fn) in enumerate(plan, 1):
-        results[key] = run_stage(i, total, title, out / key, fn)
+    for i, (title, name, fn, cfg_keys, upstream) in enumerate(plan, 1):
+        reads = {k: cfg.get(k) for k in cfg_keys}
+        for k in ("sft", "dpo_grpo"):  # the recipe a training stage launches is an input too, not only its path
+            if k in cfg_keys:
+                reads[f"{k}_recipe_text"] = resolve_path(cfg[k]["recipe"]).read_text(encoding="utf-8")
+        key = stage_key(reads, [results[u]["inputs_key"] for u in upstream])
+        results[name] = run_stage(i, total, title, out / name, fn, key=key)
     # The report is always rewritten: it is cheap and reflects every stage, skipped or not.
     print(f"[{total}/{total}] report ...", flush=True)
     results["report"] = stage_report(cfg, out, results)

@@ -52,16 +52,28 @@ def brand_rows(cfg: dict[str, Any]) -> list[dict]:
     return rows
 
 
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def heldout_prompts(cfg: dict[str, Any]) -> list[dict]:
+    """The slogans in the ``heldout_captions`` templates: prompts no stage trains on (only evaluation sees them)."""
+    return [{"prompt": caption(t, s), "text": s} for t in cfg.get("heldout_captions") or [] for s in cfg["slogans"]]
+
+
 def write_brand_dataset(cfg: dict[str, Any], out_dir: Path) -> dict:
-    """Write the imagefolder (``metadata.jsonl``) and ``prompts.jsonl`` (prompt + text, for GRPO and evaluation)."""
+    """Write the imagefolder (``metadata.jsonl``), ``prompts.jsonl`` (prompt + text: the training prompts, for the
+    pairs, the rollouts and evaluation) and ``heldout_prompts.jsonl`` (evaluation only)."""
     rows = brand_rows(cfg)
     folder = write_imagefolder(rows, out_dir / "brand", overwrite=True)
-    prompts = [{"prompt": caption(cfg["caption"], s), "text": s} for s in cfg["slogans"]]
-    with open(out_dir / "prompts.jsonl", "w", encoding="utf-8") as f:
-        for p in prompts:
-            f.write(json.dumps(p, ensure_ascii=False) + "\n")
+    _write_jsonl(out_dir / "prompts.jsonl", [{"prompt": caption(cfg["caption"], s), "text": s} for s in cfg["slogans"]])
+    held = heldout_prompts(cfg)
+    _write_jsonl(out_dir / "heldout_prompts.jsonl", held)
     kept = sum(1 for r in rows if len(r["ratings"]) >= 3 and sum(r["ratings"]) / 3 >= 4.5)
-    return {"images": len(rows), "kept_by_raters": kept, "folder": str(folder), "prompts": str(out_dir / "prompts.jsonl")}
+    return {"images": len(rows), "kept_by_raters": kept, "folder": str(folder), "prompts": str(out_dir / "prompts.jsonl"),
+            "heldout_prompts": len(held)}
 
 
 def kept_images(folder: Path, min_score: float = 4.5) -> list[Image.Image]:

@@ -50,6 +50,11 @@ def load_workflow_config(path: str | Path, fast: bool = False) -> dict[str, Any]
         raise ValueError(f"{p}: slogans must be a non-empty list of non-empty strings")
     if "{slogan}" not in cfg["caption"]:
         raise ValueError(f"{p}: caption must contain {{slogan}}, e.g. 'a brand sign that says \"{{slogan}}\"'")
+    held = cfg.get("heldout_captions") or []
+    if not isinstance(held, list) or any(not isinstance(t, str) or "{slogan}" not in t for t in held):
+        raise ValueError(f"{p}: heldout_captions must be a list of templates with {{slogan}}, e.g. ['a poster: \"{{slogan}}\"']")
+    if cfg["caption"] in held:
+        raise ValueError(f"{p}: heldout_captions must differ from caption (they are the prompts no stage trains on)")
     if int(cfg["size"]) % 16:
         raise ValueError(f"{p}: size must be a multiple of 16 px, got {cfg['size']}")
     cfg["fast"] = bool(fast)

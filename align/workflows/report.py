@@ -18,7 +18,11 @@ from rewards.render import load_font
 EVAL_STAGES = (("before", "eval_before", "before SFT (base model)"), ("sft", "eval_sft", "after SFT"),
                ("aligned", "eval_aligned", "after DPO+GRPO"))
 SFT_CURVES = ("loss",)
-DPO_CURVES = ("loss", "loss/dpo", "loss/grpo", "loss/kl", "loss/sft", "grpo/rewards/ocr/mean", "rewards/accuracies")
+DPO_CURVES = ("loss", "loss/dpo", "loss/grpo", "loss/kl", "loss/sft", "grpo/rewards/ocr/mean", "rewards/accuracies",
+              "grpo/frac_reward_zero_std", "grpo/reward_std")
+# Which stage's gain over which: (name, earlier eval, later eval).
+GAINS = (("SFT over the base model", "before", "sft"), ("DPO+GRPO over SFT", "sft", "aligned"))
+PROMPT_SETS = (("train", "training prompts"), ("heldout", "held-out prompts"))
 
 
 # ---------------------------------------------------------------- logs
@@ -130,6 +134,92 @@ def plot_ocr_bars(per_stage: dict[str, list[float]], labels: Sequence[str], path
 
 
 # ---------------------------------------------------------------- report
+def _scores(ev: dict, prompt_set: str) -> list[list[float]] | None:
+    block = ev if prompt_set == "train" else ev.get("heldout")
+    return [p["ocr"] for p in block["per_prompt"]] if block and block.get("per_prompt") else None
+
+
+def stage_gains(evals: dict[str, dict], n_resamples: int = 2000) -> dict:
+    """Each stage's OCR gain over the previous one on the held-out seeds, per prompt set: the paired bootstrap of
+    :func:`align.evaluation.bootstrap_gain` (overall and per prompt). Sets missing from an eval are left out."""
+    from ..evaluation import bootstrap_gain
+
+    out: dict[str, dict] = {}
+    for prompt_set, _ in PROMPT_SETS:
+        for name, a, b in GAINS:
+            before, after = _scores(evals[a], prompt_set), _scores(evals[b], prompt_set)
+            if before is None or after is None or len(before[0]) < 2:
+                continue
+            block = evals[a] if prompt_set == "train" else evals[a]["heldout"]
+            res = bootstrap_gain(before, after, n_resamples=n_resamples)
+            for row, p in zip(res["per_prompt"], block["per_prompt"]):
+                row["prompt"], row["text"] = p["prompt"], p["text"]
+            out[f"{prompt_set}/{b}"] = {"stage": name, "prompt_set": prompt_set, **res}
+    return out
+
+
+def _mean(history: Sequence[dict], key: str, last_fraction: float = 1.0) -> float | None:
+    vals = [v for _, v in series(history, key)]
+    vals = vals[int(len(vals) * (1 - last_fraction)):] if vals else vals
+    return sum(vals) / len(vals) if vals else None
+
+
+def learning_signal_notes(history: Sequence[dict]) -> list[str]:
+    """Plain-language notes on the DPO+GRPO log: which term had no learning signal, and what to change.
+
+    Reads ``grpo/frac_reward_zero_std`` (groups whose images all scored the same: zero advantages),
+    ``grpo/advantages/abs_mean``, ``loss/grpo``, ``grpo/reward`` and DPO's implicit accuracy ``rewards/accuracies``.
+    """
+    notes: list[str] = []
+    zero = _mean(history, "grpo/frac_reward_zero_std")
+    adv = _mean(history, "grpo/advantages/abs_mean")
+    grpo_loss = _mean(history, "loss/grpo")
+    reward = _mean(history, "grpo/reward")
+    acc_late = _mean(history, "rewards/accuracies", last_fraction=0.5)
+    if zero is not None and zero >= 0.5:
+        notes.append(f"**GRPO: {zero:.0%} of the groups had zero reward spread** (every image of a prompt scored the "
+                     "same), so their advantages are 0 and they teach nothing. Raise `noise_level` or "
+                     "`num_generations`, start from a weaker SFT (fewer steps), or use harder prompts.")
+    elif zero is not None:
+        notes.append(f"GRPO: {zero:.0%} of the groups had zero reward spread; the others carried signal "
+                     f"(mean |advantage| {adv:.2f})." if adv is not None else
+                     f"GRPO: {zero:.0%} of the groups had zero reward spread.")
+    if adv is not None and adv < 1e-3:
+        notes.append("**GRPO had no learning signal**: the advantages were ~0 throughout (and so was `loss/grpo`, "
+                     f"{grpo_loss:.1e}). The rewards did not separate the images of a group; see above.")
+    elif grpo_loss is not None and abs(grpo_loss) < 1e-4:
+        notes.append(f"`loss/grpo` is ~0 ({grpo_loss:.1e}) by construction: on-policy the ratio is 1 and the "
+                     "advantages of a group sum to 0; its gradient is not 0. Judge GRPO by the advantages, the "
+                     "zero-spread fraction and the held-out gain, not by this value.")
+    if reward is not None and reward > 0.95:
+        notes.append(f"GRPO rollouts already scored {reward:.2f} on average: little headroom for the reward to push. "
+                     "Use fewer SFT steps or harder prompts.")
+    if acc_late is not None and acc_late >= 0.99:
+        notes.append(f"**DPO: implicit accuracy saturated at {acc_late:.2f}** over the second half of training: the "
+                     "policy already separates every pair, so the sigmoid term's gradient vanishes (and the pairs may be "
+                     "memorised). Add pairs (more candidates or prompts), lower `beta`, or train fewer steps.")
+    elif acc_late is not None:
+        notes.append(f"DPO: implicit accuracy {acc_late:.2f} over the second half of training (below 1: the pairs "
+                     "still carry a gradient).")
+    return notes
+
+
+def _gain_cell(g: dict) -> str:
+    mark = "" if g["excludes_zero"] else " (includes 0)"
+    return f"{g['gain']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}]{mark}"
+
+
+def gain_table(gains: dict) -> list[str]:
+    """Markdown rows: one per (stage, prompt set) with means, the gain and its interval."""
+    rows = ["| stage | prompts | OCR before | OCR after | gain [95 % interval] |", "|---|---|---|---|---|"]
+    for key, g in gains.items():
+        o = g["overall"]
+        label = dict(PROMPT_SETS)[g["prompt_set"]]
+        rows.append(f"| {g['stage']} | {label} ({o['n_prompts']} x {o['n_seeds']} seeds) | {o['before']:.3f} | "
+                    f"{o['after']:.3f} | {_gain_cell(o)} |")
+    return rows
+
+
 def _rel(path: str | Path, root: Path) -> str:
     return os.path.relpath(Path(path), root)
 
@@ -159,17 +249,50 @@ def write_report(cfg: dict, out: Path, results: dict[str, dict]) -> dict:
     L += ["A tiny random Qwen-Image (the real diffusers classes, small configs) learns to write a brand's slogans: "
           "SFT on rated renders, then the combined DPO+GRPO objective with the OCR reward. "
           f"Slogans: {', '.join(cfg['slogans'])}; prompt template `{cfg['caption']}`; {cfg['size']} px.", ""]
-    L += ["## OCR reward on the demo prompts", "",
-          f"Mean over prompts and seeds {evals['before']['seeds']} (OCR text accuracy in [0, 1]):", "",
-          "| stage | OCR reward |", "|---|---|"]
-    L += [f"| {title} | {ocr[key]:.3f} |" for key, _, title in EVAL_STAGES]
-    L += ["", "| prompt | " + " | ".join(t for _, _, t in EVAL_STAGES) + " |", "|---|---|---|---|"]
-    for i, p in enumerate(evals["before"]["per_prompt"]):
-        L.append(f"| {p['prompt']} | " + " | ".join(f"{evals[k]['per_prompt'][i]['ocr_mean']:.2f}" for k, _, _ in EVAL_STAGES) + " |")
+    gains = stage_gains(evals)
+    seeds = evals["before"]["seeds"]
+    L += ["## OCR gain per stage, on held-out seeds", "",
+          f"OCR text accuracy in [0, 1] of images generated with {len(seeds)} seeds ({seeds[0]}..{seeds[-1]}) that no "
+          "stage trained on (the pairs and the rollouts used other noise), for the training prompts and for held-out "
+          "prompts (the same slogans in caption templates no stage saw: "
+          + ", ".join(f"`{t}`" for t in cfg.get("heldout_captions") or []) + "). Every stage is scored on the same "
+          "seeds, so gains are paired; the interval is a 95 % bootstrap over seeds (`align.evaluation.bootstrap_gain`).",
+          ""]
+    L += gain_table(gains) + [""]
+    aligned = gains.get("train/aligned")
+    if aligned:
+        o = aligned["overall"]
+        verdict = ("is above 0 with 95 % confidence" if o["low"] > 0 else
+                   "is below 0 with 95 % confidence: it made the OCR worse" if o["high"] < 0 else
+                   "is not distinguishable from seed noise (the interval includes 0)")
+        L += [f"On held-out seeds, DPO+GRPO's gain over SFT {verdict}."]
+        weak = [r["text"] for r in aligned["per_prompt"] if r["before"] < 0.15]
+        if o["low"] <= 0:
+            L += ["To get a clearer gain: train DPO+GRPO longer (`dpo_grpo.args: {max_steps: ...}`), raise "
+                  "`num_generations` so each group has spread"
+                  + (f", and give SFT more steps for {', '.join(weak)}: after SFT they are almost never readable, so "
+                     "their rollout groups score all 0 and their pairs are decided by noise" if weak else "") + "."]
+        L += [""]
+    for key, g in gains.items():
+        if not key.endswith("/aligned"):
+            continue
+        L += [f"**DPO+GRPO over SFT, per prompt ({dict(PROMPT_SETS)[g['prompt_set']]})**", "",
+              "| prompt | OCR after SFT | after DPO+GRPO | gain [95 % interval] |", "|---|---|---|---|"]
+        L += [f"| {r['prompt']} | {r['before']:.2f} | {r['after']:.2f} | {_gain_cell(r)} |" for r in g["per_prompt"]]
+        L += [""]
+    L += ["| stage | " + " | ".join(t for _, _, t in EVAL_STAGES) + " |", "|---|---|---|---|"]
+    L += [f"| mean OCR, training prompts | " + " | ".join(f"{ocr[k]:.3f}" for k, _, _ in EVAL_STAGES) + " |"]
+    if all("heldout" in evals[k] for k, _, _ in EVAL_STAGES):
+        L += [f"| mean OCR, held-out prompts | " + " | ".join(f"{evals[k]['heldout']['ocr_mean']:.3f}" for k, _, _ in EVAL_STAGES) + " |"]
     L += ["", f"![OCR per prompt]({_rel(bars, out)})", ""]
+    L += ["## Learning signal", "", "What the DPO+GRPO log says about each term:", ""]
+    L += [f"- {n}" for n in learning_signal_notes(dpo_hist)] or ["- (no DPO+GRPO metrics logged)"]
+    L += [""]
     L += ["## Samples", "", "One row per prompt, one column per seed; the label is the OCR reward of the row.", ""]
     for key, _, title in EVAL_STAGES:
         L += [f"**{title}**", "", f"![{title}]({_rel(evals[key]['grid'], out)})", ""]
+        if evals[key].get("heldout"):
+            L += [f"![{title}, held-out prompts]({_rel(evals[key]['heldout']['grid'], out)})", ""]
     L += ["## Curves", ""]
     L += [f"![SFT curves]({_rel(sft_png, out)})" if sft_png else "(no SFT metrics logged)", ""]
     L += [f"![DPO+GRPO curves]({_rel(dpo_png, out)})" if dpo_png else "(no DPO+GRPO metrics logged)", ""]
@@ -208,10 +331,13 @@ def write_report(cfg: dict, out: Path, results: dict[str, dict]) -> dict:
     L += ["Training logs: `sft/train.log`, `dpo_grpo/train.log`; wandb offline runs: `wandb/` "
           "(`wandb sync wandb/offline-run-*` uploads them).", ""]
     L += ["## What this shows, and what it does not", "",
-          "The demo runs every stage of the real workflow with the real code paths on CPU in minutes. The model is "
-          "tiny and random (its text encoder too), so SFT teaches it to reproduce four slogans rather than to "
-          "render text in general, and DPO+GRPO run a few steps only: they are expected to keep, not transform, "
-          "the SFT result. For a real adapter see `docs/brand-adapter.md` and `recipes/brand_adapter/`.", ""]
+          "The demo runs every stage of the real workflow with the real code paths on CPU in minutes, and judges each "
+          "stage on seeds no stage trained on, with an interval, so a gain can be told from seed noise. SFT stops "
+          "early on purpose (see `recipes/demo/sft.yaml`) so that DPO+GRPO has errors to fix, as after a real SFT on a "
+          "small brand set. The model is tiny and random (its text encoder too): it learns four slogans, not text "
+          "rendering in general, so the held-out prompts test whether what it learned survives a new caption "
+          "template, not new words. For a real adapter see `docs/brand-adapter.md` and `recipes/brand_adapter/`.", ""]
     report = out / "report.md"
     report.write_text("\n".join(L), encoding="utf-8")
-    return {"report": str(report), "ocr": ocr, "images": [str(p) for p in (bars, sft_png, dpo_png) if p]}
+    (assets / "gains.json").write_text(json.dumps(gains, indent=2, ensure_ascii=False), encoding="utf-8")
+    return {"report": str(report), "ocr": ocr, "gains": gains, "images": [str(p) for p in (bars, sft_png, dpo_png) if p]}

@@ -1,9 +1,16 @@
-"""Resumable stages: a stage whose marker file exists is skipped on rerun, so a crash loses at most one stage."""
+"""Resumable stages: a stage whose marker file exists is skipped on rerun, so a crash loses at most one stage.
+
+The marker records the stage's inputs key (a hash of the config it reads and the keys of the stages it reads
+from): a rerun with another config, or after an upstream stage was redone, redoes the stage instead of reusing
+results made from other inputs (``--fast`` into the folder of a full run reruns everything).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import shlex
 import subprocess
 import sys
@@ -18,6 +25,12 @@ class StageError(RuntimeError):
     """A stage failed; the message names it and where its log is."""
 
 
+def stage_key(config: Any, upstream: Sequence[str] = ()) -> str:
+    """A short hash of what a stage reads: its config slice and the keys of the stages it depends on."""
+    blob = json.dumps({"config": config, "upstream": list(upstream)}, sort_keys=True, default=str, ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
 def stage_done(stage_dir: Path) -> dict | None:
     marker = stage_dir / MARKER
     if not marker.is_file():
@@ -28,19 +41,27 @@ def stage_done(stage_dir: Path) -> dict | None:
         return None
 
 
-def run_stage(index: int, total: int, name: str, stage_dir: Path, fn: Callable[[], dict | None]) -> dict:
-    """Run ``fn`` unless ``stage_dir`` holds a completion marker; print progress and timing; return its result."""
+def run_stage(index: int, total: int, name: str, stage_dir: Path, fn: Callable[[], dict | None],
+              key: str | None = None) -> dict:
+    """Run ``fn`` unless ``stage_dir`` holds a completion marker made with the same inputs ``key``; print progress
+    and timing; return its result (with ``inputs_key``). A marker from other inputs: the folder is cleared and the
+    stage reruns."""
     done = stage_done(stage_dir)
     header = f"[{index}/{total}] {name}"
-    if done is not None:
+    if done is not None and done.get("inputs_key") == key:
         print(f"{header}: done before ({done.get('seconds', 0):.0f} s), skipped", flush=True)
         done["skipped"] = True
         return done
+    if done is not None:
+        print(f"{header}: done before with other inputs (config or an earlier stage changed), redoing", flush=True)
+    if stage_dir.exists():
+        # Leftovers of another config (more candidates, other seeds...) would mix into this run's outputs.
+        shutil.rmtree(stage_dir)
     print(f"{header} ...", flush=True)
     stage_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
     result = fn() or {}
-    record = {"stage": name, "seconds": round(time.time() - start, 1), **result}
+    record = {"stage": name, "seconds": round(time.time() - start, 1), "inputs_key": key, **result}
     # Written last, atomically: only a stage that finished leaves a marker.
     tmp = stage_dir / (MARKER + ".tmp")
     tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
