@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import torch
+from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 
 from qwen_image import QwenImage
@@ -84,10 +85,7 @@ def add_lora(transformer: torch.nn.Module, config: QwenImageTrainingConfig) -> N
         if unknown:
             raise ValueError(f"lora_target_modules {unknown} match no module of QwenImageTransformer2DModel.")
         transformer.add_adapter(lora_config(config), adapter_name=ADAPTER_NAME)
-    # LoRA params train in fp32 even on a bf16 base (diffusers' cast_training_params).
-    for p in transformer.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
+    cast_training_params(transformer, torch.float32)  # LoRA params train in fp32 even on a bf16 base
 
 
 def load_adapter_into(transformer: torch.nn.Module, path: str, trainable: bool) -> None:

@@ -144,13 +144,6 @@ class ReferenceModel:
                 p.requires_grad_(flag)
 
     @torch.no_grad()
-    def forward(self, **transformer_kwargs) -> torch.Tensor:
-        """The reference transformer's output (``return_dict=False`` first element), without gradient."""
-        with self.active() as module:
-            out = module(**transformer_kwargs, return_dict=False)[0]
-        return out.detach()
-
-    @torch.no_grad()
     def velocity(
         self,
         latents: torch.Tensor,

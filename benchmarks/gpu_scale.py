@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from diffusers.training_utils import cast_training_params  # noqa: E402
 from diffusers import QwenImageTransformer2DModel  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 
@@ -57,9 +58,7 @@ def build(args, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     model.requires_grad_(False)
     model.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
                                  target_modules=DEFAULT_LORA_TARGETS))
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
+    cast_training_params(model, torch.float32)
     if not args.no_grad_ckpt:
         model.enable_gradient_checkpointing()
     return model

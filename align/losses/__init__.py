@@ -2,4 +2,4 @@
 
 from .flow_matching import flow_matching_loss, make_noisy, sample_sigmas, velocity_error
 from .dpo import DPO_LOSS_TYPES, flow_dpo_loss
-from .grpo import KL_FORMS, gaussian_kl, group_advantages, grpo_clip_loss, num_train_timesteps, rewards_tensor, velocity_kl
+from .grpo import KL_FORMS, gaussian_kl, group_advantages, grpo_clip_loss, num_train_timesteps, rewards_tensor

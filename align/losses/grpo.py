@@ -109,12 +109,6 @@ def gaussian_kl(
     return diff2.sum(dim=dims) / (2 * var * abs(float(dt)))
 
 
-def velocity_kl(v: torch.Tensor, v_ref: torch.Tensor) -> torch.Tensor:
-    """The KL proxy on DPO batches: ``||v - v_ref||^2`` averaged over dims, per sample (B,), in fp32."""
-    diff2 = (v.float() - v_ref.float()) ** 2
-    return diff2.mean(dim=tuple(range(1, diff2.dim())))
-
-
 def num_train_timesteps(num_sde_steps: int, timestep_fraction: float) -> int:
     """How many of the SDE steps are trained: ``int(T * fraction)`` as flow_grpo does, at least 1."""
     if not 0 < timestep_fraction <= 1:

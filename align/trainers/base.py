@@ -3,12 +3,12 @@ resume from our checkpoints, validation images, and the velocity call every obje
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 from pathlib import Path
 
 import torch
+from diffusers.training_utils import free_memory
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
@@ -29,9 +29,7 @@ def release_text_encoder(qwen: QwenImage) -> None:
     """Drop the text encoder once everything it must encode is cached (8 B parameters on the real model)."""
     qwen.text_encoder = None
     qwen.prompt_encoder.text_encoder = None
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
 
 
 class QwenImageTrainer(Trainer):

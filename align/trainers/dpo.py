@@ -22,7 +22,7 @@ from transformers import set_seed
 from ..configs import QwenImageTrainingConfig
 from ..data.encoding import collate_encoded, encode_dataset
 from ..data.preference import IMAGE_COLUMNS, load_preference_dataset
-from ..launch import parse_config, run
+from ..launch import parse_config
 from ..losses import DPO_LOSS_TYPES, flow_dpo_loss, flow_matching_loss, make_noisy, sample_sigmas, velocity_error
 from ..modeling import load_qwen_image, model_identity
 from ..reference import ReferenceModel
@@ -94,7 +94,8 @@ class FlowDPOTrainer(QwenImageTrainer):
         device = x_w.device
         noise = torch.randn(x_w.shape, generator=generator, dtype=torch.float32).to(device)
         sigma = sample_sigmas(batch, args.timestep_sampling, image_seq_len=seq_len, logit_mean=args.logit_mean,
-                              logit_std=args.logit_std, mode_scale=args.mode_scale, generator=generator, device=device)
+                              logit_std=args.logit_std, mode_scale=args.mode_scale, scheduler=self.qwen.scheduler,
+                              generator=generator, device=device)
         # Winner and loser in one 2B batch: one forward each for policy and reference, identical noise and sigma.
         x0 = torch.cat([x_w, x_l]).float()
         noisy, target = make_noisy(x0, noise.repeat(2, 1, 1), sigma.repeat(2))
@@ -214,6 +215,3 @@ def main(argv: Sequence[str] | None = None) -> FlowDPOTrainer:
     trainer = FlowDPOTrainer(qwen, config, train_dataset=train_ds, eval_dataset=eval_ds)
     release_text_encoder(qwen)  # after the trainer encoded the validation prompts
     return train_and_save(trainer, config)
-
-if __name__ == "__main__":
-    run(main)

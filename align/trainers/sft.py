@@ -229,7 +229,8 @@ class SFTTrainer(QwenImageTrainer):
         batch = x0.shape[0]
         gen = self._generator()
         sigma = sample_sigmas(batch, args.timestep_sampling, image_seq_len=x0.shape[1], logit_mean=args.logit_mean,
-                              logit_std=args.logit_std, mode_scale=args.mode_scale, generator=gen)
+                              logit_std=args.logit_std, mode_scale=args.mode_scale, scheduler=self.qwen.scheduler,
+                              generator=gen)
         noise = torch.randn(x0.shape, generator=gen).to(x0.device)
         embeds, mask = inputs["prompt_embeds"], inputs["prompt_mask"]
         if args.caption_dropout > 0 and self.data.empty_prompt is not None:
