@@ -13,6 +13,7 @@ from peft import LoraConfig
 from qwen_image import QwenImage
 from qwen_image.model import resolve_dtype
 
+from .adapters import load_lora_file
 from .configs import QwenImageTrainingConfig
 
 logger = logging.getLogger(__name__)
@@ -89,16 +90,8 @@ def add_lora(transformer: torch.nn.Module, config: QwenImageTrainingConfig) -> N
 
 
 def load_adapter_into(transformer: torch.nn.Module, path: str, trainable: bool) -> None:
-    """Load a diffusers-format LoRA (with its metadata, so alpha is right) as the ``default`` adapter."""
-    from diffusers import QwenImagePipeline
-
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"init_adapter {str(path)!r} does not exist.")
-    state_dict, metadata = QwenImagePipeline.lora_state_dict(str(path), return_lora_metadata=True)
-    transformer.load_lora_adapter(
-        state_dict, prefix="transformer", adapter_name=ADAPTER_NAME, metadata=metadata
-    )
+    """Load a LoRA file (diffusers, ComfyUI, kohya, ...; ranks and alphas kept) as the ``default`` adapter."""
+    load_lora_file(transformer, path, ADAPTER_NAME)  # any of the formats in docs/adapters.md
     if trainable:
         for name, p in transformer.named_parameters():
             if "lora_" in name:

@@ -196,12 +196,11 @@ def _frozen_copy(transformer: nn.Module) -> nn.Module:
 
 
 def _load_frozen_adapter(transformer: nn.Module, path: str, adapter_name: str) -> None:
-    from diffusers import QwenImagePipeline
+    from .adapters import load_lora_file
 
     active = list(transformer.active_adapters())
     flags = [(p, p.requires_grad) for p in transformer.parameters()]
-    state_dict, metadata = QwenImagePipeline.lora_state_dict(str(path), return_lora_metadata=True)
-    transformer.load_lora_adapter(state_dict, prefix="transformer", adapter_name=adapter_name, metadata=metadata)
+    load_lora_file(transformer, path, adapter_name)
     transformer.set_adapter(active)
     for p, flag in flags:
         p.requires_grad_(flag)
