@@ -27,7 +27,7 @@ from qwen_image import QwenImage
 
 from ..configs import QwenImageTrainingConfig
 from ..data.buckets import DEFAULT_ASPECT_RATIOS, BucketBatchSampler, BucketSizeFn
-from ..data.encoding import collate_encoded, encode_dataset
+from ..data.encoding import collate_encoded, encode_dataset, tensor_format
 from ..data.loading import load_image_dataset, validate_rows
 from ..data.ratings import AGGREGATES, FilterSummary, filter_by_ratings
 from ..data.schedule import PhaseSchedule, parse_phases
@@ -141,7 +141,7 @@ def prepare_sft_data(config: SFTConfig, qwen: QwenImage) -> SFTData:
 
     dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     latent = f"{config.image_column}_latents"
-    dataset = dataset.with_format("torch", columns=["prompt_embeds", "height", "width", latent], output_all_columns=True)
+    dataset = tensor_format(dataset, [latent])
 
     empty = None
     if config.caption_dropout > 0:
