@@ -190,9 +190,9 @@ class StepEnd(TrainerCallback):
     """Step time = time between consecutive step ends: includes fetching the batch, which Trainer does before
     on_step_begin."""
 
-    def __init__(self, timer: PartTimer):
+    def __init__(self, timer: PartTimer, profile: cProfile.Profile | None = None, warmup: int = 0):
         self.timer, self.times, self._last = timer, [], None
-        self.profile: cProfile.Profile | None = None
+        self.profile, self.warmup = profile, warmup
 
     def on_train_begin(self, args, state, control, **kwargs):
         sync()
@@ -204,6 +204,12 @@ class StepEnd(TrainerCallback):
         self.times.append(now - self._last)
         self._last = now
         self.timer.end_step()
+        if self.profile is not None and len(self.times) == self.warmup:
+            self.profile.enable()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.profile is not None:
+            self.profile.disable()
 
 
 def trainer_run(args, cfg, profile: cProfile.Profile | None = None) -> tuple[list[float], list[dict]]:
@@ -214,7 +220,7 @@ def trainer_run(args, cfg, profile: cProfile.Profile | None = None) -> tuple[lis
     qwen = load_qwen_image(cfg)
     data = prepare_sft_data(cfg, qwen)  # encoded once, then read from the on-disk cache
     timer = PartTimer()
-    step_end = StepEnd(timer)
+    step_end = StepEnd(timer, profile, args.warmup)
     trainer = SFTTrainer(qwen, cfg, data, callbacks=[step_end])
     release_text_encoder(qwen)
     trainer.create_optimizer_and_scheduler(num_training_steps=cfg.max_steps)
@@ -232,11 +238,7 @@ def trainer_run(args, cfg, profile: cProfile.Profile | None = None) -> tuple[lis
             return clip(*a, **k)
 
     trainer.accelerator.backward, trainer.accelerator.clip_grad_norm_ = timed_backward, timed_clip
-    if profile is not None:
-        profile.enable()
     trainer.train()
-    if profile is not None:
-        profile.disable()
     return step_end.times, timer.steps
 
 
@@ -261,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=12, help="steps per run")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--runs", type=int, default=8, help="paired runs (trainer, bare) alternating")
-    parser.add_argument("--profile", action="store_true", help="print a cProfile of the trainer's training steps")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of the trainer's steps after warm-up")
     args = parser.parse_args(argv)
     if args.steps <= args.warmup:
         parser.error("--steps must exceed --warmup")

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 from diffusers.training_utils import free_memory
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
@@ -46,6 +47,8 @@ class QwenImageTrainer(Trainer):
         **kwargs,
     ):
         self.qwen = qwen
+        self._model_dtype: torch.dtype | None = None
+        self._trainable: list[torch.nn.Parameter] | None = None
         self._validation = None
         if args.validation_prompts and qwen.text_encoder is not None:
             # Encoded now so the text encoder can be released before training.
@@ -71,10 +74,21 @@ class QwenImageTrainer(Trainer):
         attention_kwargs: dict | None = None,
     ) -> torch.Tensor:
         """The transformer's velocity v = eps - x0 on packed latents at per-sample noise level ``sigma``."""
-        dtype = self.qwen.transformer.dtype
+        if self._model_dtype is None:  # looked up once, after the backend prepared the model: ``.dtype`` walks it
+            self._model_dtype = self.qwen.transformer.dtype
+        dtype = self._model_dtype
         cond = Conditioning.from_padded(prompt_embeds.to(dtype), prompt_mask)
         return predict_velocity(model, noisy.to(dtype), sigma, cond, img_shapes(noisy.shape[0], height, width),
                                 attention_kwargs=attention_kwargs)
+
+    def _clip_grad_norm(self, model: torch.nn.Module):
+        """Trainer clips ``model.parameters()``: a walk over every module and frozen weight each step (a few % of a
+        small LoRA step). Unsharded, the trainable parameters are the same gradients: clip that list, kept once."""
+        if self.accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+            return super()._clip_grad_norm(model)
+        if self._trainable is None:
+            self._trainable = [p for p in model.parameters() if p.requires_grad]
+        return self.accelerator.clip_grad_norm_(self._trainable, self.args.max_grad_norm)
 
     # ------------------------------------------------------------------ saving / resuming
     @property
