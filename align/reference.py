@@ -13,8 +13,9 @@ Three modes, chosen from how the policy is trained:
 
 PEFT trap: ``enable_adapters()``/``set_adapter()`` set ``requires_grad=True`` on every active LoRA tensor and False on
 the others, so the requires_grad flags are snapshotted before each reference forward and restored after it.
-Call the reference AFTER the policy forward of a step: under FSDP2 + bf16 mixed precision the very first forward
-must see trainable parameters (lazy init), see ../shared/reference/distributed-cpu.md §2.
+Call the reference AFTER the policy forward of a step: FSDP2 sets up its mixed-precision gradient dtypes lazily, on
+the first forward. If that forward is the adapters-off reference (no trainable parameter in sight), the LoRA
+gradients later arrive in bf16 where fp32 is expected and backward fails.
 """
 
 from __future__ import annotations

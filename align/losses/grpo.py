@@ -1,5 +1,5 @@
 """Flow-GRPO objective pieces as pure functions: group advantages, the clipped ratio loss, and the closed-form
-KL between two SDE-step Gaussians that share their std. Formulas: shared/reference/alignment.md §1, DESIGN §5.
+KL between two SDE-step Gaussians that share their std. Formulas, conventions and why: docs/math.md ("Flow-GRPO").
 """
 
 from __future__ import annotations

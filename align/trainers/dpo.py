@@ -2,7 +2,7 @@
 
 ``compute_loss`` is a weighted sum of named terms so the combined objective can extend it:
 ``L = w_dpo * L_DPO + beta_kl * KL + w_sft * L_FM + w_grpo * L_GRPO`` (+ whatever ``extra_loss_terms`` adds).
-On DPO batches KL is the velocity form ``mean ||v_theta - v_ref||^2`` (DESIGN §5) and the SFT term is flow matching
+On DPO batches KL is the velocity form ``mean ||v_theta - v_ref||^2`` (docs/math.md) and the SFT term is flow matching
 on the chosen image; both reuse the forwards DPO already made. The GRPO term comes from an object with
 ``loss(trainer, model, inputs) -> (loss, metrics)`` (``grpo_objective=``) or from a subclass overriding
 ``extra_loss_terms``. Every term is logged separately (``loss/<name>``): their scales differ by orders of magnitude.
