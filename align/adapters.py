@@ -69,12 +69,10 @@ def read_lora_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
 
 
 def _module_and_suffix(key: str, modules: dict[str, str]) -> tuple[str, str] | None:
-    for suffix, peft_suffix in _SUFFIXES.items():
-        if key.endswith(suffix):
-            name = key[: -len(suffix)]
-            break
-    else:
+    suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
+    if suffix is None:
         return None
+    name, peft_suffix = key[: -len(suffix)], _SUFFIXES[suffix]
     # kohya/musubi flatten the module path with underscores: ``modules`` maps that spelling to the dotted name too.
     for candidate in [name] + [name.removeprefix(p) for p in _PREFIXES if name.startswith(p)]:
         if candidate in modules:

@@ -22,8 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from diffusers.training_utils import cast_training_params  # noqa: E402
 from diffusers import QwenImageTransformer2DModel  # noqa: E402
+from diffusers.training_utils import cast_training_params  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 
 from align.configs import DEFAULT_LORA_TARGETS  # noqa: E402

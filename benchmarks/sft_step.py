@@ -4,6 +4,7 @@ extra time goes.
     python benchmarks/sft_step.py                                   # small-256: 4 layers, 4 heads x 32, 256 tokens
     python benchmarks/sft_step.py --layers 2 --heads 2 --head_dim 16 --resolution 128   # tiny-128
     python benchmarks/sft_step.py --profile                         # + cProfile of the trainer's steps
+    python benchmarks/sft_step.py --uncached                        # + the bare loop encoding every step
     python benchmarks/sft_step.py --model /models/Qwen-Image --resolution 1024 --batch 1   # GPU
 
 Both loops train the same LoRA (rank 4 on to_q/k/v/out.0 by default) of a random checkpoint saved in diffusers
@@ -64,7 +65,8 @@ class PartTimer:
             sync()
             self.current[name] += time.perf_counter() - t0
 
-    def watch_forward(self, module: torch.nn.Module) -> None:
+    def _hooks(self, name: str):
+        """A (pre, post) pair of hooks that adds the time between them to ``name``."""
         state = {}
 
         def pre(*_):
@@ -73,22 +75,17 @@ class PartTimer:
 
         def post(*_):
             sync()
-            self.current["forward"] += time.perf_counter() - state["t0"]
+            self.current[name] += time.perf_counter() - state["t0"]
 
+        return pre, post
+
+    def watch_forward(self, module: torch.nn.Module) -> None:
+        pre, post = self._hooks("forward")
         module.register_forward_pre_hook(pre)
         module.register_forward_hook(post)
 
     def watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        state = {}
-
-        def pre(*_):
-            sync()
-            state["t0"] = time.perf_counter()
-
-        def post(*_):
-            sync()
-            self.current["optimizer"] += time.perf_counter() - state["t0"]
-
+        pre, post = self._hooks("optimizer")
         optimizer.register_step_pre_hook(pre)
         optimizer.register_step_post_hook(post)
 
@@ -120,9 +117,10 @@ def write_checkpoint(args, folder: Path) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- the bare loop
-def bare_run(args, model_path: str, prompts: list[str]) -> tuple[list[float], list[dict]]:
+def bare_run(args, model_path: str, prompts: list[str], images: list | None = None) -> tuple[list[float], list[dict]]:
     """The floor, from diffusers and PEFT only: cached x0 and prompt embeddings in memory; per step new sigma and
-    noise, forward, the flow-matching MSE, backward, clip, AdamW step."""
+    noise, forward, the flow-matching MSE, backward, clip, AdamW step. With ``images``: encode the prompts and the
+    images (VAE) again at every step instead (what caching saves)."""
     from peft import LoraConfig
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -149,10 +147,21 @@ def bare_run(args, model_path: str, prompts: list[str]) -> tuple[list[float], li
     timer = PartTimer()
     timer.watch_forward(transformer)
     timer.watch_optimizer(optimizer)
+    if images is not None:
+        from qwen_image import pack
+        from qwen_image.latents import encode, images_to_tensor
+
     times = []
     for _ in range(args.steps):
         sync()
         t0 = time.perf_counter()
+        if images is not None:
+            with torch.no_grad():
+                embeds, mask = pipe.encode_prompt(prompts[: args.batch], device=device)
+                pixels = images_to_tensor(images[: args.batch], args.resolution, args.resolution).to(device, dtype)
+                x0 = pack(encode(pipe.vae, pixels)).float()
+            if mask is not None and bool(mask.all()):
+                mask = None
         sigma = torch.sigmoid(torch.randn(args.batch, generator=g)).to(device)
         noise = torch.randn(x0.shape, generator=g).to(device)
         s = sigma.view(-1, 1, 1)
@@ -263,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=12, help="steps per run")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--runs", type=int, default=8, help="paired runs (trainer, bare) alternating")
+    parser.add_argument("--uncached", action="store_true", help="also time the bare loop encoding text and images every step")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the trainer's steps after warm-up")
     args = parser.parse_args(argv)
     if args.steps <= args.warmup:
@@ -272,24 +282,32 @@ def main(argv: list[str] | None = None) -> None:
         model_path = args.model or write_checkpoint(args, Path(tmp) / "ckpt")
         prompts = write_data(Path(tmp) / "data", args.batch * 4, args.resolution)
         cfg = sft_config(args, model_path, str(Path(tmp) / "data"), str(Path(tmp) / "out"))
-        trainer_runs, bare_runs = [], []
+        trainer_runs, bare_runs, uncached_runs = [], [], []
         profile = cProfile.Profile() if args.profile else None
         for _ in range(args.runs):
             trainer_runs.append(summarize(*trainer_run(args, cfg, profile), args.warmup))
             bare_runs.append(summarize(*bare_run(args, model_path, prompts), args.warmup))
+            if args.uncached:
+                images = [Image.open(Path(tmp) / "data" / f"{i}.png").convert("RGB") for i in range(args.batch)]
+                uncached_runs.append(summarize(*bare_run(args, model_path, prompts, images), args.warmup))
     ratio = statistics.median(t["step"] / b["step"] for t, b in zip(trainer_runs, bare_runs))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     print(f"SFT step, LoRA r{args.rank} on {' '.join(args.targets)}, {args.layers} layers, {args.heads} heads x "
           f"{args.head_dim}, {(args.resolution // 16) ** 2} image tokens ({args.resolution}px), batch {args.batch}, "
           f"{device}; medians of {args.runs} paired runs x {args.steps - args.warmup} steps")
     print(f"  {'ms per step':14s}" + "".join(f"{k:>10s}" for k in ("step", *PARTS, "outside")))
-    for label, runs in (("SFTTrainer", trainer_runs), ("bare loop", bare_runs)):
+    rows = [("SFTTrainer", trainer_runs), ("bare loop", bare_runs)] + ([("bare, uncached", uncached_runs)] if uncached_runs else [])
+    for label, runs in rows:
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         print(f"  {label:14s}" + "".join(f"{med[k] * 1000:10.2f}" for k in ("step", *PARTS, "outside")))
         print(f"METRIC\tsft: {label} step\t{med['step'] * 1000:.2f}\tms/step")
         print(f"METRIC\tsft: {label} outside forward/backward/clip/optimizer\t{med['outside'] * 1000:.2f}\tms/step")
     print(f"  trainer / bare loop (median of paired ratios) {ratio:.3f}")
     print(f"METRIC\tsft: trainer / bare loop\t{ratio:.3f}\tratio")
+    if uncached_runs:
+        saved = statistics.median(u["step"] / b["step"] for u, b in zip(uncached_runs, bare_runs))
+        print(f"  encoding every step / cached (median of paired ratios) {saved:.3f}")
+        print(f"METRIC\tsft: no caching / caching\t{saved:.3f}\tratio")
     if profile is not None:
         stream = io.StringIO()
         pstats.Stats(profile, stream=stream).sort_stats("tottime").print_stats(25)

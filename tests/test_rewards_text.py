@@ -78,7 +78,7 @@ def test_text_accuracy_hand_values():
 
 
 def test_brightness_and_jpeg_compressibility():
-    from rewards import brightness, get_reward, jpeg_compressibility
+    from rewards import brightness, get_reward
 
     white, black = Image.new("RGB", (64, 64), "white"), Image.new("RGB", (64, 64), "black")
     gray = Image.new("RGB", (64, 64), (128, 128, 128))
