@@ -24,6 +24,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from .errors import UserError
+
 __all__ = ["read_lora_state_dict", "lora_config_from_state_dict", "load_lora_file"]
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
@@ -42,12 +44,12 @@ def _weights_file(path: Path) -> Path:
     if path.is_file():
         return path
     if not path.is_dir():
-        raise ValueError(f"init_adapter {str(path)!r} does not exist.")
+        raise UserError(f"init_adapter {str(path)!r} does not exist.")
     if (path / LORA_WEIGHT_NAME).is_file():
         return path / LORA_WEIGHT_NAME
     files = sorted(path.glob("*.safetensors"))
     if len(files) != 1:
-        raise ValueError(f"init_adapter {str(path)!r}: expected {LORA_WEIGHT_NAME} or exactly one .safetensors file, "
+        raise UserError(f"init_adapter {str(path)!r}: expected {LORA_WEIGHT_NAME} or exactly one .safetensors file, "
                          f"found {[f.name for f in files]}; pass the file itself.")
     return files[0]
 
@@ -57,7 +59,7 @@ def read_lora_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     diffusers stores in its header (``lora_adapter_metadata``), if any."""
     file = _weights_file(Path(path))
     if file.suffix != ".safetensors":
-        raise ValueError(f"init_adapter {str(file)!r}: only .safetensors LoRA files are read.")
+        raise UserError(f"init_adapter {str(file)!r}: only .safetensors LoRA files are read.")
     state_dict = load_file(file)
     with safe_open(str(file), framework="pt") as f:
         header = f.metadata() or {}
@@ -84,7 +86,7 @@ def to_peft_keys(state_dict: dict[str, torch.Tensor], module_names: list[str]) -
     """PEFT keys (``<module>.lora_A.weight`` / ``lora_B``) and each module's alpha (when the file has ``.alpha``)."""
     lycoris = sorted({k for k in state_dict if any(tag in k for tag in _LYCORIS)})
     if lycoris:
-        raise ValueError(f"init_adapter is a LyCORIS (LoKr/LoHa) adapter ({lycoris[0]}); only LoRA files "
+        raise UserError(f"init_adapter is a LyCORIS (LoKr/LoHa) adapter ({lycoris[0]}); only LoRA files "
                          "(lora_A/lora_B or lora_down/lora_up) can be loaded.")
     # Dotted names and their underscored (kohya) spelling both map to the dotted name.
     modules = {n: n for n in module_names} | {n.replace(".", "_"): n for n in module_names}
@@ -98,11 +100,11 @@ def to_peft_keys(state_dict: dict[str, torch.Tensor], module_names: list[str]) -
         else:
             alphas[found[0]] = float(value)
     if unknown:
-        raise ValueError(f"init_adapter has {len(unknown)} key(s) that name no LoRA of a QwenImageTransformer2DModel "
+        raise UserError(f"init_adapter has {len(unknown)} key(s) that name no LoRA of a QwenImageTransformer2DModel "
                          f"module, e.g. {unknown[0]!r}; see docs/adapters.md for the formats read.")
     for name in {k.rsplit(".lora_", 1)[0] for k in peft}:
         if f"{name}.lora_A.weight" not in peft or f"{name}.lora_B.weight" not in peft:
-            raise ValueError(f"init_adapter: module {name} lacks its lora_A or lora_B weight.")
+            raise UserError(f"init_adapter: module {name} lacks its lora_A or lora_B weight.")
     return peft, alphas
 
 

@@ -16,6 +16,8 @@ from typing import Any, Callable, Protocol
 
 from PIL import Image
 
+from align.errors import UnknownNameError
+
 __all__ = ["RewardFn", "register_reward", "get_reward", "available_rewards", "reward_name"]
 
 
@@ -59,17 +61,17 @@ def _lookup(name: str) -> tuple[Callable, bool]:
     if name in _REGISTRY:
         return _REGISTRY[name]
     if "." not in name:
-        raise KeyError(f"unknown reward {name!r}; available: {', '.join(available_rewards())} "
+        raise UnknownNameError(f"unknown reward {name!r}; available: {', '.join(available_rewards())} "
                        "(or a dotted path like my_pkg.my_reward)")
     # A dotted path, as TRL's GRPO script takes: a reward outside this package needs no edit of rewards/.
     module_name, _, attr = name.rpartition(".")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise KeyError(f"reward {name!r}: cannot import {module_name!r} ({err})") from None
+        raise UnknownNameError(f"reward {name!r}: cannot import {module_name!r} ({err})") from None
     obj = getattr(module, attr, None)
     if not callable(obj):
-        raise KeyError(f"reward {name!r}: {module_name!r} has no callable {attr!r}")
+        raise UnknownNameError(f"reward {name!r}: {module_name!r} has no callable {attr!r}")
     if getattr(obj, "reward_name", None) in _REGISTRY:  # the module registered it itself: honour its factory flag
         return _REGISTRY[obj.reward_name]
     return obj, inspect.isclass(obj)

@@ -55,7 +55,7 @@ class QwenImageTrainer(Trainer):
             self._validation = (qwen.conditioning(list(args.validation_prompts)),
                                 qwen.conditioning([" "] * len(args.validation_prompts)))
         transformer = prepare_transformer(qwen, args)
-        callbacks = [TrainModeOnce(), *(callbacks or [])]
+        callbacks = [SkipModuleWalks(), *(callbacks or [])]
         if self._validation is not None:
             callbacks.append(ValidationImagesCallback(self))
         super().__init__(model=transformer, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
@@ -153,17 +153,19 @@ class QwenImageTrainer(Trainer):
         return images
 
 
-class TrainModeOnce(TrainerCallback):
-    """transformers' Trainer calls ``model.train()`` before every step: a Python walk over every submodule (330 on the
-    small test model, thousands on Qwen-Image), a few % of a small LoRA step on CPU. While training runs, the model's
-    ``train(mode)`` walks only when the mode differs from the one it last set (``eval()`` goes through it too, so
-    validation and evaluation still switch everything). Installed at train begin, removed at train end: a reference
-    deep-copied from the policy never inherits it."""
+class SkipModuleWalks(TrainerCallback):
+    """transformers' Trainer calls ``model.train()`` and ``model.zero_grad()`` at every step: Python walks over every
+    submodule / parameter (330 modules on the small benchmark model, thousands on Qwen-Image), a few % of a small
+    LoRA step on CPU. While training runs, ``train(mode)`` walks only when the mode differs from the one it last set
+    (``eval()`` goes through it too, so validation and evaluation still switch everything), and ``zero_grad`` clears
+    the parameters that were trainable at train begin (the only ones backward gives a gradient). Installed at train
+    begin, removed at train end: a reference deep-copied from the policy never inherits them."""
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None or "train" in vars(model):
             return
         walk, last = model.train, {"mode": None}
+        trainable = [p for p in model.parameters() if p.requires_grad]
 
         def train(mode: bool = True):
             if last["mode"] is not mode:
@@ -171,11 +173,21 @@ class TrainModeOnce(TrainerCallback):
                 last["mode"] = mode
             return model
 
-        model.train = train
+        def zero_grad(set_to_none: bool = True):
+            for p in trainable:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_().zero_()
+
+        model.train, model.zero_grad = train, zero_grad
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if model is not None and "train" in vars(model):
-            del model.train
+        for name in ("train", "zero_grad"):
+            if model is not None and name in vars(model):
+                delattr(model, name)
 
 
 class ValidationImagesCallback(TrainerCallback):
