@@ -8,11 +8,12 @@ from pathlib import Path
 import torch
 from diffusers import QwenImagePipeline
 from peft.utils import get_peft_model_state_dict
+from peft.utils.other import get_pattern_key
 from safetensors.torch import save_file
 
+from .adapters import LORA_WEIGHT_NAME
 from .modeling import ADAPTER_NAME
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 COMFYUI_WEIGHT_NAME = "pytorch_lora_weights_comfyui.safetensors"
 
 
@@ -27,12 +28,22 @@ def adapter_metadata(transformer: torch.nn.Module) -> dict:
     return transformer.peft_config[ADAPTER_NAME].to_dict()
 
 
-def to_comfyui(layers: dict[str, torch.Tensor], lora_alpha: float) -> dict[str, torch.Tensor]:
-    """ComfyUI's Qwen-Image LoRA keys: ``diffusion_model.<module>.lora_A/B.weight`` plus ``<module>.alpha``."""
+def module_alpha(metadata: dict, module: str) -> float:
+    """The alpha PEFT gives ``module`` under the adapter config ``metadata`` (its ``alpha_pattern`` entry, else
+    ``lora_alpha``): adapters loaded from other trainers can carry a different alpha per module."""
+    pattern = metadata.get("alpha_pattern") or {}
+    key = get_pattern_key(pattern.keys(), module)
+    return float(pattern.get(key, metadata["lora_alpha"]))
+
+
+def to_comfyui(layers: dict[str, torch.Tensor], metadata: dict) -> dict[str, torch.Tensor]:
+    """ComfyUI's Qwen-Image LoRA keys: ``diffusion_model.<module>.lora_A/B.weight`` plus ``<module>.alpha`` (ComfyUI
+    scales by alpha / rank, as PEFT does, so the file computes what the adapter does)."""
     out = {f"diffusion_model.{k}": v for k, v in layers.items()}
     for k in layers:
         if k.endswith(".lora_A.weight"):
-            out[f"diffusion_model.{k[: -len('.lora_A.weight')]}.alpha"] = torch.tensor(float(lora_alpha))
+            module = k.removesuffix(".lora_A.weight")
+            out[f"diffusion_model.{module}.alpha"] = torch.tensor(module_alpha(metadata, module))
     return out
 
 
@@ -52,7 +63,7 @@ def save_lora(
         weight_name=LORA_WEIGHT_NAME,
     )
     if export_comfyui:
-        save_file(to_comfyui(layers, metadata["lora_alpha"]), output_dir / COMFYUI_WEIGHT_NAME,
+        save_file(to_comfyui(layers, metadata), output_dir / COMFYUI_WEIGHT_NAME,
                   metadata={"format": "pt"})
     return output_dir / LORA_WEIGHT_NAME
 

@@ -7,12 +7,14 @@ import logging
 from pathlib import Path
 
 import torch
+from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 
 from qwen_image import QwenImage
 from qwen_image.model import resolve_dtype
 
 from .errors import UserError
+from .adapters import load_lora_file
 from .configs import QwenImageTrainingConfig
 from .lowvram import BlockStreamer, checkpointing_reason, quantize_text_encoder, quantize_transformer_blocks
 
@@ -126,23 +128,12 @@ def add_lora(transformer: torch.nn.Module, config: QwenImageTrainingConfig) -> N
         if unknown:
             raise UserError(f"lora_target_modules {unknown} match no module of QwenImageTransformer2DModel.")
         transformer.add_adapter(lora_config(config), adapter_name=ADAPTER_NAME)
-    # LoRA params train in fp32 even on a bf16 base (diffusers' cast_training_params).
-    for p in transformer.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
+    cast_training_params(transformer, torch.float32)  # LoRA params train in fp32 even on a bf16 base
 
 
 def load_adapter_into(transformer: torch.nn.Module, path: str, trainable: bool) -> None:
-    """Load a diffusers-format LoRA (with its metadata, so alpha is right) as the ``default`` adapter."""
-    from diffusers import QwenImagePipeline
-
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"init_adapter {str(path)!r} does not exist.")
-    state_dict, metadata = QwenImagePipeline.lora_state_dict(str(path), return_lora_metadata=True)
-    transformer.load_lora_adapter(
-        state_dict, prefix="transformer", adapter_name=ADAPTER_NAME, metadata=metadata
-    )
+    """Load a LoRA file (diffusers, ComfyUI, kohya, ...; ranks and alphas kept) as the ``default`` adapter."""
+    load_lora_file(transformer, path, ADAPTER_NAME)  # any of the formats in docs/adapters.md
     if trainable:
         for name, p in transformer.named_parameters():
             if "lora_" in name:

@@ -13,8 +13,9 @@ Three modes, chosen from how the policy is trained:
 
 PEFT trap: ``enable_adapters()``/``set_adapter()`` set ``requires_grad=True`` on every active LoRA tensor and False on
 the others, so the requires_grad flags are snapshotted before each reference forward and restored after it.
-Call the reference AFTER the policy forward of a step: under FSDP2 + bf16 mixed precision the very first forward
-must see trainable parameters (lazy init), see ../shared/reference/distributed-cpu.md §2.
+Call the reference AFTER the policy forward of a step: FSDP2 sets up its mixed-precision gradient dtypes lazily, on
+the first forward. If that forward is the adapters-off reference (no trainable parameter in sight), the LoRA
+gradients later arrive in bf16 where fp32 is expected and backward fails.
 """
 
 from __future__ import annotations
@@ -144,13 +145,6 @@ class ReferenceModel:
                 p.requires_grad_(flag)
 
     @torch.no_grad()
-    def forward(self, **transformer_kwargs) -> torch.Tensor:
-        """The reference transformer's output (``return_dict=False`` first element), without gradient."""
-        with self.active() as module:
-            out = module(**transformer_kwargs, return_dict=False)[0]
-        return out.detach()
-
-    @torch.no_grad()
     def velocity(
         self,
         latents: torch.Tensor,
@@ -203,12 +197,11 @@ def _frozen_copy(transformer: nn.Module) -> nn.Module:
 
 
 def _load_frozen_adapter(transformer: nn.Module, path: str, adapter_name: str) -> None:
-    from diffusers import QwenImagePipeline
+    from .adapters import load_lora_file
 
     active = list(transformer.active_adapters())
     flags = [(p, p.requires_grad) for p in transformer.parameters()]
-    state_dict, metadata = QwenImagePipeline.lora_state_dict(str(path), return_lora_metadata=True)
-    transformer.load_lora_adapter(state_dict, prefix="transformer", adapter_name=adapter_name, metadata=metadata)
+    load_lora_file(transformer, path, adapter_name)
     transformer.set_adapter(active)
     for p, flag in flags:
         p.requires_grad_(flag)

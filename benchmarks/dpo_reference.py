@@ -34,6 +34,7 @@ def run_mode(a: argparse.Namespace) -> dict:
     from align.reference import ReferenceModel, _frozen_copy
     from align.trainers.base import QwenImageTrainer
     from align.trainers.dpo import FlowDPOTrainer
+    from qwen_image.scheduler import make_scheduler
     from qwen_image.tiny import tiny_transformer
 
     torch.manual_seed(0)
@@ -64,7 +65,8 @@ def run_mode(a: argparse.Namespace) -> dict:
         reference.module.to(device)
     args = SimpleNamespace(beta=100.0, loss_type="sigmoid", timestep_sampling="logit_normal", logit_mean=0.0,
                            logit_std=1.0, mode_scale=1.29, w_dpo=1.0, beta_kl=0.0, w_sft=0.0, loss_weighting="none")
-    trainer = SimpleNamespace(args=args, reference=reference, qwen=SimpleNamespace(transformer=policy))
+    trainer = SimpleNamespace(args=args, reference=reference, _model_dtype=None,
+                              qwen=SimpleNamespace(transformer=policy, scheduler=make_scheduler()))
     trainer.velocity = lambda *x, **k: QwenImageTrainer.velocity(trainer, *x, **k)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6)
     tokens = (a.resolution // 16) ** 2
@@ -122,7 +124,7 @@ def main() -> None:
     for mode in modes:
         cmd = [sys.executable, os.path.abspath(__file__), "--mode", mode] + sys.argv[1:]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
             rows.append({"mode": mode, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]})
             continue

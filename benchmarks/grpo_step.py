@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import torch
+from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 
 from align.losses import group_advantages, grpo_clip_loss, num_train_timesteps
@@ -96,9 +97,7 @@ def main() -> None:
     qwen.transformer.requires_grad_(False)
     qwen.transformer.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
                                             target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    for p in qwen.transformer.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
+    cast_training_params(qwen.transformer, torch.float32)
     reward = get_reward("brightness")
     print(f"device {device}, {'tiny' if not args.model else args.model}, {args.resolution}px, batch {args.batch}, "
           f"{args.steps} steps, CFG {args.cfg}, torch threads {torch.get_num_threads()}")

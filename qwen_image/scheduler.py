@@ -6,8 +6,6 @@ v = eps - x0 and is called with ``timestep = sigma``; an Euler step is x += (s_n
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -58,8 +56,3 @@ def inference_sigmas(
     scheduler.set_timesteps(sigmas=base, mu=shift_mu(scheduler, image_seq_len))
     return scheduler.sigmas.to(torch.float32).clone()
 
-
-def shift_sigmas(sigmas: torch.Tensor, image_seq_len: int, scheduler: FlowMatchEulerDiscreteScheduler) -> torch.Tensor:
-    """Apply Qwen-Image's resolution-dependent exponential shift to training sigmas (no terminal stretch)."""
-    mu = shift_mu(scheduler, image_seq_len)
-    return math.exp(mu) / (math.exp(mu) + (1 / sigmas.clamp_min(1e-6) - 1))

@@ -161,7 +161,7 @@ class OcrReward:
 
     Range [0, 1] (1 = the target text is read exactly); None when a sample has no target. The target is the
     ``text`` column when given (non-empty), else the quoted text of the prompt (``"..."``, ``“...”``,
-    ``「...」``, ``'...'``, see :func:`rewards.text.extract_quoted_text`). Both strings are NFKC-normalised,
+    ``「...」``, ``'...'``, ... see :func:`rewards.text.extract_quoted_text`). Both strings are NFKC-normalised,
     case-folded and stripped of all whitespace; recognised boxes are joined in reading order. Chinese and
     English. A failure on one image gives 0.0 for it (logged), as in flow_grpo.
 

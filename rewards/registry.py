@@ -10,6 +10,7 @@ excluded from means.
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 from typing import Any, Callable, Protocol
 
@@ -55,12 +56,31 @@ def register_reward(name: str, *, factory: bool | None = None, overwrite: bool =
     return deco
 
 
-def get_reward(name: str, **kwargs: Any) -> RewardFn:
-    """Build the reward registered as ``name`` (see :func:`available_rewards`) with keyword options."""
+def _lookup(name: str) -> tuple[Callable, bool]:
+    """``(reward or factory, is_factory)`` for a registry name or a dotted path ``my_pkg.my_module.my_reward``."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if "." not in name:
+        raise UnknownNameError(f"unknown reward {name!r}; available: {', '.join(available_rewards())} "
+                       "(or a dotted path like my_pkg.my_reward)")
+    # A dotted path, as TRL's GRPO script takes: a reward outside this package needs no edit of rewards/.
+    module_name, _, attr = name.rpartition(".")
     try:
-        obj, is_factory = _REGISTRY[name]
-    except KeyError:
-        raise UnknownNameError(f"unknown reward {name!r}; available: {', '.join(available_rewards())}") from None
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise UnknownNameError(f"reward {name!r}: cannot import {module_name!r} ({err})") from None
+    obj = getattr(module, attr, None)
+    if not callable(obj):
+        raise UnknownNameError(f"reward {name!r}: {module_name!r} has no callable {attr!r}")
+    if getattr(obj, "reward_name", None) in _REGISTRY:  # the module registered it itself: honour its factory flag
+        return _REGISTRY[obj.reward_name]
+    return obj, inspect.isclass(obj)
+
+
+def get_reward(name: str, **kwargs: Any) -> RewardFn:
+    """Build the reward registered as ``name`` (see :func:`available_rewards`), or the callable at the dotted path
+    ``name`` (``my_pkg.my_reward``: a function, or a class whose instances are rewards), with keyword options."""
+    obj, is_factory = _lookup(name)
     if is_factory:
         fn = obj(**kwargs)
         if getattr(fn, "reward_name", None) is None:

@@ -17,41 +17,41 @@ __all__ = [
     "text_accuracy",
 ]
 
-# Double-type quotes: ASCII "...", curly “...”, CJK corner brackets 「...」 and 『...』.
-# One alternation scanned left to right, so a quote nested inside another (“He said 'hi'”) stays part of
-# the outer match.
-_DOUBLE_QUOTES = re.compile(r'"([^"]*)"|“([^”]*)”|「([^」]*)」|『([^』]*)』|＂([^＂]*)＂')
-# Single-type quotes, only used when no double-type quote is present. An ASCII ' opens only when not
-# preceded by a Latin letter/digit and closes only when not followed by one, so apostrophes ("don't",
-# "cats'") are not taken as quotes. CJK characters may touch the quote: 写着'你好'的牌子.
-_SINGLE_QUOTES = re.compile(r"(?<![A-Za-z0-9])'([^']+?)'(?![A-Za-z0-9])|‘([^‘’]+)’")
+# The one rule for "the text a prompt asks to render", shared by the OCR reward, the OCR-agreement data filter and
+# the text-rendering evaluation. One alternation scanned left to right, so the outermost quote wins and a quote
+# nested inside another (“He said 'hi'”) stays part of the outer segment; every kind counts, so `"hi" and ‘bye’`
+# gives both segments.
+# - ASCII " ... ", fullwidth ＂ ... ＂, curly “ ... ”, CJK corner brackets 「 ... 」 and 『 ... 』.
+# - ASCII ' ... ' and curly ‘ ... ’ (and fullwidth ＇ ... ＇): the opening ' must not follow a Latin letter or digit
+#   and the closing ' / ’ must not precede one, so apostrophes are not quotes (don't, cats') and may sit inside a
+#   quote ('It's late', ‘it’s’); CJK text may touch the quote (写着'你好'的牌子).
+# - Not quotes: 《》 and 〈〉 mark titles of works in running Chinese text (阅读《红楼梦》的女孩 asks for no rendered
+#   text); quote the text to render with one of the marks above instead.
+_QUOTES = re.compile(
+    r'"([^"]*)"|＂([^＂]*)＂|“([^”]*)”|「([^」]*)」|『([^』]*)』|＇([^＇]*)＇'
+    r"|(?<![A-Za-z0-9])'([^\n]+?)'(?![A-Za-z0-9])"
+    r"|‘([^‘\n]+?)’(?![A-Za-z0-9])"
+)
 
 
-def _groups(pattern: re.Pattern, text: str) -> list[str]:
+def extract_quoted_text(prompt: str | None) -> list[str]:
+    """All quoted segments of ``prompt``, in order of appearance (the rule is in the comment above).
+
+    Empty or whitespace-only quotes are skipped; an unbalanced quote is ignored.
+
+    >>> extract_quoted_text('a sign that says "OPEN" and 「营业中」')
+    ['OPEN', '营业中']
+    >>> extract_quoted_text("don't write 'Hi' or ‘Bye’")
+    ['Hi', 'Bye']
+    """
+    if not prompt:
+        return []
     out = []
-    for m in pattern.finditer(text):
+    for m in _QUOTES.finditer(prompt):
         seg = next(g for g in m.groups() if g is not None)
         if seg.strip():
             out.append(seg)
     return out
-
-
-def extract_quoted_text(prompt: str) -> list[str]:
-    """All quoted segments of ``prompt``, in order.
-
-    Recognised quotes: ``"..."``, ``“...”``, ``「...」``, ``『...』`` (and fullwidth ``＂...＂``); if none of
-    those occur, ``'...'`` and ``‘...’``. Empty or whitespace-only quotes are skipped; an unbalanced quote
-    is ignored.
-
-    >>> extract_quoted_text('a sign that says "OPEN" and 「营业中」')
-    ['OPEN', '营业中']
-    """
-    if not prompt:
-        return []
-    segs = _groups(_DOUBLE_QUOTES, prompt)
-    if not segs:
-        segs = _groups(_SINGLE_QUOTES, prompt)
-    return segs
 
 
 def target_text(prompt: str, sep: str = " ") -> str | None:

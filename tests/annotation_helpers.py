@@ -1,6 +1,6 @@
 """Helpers for the Label Studio tests: a real server on a free loopback port, real annotator users.
 
-Annotators are created through the signup invite link (reference/labelstudio-multirater.md), so each has its
+Annotators are created through the signup invite link (docs/annotation.md), so each has its
 own session and its own API token, and posts its annotations itself.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""DPO under the sharded backends on CPU, 2 processes over gloo (commands and traps:
-../shared/reference/distributed-cpu.md). DDP through ``accelerate launch`` is in test_dpo_trainer.py.
+"""DPO under the sharded backends on CPU, 2 processes over gloo. DDP through ``accelerate launch`` is in
+test_dpo_trainer.py.
 
 - FSDP2: Accelerate falls back to DDP on CPU, so the script shards the tiny transformer's blocks with raw
   ``fully_shard`` and runs the trainer's ``dpo_terms`` (LoRA with bf16 mixed precision; full fine-tune with a sharded

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from align.losses import gaussian_kl, group_advantages, grpo_clip_loss, num_train_timesteps, velocity_kl
+from align.losses import gaussian_kl, group_advantages, grpo_clip_loss, num_train_timesteps
 
 
 def test_group_advantages_match_hand_computation():
@@ -78,11 +78,6 @@ def test_gaussian_kl_forms():
     assert ex.tolist() == pytest.approx(torch.distributions.kl_divergence(p, q).sum(1).tolist(), rel=1e-5)
     with pytest.raises(ValueError, match="kl_form"):
         gaussian_kl(mean, ref, std_t, dt, form="k3")
-
-
-def test_velocity_kl():
-    v = torch.tensor([[[1.0, 3.0]]])
-    assert velocity_kl(v, torch.zeros_like(v)).tolist() == [5.0]
 
 
 def test_num_train_timesteps():

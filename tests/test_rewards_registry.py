@@ -95,3 +95,27 @@ def test_per_prompt_advantages():
     # global std of [1,3,0,4] = sqrt(2.5)
     assert g[0] == pytest.approx(-1 / 2.5 ** 0.5, abs=1e-3) and g[3] == pytest.approx(2 / 2.5 ** 0.5, abs=1e-3)
     assert max(per_prompt_advantages(["a", "a"], [0.0, 1.0], clip=0.5)) == 0.5
+
+
+def test_reward_by_dotted_path(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards_pkg").mkdir()
+    (tmp_path / "my_rewards_pkg" / "__init__.py").write_text("")
+    (tmp_path / "my_rewards_pkg" / "scores.py").write_text(
+        "def prompt_length(prompts, images, scale=1.0, **columns):\n"
+        "    return [scale * len(p) for p in prompts]\n\n"
+        "class Constant:\n"
+        "    def __init__(self, value=0.5):\n"
+        "        self.value = value\n\n"
+        "    def __call__(self, prompts, images, **columns):\n"
+        "        return [self.value] * len(prompts)\n"
+        "NOT_CALLABLE = 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fn = get_reward("my_rewards_pkg.scores.prompt_length", scale=2.0)
+    assert fn(["abc", "a"], [None, None]) == [6.0, 2.0]
+    assert get_reward("my_rewards_pkg.scores.Constant", value=0.25)(["x"], [None]) == [0.25]
+    mixed = combine(["my_rewards_pkg.scores.prompt_length", "my_rewards_pkg.scores.Constant"], [1.0, 2.0])
+    assert mixed(["ab"], [None]) == [2.0 + 2 * 0.5]
+    with pytest.raises(KeyError, match="cannot import 'no_such_pkg'"):
+        get_reward("no_such_pkg.reward")
+    with pytest.raises(KeyError, match="has no callable 'NOT_CALLABLE'"):
+        get_reward("my_rewards_pkg.scores.NOT_CALLABLE")

@@ -19,12 +19,21 @@ from rewards.text import extract_quoted_text, levenshtein, normalize_text, targe
         ("don't write 'Hi'", ["Hi"]),
         ('a sign "A" and a sign "B"', ["A", "B"]),
         ('She said “It\'s \'great\'”', ["It's 'great'"]),  # nested quote stays in the outer one
-        ('double quotes win: "X" over \'Y\'', ["X"]),
+        ('every quote kind counts: "X" and \'Y\'', ["X", "Y"]),
         ('empty "" and "  " quotes', []),
         ('unbalanced "quote', []),
         ("no quotes at all", []),
         ("", []),
         ("curly single ‘Bonjour’ quote", ["Bonjour"]),
+        # The cases the OCR reward, the data filter and the evaluation used to disagree on (one rule now).
+        ("a sign saying 'OPEN'", ["OPEN"]),
+        ("＂SALE＂ in red", ["SALE"]),
+        ('"hi" and ‘bye’', ["hi", "bye"]),
+        ("'It's late' on a clock", ["It's late"]),  # an apostrophe inside a quote
+        ("‘it’s open’ and it’s fine", ["it’s open"]),  # curly apostrophes are not closers
+        ("rock'n'roll night", []),  # quotes inside a word are apostrophes
+        ("阅读《红楼梦》的女孩", []),  # title marks are not quotes
+        ("招牌上写着＂营业中＂和＇OPEN＇", ["营业中", "OPEN"]),
     ],
 )
 def test_extract_quoted_text(prompt, expected):
@@ -69,7 +78,7 @@ def test_text_accuracy_hand_values():
 
 
 def test_brightness_and_jpeg_compressibility():
-    from rewards import brightness, get_reward, jpeg_compressibility
+    from rewards import brightness, get_reward
 
     white, black = Image.new("RGB", (64, 64), "white"), Image.new("RGB", (64, 64), "black")
     gray = Image.new("RGB", (64, 64), (128, 128, 128))
@@ -92,3 +101,22 @@ def test_rewards_accept_arrays_and_tensors():
     assert brightness(["a", "b"], nchw) == pytest.approx([0.0, 1.0])
     hwc = np.full((8, 8, 3), 255, np.uint8)
     assert brightness(["a"], [hwc]) == pytest.approx([1.0])
+
+
+@pytest.mark.parametrize("prompt, expected", [
+    ("a sign saying 'OPEN'", "OPEN"),
+    ("＂SALE＂", "SALE"),
+    ('"hi" and ‘bye’', "hi bye"),
+    ("don't park here", None),
+])
+def test_reward_filter_and_evaluation_read_the_same_target(prompt, expected):
+    """The OCR reward, the OCR-agreement data filter and the text-rendering evaluation agree on the target."""
+    from align.datatools import OCRAgreementFilter
+    from align.evaluation.text_rendering import evaluate_text_rendering
+    from rewards.ocr import _targets
+
+    assert _targets([prompt], None) == [expected]
+    assert OCRAgreementFilter(text_column=None).target({"prompt": prompt}) == expected
+    image = Image.new("RGB", (8, 8))
+    result = evaluate_text_rendering(lambda ps: [image] * len(ps), [prompt], ocr=lambda ims: ["x"] * len(ims))
+    assert result["per_prompt"][0]["target"] == expected

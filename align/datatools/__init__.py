@@ -1,7 +1,8 @@
 """Data tools from the Qwen-Image data recipe: image filters, near-duplicate removal, caption/OCR agreement,
 synthetic text rendering (plain / scene / template), rare-character strings, and an imagefolder writer.
 
-Heavy or sibling imports (``imagehash``, ``rewards``) happen lazily inside the functions that need them.
+Heavy imports (``imagehash``, the OCR reward) happen lazily inside the functions that need them; the quoted-text
+rule comes from ``rewards.text`` (pure Python), the one place for it.
 """
 
 from .filtering import FilterReport, filter_dataset, filter_images, load_image

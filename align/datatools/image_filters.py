@@ -13,7 +13,6 @@ the near-duplicate filter is the only one). ``align.datatools.filter_dataset`` r
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -21,6 +20,8 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UserError
+# The project's one rule for the text a caption asks to render (also used by the OCR reward and the evaluation).
+from rewards.text import extract_quoted_text, target_text
 
 __all__ = [
     "to_luma",
@@ -102,20 +103,6 @@ def hamming_distance(a, b) -> int:
     a = getattr(a, "hash", a)
     b = getattr(b, "hash", b)
     return int(np.count_nonzero(np.asarray(a).ravel() != np.asarray(b).ravel()))
-
-
-_QUOTES = [(r'"', r'"'), ("\u201c", "\u201d"), ("\u300c", "\u300d"), ("\u300e", "\u300f"), ("\u2018", "\u2019")]
-_QUOTE_RES = [re.compile(re.escape(o) + r"(.+?)" + re.escape(c), re.S) for o, c in _QUOTES]
-
-
-def extract_quoted_text(caption: str | None) -> list[str]:
-    """The quoted spans of a caption in order of appearance: "...", “...”, 「...」, 『...』, ‘...’."""
-    if not caption:
-        return []
-    hits: list[tuple[int, str]] = []
-    for rx in _QUOTE_RES:
-        hits += [(m.start(), m.group(1)) for m in rx.finditer(caption)]
-    return [t for _, t in sorted(hits) if t.strip()]
 
 
 # --------------------------------------------------------------------------------------------------- filters
@@ -285,7 +272,7 @@ class OCRAgreementFilter(ImageFilter):
     """Caption/OCR agreement for text images: drop rows whose OCR text disagrees with the caption's quoted text.
 
     The target is ``row[text_column]`` when given and present, else the quoted spans of ``row[prompt_column]``
-    ("...", “...”, 「...」). Rows without a target are not text images and are kept.
+    (:func:`rewards.text.extract_quoted_text`). Rows without a target are not text images and are kept.
 
     ``scorer``: a reward-style callable ``scorer(prompts, images, **columns) -> list[float | None]`` in [0, 1]
     (None = not applicable = keep). Default: ``rewards.get_reward("ocr")`` from this repository (imported
@@ -313,8 +300,7 @@ class OCRAgreementFilter(ImageFilter):
         row = row or {}
         if self.text_column and row.get(self.text_column):
             return str(row[self.text_column])
-        quoted = extract_quoted_text(row.get(self.prompt_column))
-        return " ".join(quoted) if quoted else None
+        return target_text(row.get(self.prompt_column) or "")
 
     def __call__(self, image, row=None):
         target = self.target(row)

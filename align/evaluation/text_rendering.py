@@ -4,7 +4,8 @@
     result["mean"]          # {"word_accuracy": ..., "ned": ..., "char_accuracy": ..., "exact": ...}
     result["per_prompt"]    # one dict per prompt: prompt, target, recognized, the metrics
 
-Targets are the quoted text of each prompt ("...", “...”, 「...」) unless ``targets`` gives them. OCR defaults to
+Targets are the quoted text of each prompt (``rewards.text.target_text``, the rule the OCR reward and the data filter
+use too) unless ``targets`` gives them. OCR defaults to
 RapidOCR through ``rewards.recognize_text`` (this repository; imported lazily).
 """
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 import re
 import unicodedata
 from typing import Any, Callable, Sequence
+
+from rewards.text import target_text
 
 __all__ = ["normalize", "edit_distance", "word_accuracy", "ned_score", "char_accuracy", "split_words",
            "evaluate_text_rendering"]
@@ -95,13 +98,6 @@ def _default_ocr(images):
     return [recognize_text(im, line_sep=" ") for im in images]
 
 
-def _target(prompt: str) -> str | None:
-    from align.datatools.image_filters import extract_quoted_text
-
-    q = extract_quoted_text(prompt)
-    return " ".join(q) if q else None
-
-
 def _mean(xs):
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None
@@ -127,7 +123,7 @@ def evaluate_text_rendering(generate: Callable[[list[str]], Sequence[Any]], prom
     prompts = list(prompts)
     if targets is not None and len(targets) != len(prompts):
         raise ValueError(f"{len(targets)} targets for {len(prompts)} prompts")
-    tg = [(targets[i] if targets is not None and targets[i] else _target(p)) for i, p in enumerate(prompts)]
+    tg = [(targets[i] if targets is not None and targets[i] else target_text(p or "")) for i, p in enumerate(prompts)]
     ocr = ocr or _default_ocr
     rows = []
     batches = range(0, len(prompts), batch_size)

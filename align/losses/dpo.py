@@ -1,4 +1,5 @@
-"""Flow-DPO (Diffusion-DPO on velocities, the Qwen-Image report's form) with TRL's ``loss_type`` variants.
+"""Flow-DPO (Diffusion-DPO on velocities, the Qwen-Image report's form) with TRL's ``loss_type`` variants
+(docs/math.md, "Flow-DPO").
 
 Inputs are per-sample mean-over-dims squared velocity errors (``velocity_error``) of the policy and of the frozen
 reference on the winner (chosen) and loser (rejected) of each pair, computed with the SAME noise and sigma for both.

@@ -1,5 +1,5 @@
 """Flow-GRPO objective pieces as pure functions: group advantages, the clipped ratio loss, and the closed-form
-KL between two SDE-step Gaussians that share their std. Formulas: shared/reference/alignment.md §1, DESIGN §5.
+KL between two SDE-step Gaussians that share their std. Formulas, conventions and why: docs/math.md ("Flow-GRPO").
 """
 
 from __future__ import annotations
@@ -110,12 +110,6 @@ def gaussian_kl(
     if dt == 0:
         raise ValueError("exact KL needs a step with dt != 0")
     return diff2.sum(dim=dims) / (2 * var * abs(float(dt)))
-
-
-def velocity_kl(v: torch.Tensor, v_ref: torch.Tensor) -> torch.Tensor:
-    """The KL proxy on DPO batches: ``||v - v_ref||^2`` averaged over dims, per sample (B,), in fp32."""
-    diff2 = (v.float() - v_ref.float()) ** 2
-    return diff2.mean(dim=tuple(range(1, diff2.dim())))
 
 
 def num_train_timesteps(num_sde_steps: int, timestep_fraction: float) -> int:

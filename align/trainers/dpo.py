@@ -2,7 +2,7 @@
 
 ``compute_loss`` is a weighted sum of named terms so the combined objective can extend it:
 ``L = w_dpo * L_DPO + beta_kl * KL + w_sft * L_FM + w_grpo * L_GRPO`` (+ whatever ``extra_loss_terms`` adds).
-On DPO batches KL is the velocity form ``mean ||v_theta - v_ref||^2`` and the SFT term is flow matching on the
+On DPO batches KL is the velocity form ``mean ||v_theta - v_ref||^2`` (docs/math.md) and the SFT term is flow matching on the
 chosen image; both reuse the forwards DPO already made. The GRPO term comes from a subclass overriding
 ``extra_loss_terms`` (the combined trainer). Every term is logged separately (``loss/<name>``): their scales differ
 by orders of magnitude.
@@ -96,7 +96,8 @@ class FlowDPOTrainer(QwenImageTrainer):
         device = x_w.device
         noise = torch.randn(x_w.shape, generator=generator, dtype=torch.float32).to(device)
         sigma = sample_sigmas(batch, args.timestep_sampling, image_seq_len=seq_len, logit_mean=args.logit_mean,
-                              logit_std=args.logit_std, mode_scale=args.mode_scale, generator=generator, device=device)
+                              logit_std=args.logit_std, mode_scale=args.mode_scale, scheduler=self.qwen.scheduler,
+                              generator=generator, device=device)
         # Winner and loser in one 2B batch: one forward each for policy and reference, identical noise and sigma.
         x0 = torch.cat([x_w, x_l]).float()
         noisy, target = make_noisy(x0, noise.repeat(2, 1, 1), sigma.repeat(2))

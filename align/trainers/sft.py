@@ -28,7 +28,7 @@ from ..errors import UserError
 from ..configs import QwenImageTrainingConfig
 from ..data.buckets import DEFAULT_ASPECT_RATIOS, BucketBatchSampler, BucketSizeFn
 from ..data.edit import collate_edit
-from ..data.encoding import collate_encoded, encode_dataset
+from ..data.encoding import collate_encoded, encode_dataset, tensor_format
 from ..data.loading import load_image_dataset, validate_rows
 from ..data.ratings import AGGREGATES, FilterSummary, filter_by_ratings
 from ..data.schedule import PhaseSchedule, parse_phases
@@ -161,7 +161,7 @@ def prepare_sft_data(config: SFTConfig, qwen: QwenImage, rows: tuple[Dataset, Fi
 
     dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     latent = f"{config.image_column}_latents"
-    dataset = dataset.with_format("torch", columns=["prompt_embeds", "height", "width", latent], output_all_columns=True)
+    dataset = tensor_format(dataset, [latent])
 
     empty = None
     if config.caption_dropout > 0:
@@ -250,7 +250,8 @@ class SFTTrainer(QwenImageTrainer):
         batch = x0.shape[0]
         gen = self._generator()
         sigma = sample_sigmas(batch, args.timestep_sampling, image_seq_len=x0.shape[1], logit_mean=args.logit_mean,
-                              logit_std=args.logit_std, mode_scale=args.mode_scale, generator=gen)
+                              logit_std=args.logit_std, mode_scale=args.mode_scale, scheduler=self.qwen.scheduler,
+                              generator=gen)
         noise = torch.randn(x0.shape, generator=gen).to(x0.device)
         embeds, mask = inputs["prompt_embeds"], inputs["prompt_mask"]
         if args.caption_dropout > 0 and self.data.empty_prompt is not None:

@@ -24,6 +24,7 @@ from align.trainers.base import QwenImageTrainer
 from align.trainers.dpo import FlowDPOTrainer
 from qwen_image.latents import img_shapes
 from qwen_image.sampling import Conditioning, predict_velocity
+from qwen_image.scheduler import make_scheduler
 from qwen_image.tiny import tiny_transformer
 
 LORA = SimpleNamespace(lora_rank=4, lora_alpha=8, lora_dropout=0.0, lora_init="gaussian", init_adapter=None,
@@ -60,7 +61,8 @@ def main(out: str, mode: str) -> dict:
     reference = ReferenceModel.from_policy(policy, finetune)
     shard_transformer(policy, mesh=mesh, mp_policy=mp)
     reference.prepare(fsdp_mesh=mesh, mp_policy=mp)
-    trainer = SimpleNamespace(args=ARGS, reference=reference, qwen=SimpleNamespace(transformer=policy))
+    trainer = SimpleNamespace(args=ARGS, reference=reference, _model_dtype=None,
+                              qwen=SimpleNamespace(transformer=policy, scheduler=make_scheduler()))
     trainer.velocity = lambda *a, **k: QwenImageTrainer.velocity(trainer, *a, **k)
 
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
