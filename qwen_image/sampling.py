@@ -7,7 +7,7 @@ edit models (Edit-2509 / 2511) the reference images' packed VAE latents with the
 of the output, as ``QwenImageEditPlusPipeline`` does, so every caller (samplers, losses, rollouts, the reference
 model) trains or samples an edit model without knowing it is one. Text-to-image is the case ``references=None``.
 
-All SDE math runs in fp32 (bf16 overflows in the log-prob). Formulas: ../shared/reference/alignment.md §1.
+All SDE math runs in fp32 (bf16 overflows in the log-prob). Formulas and conventions: docs/math.md.
 """
 
 from __future__ import annotations
