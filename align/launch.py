@@ -176,7 +176,7 @@ def _checkpoint_step(path: Path) -> int | None:
 def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest ``checkpoint-N`` whose trainer state is readable. Incomplete ones (a run killed while an old,
     non-atomic save was writing) are skipped with a warning rather than resumed from."""
-    for step, path in reversed(_checkpoints(Path(output_dir))):
+    for _step, path in reversed(_checkpoints(Path(output_dir))):
         if _checkpoint_step(path) is not None:
             return path
         logger.warning("skipping %s: incomplete checkpoint (no readable trainer_state.json)", path)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -70,7 +69,7 @@ class Architecture:
 
     @property
     def block_params(self) -> int:
-        return sum(l.in_features * l.out_features + (l.out_features if l.bias else 0) for l in self.block_linears) + self.block_other_params
+        return sum(lin.in_features * lin.out_features + (lin.out_features if lin.bias else 0) for lin in self.block_linears) + self.block_other_params
 
 
 @lru_cache(maxsize=8)
@@ -93,7 +92,7 @@ def architecture(config_json: str | None = None) -> Architecture:
     in_blocks = sum(p.numel() for b in model.transformer_blocks for p in b.parameters())
     total = sum(p.numel() for p in model.parameters())
     # The modulation Linears act on the timestep embedding, which needs no grad: their weights are not saved.
-    grad_weight = sum(l.in_features * l.out_features for l in linears if not l.name.endswith("_mod.1"))
+    grad_weight = sum(lin.in_features * lin.out_features for lin in linears if not lin.name.endswith("_mod.1"))
     return Architecture(len(model.transformer_blocks), model.inner_dim, tuple(linears), other, total - in_blocks, grad_weight)
 
 
@@ -239,7 +238,7 @@ def estimate(o: Options, arch: Architecture | None = None) -> Estimate:
     arch = arch or architecture(None)
     est = Estimate(o)
     db = o.dtype_bytes
-    block = sum(linear_weight_bytes(l, o.base_storage, db, o.nested) for l in arch.block_linears) + arch.block_other_params * db
+    block = sum(linear_weight_bytes(lin, o.base_storage, db, o.nested) for lin in arch.block_linears) + arch.block_other_params * db
     on_gpu_blocks = arch.num_blocks
     if o.weight_streaming == "blocks":
         on_gpu_blocks = min(arch.num_blocks, o.resident_blocks + 2)
@@ -248,8 +247,8 @@ def estimate(o: Options, arch: Architecture | None = None) -> Estimate:
     est.parts["weights"] = weights / GIB
     if o.finetune == "lora":
         targets = set(o.lora_targets)
-        lora = arch.num_blocks * sum(o.lora_rank * (l.in_features + l.out_features) for l in arch.block_linears
-                                     if any(l.name == t or l.name.endswith("." + t) for t in targets))
+        lora = arch.num_blocks * sum(o.lora_rank * (lin.in_features + lin.out_features) for lin in arch.block_linears
+                                     if any(lin.name == t or lin.name.endswith("." + t) for t in targets))
         est.parts["LoRA"] = lora * 4 / GIB
         est.parts["grads"] = lora * 4 / GIB
         est.parts["optimizer"] = lora * (2 if o.optimizer_8bit else 8) / GIB

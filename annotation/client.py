@@ -86,7 +86,6 @@ class LabelStudioClient:
     # ---- retry / error mapping ------------------------------------------------------------------------
     def call(self, what: str, fn: Callable[[], Any], idempotent: bool = True) -> Any:
         """Run ``fn`` with retries and exponential backoff (with jitter); map failures to AnnotationError."""
-        from label_studio_sdk.core.api_error import ApiError
 
         attempt = 0
         while True:
@@ -145,7 +144,6 @@ class LabelStudioClient:
         return min(p.id for p in matches) if matches else None
 
     def get_project(self, project_id: int) -> dict:
-        from label_studio_sdk.core.api_error import ApiError
         try:
             p = self.call(f"get project {project_id}",
                           lambda: self.sdk.projects.get(id=project_id, request_options=_NO_SDK_RETRY))

@@ -69,7 +69,7 @@ def generate_pairs(prompts_file: Path, out: Path, *, checkpoint: str | None = No
         raise AnnotationError("--num-candidates must be at least 2 to form pairs")
     if pairing == "best-worst" and not reward:
         raise AnnotationError("best-worst pairing needs --reward NAME (a reward from rewards/)")
-    from qwen_image import QwenImage   # lazy: torch + diffusers
+    from qwen_image import QwenImage  # lazy: torch + diffusers
 
     if checkpoint:
         model = QwenImage.from_pretrained(checkpoint, torch_dtype=dtype, device=device)
@@ -96,7 +96,8 @@ def generate_pairs(prompts_file: Path, out: Path, *, checkpoint: str | None = No
     scores = None
     if reward:
         from PIL import Image
-        from rewards import get_reward   # lazy: may load a scoring model
+
+        from rewards import get_reward  # lazy: may load a scoring model
         fn = get_reward(reward)
         scores = [float(x) if x is not None else float("-inf") for x in
                   fn([c["prompt"] for c in candidates], [Image.open(out / c["image"]) for c in candidates])]

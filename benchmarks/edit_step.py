@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from sft_step import StepTimer, write_data  # noqa: E402
+from sft_step import config as sft_config
 
-from sft_step import StepTimer, config as sft_config, write_data  # noqa: E402
 from align.modeling import load_qwen_image  # noqa: E402
 from align.trainers.base import release_text_encoder  # noqa: E402
 from align.trainers.sft import SFTTrainer, prepare_sft_data  # noqa: E402

@@ -36,7 +36,7 @@ from peft import LoraConfig, inject_adapter_in_model  # noqa: E402
 
 from align import memory as estimator  # noqa: E402
 from align.configs import DEFAULT_LORA_TARGETS  # noqa: E402
-from align.lowvram import BlockStreamer, quantize_linears, storage_bytes, tensor_bytes  # noqa: E402
+from align.lowvram import BlockStreamer, quantize_linears, tensor_bytes  # noqa: E402
 
 GIB = 2**30
 FORMATS = {"bf16": ("none", False), "fp8": ("fp8", False), "int8": ("int8", False), "nf4": ("nf4", False),

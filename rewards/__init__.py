@@ -11,8 +11,8 @@ Every reward has one signature::
 
 from __future__ import annotations
 
-from .edit import EditTextReward, SourceConsistency, requested_text
 from .combine import CombinedResult, CombinedReward, combine, mean_ignore_none, per_prompt_advantages
+from .edit import EditTextReward, SourceConsistency, requested_text
 from .images import to_pil, to_pil_list
 from .models import AestheticScore, ClipScore, HPSv2, PickScore, load_clip, load_linear_head
 from .ocr import OcrReward, get_ocr_engine, ocr_boxes, ocr_reward, recognize_text, sort_reading_order

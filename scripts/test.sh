@@ -9,4 +9,6 @@ PY=${PYTHON:-python3}
 .venv/bin/pip install -q --disable-pip-version-check wheel==0.48.0 setuptools==84.2.1
 .venv/bin/pip install -q --disable-pip-version-check --no-build-isolation deepspeed==0.19.8
 if [ -f annotation/install_labelstudio.sh ]; then bash annotation/install_labelstudio.sh; fi
+# Lint first (ruff config in pyproject.toml): a finding fails the run in seconds, before the ~15 min suite.
+.venv/bin/ruff check --quiet .
 exec .venv/bin/python -m pytest "$@"

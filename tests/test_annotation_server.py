@@ -15,8 +15,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from annotation_helpers import (annotate, pairwise_result, rating_result, signup, start_server,  # noqa: E402
-                                task_ids_by)
+from annotation_helpers import annotate, pairwise_result, rating_result, signup, start_server, task_ids_by  # noqa: E402
 
 from annotation.agreement import fleiss_kappa, krippendorff_alpha  # noqa: E402
 from annotation.cli import main  # noqa: E402

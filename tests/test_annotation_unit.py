@@ -162,7 +162,7 @@ def test_configs_parse_with_the_sdk_label_interface():
 def test_build_tasks_rejects_paths_outside_the_storage_root(tmp_path):
     from PIL import Image
 
-    from annotation.push import ImagePlacement, build_tasks, PAIRS
+    from annotation.push import PAIRS, ImagePlacement, build_tasks
     (tmp_path / "doc" / "run").mkdir(parents=True)
     for n in ("a.png", "b.png"):
         Image.new("RGB", (4, 4)).save(tmp_path / "doc" / "run" / n)

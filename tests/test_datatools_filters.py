@@ -15,9 +15,9 @@ from align.datatools import (
     extract_quoted_text,
     filter_dataset,
     filter_images,
+    hamming_distance,
     laplacian_variance,
     perceptual_hash,
-    hamming_distance,
     render_text_image,
     rms_contrast,
 )

@@ -160,7 +160,7 @@ def test_write_imagefolder_loads_with_datasets(tmp_path):
 
     rows = synthesize_text_images(["新品上市", "Sale"], modes=("plain", "scene"), size=(64, 64), seed=0)
     out = write_imagefolder(rows, tmp_path / "folder", ratings=[[5, 4, 5]] * len(rows))
-    lines = [json.loads(l) for l in (out / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
+    lines = [json.loads(line) for line in (out / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(lines) == 4 and lines[0]["file_name"] == "000000.png" and lines[0]["text"] == "新品上市"
     ds = datasets.load_dataset("imagefolder", data_dir=str(out), split="train")
     assert len(ds) == 4

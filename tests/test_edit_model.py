@@ -1,12 +1,12 @@
 """The edit conditioning seam and the tiny edit models (Edit-2509 / Edit-2511 layouts) against diffusers."""
 
+import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as edit_plus
 import numpy as np
 import pytest
 import torch
 from diffusers import QwenImageEditPlusPipeline
 from PIL import Image
 
-import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as edit_plus
 from qwen_image import QwenImage, QwenImageInputError
 from qwen_image.latents import img_shapes
 from qwen_image.model import is_edit_checkpoint

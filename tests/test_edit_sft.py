@@ -11,7 +11,8 @@ import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as edit_plus
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset, Image as ImageFeature, List
+from datasets import Dataset, List
+from datasets import Image as ImageFeature
 from PIL import Image
 from safetensors.torch import load_file
 

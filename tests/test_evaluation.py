@@ -139,7 +139,7 @@ def test_bradley_terry_closed_form_for_two_players():
 def test_bootstrap_ci_contains_point_and_is_seeded():
     rows = [("A", "B")] * 8 + [("B", "A")] * 2 + [("B", "C")] * 6 + [("C", "B")] * 4
     ci = bootstrap_ratings(rows, method="bt", rounds=60, seed=0)
-    for name, d in ci.items():
+    for _name, d in ci.items():
         assert d["lower"] <= d["median"] <= d["upper"]
         assert d["lower"] < d["upper"]
     assert ci == bootstrap_ratings(rows, method="bt", rounds=60, seed=0)

@@ -15,8 +15,7 @@ from align.launch import parse_config
 from align.losses import grpo_clip_loss
 from align.rollouts import recompute_log_prob
 from align.trainers.combined import DPOGRPOConfig, DPOGRPOTrainer
-from align.trainers.dpo import build_datasets
-from align.trainers.dpo import FlowDPOTrainer
+from align.trainers.dpo import FlowDPOTrainer, build_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_helpers import perturbed_lora
 
 from align.rollouts import generate_rollouts, recompute_log_prob
 from qwen_image import QwenImage
-from lora_helpers import perturbed_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 GRPO_RECIPE = str(ROOT / "recipes/tiny/grpo_brightness.yaml")

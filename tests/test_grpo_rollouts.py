@@ -3,10 +3,10 @@ before any update; an update moves it."""
 
 import pytest
 import torch
+from lora_helpers import perturbed_lora
 
 from align.losses import grpo_clip_loss
 from align.rollouts import generate_rollouts, recompute_log_prob, sde_window_for
-from lora_helpers import perturbed_lora
 
 
 @pytest.fixture(scope="module")

@@ -122,8 +122,8 @@ def test_without_checkpointing_a_quantised_base_keeps_full_precision_weight_copi
         params = {p.untyped_storage().data_ptr() for p in model.parameters() if type(p.data) is torch.Tensor}
         return sum(1 for t in found if (t.untyped_storage().data_ptr() not in params) == new)
 
-    from qwen_image.tiny import tiny_transformer
     from align.configs import DEFAULT_LORA_TARGETS
+    from qwen_image.tiny import tiny_transformer
 
     def model(storage="int8"):
         m = tiny_transformer(0)

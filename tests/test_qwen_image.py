@@ -8,7 +8,7 @@ from PIL import Image
 
 from qwen_image import QwenImage, QwenImageInputError, pack, unpack
 from qwen_image.latents import img_shapes
-from qwen_image.sampling import Conditioning, sample, sde_step
+from qwen_image.sampling import sample, sde_step
 from qwen_image.scheduler import inference_sigmas
 from qwen_image.text import EDIT_DROP_TOKENS, EDIT_SYSTEM, T2I_DROP_TOKENS, T2I_TEMPLATE
 

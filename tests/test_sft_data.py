@@ -4,13 +4,14 @@ import json
 
 import numpy as np
 import pytest
-from datasets import Dataset, Image as ImageFeature
+from datasets import Dataset
+from datasets import Image as ImageFeature
 from PIL import Image
 
-from align.errors import UserError
 from align.data.buckets import BucketBatchSampler, BucketSizeFn, bucket_sizes, nearest_bucket
 from align.data.loading import load_image_dataset, validate_rows
 from align.data.schedule import PhaseSchedule, parse_phases
+from align.errors import UserError
 
 
 def write_folder(root, rows, sizes=None):

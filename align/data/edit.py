@@ -23,7 +23,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from datasets import Dataset, Image as ImageFeature, List
+from datasets import Dataset, List
+from datasets import Image as ImageFeature
 from PIL import Image
 
 from qwen_image import QwenImage, References, pack

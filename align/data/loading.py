@@ -9,7 +9,8 @@ import os
 from pathlib import Path
 from typing import Callable, Sequence
 
-from datasets import Dataset, Image as ImageFeature, load_dataset, load_from_disk
+from datasets import Dataset, load_dataset, load_from_disk
+from datasets import Image as ImageFeature
 from PIL import Image
 
 from ..errors import UserError

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, Image, load_dataset, load_from_disk
+from datasets import Dataset, Image, load_from_disk
 
 from ..errors import UserError
 

@@ -7,14 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-
 from ..errors import UserError
 
 
 def _read_lines(path: str) -> list[str]:
     if not Path(path).is_file():
         raise UserError(f"--texts-file {path}: no such file")
-    return [l.strip() for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()]
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _check_out(out: Path, overwrite: bool) -> None:

@@ -11,7 +11,6 @@ from typing import Any, Iterable, Sequence
 from PIL import Image
 
 from ..images import to_rgb
-
 from .image_filters import ImageFilter
 
 __all__ = ["FilterReport", "filter_dataset", "filter_images", "load_image"]

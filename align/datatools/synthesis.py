@@ -172,7 +172,7 @@ def _layout(text: str, style: str, size: int, layout: str, box_w: float, box_h: 
         lines = _wrap(text, font, box_w, stroke)
         if lines is None:
             return None
-        w = max(font.getlength(l) for l in lines) + 2 * stroke
+        w = max(font.getlength(line) for line in lines) + 2 * stroke
         h = lh * len(lines)
     else:
         lines = [text]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections import defaultdict
 import shutil
+from collections import defaultdict
 from pathlib import Path
 from typing import Mapping
 

@@ -18,11 +18,11 @@ from typing import Any, Sequence
 import torch
 from transformers import set_seed
 
-from ..errors import UserError
 from ..configs import QwenImageTrainingConfig
 from ..data.edit import collate_edit, encode_edit_dataset, load_edit_preference_dataset
 from ..data.encoding import collate_encoded, encode_dataset
 from ..data.preference import IMAGE_COLUMNS, load_preference_dataset
+from ..errors import UserError
 from ..launch import parse_config, prepare_run
 from ..losses import DPO_LOSS_TYPES, flow_dpo_loss, flow_matching_loss, make_noisy, sample_sigmas, velocity_error
 from ..modeling import load_qwen_image, model_identity, place_encoders, uses_edit_model

@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from trl.trainer.utils import RepeatSampler
 
 from qwen_image import QwenImage
 from qwen_image.sampling import sde_step
 
-from trl.trainer.utils import RepeatSampler
-
 from ..data.prompts import collate_prompts
+from ..errors import UserError
 from ..losses.grpo import (
     KL_FORMS,
     POLICY_LOSSES,
@@ -41,7 +41,6 @@ from ..losses.grpo import (
     num_train_timesteps,
     rewards_tensor,
 )
-from ..errors import UserError
 from ..rollouts import RolloutBatch, generate_rollouts, recompute_log_prob, score_images, sde_window_for
 from .base import MetricLog
 

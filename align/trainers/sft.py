@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import partial
@@ -24,7 +23,6 @@ from transformers import TrainerCallback, set_seed
 
 from qwen_image import QwenImage
 
-from ..errors import UserError
 from ..configs import QwenImageTrainingConfig
 from ..data.buckets import DEFAULT_ASPECT_RATIOS, BucketBatchSampler, BucketSizeFn
 from ..data.edit import collate_edit
@@ -32,9 +30,10 @@ from ..data.encoding import collate_encoded, encode_dataset, tensor_format
 from ..data.loading import load_image_dataset, validate_rows
 from ..data.ratings import AGGREGATES, FilterSummary, filter_by_ratings
 from ..data.schedule import PhaseSchedule, parse_phases
+from ..errors import UserError
 from ..launch import parse_config, prepare_run
 from ..losses import flow_matching_loss, make_noisy, sample_sigmas
-from ..modeling import uses_edit_model, load_qwen_image, model_identity
+from ..modeling import load_qwen_image, model_identity, uses_edit_model
 from .base import QwenImageTrainer, release_text_encoder
 
 logger = logging.getLogger(__name__)

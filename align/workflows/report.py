@@ -121,7 +121,7 @@ def plot_ocr_bars(per_stage: dict[str, list[float]], labels: Sequence[str], path
     draw.text((4, base - 6), "0.0", fill="gray", font=font)
     for i, label in enumerate(labels):
         x = 50 + i * (len(per_stage) * bar + gap)
-        for j, (stage, values) in enumerate(per_stage.items()):
+        for j, values in enumerate(per_stage.values()):
             v = max(0.0, min(1.0, values[i]))
             draw.rectangle([x + j * bar, base - v * h, x + (j + 1) * bar - 2, base], fill=colors[j % len(colors)])
         draw.text((x, base + 6), label, fill="black", font=font)
@@ -212,7 +212,7 @@ def _gain_cell(g: dict) -> str:
 def gain_table(gains: dict) -> list[str]:
     """Markdown rows: one per (stage, prompt set) with means, the gain and its interval."""
     rows = ["| stage | prompts | OCR before | OCR after | gain [95 % interval] |", "|---|---|---|---|---|"]
-    for key, g in gains.items():
+    for _key, g in gains.items():
         o = g["overall"]
         label = dict(PROMPT_SETS)[g["prompt_set"]]
         rows.append(f"| {g['stage']} | {label} ({o['n_prompts']} x {o['n_seeds']} seeds) | {o['before']:.3f} | "
@@ -281,9 +281,9 @@ def write_report(cfg: dict, out: Path, results: dict[str, dict]) -> dict:
         L += [f"| {r['prompt']} | {r['before']:.2f} | {r['after']:.2f} | {_gain_cell(r)} |" for r in g["per_prompt"]]
         L += [""]
     L += ["| stage | " + " | ".join(t for _, _, t in EVAL_STAGES) + " |", "|---|---|---|---|"]
-    L += [f"| mean OCR, training prompts | " + " | ".join(f"{ocr[k]:.3f}" for k, _, _ in EVAL_STAGES) + " |"]
+    L += ["| mean OCR, training prompts | " + " | ".join(f"{ocr[k]:.3f}" for k, _, _ in EVAL_STAGES) + " |"]
     if all("heldout" in evals[k] for k, _, _ in EVAL_STAGES):
-        L += [f"| mean OCR, held-out prompts | " + " | ".join(f"{evals[k]['heldout']['ocr_mean']:.3f}" for k, _, _ in EVAL_STAGES) + " |"]
+        L += ["| mean OCR, held-out prompts | " + " | ".join(f"{evals[k]['heldout']['ocr_mean']:.3f}" for k, _, _ in EVAL_STAGES) + " |"]
     L += ["", f"![OCR per prompt]({_rel(bars, out)})", ""]
     L += ["## Learning signal", "", "What the DPO+GRPO log says about each term:", ""]
     L += [f"- {n}" for n in learning_signal_notes(dpo_hist)] or ["- (no DPO+GRPO metrics logged)"]
