@@ -68,8 +68,11 @@ def split_arguments(command: str, args: Sequence[str]) -> tuple[list[str], list[
 def _check_launch_args(launch: list[str], trainer_options: Sequence[str] = ()) -> list[str]:
     from accelerate.commands.launch import launch_command_parser
 
+    def error(message: str) -> None:
+        raise UserError(f"accelerate launch: {message}")
+
     parser = launch_command_parser()
-    parser.error = lambda message: (_ for _ in ()).throw(UserError(f"accelerate launch: {message}"))
+    parser.error = error  # type: ignore[method-assign]
     known, unknown = parser.parse_known_args([*launch, "SCRIPT"])
     if unknown:
         import difflib

@@ -5,6 +5,7 @@ final weights are compared with an uninterrupted run.
     python benchmarks/kill_resume.py                 # tiny random model, CPU: 7 kills per trainer (21)
     python benchmarks/kill_resume.py --kills 4 --trainers sft dpo
 
+Half the kills hit a checkpoint save in progress, half land at a random moment of the training left.
 Prints one row per trainer: kills, kills that landed during a checkpoint save (a staging folder was left),
 restarts that resumed from a checkpoint, final step, max |weight difference| to the uninterrupted run. Not a
 test: the kill moments are random (seeded), the table is what it shows.
@@ -87,26 +88,34 @@ def _saves(out: Path) -> set[str]:
     return {p.name for p in out.glob("*checkpoint-*")} if out.is_dir() else set()
 
 
-def run_with_kills(trainer: str, base: list[str], out: Path, kills: int, window: float, rng: random.Random,
-                   log: Path) -> dict:
-    """Restart until the run finishes; the first ``kills`` attempts are killed at a random moment of training
-    (uniform over the uninterrupted run's training window, counted from the attempt's first checkpoint save, so
-    the ~1 min of imports and caching does not absorb the kills)."""
+def run_with_kills(trainer: str, base: list[str], out: Path, kills: int, window: float, steps: int,
+                   rng: random.Random, log: Path) -> dict:
+    """Restart until the run finishes; the first ``kills`` attempts are killed: odd ones the moment a checkpoint
+    save is in progress (a staging folder exists), even ones at a random moment of the training that is left
+    (uniform over the uninterrupted run's remaining training time, counted from the attempt's first save, so the
+    ~1 min of imports and caching does not absorb the kills)."""
     stats = {"kills": 0, "mid_save": 0, "resumed": 0, "failures": 0}
     while True:
         resume = last_complete_checkpoint(out) if out.is_dir() else None
         cmd = list(base) + (["--resume_from_checkpoint", "last"] if resume else [])
         if resume:
             stats["resumed"] += 1
+        done = int(resume.name.split("-")[1]) if resume else 0
         before = _saves(out)
         with open(log, "a") as fh:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env(), start_new_session=True)
             if stats["kills"] < kills:
-                while proc.poll() is None and not (_saves(out) - before):
-                    time.sleep(0.02)
-                deadline = time.monotonic() + rng.uniform(0.0, 1.0) * window
-                while proc.poll() is None and time.monotonic() < deadline:
-                    time.sleep(0.01)
+                during_save = stats["kills"] % 2 == 0
+                while proc.poll() is None:
+                    new = _saves(out) - before
+                    # a save in progress; or, if saves are too quick to catch, the second new checkpoint
+                    if new and (not during_save or any(n.startswith(STAGING_PREFIX) for n in new) or len(new) > 1):
+                        break
+                    time.sleep(0.005)
+                if not during_save:
+                    deadline = time.monotonic() + rng.uniform(0.0, 0.9) * window * (steps - done - 1) / steps
+                    while proc.poll() is None and time.monotonic() < deadline:
+                        time.sleep(0.01)
                 if proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
@@ -125,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trainers", nargs="+", default=["sft", "dpo", "grpo"], choices=list(RECIPES))
     p.add_argument("--kills", type=int, default=7, help="kills per trainer (default 7: 21 in all)")
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", help="keep the runs here (default: a temporary folder)")
     args = p.parse_args(argv)
@@ -148,17 +157,26 @@ def main(argv: list[str] | None = None) -> None:
         # Training window: from the first checkpoint to the final trainer state (plus one step before it).
         first = (ref_out / "checkpoint-1").stat().st_mtime
         window = ((ref_out / "trainer_state.json").stat().st_mtime - first) * (1 + 1 / max(1, args.steps - 1))
-        stats = run_with_kills(trainer, command(trainer, kill_out, args.steps, extras[trainer], cache), kill_out,
-                               args.kills, window, rng, log)
-        state = json.loads((kill_out / "trainer_state.json").read_text())
-        diff = max_diff(final_weights(ref_out), final_weights(kill_out))
-        rows.append((trainer, stats, state["global_step"], diff, duration))
-        print(f"{trainer}: done ({stats['kills']} kills)", flush=True)
-    print(f"\n{'trainer':8} {'kills':>5} {'mid-save':>8} {'resumes':>7} {'final step':>10} {'max |dw|':>10} "
-          f"{'equal':>5} {'run s':>6}")
+        # Rounds of killed runs until the kills add up (a run can finish before its share of kills); every round
+        # is compared with the uninterrupted run.
+        total = {"kills": 0, "mid_save": 0, "resumed": 0, "failures": 0, "rounds": 0}
+        diff, step = 0.0, None
+        reference = final_weights(ref_out)
+        while total["kills"] < args.kills:
+            out = kill_out / f"round{total['rounds']}"
+            stats = run_with_kills(trainer, command(trainer, out, args.steps, extras[trainer], cache), out,
+                                   args.kills - total["kills"], window, args.steps, rng, log)
+            total = {k: total[k] + stats.get(k, 0) for k in total} | {"rounds": total["rounds"] + 1}
+            state = json.loads((out / "trainer_state.json").read_text())
+            step = state["global_step"] if step is None else min(step, state["global_step"])
+            diff = max(diff, max_diff(reference, final_weights(out)))
+        rows.append((trainer, total, step, diff, duration))
+        print(f"{trainer}: done ({total['kills']} kills in {total['rounds']} killed runs)", flush=True)
+    print(f"\n{'trainer':8} {'runs':>4} {'kills':>5} {'mid-save':>8} {'resumes':>7} {'final step':>10} "
+          f"{'max |dw|':>10} {'equal':>5} {'run s':>6}")
     for trainer, stats, step, diff, duration in rows:
-        print(f"{trainer:8} {stats['kills']:5d} {stats['mid_save']:8d} {stats['resumed']:7d} {step:10d} "
-              f"{diff:10.2e} {str(diff == 0.0):>5} {duration:6.1f}")
+        print(f"{trainer:8} {stats['rounds']:4d} {stats['kills']:5d} {stats['mid_save']:8d} {stats['resumed']:7d} "
+              f"{step:10d} {diff:10.2e} {str(diff == 0.0):>5} {duration:6.1f}")
     print(f"METRIC\tkills_total\t{sum(r[1]['kills'] for r in rows)}")
     print(f"(runs in {root})")
 

@@ -64,6 +64,14 @@ def test_sigkill_during_a_checkpoint_save_then_resume_last_matches_an_uninterrup
     assert resumed.state.global_step == 4
     assert sorted(p.name for p in killed.iterdir() if "checkpoint" in p.name) == [
         "checkpoint-1", "checkpoint-2", "checkpoint-3", "checkpoint-4"]  # the staging folder is gone
+    # Killed after the last save: `last` is checkpoint-4 = max_steps: nothing is trained (Trainer alone would run a
+    # fifth step), the weights stay.
+    before = load_file(killed / "pytorch_lora_weights.safetensors")
+    again = main([*args, "--output_dir", str(killed), "--resume_from_checkpoint", "last"])
+    assert again.state.global_step == 4 and not (killed / "checkpoint-5").exists()
+    after = load_file(killed / "pytorch_lora_weights.safetensors")
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=0)
     full = main([*args, "--output_dir", str(tmp_path / "full")])
     a = load_file(killed / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "full" / "pytorch_lora_weights.safetensors")

@@ -15,9 +15,9 @@ import torch
 from accelerate.utils import DistributedType
 from diffusers.training_utils import free_memory
 from safetensors.torch import load_file
-from transformers import Trainer, TrainerCallback
-from transformers.trainer import TRAINING_ARGS_NAME
-from transformers.trainer_utils import rotate_checkpoints
+from transformers import Trainer, TrainerCallback, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_utils import TrainOutput, rotate_checkpoints
 
 from qwen_image import QwenImage
 from qwen_image.latents import img_shapes
@@ -143,6 +143,21 @@ class QwenImageTrainer(Trainer):
         return self.accelerator.clip_grad_norm_(self._trainable, self.args.max_grad_norm)
 
     # ------------------------------------------------------------------ saving / resuming
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """``Trainer.train``, except that resuming from a checkpoint already at ``max_steps`` (a run killed after
+        its last save) loads it and trains nothing: Trainer would run one step past max_steps."""
+        if isinstance(resume_from_checkpoint, str) and self.args.max_steps > 0:
+            state_file = os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME)
+            if os.path.isfile(state_file):
+                state = TrainerState.load_from_json(state_file)
+                if state.global_step >= self.args.max_steps:
+                    logger.info("%s is at max_steps %d already: loaded, nothing left to train",
+                                resume_from_checkpoint, self.args.max_steps)
+                    self._load_from_checkpoint(resume_from_checkpoint)
+                    self.state = state
+                    return TrainOutput(state.global_step, 0.0, {})
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
     @property
     def is_lora(self) -> bool:
         return self.args.finetune == "lora"

@@ -87,7 +87,9 @@ def stage_sft(cfg: dict, out: Path) -> dict:
     """LoRA SFT on the rated brand images (the rater filter drops the low-rated renders)."""
     overrides = {"model_name_or_path": out / "base_model" / "model", "dataset_name": out / "data" / "brand",
                  "output_dir": out / "sft", "resolution": cfg["size"], "report_to": cfg.get("report_to", "wandb"),
-                 "run_name": "demo-sft", "seed": int(cfg.get("seed", 0)), **(cfg["sft"].get("args") or {})}
+                 "run_name": "demo-sft", "seed": int(cfg.get("seed", 0)),
+                 # a stage without its done-marker is redone from scratch (align.launch refuses a used output_dir)
+                 "overwrite_output_dir": True, **(cfg["sft"].get("args") or {})}
     cmd = accelerate_command(ALIGN_DIR / "sft.py", resolve_path(cfg["sft"]["recipe"]), overrides)
     run_logged(cmd, out / "sft" / "train.log", env=_train_env(cfg, out))
     return {"command": display(cmd), "adapter": str(out / "sft"), "log": str(out / "sft" / "train.log")}
@@ -121,7 +123,8 @@ def stage_dpo_grpo(cfg: dict, out: Path) -> dict:
     overrides = {"model_name_or_path": out / "base_model" / "model", "dataset_name": out / "pairs",
                  "grpo_dataset_name": out / "data" / "prompts.jsonl", "init_adapter": out / "sft",
                  "output_dir": out / "dpo_grpo", "resolution": cfg["size"], "report_to": cfg.get("report_to", "wandb"),
-                 "run_name": "demo-dpo-grpo", "seed": int(cfg.get("seed", 0)), **(cfg["dpo_grpo"].get("args") or {})}
+                 "run_name": "demo-dpo-grpo", "seed": int(cfg.get("seed", 0)),
+                 "overwrite_output_dir": True, **(cfg["dpo_grpo"].get("args") or {})}
     cmd = accelerate_command(ALIGN_DIR / "dpo.py", resolve_path(cfg["dpo_grpo"]["recipe"]), overrides)
     run_logged(cmd, out / "dpo_grpo" / "train.log", env=_train_env(cfg, out))
     return {"command": display(cmd), "adapter": str(out / "dpo_grpo"), "log": str(out / "dpo_grpo" / "train.log")}
