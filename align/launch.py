@@ -22,7 +22,6 @@ logger = logging.getLogger("align")
 RUN_OUTPUTS = ("pytorch_lora_weights.safetensors", "transformer", "trainer_state.json", "training_args.bin")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # A checkpoint is written under this name and renamed to checkpoint-N only when complete (trainers/base.py).
-STAGING_PREFIX = ".incomplete-"
 # Options shown by the short --help besides the project's own fields (the rest: --help-all).
 COMMON_TRAINING_ARGS = (
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "max_steps", "num_train_epochs", "learning_rate",
@@ -296,3 +295,34 @@ def run(main_fn: Callable[[Sequence[str] | None], object], argv: Sequence[str] |
         sys.stdout.flush()
         sys.stderr.flush()
     os._exit(code)
+
+
+def train_main(
+    config_class: type,
+    argv: Sequence[str] | None,
+    load_data: Callable[[Any], Any],
+    build_trainer: Callable[[Any, Any, Any], Any],
+) -> Any:
+    """The one run skeleton of every launch script: parse -> check the run folder -> seed -> read the data
+    (``load_data(config)``, before any weights load, so a data mistake costs seconds) -> load the model ->
+    ``build_trainer(config, qwen, data)`` -> train (resuming if asked) -> save the adapter / weights, the trainer
+    state (and the held-out evaluation where the trainer has one) -> return the trainer."""
+    from transformers import set_seed
+
+    from .modeling import load_qwen_image
+
+    config = parse_config(config_class, argv)
+    checkpoint = prepare_run(config)
+    set_seed(config.seed)  # before the model: the LoRA init draws from the global RNG
+    data = load_data(config)
+    qwen = load_qwen_image(config)
+    trainer = build_trainer(config, qwen, data)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model(config.output_dir)
+    if getattr(trainer, "evaluate_after_training", False) and trainer.eval_dataset is not None:
+        trainer.evaluate()
+    trainer.save_state()  # trainer_state.json: the log history (losses, rewards, metrics per step)
+    if trainer.is_world_process_zero():
+        logger.info("saved to %s", Path(config.output_dir).resolve())
+    return trainer
+

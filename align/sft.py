@@ -1,5 +1,6 @@
 """SFT: ``accelerate launch align/sft.py --config recipes/sft_lora.yaml [--key value ...]`` (or
-``qwen-image-align sft --config ...``)."""
+``qwen-image-align sft --config ...``). The run skeleton is ``align.launch.train_main``; this file says what SFT
+reads and builds."""
 
 import os
 import sys
@@ -8,8 +9,29 @@ if __package__ in (None, ""):
     # Run as a file: put the repository root (not align/) first so `align` and `qwen_image` import as packages.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from align.launch import run  # noqa: E402
-from align.trainers.sft import main  # noqa: E402
+from align.launch import run, train_main  # noqa: E402
+from align.modeling import uses_edit_model  # noqa: E402
+from align.trainers.base import release_text_encoder  # noqa: E402
+from align.trainers.sft import SFTConfig, SFTTrainer, load_sft_rows, prepare_sft_data, write_data_summary  # noqa: E402
+
+
+def load_data(config: SFTConfig):
+    # Rows rater-filtered and checked before the model (edit rows are checked with their control images later).
+    return None if uses_edit_model(config) else load_sft_rows(config)
+
+
+def build_trainer(config: SFTConfig, qwen, rows) -> SFTTrainer:
+    with config.main_process_first(desc="SFT data"):  # rank 0 encodes; the others read its on-disk cache
+        data = prepare_sft_data(config, qwen, rows)
+    trainer = SFTTrainer(qwen, config, data)  # encodes the validation prompts before the text encoder goes
+    release_text_encoder(qwen)
+    write_data_summary(config, data.summary, trainer.is_world_process_zero())
+    return trainer
+
+
+def main(argv=None) -> SFTTrainer:
+    return train_main(SFTConfig, argv, load_data, build_trainer)
+
 
 if __name__ == "__main__":
     run(main)

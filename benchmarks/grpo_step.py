@@ -63,7 +63,7 @@ def one_iteration(qwen: QwenImage, args, window: tuple[int, int] | None, reward,
 
 
 def learning_demo(max_steps: int) -> None:
-    from align.trainers.grpo import main
+    from align.grpo import main
 
     root = Path(__file__).resolve().parents[1]
     with __import__("tempfile").TemporaryDirectory() as out:

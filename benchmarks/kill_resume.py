@@ -27,7 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from align.launch import STAGING_PREFIX, last_complete_checkpoint  # noqa: E402
+from align.launch import last_complete_checkpoint  # noqa: E402
+from align.trainers.base import STAGING_PREFIX  # noqa: E402
 
 RECIPES = {"sft": ("align/sft.py", "recipes/tiny/sft_lora.yaml"), "dpo": ("align/dpo.py", "recipes/tiny/dpo_lora.yaml"),
            "grpo": ("align/grpo.py", "recipes/tiny/grpo_brightness.yaml")}

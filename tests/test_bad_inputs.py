@@ -133,11 +133,11 @@ def _run_trainer(which: str, argv: list[str]) -> int:
     from align.launch import run_main
 
     if which == "sft":
-        from align.trainers.sft import main
+        from align.sft import main
     elif which == "dpo":
-        from align.trainers.combined import main
+        from align.dpo import main
     else:
-        from align.trainers.grpo import main
+        from align.grpo import main
     return run_main(main, argv)
 
 

@@ -49,7 +49,7 @@ def test_user_errors_are_one_line(tmp_path):
 
 
 def test_full_finetune_reference_unchanged_after_training(pairs, tmp_path):
-    from align.trainers.dpo import main
+    from align.dpo import main
 
     data, cache = pairs
     trainer = main(["--config", str(ROOT / "recipes/tiny/dpo_full.yaml"), "--dataset_name", str(data),

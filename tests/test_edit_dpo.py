@@ -31,7 +31,7 @@ def test_edit_pairs_with_bad_controls_are_a_clear_error(tmp_path):
 
 
 def test_edit_dpo_learns_the_preference(tmp_path):
-    from align.trainers.dpo import main
+    from align.dpo import main
 
     data = write_synthetic_edit_pairs(tmp_path / "data", n=16, size=32)
     trainer = main(["--config", str(ROOT / "recipes/tiny/edit_dpo_lora.yaml"), "--dataset_name", str(data),

@@ -139,7 +139,7 @@ def edit_loss(transformer, qwen: QwenImage) -> float:
 
 
 def run_main(argv):
-    from align.trainers.sft import main
+    from align.sft import main
 
     return main(argv)
 

@@ -55,7 +55,7 @@ def _history(out: Path) -> list[dict]:
 
 
 def test_held_out_brightness_rises(tmp_path):
-    from align.trainers.grpo import main
+    from align.grpo import main
 
     trainer = main(["--config", RECIPE, "--output_dir", str(tmp_path), "--max_steps", "8", "--monitor_prompts",
                     *HELD_OUT, "--monitor_seeds", "2", "--eval_strategy", "steps", "--eval_steps", "4",
@@ -71,7 +71,7 @@ def test_held_out_brightness_rises(tmp_path):
 
 
 def test_hacked_reward_is_flagged_and_best_checkpoint_kept(tmp_path):
-    from align.trainers.grpo import main
+    from align.grpo import main
 
     trainer = main(["--config", RECIPE, "--output_dir", str(tmp_path), "--max_steps", "16", "--learning_rate", "3e-2",
                     "--reward_funcs", "test_corner_brightness", "--monitor_reward_funcs", "test_corner_darkness",

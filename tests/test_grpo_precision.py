@@ -49,13 +49,13 @@ def test_bf16_trainers_start_at_ratio_one(trainer, cfg, window, tmp_path):
               "--true_cfg_scale", str(cfg), "--sde_window_size", str(window), "--timestep_fraction", "1.0",
               "--epsilon", "1e-4", "--disable_tqdm", "true"]
     if trainer == "grpo":
-        from align.trainers.grpo import main
+        from align.grpo import main
 
         run = main(["--config", GRPO_RECIPE, "--finetune", "lora", "--lora_rank", "4", "--lora_alpha", "4", *common])
         prefix = ""
     else:
         from align.data.preference import write_synthetic_pairs
-        from align.trainers.combined import main
+        from align.dpo import main
 
         data = write_synthetic_pairs(tmp_path / "pairs", n=4, size=32)
         run = main(["--config", COMBINED_RECIPE, "--dataset_name", str(data), "--cache_dir", str(tmp_path / "cache"), *common])
@@ -122,7 +122,7 @@ def test_seeds_decide_the_sde_noise(tiny_model):
 def test_grpo_lora_init_is_seeded(tmp_path):
     from safetensors.torch import load_file
 
-    from align.trainers.grpo import main
+    from align.grpo import main
 
     def run(name: str, seed: int) -> dict:
         main(["--config", GRPO_RECIPE, "--output_dir", str(tmp_path / name), "--finetune", "lora", "--lora_rank", "4",

@@ -104,7 +104,7 @@ def test_trainer_with_stabiliser(policy_loss, extra_metric, tmp_path):
     import json
     from pathlib import Path
 
-    from align.trainers.grpo import main
+    from align.grpo import main
 
     root = Path(__file__).resolve().parents[1]
     main(["--config", str(root / "recipes/tiny/grpo_brightness.yaml"), "--output_dir", str(tmp_path),

@@ -53,7 +53,7 @@ def _history(trainer) -> list[dict]:
 
 
 def test_short_run_raises_brightness(tmp_path):
-    from align.trainers.grpo import main
+    from align.grpo import main
 
     trainer = main(["--config", TINY, "--output_dir", str(tmp_path), "--max_steps", "8", "--disable_tqdm", "true"])
     hist = _history(trainer)
@@ -69,7 +69,7 @@ def test_short_run_raises_brightness(tmp_path):
 
 
 def test_buffer_reuse_ratio_and_kl(tmp_path):
-    from align.trainers.grpo import main
+    from align.grpo import main
 
     trainer = main(["--config", TINY, "--output_dir", str(tmp_path), "--max_steps", "2", "--num_iterations", "2",
                     "--gradient_accumulation_steps", "1", "--beta", "0.04", "--disable_tqdm", "true"])

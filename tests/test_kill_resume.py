@@ -28,7 +28,7 @@ def dying(self, output_dir):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(self, output_dir)
 Trainer._save_rng_state = dying
-from align.trainers.sft import main
+from align.sft import main
 main(sys.argv[1:])
 """
 
@@ -44,7 +44,7 @@ def _data(folder: Path) -> Path:
 
 def test_sigkill_during_a_checkpoint_save_then_resume_last_matches_an_uninterrupted_run(tmp_path):
     from align.launch import last_complete_checkpoint
-    from align.trainers.sft import main
+    from align.sft import main
 
     data = _data(tmp_path / "data")
     args = ["--config", str(ROOT / "recipes/tiny/sft_lora.yaml"), "--dataset_name", str(data),

@@ -203,7 +203,7 @@ def test_estimate_orders_the_options_and_counts_the_trap():
 
 
 def test_estimate_only_prints_and_exits_before_loading(tmp_path, capsys):
-    from align.trainers.sft import main
+    from align.sft import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", str(ROOT / "recipes/tiny/sft_lora.yaml"), "--output_dir", str(tmp_path),
@@ -235,16 +235,16 @@ def _run(objective: str, tmp_path: Path, options: list[str]):
     common = ["--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--disable_tqdm", "true", "--lora_rank", "4",
               "--lora_alpha", "4", "--validation_prompts", "[]", *options]
     if objective == "sft":
-        from align.trainers.sft import main
+        from align.sft import main
 
         return main(["--config", str(ROOT / "recipes/tiny/sft_lora.yaml"), "--dataset_name", str(_sft_data(tmp_path / "data")),
                      "--min_raters", "0", "--cache_dir", str(tmp_path / "cache"), *common])
     if objective == "grpo":
-        from align.trainers.grpo import main
+        from align.grpo import main
 
         return main(["--config", str(ROOT / "recipes/tiny/grpo_brightness.yaml"), "--finetune", "lora", "--beta", "0.04",
                      "--learning_rate", "1e-3", *common])
-    from align.trainers.combined import main
+    from align.dpo import main
 
     pairs = write_synthetic_pairs(tmp_path / "pairs", n=4, size=32)
     recipe = "dpo_lora.yaml" if objective == "dpo" else "dpo_grpo.yaml"

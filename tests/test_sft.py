@@ -103,7 +103,7 @@ def test_lora_two_process_ddp_adapter_loads_in_diffusers_and_lowers_the_loss(dat
 
 
 def run_main(argv):
-    from align.trainers.sft import main
+    from align.sft import main
 
     return main(argv)
 

@@ -30,6 +30,9 @@ from ..modeling import ADAPTER_NAME, prepare_transformer
 
 logger = logging.getLogger(__name__)
 
+# A checkpoint is written under this prefix and renamed when complete (``--resume_from_checkpoint last`` skips it).
+STAGING_PREFIX = ".incomplete-"
+
 
 def release_text_encoder(qwen: QwenImage) -> None:
     """Drop the text encoder once everything it must encode is cached (8 B parameters on the real model)."""
@@ -180,8 +183,6 @@ class QwenImageTrainer(Trainer):
         """Write ``checkpoint-N`` atomically: into ``.incomplete-checkpoint-N/`` first, renamed when every file
         (weights, optimizer, scheduler, RNG states, trainer state) is written. A run killed mid-save leaves only the
         staging folder, which ``--resume_from_checkpoint last`` never picks (and the next save replaces)."""
-        from ..launch import STAGING_PREFIX
-
         run_dir = self._get_output_dir(trial=trial)
         name = f"checkpoint-{self.state.global_step}"
         staging_root = os.path.join(run_dir, STAGING_PREFIX + name)

@@ -16,14 +16,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Sequence
 
 import torch
 from accelerate.utils import DistributedType
-from transformers import set_seed
 
-from ..data.prompts import load_prompt_dataset
-from .dpo import DPOConfig, FlowDPOTrainer, load_model_and_pairs, train_and_save
+from .dpo import DPOConfig, FlowDPOTrainer
 from .grpo import log_rollout_images
 from .grpo_objective import (
     GRPOArguments,
@@ -129,24 +126,3 @@ class DPOGRPOTrainer(MonitoredEvaluationMixin, RolloutCheckpointMixin, FlowDPOTr
         super().log(logs, start_time)
         if self.grpo is not None:
             log_rollout_images(self.args, self.grpo, self.state.global_step, self.accelerator.is_main_process)
-
-
-def main(argv: Sequence[str] | None = None) -> Any:
-    """``accelerate launch align/dpo.py --config recipes/dpo_grpo.yaml``: Flow-DPO, plus GRPO when ``w_grpo > 0``."""
-    from ..launch import parse_config, prepare_run
-    from .base import release_text_encoder
-
-    config = parse_config(DPOGRPOConfig, argv)
-    prepare_run(config)  # output_dir / resume checks before anything loads
-    set_seed(config.seed)
-    prompts = None
-    if config.w_grpo > 0:
-        prompts = load_prompt_dataset(config.grpo_dataset_name, config.train_prompts, "train", config.prompt_column)
-        build_reward(config)  # fail on a bad reward name before loading the model
-    qwen, train_ds, eval_ds = load_model_and_pairs(config)
-    if config.w_grpo > 0:
-        trainer = DPOGRPOTrainer(qwen, config, train_dataset=train_ds, eval_dataset=eval_ds, grpo_prompts=prompts)
-    else:
-        trainer = FlowDPOTrainer(qwen, config, train_dataset=train_ds, eval_dataset=eval_ds)
-        release_text_encoder(qwen)  # plain DPO trains on cached embeddings only
-    return train_and_save(trainer, config)

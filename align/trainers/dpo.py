@@ -13,21 +13,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-from transformers import set_seed
 
 from ..configs import QwenImageTrainingConfig
 from ..data.edit import collate_edit, encode_edit_dataset, load_edit_preference_dataset
 from ..data.encoding import collate_encoded, encode_dataset
 from ..data.preference import IMAGE_COLUMNS, load_preference_dataset
 from ..errors import UserError
-from ..launch import parse_config, prepare_run
 from ..losses import DPO_LOSS_TYPES, flow_dpo_loss, flow_matching_loss, make_noisy, sample_sigmas, velocity_error
-from ..modeling import load_qwen_image, model_identity, place_encoders, uses_edit_model
+from ..modeling import model_identity, uses_edit_model
 from ..reference import ReferenceModel
-from .base import MetricLog, QwenImageTrainer, release_text_encoder
+from .base import MetricLog, QwenImageTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +67,8 @@ class DPOConfig(QwenImageTrainingConfig):
 
 class FlowDPOTrainer(QwenImageTrainer):
     """Flow-DPO on cached preference pairs (``chosen_latents``, ``rejected_latents``, ``prompt_embeds``)."""
+
+    evaluate_after_training = True  # held-out implicit accuracy of the final weights (eval_fraction > 0)
 
     def __init__(self, qwen, args: DPOConfig, train_dataset=None, **kwargs):
         # Edit models: batches also carry the pairs' shared ``references`` (both images edit the same sources).
@@ -209,34 +209,11 @@ def build_edit_pairs(config: DPOConfig, qwen):
     )
 
 
-def load_model_and_pairs(config: DPOConfig) -> tuple[Any, Any, Any]:
-    """The bundle (text encoder and VAE on the accelerator for caching) and the encoded train/eval pairs. The pairs
-    are read and checked first, so a data mistake is reported before the model loads."""
-    pairs = None
-    if not uses_edit_model(config):  # edit pairs are checked with their control images, once the processor is there
-        pairs, _ = load_preference_dataset(config.dataset_name, config.dataset_split, config.prompt_column,
-                                           config.min_agreement)
-    qwen = load_qwen_image(config)
-    place_encoders(qwen, config)  # encode on the accelerator; the Trainer places the transformer
-    train_ds, eval_ds = build_datasets(config, qwen, pairs)
-    return qwen, train_ds, eval_ds
-
-
-def train_and_save(trainer: FlowDPOTrainer, config: DPOConfig) -> FlowDPOTrainer:
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    trainer.save_model(config.output_dir)
-    if trainer.eval_dataset is not None:
-        trainer.evaluate()
-    trainer.save_state()  # trainer_state.json: the log history (metrics per step) next to the adapter
-    return trainer
-
-
-def main(argv: Sequence[str] | None = None) -> FlowDPOTrainer:
-    """``accelerate launch align/dpo.py --config recipes/dpo_lora.yaml [--key value ...]``."""
-    config = parse_config(DPOConfig, argv)
-    prepare_run(config)
-    set_seed(config.seed)
-    qwen, train_ds, eval_ds = load_model_and_pairs(config)
-    trainer = FlowDPOTrainer(qwen, config, train_dataset=train_ds, eval_dataset=eval_ds)
-    release_text_encoder(qwen)  # after the trainer encoded the validation prompts
-    return train_and_save(trainer, config)
+def read_pairs(config: DPOConfig):
+    """The preference pairs, read and checked before the model loads (None for an edit model: its pairs are read
+    with their control images once the processor is there)."""
+    if uses_edit_model(config):
+        return None
+    pairs, _ = load_preference_dataset(config.dataset_name, config.dataset_split, config.prompt_column,
+                                       config.min_agreement)
+    return pairs

@@ -16,8 +16,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
-from typing import Sequence
 
 import torch
 from accelerate.utils import DistributedType
@@ -26,7 +24,6 @@ from torch.utils.data import Dataset
 from qwen_image import QwenImage
 
 from ..configs import QwenImageTrainingConfig
-from ..data.prompts import load_prompt_dataset
 from ..reference import ReferenceModel
 from .base import QwenImageTrainer
 from .grpo_objective import (
@@ -161,26 +158,3 @@ def log_rollout_images(args, objective: GRPOObjective, step: int, is_main: bool)
     if wandb.run is not None:
         wandb.log({"rollouts": [wandb.Image(im, caption=c) for im, c in objective.logged_images]}, step=step)
     objective.logged_images = []
-
-
-def main(argv: Sequence[str] | None = None) -> GRPOTrainer:
-    """``python align/grpo.py --config recipe.yaml [--key value ...]``."""
-    from transformers import set_seed
-
-    from ..launch import parse_config, prepare_run
-    from ..modeling import load_qwen_image
-
-    args = parse_config(GRPOConfig, argv)
-    prepare_run(args)  # output_dir / resume checks before anything loads
-    set_seed(args.seed)  # the LoRA init draws from the global RNG
-    dataset = load_prompt_dataset(args.dataset_name, args.train_prompts, args.dataset_split, args.prompt_column)
-    reward_fn = build_reward(args)
-    monitor_prompts = load_monitor_prompts(args)
-    qwen = load_qwen_image(args)
-    trainer = GRPOTrainer(qwen, args, train_dataset=dataset, reward_fn=reward_fn, monitor_prompts=monitor_prompts)
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    trainer.save_model(args.output_dir)
-    trainer.save_state()  # trainer_state.json: rewards, ratios, KL per logged step
-    if trainer.accelerator.is_main_process:
-        logger.info("adapter saved to %s", Path(args.output_dir).resolve())
-    return trainer

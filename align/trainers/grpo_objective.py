@@ -213,6 +213,16 @@ def build_monitor(qwen, args: GRPOArguments, prompts, accelerator, policy, refer
             OverOptimizationGuard(args.early_stop_patience))
 
 
+def load_grpo_prompts(args: GRPOArguments):
+    """The prompts GRPO rolls out: ``train_prompts`` / a file in it, or ``dataset_name`` (``grpo_dataset_name`` in the
+    combined trainer, whose ``dataset_name`` holds the pairs)."""
+    from ..data.prompts import load_prompt_dataset
+
+    name = getattr(args, "grpo_dataset_name", None) if hasattr(args, "grpo_dataset_name") else args.dataset_name  # type: ignore[attr-defined]
+    split = "train" if hasattr(args, "grpo_dataset_name") else args.dataset_split  # type: ignore[attr-defined]
+    return load_prompt_dataset(name, args.train_prompts, split, args.prompt_column)  # type: ignore[attr-defined]
+
+
 def load_monitor_prompts(args: GRPOArguments):
     """The held-out prompt set, or None when no monitor is configured."""
     from ..data.prompts import load_prompt_dataset

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from datasets import Dataset, concatenate_datasets
 from torch.utils.data import DataLoader
-from transformers import TrainerCallback, set_seed
+from transformers import TrainerCallback
 
 from qwen_image import QwenImage
 
@@ -31,10 +31,9 @@ from ..data.loading import load_image_dataset, validate_rows
 from ..data.ratings import AGGREGATES, FilterSummary, filter_by_ratings
 from ..data.schedule import PhaseSchedule, parse_phases
 from ..errors import UserError
-from ..launch import parse_config, prepare_run
 from ..losses import flow_matching_loss, make_noisy, sample_sigmas
-from ..modeling import load_qwen_image, model_identity, uses_edit_model
-from .base import QwenImageTrainer, release_text_encoder
+from ..modeling import model_identity
+from .base import QwenImageTrainer
 
 logger = logging.getLogger(__name__)
 # The empty caption trained under caption dropout: the pipeline's usual negative prompt, so CFG sees what it learnt.
@@ -285,28 +284,14 @@ class _SamplerEpoch(TrainerCallback):
             self.trainer._batch_sampler.set_epoch(int(state.epoch + 1e-6))
 
 
-def main(argv: Sequence[str] | None = None) -> SFTTrainer:
-    config = parse_config(SFTConfig, argv)
-    checkpoint = prepare_run(config)
-    set_seed(config.seed)
-    # Before the model: a data mistake is reported in seconds (edit rows are checked with their control images).
-    rows = None if uses_edit_model(config) else load_sft_rows(config)
-    qwen = load_qwen_image(config)
-    # Rank 0 encodes first; the others then read its on-disk cache instead of encoding again.
-    with config.main_process_first(desc="SFT data"):
-        data = prepare_sft_data(config, qwen, rows)
-    trainer = SFTTrainer(qwen, config, data)  # encodes the validation prompts before the text encoder goes
-    release_text_encoder(qwen)
-    if trainer.is_world_process_zero():
-        print(data.summary, flush=True)
-        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-        Path(config.output_dir, "data_summary.json").write_text(json.dumps(
-            {"kept": data.summary.kept, "total": data.summary.total, "dropped": data.summary.dropped,
-             "examples": data.summary.examples, "settings": data.summary.settings,
-             "warnings": data.summary.warnings, "warning_examples": data.summary.warning_examples,
-             "world_size": config.world_size}, indent=2))
-    logger.info("%s", data.summary)
-    trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model(config.output_dir)
-    trainer.save_state()  # trainer_state.json: the loss curve the reports read
-    return trainer
+def write_data_summary(config: SFTConfig, summary: FilterSummary, is_main: bool) -> None:
+    """Print the kept/dropped summary and keep it next to the run (``data_summary.json``)."""
+    logger.info("%s", summary)
+    if not is_main:
+        return
+    print(summary, flush=True)
+    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    Path(config.output_dir, "data_summary.json").write_text(json.dumps(
+        {"kept": summary.kept, "total": summary.total, "dropped": summary.dropped, "examples": summary.examples,
+         "settings": summary.settings, "warnings": summary.warnings, "warning_examples": summary.warning_examples,
+         "world_size": config.world_size}, indent=2))

@@ -20,7 +20,7 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from align.trainers.dpo import main  # noqa: E402
+from align.dpo import main  # noqa: E402
 from qwen_image.tiny import tiny_transformer  # noqa: E402
 
 
