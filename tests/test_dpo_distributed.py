@@ -4,7 +4,7 @@ test_dpo_trainer.py.
 - FSDP2: Accelerate falls back to DDP on CPU, so the script shards the tiny transformer's blocks with raw
   ``fully_shard`` and runs the trainer's ``dpo_terms`` (LoRA with bf16 mixed precision; full fine-tune with a sharded
   frozen copy), gathering the weights before saving.
-- ZeRO-3: through the Trainer (``align.trainers.dpo.main``) with a gloo PartialState; parameters really partitioned,
+- ZeRO-3: through the Trainer (``align.dpo.main``) with a gloo PartialState; parameters really partitioned,
   for the policy and for the full fine-tune reference's own engine.
 """
 

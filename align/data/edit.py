@@ -183,7 +183,9 @@ def encode_edit_dataset(
         for i, prompt in enumerate(batch[prompt_column]):
             controls = [open_control(c) for c in batch[CONTROLS][i]]
             embeds, _ = encoder.encode_prompts([prompt], [controls])
-            out["prompt_embeds"].append(embeds[0].float().cpu().numpy())
+            # stored flat like the T2I cache (align.data.encoding): collate_encoded restores (L, D) from the length
+            out["prompt_embeds"].append(embeds[0].float().cpu().numpy().ravel())
+            out["prompt_length"].append(int(embeds.shape[1]))
             latents = encoder.encode_reference_latents(controls, reference_area)
             out[REFERENCE_LATENTS].append(torch.cat(latents).float().cpu().numpy())
             shapes = [encoder.reference_size(c, reference_area) for c in controls]
@@ -191,7 +193,7 @@ def encode_edit_dataset(
             h, w = sizes[i]
             for column in image_columns:
                 target = center_crop_resize(batch[column][i], h, w)
-                out[f"{column}_latents"].append(pack(model.encode_images([target], h, w)).float().cpu().numpy()[0])
+                out[f"{column}_latents"].append(pack(model.encode_images([target], h, w)).float().cpu().numpy()[0].ravel())
             out["height"].append(h)
             out["width"].append(w)
         return dict(out)
@@ -201,7 +203,8 @@ def encode_edit_dataset(
         new_fingerprint=fingerprint, cache_file_name=os.path.join(cache_dir, f"encoded-edit-{fingerprint}.arrow"),
         desc="Caching edit embeddings and latents",
     )
-    return encoded.with_format("torch", columns=["prompt_embeds", "height", "width", *[f"{c}_latents" for c in image_columns],
+    return encoded.with_format("torch", columns=["prompt_embeds", "prompt_length", "height", "width",
+                                                 *[f"{c}_latents" for c in image_columns],
                                                  REFERENCE_LATENTS, REFERENCE_SHAPES], output_all_columns=True)
 
 
