@@ -30,6 +30,7 @@ from PIL import Image
 from qwen_image import QwenImage, References, pack
 from qwen_image.edit import MAX_REFERENCES
 
+from ..images import to_rgb
 from .encoding import center_crop_resize, collate_encoded, encoding_fingerprint
 from .loading import _metadata_path, image_problem, load_image_dataset
 
@@ -148,7 +149,7 @@ def control_problem(row: dict, expected: int = 0) -> str | None:
 
 def open_control(cell: dict) -> Image.Image:
     with Image.open(io.BytesIO(cell["bytes"]) if cell["bytes"] is not None else cell["path"]) as img:
-        return img.convert("RGB")
+        return to_rgb(img)  # 16-bit, alpha, palette, CMYK and EXIF handled as for the targets
 
 
 def encode_edit_dataset(

@@ -42,6 +42,24 @@ def _ratings_column(values: list) -> list:
     return [None if v is None else json.dumps(v) for v in values]
 
 
+def read_jsonl_rows(path: Path, example: str = "") -> list[dict]:
+    """The JSON objects of a .jsonl file, blank lines skipped; a bad line is a UserError naming file and line
+    (``example`` shows what a row should look like). The one JSONL reader of the data layer."""
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{n}: each line must be a JSON object{' like ' + example if example else ''}")
+            rows.append(row)
+    return rows
+
+
 def load_imagefolder(folder: str | Path, split: str = "train", image_column: str = "image") -> Dataset:
     """An imagefolder read from its ``metadata.jsonl``: ``image`` holds the absolute path (checked and cast to an
     Image feature by :func:`validate_rows`), ``file_name`` is kept so messages can name the row. The dataset's
@@ -50,19 +68,8 @@ def load_imagefolder(folder: str | Path, split: str = "train", image_column: str
     meta = _metadata_path(folder, split)
     if meta is None:
         raise UserError(f"{folder} has no {METADATA_FILE}")
-    rows, keys = [], {}
-    with open(meta, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{meta}:{n}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{meta}:{n}: each line must be a JSON object")
-            rows.append(row)
-            keys.update(dict.fromkeys(row))
+    rows = read_jsonl_rows(meta)
+    keys = dict.fromkeys(k for r in rows for k in r)
     if not rows:
         raise UserError(f"{meta} has no rows")
     if image_column in keys:

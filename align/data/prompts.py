@@ -10,7 +10,6 @@ Setting both is an error (which one wins would be a silent guess). Blank prompts
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +17,7 @@ from typing import Sequence
 from datasets import Dataset, load_dataset, load_from_disk
 
 from ..errors import UserError
+from .loading import read_jsonl_rows
 
 logger = logging.getLogger(__name__)
 
@@ -25,18 +25,7 @@ PROMPT_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
 
 def _read_jsonl(path: Path) -> Dataset:
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{n}: each line must be a JSON object like {{\"prompt\": \"...\"}}")
-            rows.append(row)
+    rows = read_jsonl_rows(path, example='{"prompt": "..."}')
     keys = list(dict.fromkeys(k for r in rows for k in r))
     try:
         return Dataset.from_dict({k: [r.get(k) for r in rows] for k in keys})
