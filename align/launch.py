@@ -312,6 +312,10 @@ def train_main(
     from .modeling import load_qwen_image
 
     config = parse_config(config_class, argv)
+    if getattr(config, "estimate_only", False):  # the memory estimate needs neither data nor weights: print, exit
+        from .memory import report_estimate
+
+        report_estimate(config)
     checkpoint = prepare_run(config)
     set_seed(config.seed)  # before the model: the LoRA init draws from the global RNG
     data = load_data(config)

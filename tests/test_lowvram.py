@@ -131,10 +131,12 @@ def test_without_checkpointing_a_quantised_base_keeps_full_precision_weight_copi
         quantize_linears(m.transformer_blocks, storage, torch.float32)
         return inject_adapter_in_model(LoraConfig(r=2, target_modules=DEFAULT_LORA_TARGETS), m)
 
-    # Unquantised, backward keeps the block weights themselves; int8 keeps as many NEW full-precision copies.
-    kept = saved_weight_shaped(model("none"), checkpointing=False, new=False)
-    assert kept >= 16
-    assert saved_weight_shaped(model(), checkpointing=False) >= kept - 2  # (img_in/proj_out are not quantised)
+    # Unquantised, backward keeps the block weights themselves (no new tensors); int8 keeps NEW full-precision copies
+    # of the de-quantised block weights - most of the 28 block Linears of the tiny model (the last block's unused
+    # text stream aside) - unless the blocks are checkpointed.
+    assert saved_weight_shaped(model("none"), checkpointing=False, new=False) >= 16
+    block_linears = sum(isinstance(m, torch.nn.Linear) for m in tiny_transformer(0).transformer_blocks.modules())
+    assert saved_weight_shaped(model(), checkpointing=False) >= block_linears // 2
     assert saved_weight_shaped(model(), checkpointing=True) == 0
 
 
