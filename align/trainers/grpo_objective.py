@@ -218,8 +218,9 @@ def load_grpo_prompts(args: GRPOArguments):
     combined trainer, whose ``dataset_name`` holds the pairs)."""
     from ..data.prompts import load_prompt_dataset
 
-    name = getattr(args, "grpo_dataset_name", None) if hasattr(args, "grpo_dataset_name") else args.dataset_name  # type: ignore[attr-defined]
-    split = "train" if hasattr(args, "grpo_dataset_name") else args.dataset_split  # type: ignore[attr-defined]
+    combined = hasattr(args, "grpo_dataset_name")
+    name = args.grpo_dataset_name if combined else args.dataset_name  # type: ignore[attr-defined]
+    split = "train" if combined else args.dataset_split  # type: ignore[attr-defined]
     return load_prompt_dataset(name, args.train_prompts, split, args.prompt_column)  # type: ignore[attr-defined]
 
 
