@@ -144,6 +144,17 @@ def test_generate_edit_pairs_bad_requests_are_one_line_errors(tmp_path, capsys, 
     assert not (tmp_path / "gen").exists()                           # checked before any model is loaded
 
 
+def test_a_source_the_model_cannot_take_is_a_one_line_error(tmp_path, capsys):
+    from annotation.cli import main
+
+    edits = _edits_file(tmp_path, [{"prompt": "p", "control_image": "strip.png"}])
+    Image.new("RGB", (256, 8)).save(tmp_path / "strip.png")          # too elongated for the tiny model's areas
+    rc = main(["generate-pairs", "--edits", str(edits), "--out", str(tmp_path / "gen"), "--steps", "1"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]  # not torch's noise
+    assert rc == 2 and len(errors) == 1
+    assert errors[0].startswith("error: edit request 1 ('p'): a 256x8 reference is too elongated"), errors
+
+
 def test_generate_pairs_needs_prompts_or_edits(tmp_path, capsys):
     from annotation.cli import main
 
