@@ -365,7 +365,7 @@ def test_edit_pairs_pull_feeds_edit_dpo(env, capsys, tmp_path, edit_pairs_projec
     assert trainer.state.global_step == 1 and len(losses) == 1 and math.isfinite(losses[0])
 
 
-def test_edit_ratings_pull_feeds_the_edit_sft_rater_filter(env, capsys, tmp_path, raters, edit_dir):
+def test_edit_ratings_pull_feeds_edit_sft(env, capsys, tmp_path, raters, edit_dir):
     rows = [{"candidate_id": f"c{i}", "prompt": "add a red hat", "image": f"images/E{i + 1}_a.png",
              "control_image": "sources/src0.png", **({"control_image_1": "sources/src1.png"} if i == 1 else {})}
             for i in range(3)]
@@ -392,6 +392,16 @@ def test_edit_ratings_pull_feeds_the_edit_sft_rater_filter(env, capsys, tmp_path
     import datasets
     hf = datasets.load_from_disk(str(sft / "hf"))
     assert isinstance(hf.features["control_images"].feature, datasets.Image)
+    # ... and one edit SFT step on the tiny Edit-2509 model trains on the rows the filter keeps
+    from align.sft import main as sft_main
+    root = Path(__file__).resolve().parents[1]
+    trainer = sft_main(["--config", str(root / "recipes/tiny/edit_sft_lora.yaml"), "--tiny_variant", "edit-2509",
+                        "--dataset_name", str(sft), "--cache_dir", str(tmp_path / "cache"), "--output_dir",
+                        str(tmp_path / "sft_run"), "--min_raters", "3", "--per_device_train_batch_size", "1",
+                        "--max_steps", "1", "--logging_steps", "1"])
+    data = json.loads((tmp_path / "sft_run" / "data_summary.json").read_text())
+    assert (data["kept"], data["total"], data["dropped"]) == (2, 3, {"low_score": 1})
+    assert trainer.state.global_step == 1
 
 
 def test_bad_edit_inputs_are_one_line_errors(env, capsys, tmp_path, edit_dir, pairs_project, edit_pairs_project):
