@@ -118,10 +118,13 @@ def make_trainer(mode: str, args, device, dtype):
     ``align.modeling.load_qwen_image`` stores it for the config."""
     from datasets import Dataset
 
+    from align.configs.dpo import DPOConfig
+    from align.configs.grpo import GRPOConfig
+    from align.configs.sft import SFTConfig
     from align.data.ratings import FilterSummary
-    from align.trainers.dpo import DPOConfig, FlowDPOTrainer
-    from align.trainers.grpo import GRPOConfig, GRPOTrainer
-    from align.trainers.sft import SFTConfig, SFTData, SFTTrainer
+    from align.trainers.dpo import FlowDPOTrainer
+    from align.trainers.grpo import GRPOTrainer
+    from align.trainers.sft import SFTData, SFTTrainer
     from rewards import brightness
 
     if mode == "sft":

@@ -67,9 +67,10 @@ def test_bf16_trainers_start_at_ratio_one(trainer, cfg, window, tmp_path):
 
 
 def test_per_timestep_backward_equals_all_at_once(tmp_path):
+    from align.configs.grpo import GRPOConfig
     from align.data.prompts import load_prompt_dataset
     from align.launch import parse_config
-    from align.trainers.grpo import GRPOConfig, GRPOTrainer
+    from align.trainers.grpo import GRPOTrainer
 
     config = parse_config(GRPOConfig, ["--config", GRPO_RECIPE, "--output_dir", str(tmp_path), "--finetune", "lora",
                                        "--lora_rank", "4", "--lora_alpha", "4", "--beta", "0.04",

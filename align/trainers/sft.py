@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Sequence
@@ -23,13 +23,13 @@ from transformers import TrainerCallback
 
 from qwen_image import QwenImage
 
-from ..configs import QwenImageTrainingConfig
-from ..data.buckets import DEFAULT_ASPECT_RATIOS, BucketBatchSampler, BucketSizeFn
+from ..configs.sft import SFTConfig
+from ..data.buckets import BucketBatchSampler, BucketSizeFn
 from ..data.edit import collate_edit
 from ..data.encoding import collate_encoded, encode_dataset, tensor_format
 from ..data.loading import load_image_dataset, validate_rows
-from ..data.ratings import AGGREGATES, FilterSummary, filter_by_ratings
-from ..data.schedule import PhaseSchedule, parse_phases
+from ..data.ratings import FilterSummary, filter_by_ratings
+from ..data.schedule import PhaseSchedule
 from ..errors import UserError
 from ..losses import flow_matching_loss, make_noisy, sample_sigmas
 from ..modeling import model_identity
@@ -38,39 +38,6 @@ from .base import QwenImageTrainer
 logger = logging.getLogger(__name__)
 # The empty caption trained under caption dropout: the pipeline's usual negative prompt, so CFG sees what it learnt.
 EMPTY_PROMPT = " "
-
-
-@dataclass
-class SFTConfig(QwenImageTrainingConfig):
-    image_column: str = field(default="image", metadata={"help": "Image column of the dataset."})
-    # --- rater filter
-    ratings_column: str = field(default="ratings", metadata={"help": "Column with each row's list of ratings."})
-    min_raters: int = field(default=3, metadata={"help": "Keep rows with at least this many ratings (0: no rating filter)."})
-    min_score: float = field(default=4.5, metadata={"help": "Keep rows whose aggregate rating is >= this."})
-    rating_aggregate: str = field(default="mean", metadata={"help": "mean | min | median of the ratings."})
-    rating_scale: list[float] = field(default_factory=lambda: [1.0, 5.0], metadata={"help": "Rating scale [low high]; ratings outside are errors."})
-    skip_bad_rows: bool = field(default=False, metadata={"help": "Skip (and count) rows with bad ratings, missing/unreadable images or empty prompts instead of failing."})
-    # --- augmentation / batching
-    aspect_ratio_buckets: bool = field(default=False, metadata={"help": "Encode each image at the bucket size nearest its aspect ratio."})
-    bucket_aspect_ratios: list[float] = field(default_factory=lambda: list(DEFAULT_ASPECT_RATIOS), metadata={"help": "Bucket aspect ratios (width/height)."})
-    random_flip: bool = field(default=False, metadata={"help": "Cache a mirrored copy of every image and train on either at random."})
-    # --- progressive schedule
-    phases: str | None = field(
-        default=None,
-        metadata={"help": "Progressive phases (YAML list, or JSON on the CLI): [{until: 0.5, resolution: 512, synthetic_fraction: 0.5, lr_scale: 1.0}, ...]"},
-    )
-    source_column: str = field(default="source", metadata={"help": "Column telling real from synthetic rows (for phase mixes)."})
-    synthetic_values: list[str] = field(default_factory=lambda: ["synthetic"], metadata={"help": "source_column values that mean synthetic."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.rating_aggregate not in AGGREGATES:
-            raise UserError(f"rating_aggregate must be one of {AGGREGATES}, got {self.rating_aggregate!r}")
-        if not self.dataset_name:
-            raise UserError("dataset_name is required (an imagefolder with metadata.jsonl, or a datasets folder).")
-        self.phase_list = parse_phases(self.phases, self.resolution)
-        if self.phase_list and self.max_steps <= 0:
-            raise UserError("phases need max_steps > 0 (phase boundaries are fractions of max_steps).")
 
 
 @dataclass
