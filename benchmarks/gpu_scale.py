@@ -121,7 +121,7 @@ def make_trainer(mode: str, args, device, dtype):
     from align.configs.dpo import DPOConfig
     from align.configs.grpo import GRPOConfig
     from align.configs.sft import SFTConfig
-    from align.data.ratings import FilterSummary
+    from align.data.report import RowReport
     from align.trainers.dpo import FlowDPOTrainer
     from align.trainers.grpo import GRPOTrainer
     from align.trainers.sft import SFTData, SFTTrainer
@@ -131,7 +131,7 @@ def make_trainer(mode: str, args, device, dtype):
         config = trainer_config(SFTConfig, args, device, ["--timestep_sampling", "logit_normal",
                                                           "--dataset_name", "in-memory"])  # batches are built here
         qwen = _stored_bundle(args, device, dtype, config)
-        data = SFTData(dataset=Dataset.from_dict({"unit": [0]}), pools={}, summary=FilterSummary(), empty_prompt=None)
+        data = SFTData(dataset=Dataset.from_dict({"unit": [0]}), pools={}, summary=RowReport(), empty_prompt=None)
         trainer = SFTTrainer(qwen, config, data)
         inputs = latent_inputs(args, qwen, args.batch, device, dtype, (f"{config.image_column}_latents",))
     elif mode == "dpo":

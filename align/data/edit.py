@@ -254,7 +254,7 @@ def load_edit_preference_dataset(
 
     pairs, report = load_preference_dataset(name, split, prompt_column, min_agreement)
     path = Path(name).expanduser()
-    meta = path if path.is_file() else (path / "metadata.jsonl" if (path / "metadata.jsonl").is_file() else None)
+    meta = path if path.is_file() else metadata_path(path, split) if path.is_dir() else None
     pairs = with_control_list(pairs, meta.parent if meta else None, control_columns, list_column)
     bad = []
     for i, row in enumerate(pairs.select_columns([CONTROLS])):

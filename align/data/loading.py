@@ -14,7 +14,8 @@ from datasets import Image as ImageFeature
 from PIL import Image
 
 from ..errors import UserError
-from .ratings import FilterSummary, describe_row, raise_bad_rows
+from .ratings import describe_row, raise_bad_rows
+from .report import RowReport
 from .sources import load_source
 
 # Kept but warned about (and counted in the data summary): images this small or this elongated are rarely meant.
@@ -142,7 +143,7 @@ def validate_rows(
     prompt_column: str = "prompt",
     skip_bad_rows: bool = False,
     extra_check: Callable[[dict], str | None] | None = None,
-) -> tuple[Dataset, FilterSummary]:
+) -> tuple[Dataset, RowReport]:
     """Check every row: each image column opens, the prompt is a non-empty string, ``extra_check(row)`` (if given)
     returns None. Bad rows raise one ValueError naming them, or with ``skip_bad_rows`` are dropped and counted.
     Image columns come back as decoded ``Image`` features."""
@@ -154,7 +155,7 @@ def validate_rows(
     for column in image_columns:
         if isinstance(view.features[column], ImageFeature):
             view = view.cast_column(column, ImageFeature(decode=False))
-    summary = FilterSummary(total=len(dataset), settings="rows checked")
+    summary = RowReport(total=len(dataset), settings="rows checked")
     keep, bad = [], []
     seen_files: set = set()
     for i, row in enumerate(view):
@@ -181,13 +182,13 @@ def validate_rows(
             problem = ("bad_row", why) if why else None
         if problem:
             label = describe_row(i, row)
-            summary.drop(problem[0].replace(" ", "_"), label)
+            summary.drop(i, f"{problem[0].replace(' ', '_')}: {problem[1]}", label)
             bad.append(f"{label}: {problem[1]}")
         else:
             keep.append(i)
+            summary.keep(i)
     if bad and not skip_bad_rows:
         raise_bad_rows(bad)
-    summary.kept = len(keep)
     out = dataset if len(keep) == len(dataset) else dataset.select(keep)
     for column in image_columns:
         if not isinstance(out.features[column], ImageFeature) or not out.features[column].decode:

@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from datasets import Dataset, Image
 
 from ..errors import UserError
 from .loading import read_jsonl_rows
+from .report import RowReport
 from .sources import load_source, read_local_dataset
 
 logger = logging.getLogger(__name__)
@@ -34,25 +34,12 @@ logger = logging.getLogger(__name__)
 IMAGE_COLUMNS = ("chosen", "rejected")
 
 
-@dataclass
-class PreferenceReport:
-    """What validation kept and why it dropped the rest (``str()`` is the one-line summary that gets logged)."""
-
-    total: int = 0
-    kept: int = 0
-    dropped: Counter = field(default_factory=Counter)
-
-    def __str__(self) -> str:
-        reasons = ", ".join(f"{n} {why}" for why, n in self.dropped.most_common()) or "none"
-        return f"preference pairs: kept {self.kept}/{self.total}; dropped: {reasons}"
-
-
 def load_preference_dataset(
     dataset_name: str,
     split: str = "train",
     prompt_column: str = "prompt",
     min_agreement: float = 0.0,
-) -> tuple[Dataset, PreferenceReport]:
+) -> tuple[Dataset, RowReport]:
     """Load, validate and filter preference pairs. Returns the kept rows (``prompt``, ``chosen``, ``rejected`` as
     ``datasets.Image`` columns, plus any other columns) and a report of what was dropped."""
     if not 0.0 <= min_agreement <= 1.0:
@@ -72,18 +59,18 @@ def load_preference_dataset(
         # Undecoded: validation opens each image itself, so one bad file is a counted skip, not a crash.
         ds = ds.cast_column(column, Image(decode=False))
 
-    report = PreferenceReport(total=len(ds))
+    report = RowReport(what="preference pairs", total=len(ds))
     keep: list[int] = []
     for i, row in enumerate(ds):
         reason = _problem(row, min_agreement)
         if reason is None:
             keep.append(i)
+            report.keep(i)
         else:
-            report.dropped[reason] += 1
-    report.kept = len(keep)
+            report.drop(i, reason)
     logger.info("%s", report)
     if not keep:
-        raise UserError(f"no usable preference pairs in {dataset_name!r}: {report}")
+        raise UserError(f"no usable preference pairs in {dataset_name!r}: {report.summary()}")
     ds = ds.select(keep) if len(keep) < len(ds) else ds
     for column in IMAGE_COLUMNS:
         ds = ds.cast_column(column, Image())

@@ -28,7 +28,8 @@ from ..data.buckets import BucketBatchSampler, BucketSizeFn
 from ..data.edit import collate_edit
 from ..data.encoding import collate_encoded, encode_dataset, tensor_format
 from ..data.loading import load_image_dataset, validate_rows
-from ..data.ratings import FilterSummary, filter_by_ratings
+from ..data.ratings import filter_by_ratings
+from ..data.report import RowReport
 from ..data.schedule import PhaseSchedule
 from ..errors import UserError
 from ..losses import flow_matching_loss, make_noisy, sample_sigmas
@@ -44,7 +45,7 @@ EMPTY_PROMPT = " "
 class SFTData:
     dataset: Dataset  # cached rows: prompt_embeds, <image>_latents, height, width, + metadata columns
     pools: dict  # (resolution, source) -> (height, width) -> units (lists of interchangeable row indices)
-    summary: FilterSummary
+    summary: RowReport
     empty_prompt: torch.Tensor | None  # (L, D) embedding of EMPTY_PROMPT for caption dropout
     edit: bool = False  # rows carry reference latents (edit models): batches get ``references``
 
@@ -53,7 +54,7 @@ def _is_synthetic(value, synthetic_values: Sequence[str]) -> bool:
     return str(value) in set(synthetic_values)
 
 
-def load_sft_rows(config: SFTConfig) -> tuple[Dataset, FilterSummary]:
+def load_sft_rows(config: SFTConfig) -> tuple[Dataset, RowReport]:
     """Load, rater-filter and check the training rows (no model needed: data mistakes surface before it loads)."""
     raw = load_image_dataset(config.dataset_name, config.dataset_split, config.image_column)
     raw, rated = filter_by_ratings(raw, config.min_score, config.min_raters, config.rating_aggregate,
@@ -67,12 +68,12 @@ def load_sft_rows(config: SFTConfig) -> tuple[Dataset, FilterSummary]:
     return raw, summary
 
 
-def _dropped(summary: FilterSummary) -> str:
-    reasons = ", ".join(f"{n} {why}" for why, n in sorted(summary.dropped.items())) or "none dropped"
+def _dropped(summary: RowReport) -> str:
+    reasons = summary.dropped_text() or "none dropped"
     return f"{summary.total} rows, {reasons}" + (f"; filter: {summary.settings}" if summary.settings else "")
 
 
-def prepare_sft_data(config: SFTConfig, qwen: QwenImage, rows: tuple[Dataset, FilterSummary] | None = None) -> SFTData:
+def prepare_sft_data(config: SFTConfig, qwen: QwenImage, rows: tuple[Dataset, RowReport] | None = None) -> SFTData:
     """Load (unless ``rows`` from :func:`load_sft_rows` are given), filter, check and cache the training data (the
     text encoder and VAE must still be loaded). Edit models read instruction / target / control-image rows."""
     if qwen.edit_model:
@@ -251,7 +252,7 @@ class _SamplerEpoch(TrainerCallback):
             self.trainer._batch_sampler.set_epoch(int(state.epoch + 1e-6))
 
 
-def write_data_summary(config: SFTConfig, summary: FilterSummary, is_main: bool) -> None:
+def write_data_summary(config: SFTConfig, summary: RowReport, is_main: bool) -> None:
     """Print the kept/dropped summary and keep it next to the run (``data_summary.json``)."""
     logger.info("%s", summary)
     if not is_main:
@@ -259,6 +260,4 @@ def write_data_summary(config: SFTConfig, summary: FilterSummary, is_main: bool)
     print(summary, flush=True)
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
     Path(config.output_dir, "data_summary.json").write_text(json.dumps(
-        {"kept": summary.kept, "total": summary.total, "dropped": summary.dropped, "examples": summary.examples,
-         "settings": summary.settings, "warnings": summary.warnings, "warning_examples": summary.warning_examples,
-         "world_size": config.world_size}, indent=2))
+        {**summary.to_dict(), "world_size": config.world_size}, indent=2))
