@@ -101,22 +101,20 @@ class GRPOTrainer(MonitoredEvaluationMixin, RolloutCheckpointMixin, QwenImageTra
             self.optimizer.train()
         self._prepare_inputs(inputs)
         scale = 1.0 / self.current_gradient_accumulation_steps
-        weight_kl = self.args.beta if self.grpo.need_kl else 0.0
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             # DeepSpeed steps its engine inside every backward: one backward per micro-step (all timesteps at once).
-            policy = self.accelerator.unwrap_model(model)
-            batch = self.rollouts.batch(policy)
-            policy_loss, kl = self.grpo.loss(model, batch, micro_step=self.rollouts.micro_step)
-            loss = policy_loss if kl is None else policy_loss + weight_kl * kl
+            loss = self.compute_loss(model, inputs)
             self.accelerator.backward(loss, scale_wrt_gas=False)
             self.rollouts.advance()
             return loss.detach() * scale
+        weight_kl = self.args.beta if self.grpo.need_kl else 0.0
         total = self.grpo_backward(model, policy_weight=1.0, kl_weight=weight_kl, scale=scale,
                                    no_sync=partial(self.accelerator.no_sync, model))
         return torch.tensor(total * scale, device=self.accelerator.device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The micro-step's loss as one graph (what ``training_step`` back-propagates per timestep)."""
+        """The micro-step's loss as one graph: what ``training_step`` back-propagates per timestep, and, under
+        DeepSpeed (one backward per micro-step), what it back-propagates whole."""
         batch = self.rollouts.batch(self.accelerator.unwrap_model(model))
         policy_loss, kl = self.grpo.loss(model, batch, micro_step=self.rollouts.micro_step)
         loss = policy_loss if kl is None else policy_loss + self.args.beta * kl
