@@ -183,7 +183,7 @@ def bare_run(args, model_path: str, prompts: list[str], images: list | None = No
 
 # ----------------------------------------------------------------------------------------------- the trainer
 def sft_config(args, model_path: str, data: str, out: str):
-    from align.trainers.sft import SFTConfig
+    from align.configs.sft import SFTConfig
 
     return SFTConfig(output_dir=out, dataset_name=data, model_name_or_path=model_path, resolution=args.resolution,
                      cache_dir=str(Path(out).parent / "cache"),

@@ -222,12 +222,12 @@ class QwenImage:
         raise QwenImageInputError(f"unknown pipeline kind {kind!r}; use 't2i', 'edit' or 'inpaint'.")
 
     def load_lora(self, path: str | os.PathLike, adapter_name: str = "default", scale: float = 1.0) -> None:
-        """Load a LoRA (diffusers, kohya, DiffSynth or ComfyUI keys; diffusers converts) into the transformer."""
-        if not Path(path).exists():
-            raise QwenImageInputError(f"LoRA path {str(path)!r} does not exist.")
-        pipe = self.pipeline()
-        pipe.load_lora_weights(str(path), adapter_name=adapter_name)
-        pipe.set_adapters([adapter_name], [scale])
+        """Load a LoRA (diffusers, ComfyUI, ai-toolkit, kohya/musubi or DiffSynth keys: :mod:`qwen_image.lora`) into
+        the transformer, with each module's rank and alpha as in the file, active at ``scale``."""
+        from .lora import load_lora_file
+
+        load_lora_file(self.transformer, path, adapter_name)
+        self.transformer.set_adapters([adapter_name], [scale])
 
     # ------------------------------------------------------------------ building blocks
     def _require(self, name: str):

@@ -66,23 +66,29 @@ def test_bf16_trainers_start_at_ratio_one(trainer, cfg, window, tmp_path):
     assert log[f"{prefix}clip_fraction"] == 0.0
 
 
-def test_per_timestep_backward_equals_all_at_once(tmp_path):
+def _lora_grpo_trainer(tmp_path, *options: str):
+    """A tiny LoRA GRPO trainer (beta 0.04) whose lora_B is off zero: policy != reference, so the KL term has a
+    gradient too. Returns the trainer, its model and the trainable parameters."""
+    from align.configs.grpo import GRPOConfig
     from align.data.prompts import load_prompt_dataset
     from align.launch import parse_config
-    from align.trainers.grpo import GRPOConfig, GRPOTrainer
+    from align.trainers.grpo import GRPOTrainer
 
     config = parse_config(GRPOConfig, ["--config", GRPO_RECIPE, "--output_dir", str(tmp_path), "--finetune", "lora",
-                                       "--lora_rank", "4", "--lora_alpha", "4", "--beta", "0.04",
-                                       "--timestep_fraction", "0.75", "--true_cfg_scale", "2.0"])
+                                       "--lora_rank", "4", "--lora_alpha", "4", "--beta", "0.04", *options])
     torch.manual_seed(0)
     trainer = GRPOTrainer(QwenImage.tiny(seed=0), config, train_dataset=load_prompt_dataset(prompts=config.train_prompts))
     model = trainer.model
     g = torch.Generator().manual_seed(3)
-    with torch.no_grad():  # policy != reference, so the KL term has a gradient too
+    with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    params = [p for p in model.parameters() if p.requires_grad]
+    return trainer, model, [p for p in model.parameters() if p.requires_grad]
+
+
+def test_per_timestep_backward_equals_all_at_once(tmp_path):
+    trainer, model, params = _lora_grpo_trainer(tmp_path, "--timestep_fraction", "0.75", "--true_cfg_scale", "2.0")
     batch = trainer.rollouts.batch(model)
     batch.advantages = torch.tensor([1.0, -0.5, 0.25, -0.75])
     policy_loss, kl = trainer.grpo.loss(model, batch, micro_step=0)
@@ -103,6 +109,35 @@ def test_per_timestep_backward_equals_all_at_once(tmp_path):
     assert trainer.grpo.train_steps(batch, 0) == trainer.grpo.train_steps(batch, 0)
     assert len(trainer.grpo.train_steps(batch, 0)) == 3
 
+
+
+def test_deepspeed_step_backpropagates_compute_loss_with_the_same_gradient(tmp_path, monkeypatch):
+    # Under DeepSpeed training_step back-propagates compute_loss whole (its engine steps inside each backward);
+    # otherwise one timestep at a time. Both give the same loss and gradient, and both advance the micro-step.
+    from accelerate.utils import DistributedType
+
+    trainer, model, params = _lora_grpo_trainer(tmp_path)
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop; 1 = DeepSpeed's unscaled backward
+    start = trainer.rollouts.state_dict()  # rollouts are a function of the counters: rewinding redraws the same
+
+    def step():
+        for p in params:
+            p.grad = None
+        trainer.rollouts.load_state_dict(start)
+        loss = float(trainer.training_step(model, {}))
+        assert trainer.rollouts.micro_step == 1
+        return loss, [None if p.grad is None else p.grad.clone() for p in params]
+
+    per_timestep = step()
+    monkeypatch.setattr(type(trainer.accelerator), "distributed_type", property(lambda self: DistributedType.DEEPSPEED))
+    backwards = []
+    monkeypatch.setattr(trainer.accelerator, "backward", lambda loss, **kwargs: backwards.append(kwargs) or loss.backward())
+    whole = step()
+    assert backwards == [{"scale_wrt_gas": False}]  # the DeepSpeed branch ran: one backward for the micro-step
+    assert whole[0] == pytest.approx(per_timestep[0], rel=1e-5)
+    assert sum(g is not None and bool(g.abs().sum() > 0) for g in whole[1]) > len(params) // 2
+    for a, b in zip(per_timestep[1], whole[1]):
+        assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, rtol=1e-4, atol=1e-10))
 
 def test_seeds_decide_the_sde_noise(tiny_model):
     q = tiny_model

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from align.configs.combined import DPOGRPOConfig
+from align.configs.grpo import GRPOConfig
 from align.launch import parse_config
-from align.trainers.combined import DPOGRPOConfig
-from align.trainers.grpo import GRPOConfig
 from align.trainers.grpo_objective import build_reward
 
 ROOT = Path(__file__).resolve().parents[1]

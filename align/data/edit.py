@@ -32,7 +32,8 @@ from qwen_image.edit import MAX_REFERENCES
 
 from ..images import to_rgb
 from .encoding import center_crop_resize, collate_encoded, encoding_fingerprint
-from .loading import _metadata_path, image_problem, load_image_dataset
+from .loading import image_problem, load_image_dataset
+from .sources import metadata_path
 
 CONTROL_COLUMNS = ("control_image", "control_image_1", "control_image_2")
 CONTROL_LIST_COLUMN = "control_images"
@@ -124,7 +125,7 @@ def load_edit_dataset(
     """An edit dataset (imagefolder or ``datasets``) with its control images gathered into :data:`CONTROLS`."""
     dataset = load_image_dataset(name, split, image_column)
     path = Path(name).expanduser()
-    meta = _metadata_path(path, split) if path.is_dir() else None
+    meta = metadata_path(path, split) if path.is_dir() else None
     return with_control_list(dataset, meta.parent if meta else None, control_columns, list_column)
 
 
@@ -253,7 +254,7 @@ def load_edit_preference_dataset(
 
     pairs, report = load_preference_dataset(name, split, prompt_column, min_agreement)
     path = Path(name).expanduser()
-    meta = path if path.is_file() else (path / "metadata.jsonl" if (path / "metadata.jsonl").is_file() else None)
+    meta = path if path.is_file() else metadata_path(path, split) if path.is_dir() else None
     pairs = with_control_list(pairs, meta.parent if meta else None, control_columns, list_column)
     bad = []
     for i, row in enumerate(pairs.select_columns([CONTROLS])):

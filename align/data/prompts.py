@@ -14,10 +14,11 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from datasets import Dataset, load_dataset, load_from_disk
+from datasets import Dataset, load_dataset
 
 from ..errors import UserError
 from .loading import read_jsonl_rows
+from .sources import load_source
 
 logger = logging.getLogger(__name__)
 
@@ -80,17 +81,7 @@ def load_prompt_dataset(
     elif prompts:
         ds = Dataset.from_dict({"prompt": [str(p) for p in prompts]})
     elif dataset_name:
-        path = Path(dataset_name).expanduser()
-        if path.is_file():
-            ds = _read_prompt_file(path)
-        elif path.is_dir() and (path / "dataset_info.json").is_file():
-            ds = load_from_disk(str(path))
-        elif path.is_dir() and (path / "dataset_dict.json").is_file():
-            ds = load_from_disk(str(path))[split]
-        else:
-            if not path.exists():
-                raise UserError(f"prompt dataset {dataset_name!r} not found (give a local file or folder).")
-            ds = load_dataset(str(path), split=split)
+        ds = load_source(dataset_name, split, file=_read_prompt_file, what="prompt dataset")
     else:
         raise UserError("no prompts: set dataset_name (a .jsonl with a 'prompt' column) or train_prompts.")
     if prompt_column != "prompt" and prompt_column in ds.column_names:

@@ -20,7 +20,8 @@ from ..data.ratings import filter_by_ratings
 from ..modeling import model_identity
 
 if TYPE_CHECKING:
-    from .sft import SFTConfig, SFTData
+    from ..configs.sft import SFTConfig
+    from .sft import SFTData
 
 
 def check_edit_config(config: "SFTConfig") -> None:

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Sequence
@@ -23,13 +23,14 @@ from transformers import TrainerCallback
 
 from qwen_image import QwenImage
 
-from ..configs import QwenImageTrainingConfig
-from ..data.buckets import DEFAULT_ASPECT_RATIOS, BucketBatchSampler, BucketSizeFn
+from ..configs.sft import SFTConfig
+from ..data.buckets import BucketBatchSampler, BucketSizeFn
 from ..data.edit import collate_edit
 from ..data.encoding import collate_encoded, encode_dataset, tensor_format
 from ..data.loading import load_image_dataset, validate_rows
-from ..data.ratings import AGGREGATES, FilterSummary, filter_by_ratings
-from ..data.schedule import PhaseSchedule, parse_phases
+from ..data.ratings import filter_by_ratings
+from ..data.report import RowReport
+from ..data.schedule import PhaseSchedule
 from ..errors import UserError
 from ..losses import flow_matching_loss, make_noisy, sample_sigmas
 from ..modeling import model_identity
@@ -41,43 +42,10 @@ EMPTY_PROMPT = " "
 
 
 @dataclass
-class SFTConfig(QwenImageTrainingConfig):
-    image_column: str = field(default="image", metadata={"help": "Image column of the dataset."})
-    # --- rater filter
-    ratings_column: str = field(default="ratings", metadata={"help": "Column with each row's list of ratings."})
-    min_raters: int = field(default=3, metadata={"help": "Keep rows with at least this many ratings (0: no rating filter)."})
-    min_score: float = field(default=4.5, metadata={"help": "Keep rows whose aggregate rating is >= this."})
-    rating_aggregate: str = field(default="mean", metadata={"help": "mean | min | median of the ratings."})
-    rating_scale: list[float] = field(default_factory=lambda: [1.0, 5.0], metadata={"help": "Rating scale [low high]; ratings outside are errors."})
-    skip_bad_rows: bool = field(default=False, metadata={"help": "Skip (and count) rows with bad ratings, missing/unreadable images or empty prompts instead of failing."})
-    # --- augmentation / batching
-    aspect_ratio_buckets: bool = field(default=False, metadata={"help": "Encode each image at the bucket size nearest its aspect ratio."})
-    bucket_aspect_ratios: list[float] = field(default_factory=lambda: list(DEFAULT_ASPECT_RATIOS), metadata={"help": "Bucket aspect ratios (width/height)."})
-    random_flip: bool = field(default=False, metadata={"help": "Cache a mirrored copy of every image and train on either at random."})
-    # --- progressive schedule
-    phases: str | None = field(
-        default=None,
-        metadata={"help": "Progressive phases (YAML list, or JSON on the CLI): [{until: 0.5, resolution: 512, synthetic_fraction: 0.5, lr_scale: 1.0}, ...]"},
-    )
-    source_column: str = field(default="source", metadata={"help": "Column telling real from synthetic rows (for phase mixes)."})
-    synthetic_values: list[str] = field(default_factory=lambda: ["synthetic"], metadata={"help": "source_column values that mean synthetic."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.rating_aggregate not in AGGREGATES:
-            raise UserError(f"rating_aggregate must be one of {AGGREGATES}, got {self.rating_aggregate!r}")
-        if not self.dataset_name:
-            raise UserError("dataset_name is required (an imagefolder with metadata.jsonl, or a datasets folder).")
-        self.phase_list = parse_phases(self.phases, self.resolution)
-        if self.phase_list and self.max_steps <= 0:
-            raise UserError("phases need max_steps > 0 (phase boundaries are fractions of max_steps).")
-
-
-@dataclass
 class SFTData:
     dataset: Dataset  # cached rows: prompt_embeds, <image>_latents, height, width, + metadata columns
     pools: dict  # (resolution, source) -> (height, width) -> units (lists of interchangeable row indices)
-    summary: FilterSummary
+    summary: RowReport
     empty_prompt: torch.Tensor | None  # (L, D) embedding of EMPTY_PROMPT for caption dropout
     edit: bool = False  # rows carry reference latents (edit models): batches get ``references``
 
@@ -86,7 +54,7 @@ def _is_synthetic(value, synthetic_values: Sequence[str]) -> bool:
     return str(value) in set(synthetic_values)
 
 
-def load_sft_rows(config: SFTConfig) -> tuple[Dataset, FilterSummary]:
+def load_sft_rows(config: SFTConfig) -> tuple[Dataset, RowReport]:
     """Load, rater-filter and check the training rows (no model needed: data mistakes surface before it loads)."""
     raw = load_image_dataset(config.dataset_name, config.dataset_split, config.image_column)
     raw, rated = filter_by_ratings(raw, config.min_score, config.min_raters, config.rating_aggregate,
@@ -100,12 +68,12 @@ def load_sft_rows(config: SFTConfig) -> tuple[Dataset, FilterSummary]:
     return raw, summary
 
 
-def _dropped(summary: FilterSummary) -> str:
-    reasons = ", ".join(f"{n} {why}" for why, n in sorted(summary.dropped.items())) or "none dropped"
+def _dropped(summary: RowReport) -> str:
+    reasons = summary.dropped_text() or "none dropped"
     return f"{summary.total} rows, {reasons}" + (f"; filter: {summary.settings}" if summary.settings else "")
 
 
-def prepare_sft_data(config: SFTConfig, qwen: QwenImage, rows: tuple[Dataset, FilterSummary] | None = None) -> SFTData:
+def prepare_sft_data(config: SFTConfig, qwen: QwenImage, rows: tuple[Dataset, RowReport] | None = None) -> SFTData:
     """Load (unless ``rows`` from :func:`load_sft_rows` are given), filter, check and cache the training data (the
     text encoder and VAE must still be loaded). Edit models read instruction / target / control-image rows."""
     if qwen.edit_model:
@@ -284,7 +252,7 @@ class _SamplerEpoch(TrainerCallback):
             self.trainer._batch_sampler.set_epoch(int(state.epoch + 1e-6))
 
 
-def write_data_summary(config: SFTConfig, summary: FilterSummary, is_main: bool) -> None:
+def write_data_summary(config: SFTConfig, summary: RowReport, is_main: bool) -> None:
     """Print the kept/dropped summary and keep it next to the run (``data_summary.json``)."""
     logger.info("%s", summary)
     if not is_main:
@@ -292,6 +260,4 @@ def write_data_summary(config: SFTConfig, summary: FilterSummary, is_main: bool)
     print(summary, flush=True)
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
     Path(config.output_dir, "data_summary.json").write_text(json.dumps(
-        {"kept": summary.kept, "total": summary.total, "dropped": summary.dropped, "examples": summary.examples,
-         "settings": summary.settings, "warnings": summary.warnings, "warning_examples": summary.warning_examples,
-         "world_size": config.world_size}, indent=2))
+        {**summary.to_dict(), "world_size": config.world_size}, indent=2))
