@@ -3,8 +3,6 @@ their control images condition the SDE rollouts, the recomputed log-probs and th
 held-out reward (ODE renders at fixed seeds), resume is exact, and DPO+GRPO trains a step on an edit checkpoint."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -71,15 +69,17 @@ def _plain(tmp_path: Path) -> Path:
     return path
 
 
-def test_the_cli_refuses_a_missing_control_image_in_one_line(prompts_file, tmp_path):
+def test_a_run_with_a_missing_control_image_stops_before_the_model_loads(prompts_file, tmp_path, monkeypatch):
+    import align.modeling
+
     rows = [json.loads(line) for line in prompts_file.read_text().splitlines()]
     bad = prompts_file.parent / "missing.jsonl"
     _rewrite(bad, [dict(rows[0], control_image="gone.png"), *rows[1:]])
-    proc = subprocess.run([sys.executable, "align/grpo.py", "--config", RECIPE, "--dataset_name", str(bad),
-                           "--output_dir", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: 1 edit prompt row(s) with bad control images: row 0: control image 1: image not found")
+    monkeypatch.setattr(align.modeling, "load_qwen_image", lambda *a, **k: pytest.fail("the model loaded before the data check"))
+    with pytest.raises(UserError, match=r"^1 edit prompt row\(s\) with bad control images: row 0: control image 1: "
+                                        r"image not found: .*gone\.png\. Fix the prompt file\.$") as info:
+        _grpo(["--config", RECIPE, "--dataset_name", str(bad), "--output_dir", str(tmp_path / "o")])
+    assert "\n" not in str(info.value)
 
 
 def test_rollouts_are_conditioned_on_the_control_images_and_rescored_exactly(prompts_file):
