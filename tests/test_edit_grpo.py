@@ -108,6 +108,29 @@ def test_rollouts_are_conditioned_on_the_control_images_and_rescored_exactly(pro
         generate_rollouts(qwen, qwen.transformer, ["x"], height=32, width=32, seeds=[0])
 
 
+def test_mixed_control_sizes_are_refused_only_where_a_rollout_batch_would_mix_them(prompts_file, tmp_path):
+    from align.launch import parse_config
+    from align.trainers.grpo import GRPOConfig
+    from align.trainers.grpo_objective import check_edit_prompt_sizes
+
+    Image.new("RGB", (64, 32), "gray").save(prompts_file.parent / "wide.png")
+    mixed = prompts_file.parent / "mixed.jsonl"
+    _rewrite(mixed, [{"prompt": "a", "control_image": "s0.png"}, {"prompt": "b", "control_image": "wide.png"}])
+    ds = load_prompt_dataset(str(mixed), edit=EditPromptColumns())
+    qwen = QwenImage.tiny_edit("2511")
+
+    def config(*argv):
+        return parse_config(GRPOConfig, ["--config", RECIPE, "--output_dir", str(tmp_path), *argv])
+
+    check_edit_prompt_sizes(qwen, config(), ds)  # groups of 4 copies, micro-batches of 4: one row per batch
+    with pytest.raises(UserError, match=r"edit prompts with different control sizes .* make num_generations \(2\)"):
+        check_edit_prompt_sizes(qwen, config("--num_generations", "2"), ds)
+    with pytest.raises(UserError, match="held-out edit prompts with different control sizes"):
+        check_edit_prompt_sizes(qwen, config(), ds, held_out=ds)
+    check_edit_prompt_sizes(qwen, config("--grpo_batch_size", "1", "--gradient_accumulation_steps", "4"), ds,
+                            held_out=ds)
+
+
 def _grpo(argv):
     from align.grpo import main
 

@@ -7,7 +7,7 @@ Sources, exactly one of:
   which is read as that file: a file name is never trained on as a prompt.
 Setting both is an error (which one wins would be a silent guess). Blank prompts are skipped.
 
-Edit models (``edit=True``): each row is an instruction plus 1-3 control images, in the columns edit SFT reads
+Edit models (``edit=EditPromptColumns(...)``): each row is an instruction plus 1-3 control images, in the columns edit SFT reads
 (``control_image`` / ``control_image_1`` / ``control_image_2``, or one ``control_images`` list; paths relative to
 the prompt file, or to the folder holding a ``metadata.jsonl``). They are gathered into one ``control_images``
 column (``align.data.edit``) and every row is checked: a missing or unreadable image, a gap in the numbering or

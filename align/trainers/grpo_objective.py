@@ -173,45 +173,58 @@ def reference_area(args: GRPOArguments) -> int | None:
     return side * side if side else None
 
 
-def check_edit_prompt_sizes(qwen, args: GRPOArguments, datasets) -> None:
-    """A rollout micro-batch shares one reference grid (tokens of different lengths cannot be batched). Micro-batches
-    hold consecutive copies of a prompt (the prompt stream's layout), so mixed control sizes are fine when every
-    micro-batch lies inside one group (``num_generations`` a multiple of the rollout batch size); otherwise the
-    sizes must all agree. Checked once, before any rollout, from the image headers."""
+def check_edit_prompt_sizes(qwen, args: GRPOArguments, prompts, held_out=None) -> None:
+    """A rollout micro-batch shares one reference grid (tokens of different lengths cannot be batched). Training
+    micro-batches hold consecutive copies of a prompt (the prompt stream's layout), so mixed control sizes are fine
+    when every micro-batch lies inside one group (``num_generations`` a multiple of the rollout batch size); the
+    held-out monitor batches several rows, so its rows must agree unless it renders one at a time. Checked once,
+    before any rollout, from the image headers."""
+    if not qwen.edit_model:
+        return
+    bs = args.rollout_batch_size
+    checks = [(prompts, "edit prompts", args.num_generations % bs == 0,
+               f"make num_generations ({args.num_generations}) a multiple of the rollout batch size")]
+    if held_out is not None:
+        checks.append((held_out, "held-out edit prompts", bs == 1, "set grpo_batch_size: 1"))
+    for ds, what, grouped, fix in checks:
+        if grouped:
+            continue
+        grids = _reference_grids(qwen, args, ds)
+        if len(grids) > 1:
+            (a, pa), (b, pb) = list(grids.items())[:2]
+            raise UserError(f"{what} with different control sizes ({list(a)} for {pa[:40]!r}, {list(b)} for "
+                            f"{pb[:40]!r}) cannot share a rollout batch of {bs} (grpo_batch_size / "
+                            f"per_device_train_batch_size): {fix}, or use control images of one aspect ratio")
+
+
+def _reference_grids(qwen, args: GRPOArguments, ds) -> dict[tuple, str]:
+    """Each distinct tuple of reference sizes in ``ds`` -> the first prompt that has it."""
     import io
 
     from PIL import Image
 
     from ..data.edit import CONTROLS
 
-    if not qwen.edit_model or args.num_generations % args.rollout_batch_size == 0:
-        return
     area = reference_area(args)
     grids: dict[tuple, str] = {}
-    for ds in datasets:
-        for row in ds.select_columns(["prompt", CONTROLS]):
-            sizes = []
-            for cell in row[CONTROLS]:
-                with Image.open(cell["path"] if cell["bytes"] is None else io.BytesIO(cell["bytes"])) as im:
-                    sizes.append(qwen.edit_encoder.reference_size(im, area))  # reads the header, not the pixels
-            grids.setdefault(tuple(sizes), row["prompt"])
-    if len(grids) > 1:
-        (a, pa), (b, pb) = list(grids.items())[:2]
-        raise UserError(f"edit prompts with different control sizes ({list(a)} for {pa[:40]!r}, {list(b)} for "
-                        f"{pb[:40]!r}) cannot share a rollout micro-batch of {args.rollout_batch_size}: make "
-                        f"num_generations ({args.num_generations}) a multiple of the rollout batch size "
-                        "(grpo_batch_size / per_device_train_batch_size), or use control images of one aspect ratio")
+    for row in ds.select_columns(["prompt", CONTROLS]):
+        sizes = []
+        for cell in row[CONTROLS]:
+            with Image.open(cell["path"] if cell["bytes"] is None else io.BytesIO(cell["bytes"])) as im:
+                sizes.append(qwen.edit_encoder.reference_size(im, area))  # reads the header, not the pixels
+        grids.setdefault(tuple(sizes), row["prompt"])
+    return grids
 
 
-def precompute_prompts_and_release(qwen, args: GRPOArguments, datasets, device) -> None:
-    """With ``release_text_encoder``: encode the finite prompt set(s) ``datasets`` once (edit models: each row with
-    its control images, and the CFG negative with them), then drop the text encoder; otherwise move it to ``device``
-    (rollouts encode their prompts as they come)."""
+def precompute_prompts_and_release(qwen, args: GRPOArguments, prompts, held_out, device) -> None:
+    """With ``release_text_encoder``: encode the finite prompt sets (training ``prompts``, ``held_out`` or None)
+    once (edit models: each row with its control images, and the CFG negative with them), then drop the text
+    encoder; otherwise move it to ``device`` (rollouts encode their prompts as they come)."""
     from .base import release_text_encoder
 
-    datasets = [ds for ds in datasets if ds is not None]
+    datasets = [ds for ds in (prompts, held_out) if ds is not None]
     qwen.text_encoder.to(device)
-    check_edit_prompt_sizes(qwen, args, datasets)
+    check_edit_prompt_sizes(qwen, args, prompts, held_out)
     if not args.release_text_encoder:
         return
     if qwen.edit_model:
