@@ -20,7 +20,9 @@ TINY = str(ROOT / "recipes/tiny/grpo_brightness.yaml")
 
 
 @pytest.mark.parametrize("recipe,cls", [("grpo_ocr.yaml", GRPOConfig), ("tiny/grpo_brightness.yaml", GRPOConfig),
-                                        ("dpo_grpo.yaml", DPOGRPOConfig), ("tiny/dpo_grpo.yaml", DPOGRPOConfig)])
+                                        ("dpo_grpo.yaml", DPOGRPOConfig), ("tiny/dpo_grpo.yaml", DPOGRPOConfig),
+                                        ("edit/grpo_lora.yaml", GRPOConfig), ("tiny/edit_grpo_lora.yaml", GRPOConfig),
+                                        ("tiny/edit_dpo_grpo.yaml", DPOGRPOConfig)])
 def test_recipes_parse(recipe, cls, tmp_path):
     config = parse_config(cls, ["--config", str(ROOT / "recipes" / recipe), "--output_dir", str(tmp_path),
                                 "--bf16", "false", "--report_to", "none"])

@@ -284,3 +284,20 @@ def write_synthetic_edit_pairs(folder: str | Path, n: int = 16, size: int = 64, 
         lines.append(json.dumps(row) + "\n")
     (folder / "metadata.jsonl").write_text("".join(lines), encoding="utf-8")
     return folder
+
+
+def write_synthetic_edit_prompts(folder: str | Path, n: int = 4, size: int = 32, seed: int = 0) -> Path:
+    """Demo/test GRPO prompts for edit models: ``prompts.jsonl`` rows of an instruction and a control image (a
+    random texture of ``size`` px, ``s<i>.png`` next to the file). Returns the prompt file."""
+    import json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        texture = (rng.random((max(1, size // 8), max(1, size // 8), 3)) * 255).astype(np.uint8)
+        Image.fromarray(texture).resize((size, size), Image.NEAREST).save(folder / f"s{i}.png")
+        lines.append(json.dumps({"prompt": f"make photo {i} brighter", "control_image": f"s{i}.png"}) + "\n")
+    (folder / "prompts.jsonl").write_text("".join(lines), encoding="utf-8")
+    return folder / "prompts.jsonl"

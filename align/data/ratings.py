@@ -24,11 +24,11 @@ AGGREGATES = ("mean", "min", "median")
 _TOLERANCE = 1e-9
 
 
-def raise_bad_rows(problems: Sequence[str], what: str = "bad row(s)") -> None:
-    """One-line error naming the first bad rows, and how to skip them instead."""
+def raise_bad_rows(problems: Sequence[str], what: str = "bad row(s)",
+                   hint: str = "Fix the data or pass --skip_bad_rows to skip them.") -> None:
+    """One-line error naming the first bad rows, and how to fix (or skip) them."""
     more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-    raise UserError(f"{len(problems)} {what}: {'; '.join(problems[:3])}{more}. "
-                     f"Fix the data or pass --skip_bad_rows to skip them.")
+    raise UserError(f"{len(problems)} {what}: {'; '.join(problems[:3])}{more}. {hint}")
 
 
 def describe_row(index: int, row: dict | None = None) -> str:

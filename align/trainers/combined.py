@@ -62,8 +62,7 @@ class DPOGRPOTrainer(MonitoredEvaluationMixin, RolloutCheckpointMixin, FlowDPOTr
             self.rollouts = RolloutSource(self.grpo, grpo_prompts, args, self.accelerator.process_index)
             self.monitor, self.guard = build_monitor(qwen, args, monitor_prompts, self.accelerator, self.model,
                                                      self.reference)
-            held_out = list(monitor_prompts["prompt"]) if monitor_prompts is not None else []
-            precompute_prompts_and_release(qwen, args, [*grpo_prompts["prompt"], *held_out], self.accelerator.device)
+            precompute_prompts_and_release(qwen, args, grpo_prompts, monitor_prompts, self.accelerator.device)
 
     def extra_loss_terms(self, model, inputs: dict) -> tuple[dict, dict]:
         """The GRPO term as one graph over its trained timesteps (``compute_loss``; DeepSpeed trains this way)."""

@@ -80,8 +80,7 @@ class GRPOTrainer(MonitoredEvaluationMixin, RolloutCheckpointMixin, QwenImageTra
         self.rollouts = RolloutSource(self.grpo, train_dataset, args, self.accelerator.process_index)
         self.monitor, self.guard = build_monitor(qwen, args, monitor_prompts, self.accelerator, policy, reference)
         qwen.vae.to(self.accelerator.device)
-        held_out = list(monitor_prompts["prompt"]) if monitor_prompts is not None else []
-        precompute_prompts_and_release(qwen, args, [*train_dataset["prompt"], *held_out], self.accelerator.device)
+        precompute_prompts_and_release(qwen, args, train_dataset, monitor_prompts, self.accelerator.device)
 
     def get_train_dataloader(self):
         # one (empty) item per micro-step and process; batch size 1 so the Trainer's step count is the micro-step count

@@ -43,15 +43,83 @@ from .base import MetricLog
 
 logger = logging.getLogger(__name__)
 
-def precompute_prompts_and_release(qwen, args: GRPOArguments, prompts, device) -> None:
-    """With ``release_text_encoder``: encode the finite prompt set once, then drop the text encoder; otherwise move it
-    to ``device`` (rollouts encode their prompts as they come)."""
+
+def reference_area(args: GRPOArguments) -> int | None:
+    """Edit rollouts: the control images' VAE-side area (``control_resolution``²; None = the model's, as at
+    inference)."""
+    side = getattr(args, "control_resolution", 0)
+    return side * side if side else None
+
+
+def check_edit_prompt_sizes(qwen, args: GRPOArguments, prompts, held_out=None) -> None:
+    """A rollout micro-batch shares one reference grid (tokens of different lengths cannot be batched). Training
+    micro-batches hold consecutive copies of a prompt (the prompt stream's layout), so mixed control sizes are fine
+    when every micro-batch lies inside one group (``num_generations`` a multiple of the rollout batch size); the
+    held-out monitor batches several rows, so its rows must agree unless it renders one at a time. Checked once,
+    before any rollout, from the image headers."""
+    if not qwen.edit_model:
+        return
+    bs = args.rollout_batch_size
+    checks = [(prompts, "edit prompts", args.num_generations % bs == 0,
+               f"make num_generations ({args.num_generations}) a multiple of the rollout batch size")]
+    if held_out is not None:
+        checks.append((held_out, "held-out edit prompts", bs == 1, "set grpo_batch_size: 1"))
+    for ds, what, grouped, fix in checks:
+        if grouped:
+            continue
+        grids = _reference_grids(qwen, args, ds)
+        if len(grids) > 1:
+            (a, pa), (b, pb) = list(grids.items())[:2]
+            raise UserError(f"{what} with different control sizes ({list(a)} for {pa[:40]!r}, {list(b)} for "
+                            f"{pb[:40]!r}) cannot share a rollout batch of {bs} (grpo_batch_size / "
+                            f"per_device_train_batch_size): {fix}, or use control images of one aspect ratio")
+
+
+def _reference_grids(qwen, args: GRPOArguments, ds) -> dict[tuple, str]:
+    """Each distinct tuple of reference sizes in ``ds`` -> the first prompt that has it."""
+    import io
+
+    from PIL import Image
+
+    from ..data.edit import CONTROLS
+
+    area = reference_area(args)
+    grids: dict[tuple, str] = {}
+    for row in ds.select_columns(["prompt", CONTROLS]):
+        sizes = []
+        for cell in row[CONTROLS]:
+            with Image.open(cell["path"] if cell["bytes"] is None else io.BytesIO(cell["bytes"])) as im:
+                sizes.append(qwen.edit_encoder.reference_size(im, area))  # reads the header, not the pixels
+        grids.setdefault(tuple(sizes), row["prompt"])
+    return grids
+
+
+def precompute_prompts_and_release(qwen, args: GRPOArguments, prompts, held_out, device) -> None:
+    """With ``release_text_encoder``: encode the finite prompt sets (training ``prompts``, ``held_out`` or None)
+    once (edit models: each row with its control images, and the CFG negative with them), then drop the text
+    encoder; otherwise move it to ``device`` (rollouts encode their prompts as they come)."""
     from .base import release_text_encoder
 
+    datasets = [ds for ds in (prompts, held_out) if ds is not None]
     qwen.text_encoder.to(device)
+    check_edit_prompt_sizes(qwen, args, prompts, held_out)
     if not args.release_text_encoder:
         return
-    count = qwen.prompt_encoder.precompute([*prompts, args.negative_prompt], progress=True)
+    if qwen.edit_model:
+        from ..data.edit import CONTROLS
+        from ..rollouts import control_images
+
+        count = 0
+        for ds in datasets:
+            for start in range(0, len(ds), 64):  # a chunk of rows' images in memory at a time
+                rows = ds.select_columns(["prompt", CONTROLS])[start:start + 64]
+                prompts, images = list(rows["prompt"]), control_images(qwen, rows, len(rows["prompt"]))
+                if args.true_cfg_scale > 1 and args.negative_prompt is not None:  # the negative reads the images too
+                    prompts, images = prompts + [args.negative_prompt] * len(images), images + images
+                count += qwen.edit_encoder.precompute(prompts, images)
+    else:
+        count = qwen.prompt_encoder.precompute([p for ds in datasets for p in ds["prompt"]] + [args.negative_prompt],
+                                               progress=True)
     release_text_encoder(qwen)
     logger.info("encoded %d distinct prompts once; text encoder released", count)
 
@@ -90,15 +158,27 @@ def build_monitor(qwen, args: GRPOArguments, prompts, accelerator, policy, refer
             OverOptimizationGuard(args.early_stop_patience))
 
 
+def edit_prompt_columns(args: GRPOArguments):
+    """For an edit model (checkpoint or tiny variant, decided before the weights load): where its prompt rows keep
+    their control images; None for text-to-image."""
+    from ..data.prompts import EditPromptColumns
+    from ..modeling import uses_edit_model
+
+    if not uses_edit_model(args):  # type: ignore[arg-type]
+        return None
+    return EditPromptColumns(args.control_columns, args.control_images_column, args.num_control_images)  # type: ignore[attr-defined]
+
+
 def load_grpo_prompts(args: GRPOArguments):
     """The prompts GRPO rolls out: ``train_prompts`` / a file in it, or ``dataset_name`` (``grpo_dataset_name`` in the
-    combined trainer, whose ``dataset_name`` holds the pairs)."""
+    combined trainer, whose ``dataset_name`` holds the pairs). Edit models: each row with its control images."""
     from ..data.prompts import load_prompt_dataset
 
     combined = hasattr(args, "grpo_dataset_name")
     name = args.grpo_dataset_name if combined else args.dataset_name  # type: ignore[attr-defined]
     split = "train" if combined else args.dataset_split  # type: ignore[attr-defined]
-    return load_prompt_dataset(name, args.train_prompts, split, args.prompt_column)  # type: ignore[attr-defined]
+    return load_prompt_dataset(name, args.train_prompts, split, args.prompt_column,  # type: ignore[attr-defined]
+                               edit=edit_prompt_columns(args))
 
 
 def load_monitor_prompts(args: GRPOArguments):
@@ -107,7 +187,8 @@ def load_monitor_prompts(args: GRPOArguments):
 
     if not args.has_monitor:
         return None
-    return load_prompt_dataset(args.monitor_dataset_name, args.monitor_prompts, "train", args.prompt_column)  # type: ignore[attr-defined]
+    return load_prompt_dataset(args.monitor_dataset_name, args.monitor_prompts, "train", args.prompt_column,  # type: ignore[attr-defined]
+                               edit=edit_prompt_columns(args))
 
 
 def derived_generator(*indices: int) -> torch.Generator:
@@ -199,7 +280,7 @@ class GRPOObjective:
                 self.qwen, policy, prompts[sl], {k: v[sl] for k, v in columns.items()}, height=size, width=size,
                 num_inference_steps=args.num_inference_steps, noise_level=args.noise_level, sde_window=window,
                 true_cfg_scale=args.true_cfg_scale, negative_prompt=args.negative_prompt, seeds=seeds[sl],
-                keep_means=args.policy_loss != "clip",
+                keep_means=args.policy_loss != "clip", reference_area=reference_area(args),
             )
             totals, per = score_images(self.reward_fn, batch.prompts, batch.images, batch.columns)
             batch.rewards = rewards_tensor(totals)
