@@ -26,9 +26,10 @@ import torch  # noqa: E402
 from sft_step import StepTimer, write_data  # noqa: E402
 from sft_step import config as sft_config
 
+from align.data.sft import prepare_sft_data  # noqa: E402
 from align.modeling import load_qwen_image  # noqa: E402
 from align.trainers.base import release_text_encoder  # noqa: E402
-from align.trainers.sft import SFTTrainer, prepare_sft_data  # noqa: E402
+from align.trainers.sft import SFTTrainer  # noqa: E402
 
 
 def add_controls(folder: Path, refs: int) -> None:

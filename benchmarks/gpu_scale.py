@@ -122,9 +122,10 @@ def make_trainer(mode: str, args, device, dtype):
     from align.configs.grpo import GRPOConfig
     from align.configs.sft import SFTConfig
     from align.data.report import RowReport
+    from align.data.sft import SFTData
     from align.trainers.dpo import FlowDPOTrainer
     from align.trainers.grpo import GRPOTrainer
-    from align.trainers.sft import SFTData, SFTTrainer
+    from align.trainers.sft import SFTTrainer
     from rewards import brightness
 
     if mode == "sft":

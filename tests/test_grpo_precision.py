@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_helpers import perturbed_lora
+from lora_helpers import lora_b_off_zero, perturbed_lora
 
 from align.rollouts import generate_rollouts, recompute_log_prob
 from qwen_image import QwenImage
@@ -78,13 +78,7 @@ def _lora_grpo_trainer(tmp_path, *options: str):
                                        "--lora_rank", "4", "--lora_alpha", "4", "--beta", "0.04", *options])
     torch.manual_seed(0)
     trainer = GRPOTrainer(QwenImage.tiny(seed=0), config, train_dataset=load_prompt_dataset(prompts=config.train_prompts))
-    model = trainer.model
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return trainer, model, [p for p in model.parameters() if p.requires_grad]
+    return trainer, trainer.model, lora_b_off_zero(trainer.model, seed=3)
 
 
 def test_per_timestep_backward_equals_all_at_once(tmp_path):
@@ -111,12 +105,41 @@ def test_per_timestep_backward_equals_all_at_once(tmp_path):
 
 
 
-def test_deepspeed_step_backpropagates_compute_loss_with_the_same_gradient(tmp_path, monkeypatch):
+def _lora_combined_trainer(tmp_path):
+    """A tiny DPO+GRPO trainer with every term weighted (DPO, velocity KL, GRPO, rollout KL), lora_B off zero.
+    Returns the trainer, its model, the trainable parameters and one batch of pairs."""
+    from align.configs.combined import DPOGRPOConfig
+    from align.data.preference import write_synthetic_pairs
+    from align.data.prompts import load_prompt_dataset
+    from align.launch import parse_config
+    from align.trainers.combined import DPOGRPOTrainer
+    from align.trainers.dpo import build_datasets
+
+    data = write_synthetic_pairs(tmp_path / "pairs", n=4, size=32)
+    config = parse_config(DPOGRPOConfig, ["--config", COMBINED_RECIPE, "--dataset_name", str(data), "--cache_dir",
+                                          str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out"),
+                                          "--w_dpo", "1.0", "--beta_kl", "0.05", "--w_grpo", "1.0"])
+    qwen = QwenImage.tiny(seed=0)
+    train_ds, _ = build_datasets(config, qwen)
+    torch.manual_seed(0)
+    trainer = DPOGRPOTrainer(qwen, config, train_dataset=train_ds,
+                             grpo_prompts=load_prompt_dataset(prompts=config.train_prompts))
+    inputs = trainer.data_collator([train_ds[i] for i in range(2)])
+    return trainer, trainer.model, lora_b_off_zero(trainer.model, seed=3), inputs
+
+
+@pytest.mark.parametrize("kind", ["grpo", "combined"])
+def test_deepspeed_step_backpropagates_compute_loss_with_the_same_gradient(kind, tmp_path, monkeypatch):
     # Under DeepSpeed training_step back-propagates compute_loss whole (its engine steps inside each backward);
-    # otherwise one timestep at a time. Both give the same loss and gradient, and both advance the micro-step.
+    # otherwise one timestep at a time (and, combined, the DPO terms once). Both give the same loss and gradient,
+    # and both advance the micro-step.
     from accelerate.utils import DistributedType
 
-    trainer, model, params = _lora_grpo_trainer(tmp_path)
+    if kind == "grpo":
+        (trainer, model, params), inputs = _lora_grpo_trainer(tmp_path), {}
+    else:
+        trainer, model, params, inputs = _lora_combined_trainer(tmp_path)
+        assert trainer.dpo_weights_active and trainer.grpo.need_kl
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop; 1 = DeepSpeed's unscaled backward
     start = trainer.rollouts.state_dict()  # rollouts are a function of the counters: rewinding redraws the same
 
@@ -124,7 +147,8 @@ def test_deepspeed_step_backpropagates_compute_loss_with_the_same_gradient(tmp_p
         for p in params:
             p.grad = None
         trainer.rollouts.load_state_dict(start)
-        loss = float(trainer.training_step(model, {}))
+        torch.manual_seed(11)  # the DPO terms' noise and sigma
+        loss = float(trainer.training_step(model, dict(inputs)))
         assert trainer.rollouts.micro_step == 1
         return loss, [None if p.grad is None else p.grad.clone() for p in params]
 
@@ -138,6 +162,7 @@ def test_deepspeed_step_backpropagates_compute_loss_with_the_same_gradient(tmp_p
     assert sum(g is not None and bool(g.abs().sum() > 0) for g in whole[1]) > len(params) // 2
     for a, b in zip(per_timestep[1], whole[1]):
         assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, rtol=1e-4, atol=1e-10))
+
 
 def test_seeds_decide_the_sde_noise(tiny_model):
     q = tiny_model
