@@ -10,9 +10,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from align.configs.grpo import GRPOConfig  # noqa: E402
+from align.data.grpo import load_grpo_prompts, load_monitor_prompts  # noqa: E402
 from align.launch import run, train_main  # noqa: E402
 from align.trainers.grpo import GRPOTrainer  # noqa: E402
-from align.trainers.grpo_objective import build_reward, load_grpo_prompts, load_monitor_prompts  # noqa: E402
+from align.trainers.grpo_objective import build_reward  # noqa: E402
 
 
 def load_data(config: GRPOConfig):

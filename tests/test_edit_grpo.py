@@ -110,8 +110,8 @@ def test_rollouts_are_conditioned_on_the_control_images_and_rescored_exactly(pro
 
 def test_mixed_control_sizes_are_refused_only_where_a_rollout_batch_would_mix_them(prompts_file, tmp_path):
     from align.configs.grpo import GRPOConfig
+    from align.data.grpo import check_edit_prompt_sizes
     from align.launch import parse_config
-    from align.trainers.grpo_objective import check_edit_prompt_sizes
 
     Image.new("RGB", (64, 32), "gray").save(prompts_file.parent / "wide.png")
     mixed = prompts_file.parent / "mixed.jsonl"

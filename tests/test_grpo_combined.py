@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from align.configs.combined import DPOGRPOConfig
+from align.data.dpo import build_datasets
 from align.data.preference import write_synthetic_pairs
 from align.launch import parse_config
 from align.losses import grpo_clip_loss
 from align.rollouts import recompute_log_prob
 from align.trainers.combined import DPOGRPOTrainer
-from align.trainers.dpo import FlowDPOTrainer, build_datasets
+from align.trainers.dpo import FlowDPOTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))

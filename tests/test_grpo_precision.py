@@ -109,11 +109,11 @@ def _lora_combined_trainer(tmp_path):
     """A tiny DPO+GRPO trainer with every term weighted (DPO, velocity KL, GRPO, rollout KL), lora_B off zero.
     Returns the trainer, its model, the trainable parameters and one batch of pairs."""
     from align.configs.combined import DPOGRPOConfig
+    from align.data.dpo import build_datasets
     from align.data.preference import write_synthetic_pairs
     from align.data.prompts import load_prompt_dataset
     from align.launch import parse_config
     from align.trainers.combined import DPOGRPOTrainer
-    from align.trainers.dpo import build_datasets
 
     data = write_synthetic_pairs(tmp_path / "pairs", n=4, size=32)
     config = parse_config(DPOGRPOConfig, ["--config", COMBINED_RECIPE, "--dataset_name", str(data), "--cache_dir",

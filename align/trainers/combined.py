@@ -20,6 +20,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from ..configs.combined import DPOGRPOConfig
+from ..data.grpo import load_monitor_prompts
 from .dpo import FlowDPOTrainer
 from .grpo import log_rollout_images
 from .grpo_objective import (
@@ -28,7 +29,6 @@ from .grpo_objective import (
     RolloutSource,
     build_monitor,
     build_reward,
-    load_monitor_prompts,
     precompute_prompts_and_release,
 )
 from .monitor import MonitoredEvaluationMixin

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from typing import Any
 
 import torch
 
 from ..configs.dpo import DPOConfig
-from ..data.edit import collate_edit, encode_edit_dataset, load_edit_preference_dataset
-from ..data.encoding import collate_encoded, encode_dataset
-from ..data.preference import IMAGE_COLUMNS, load_preference_dataset
+from ..data.edit import collate_edit
+from ..data.encoding import collate_encoded
+from ..data.preference import IMAGE_COLUMNS
 from ..errors import UserError
 from ..losses import flow_dpo_loss, flow_matching_loss, make_noisy, sample_sigmas, velocity_error
-from ..modeling import model_identity, uses_edit_model
 from ..reference import ReferenceModel
 from .base import MetricLog, QwenImageTrainer
 
@@ -139,47 +137,3 @@ class FlowDPOTrainer(QwenImageTrainer):
         prefix = "eval_" if mode == "eval" else ""
         logs.update({f"{prefix}{name}": value for name, value in self.metric_log.pop(mode).items()})
         super().log(logs, start_time)
-
-
-def build_datasets(config: DPOConfig, qwen, pairs=None) -> tuple[Any, Any]:
-    """Load (unless ``pairs`` are given), validate, encode (cached) and split the preference pairs. Rank 0 encodes
-    first, the others reuse its cache."""
-    with config.main_process_first(desc="preference data"):
-        if qwen.edit_model:
-            encoded = build_edit_pairs(config, qwen)
-        else:
-            if pairs is None:
-                pairs, _ = load_preference_dataset(
-                    config.dataset_name, config.dataset_split, config.prompt_column, config.min_agreement
-                )
-            encoded = encode_dataset(
-                pairs, qwen, model_identity(config), config.encoding_cache_dir, image_columns=IMAGE_COLUMNS,
-                prompt_column="prompt", resolution=config.resolution, batch_size=config.encode_batch_size,
-            )
-    if config.eval_fraction > 0:
-        split = encoded.train_test_split(test_size=config.eval_fraction, seed=config.seed)
-        return split["train"], split["test"]
-    return encoded, None
-
-
-def build_edit_pairs(config: DPOConfig, qwen):
-    """Edit pairs (instruction, control image(s), chosen, rejected), encoded with the edit template and references."""
-    pairs, _ = load_edit_preference_dataset(
-        config.dataset_name, config.dataset_split, config.prompt_column, config.min_agreement,
-        config.control_columns, config.control_images_column, config.num_control_images,
-    )
-    return encode_edit_dataset(
-        pairs, qwen, model_identity(config), config.encoding_cache_dir, image_columns=IMAGE_COLUMNS,
-        resolution=config.resolution, control_resolution=config.control_resolution,
-        batch_size=config.encode_batch_size,
-    )
-
-
-def read_pairs(config: DPOConfig):
-    """The preference pairs, read and checked before the model loads (None for an edit model: its pairs are read
-    with their control images once the processor is there)."""
-    if uses_edit_model(config):
-        return None
-    pairs, _ = load_preference_dataset(config.dataset_name, config.dataset_split, config.prompt_column,
-                                       config.min_agreement)
-    return pairs

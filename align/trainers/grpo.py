@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from qwen_image import QwenImage
 
 from ..configs.grpo import GRPOConfig
+from ..data.grpo import load_monitor_prompts
 from ..reference import ReferenceModel
 from .base import QwenImageTrainer
 from .grpo_objective import (
@@ -31,7 +32,6 @@ from .grpo_objective import (
     RolloutSource,
     build_monitor,
     build_reward,
-    load_monitor_prompts,
     precompute_prompts_and_release,
 )
 from .monitor import MonitoredEvaluationMixin

@@ -29,8 +29,8 @@ from qwen_image.latents import image_seq_len, img_shapes
 from qwen_image.sampling import sample
 from qwen_image.scheduler import inference_sigmas
 
+from ..data.grpo import reference_area
 from ..rollouts import rollout_conditioning, score_images
-from .grpo_objective import reference_area
 
 logger = logging.getLogger(__name__)
 
