@@ -63,7 +63,7 @@ def make_pairs(candidates: list[dict], pairing: str, scores: list[float] | None 
 def generate_pairs(prompts_file: Path, out: Path, *, checkpoint: str | None = None, adapter: str | None = None,
                    num_candidates: int = 4, pairing: str = "all", reward: str | None = None, seed: int = 0,
                    height: int = 64, width: int = 64, steps: int = 4, cfg: float = 4.0, device: str | None = None,
-                   dtype: str = "bfloat16", batch_size: int = 8) -> dict:
+                   dtype: str = "bfloat16", batch_size: int = 8, reward_kwargs: dict | None = None) -> dict:
     prompts = read_prompts(prompts_file)
     if num_candidates < 2:
         raise AnnotationError("--num-candidates must be at least 2 to form pairs")
@@ -98,7 +98,7 @@ def generate_pairs(prompts_file: Path, out: Path, *, checkpoint: str | None = No
         from PIL import Image
 
         from rewards import get_reward  # lazy: may load a scoring model
-        fn = get_reward(reward)
+        fn = get_reward(reward, **(reward_kwargs or {}))
         scores = [float(x) if x is not None else float("-inf") for x in
                   fn([c["prompt"] for c in candidates], [Image.open(out / c["image"]) for c in candidates])]
         for c, s in zip(candidates, scores):
