@@ -75,11 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, default=300.0, help="seconds to wait for /health")
     p.add_argument("--detach", action="store_true", help="leave the server running in the background and exit")
 
-    p = sub.add_parser("generate-pairs", help="generate N candidates per prompt and form pairs",
+    p = sub.add_parser("generate-pairs", help="generate N candidates per prompt (or per edit request) and form pairs",
                        description="Generate N candidate images per prompt with different seeds (tiny random "
                                    "model by default; --checkpoint/--adapter in real use), and write "
-                                   "candidates.jsonl and pairs.jsonl for push-ratings/push-pairs.")
-    p.add_argument("--prompts", type=Path, required=True, help="text file (one prompt a line) or JSONL with prompt")
+                                   "candidates.jsonl and pairs.jsonl for push-ratings/push-pairs. With --edits, "
+                                   "N candidate edits per request from an edit model (Edit-2509/2511; the tiny "
+                                   "edit model by default); the rows carry the sources (control_images), so "
+                                   "push-pairs/push-ratings make edit projects.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", type=Path, help="text file (one prompt a line) or JSONL with prompt")
+    src.add_argument("--edits", type=Path, help="JSONL of edit requests: prompt (the instruction) and 1-3 source "
+                                                "images (control_images list, or control_image, control_image_1, "
+                                                "control_image_2), paths relative to the file")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--checkpoint", help="diffusers-format Qwen-Image folder (default: the tiny model)")
     p.add_argument("--adapter", help="LoRA to load on top")
@@ -87,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairing", choices=["all", "best-worst"], default="all")
     p.add_argument("--reward", help="reward name (rewards/) scoring candidates for best-worst pairing")
     p.add_argument("--seed", type=int, default=0, help="first seed; candidates use seed, seed+1, ...")
-    p.add_argument("--height", type=int, default=64)
-    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--height", type=int, help="default: the model's size (edits: the last source's aspect ratio)")
+    p.add_argument("--width", type=int, help="default: the model's size (edits: the last source's aspect ratio)")
     p.add_argument("--steps", type=int, default=4, help="num_inference_steps")
     p.add_argument("--cfg", type=float, default=4.0, help="true_cfg_scale")
     p.add_argument("--device")
@@ -97,13 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("push-pairs", help="create/reuse a pairwise project and import pairs (idempotent)",
                        description="Pairwise project: two images, left/right choice, optional per-image 1-5 "
                                    "rating, optional 'both bad' flag; --raters annotators per task. Tasks carry a "
-                                   "stable pair_id: pushing again imports only new pairs.")
+                                   "stable pair_id: pushing again imports only new pairs. Rows with source "
+                                   "images (control_images, 1-3) make an edit-pair project: the instruction, the "
+                                   "sources and the two edits.")
     _push_args(p, "pairs")
     p.add_argument("--per-image-rating", action="store_true", help="add a 1-5 rating under each image")
     p.add_argument("--no-both-bad", action="store_true", help="omit the 'both images are bad' flag")
 
     p = sub.add_parser("push-ratings", help="create/reuse a 1-5 rating project for SFT candidates (idempotent)",
-                       description="Rating project: one image and its prompt, a 1-5 rating, --raters per task.")
+                       description="Rating project: one image and its prompt, a 1-5 rating, --raters per task. "
+                                   "Rows with source images (control_images, 1-3) make an edit-rating project.")
     _push_args(p, "candidates")
 
     p = sub.add_parser("status", help="progress: tasks by number of votes, per-annotator counts, agreement")
@@ -114,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pull", help="export annotations to a datasets dataset (+ JSONL), majority of raters",
                        description="Pairs -> prompt, chosen, rejected, votes, agreement; ratings -> prompt, "
-                                   "image, ratings (imagefolder metadata.jsonl for the SFT rater filter). One "
+                                   "image, ratings (imagefolder metadata.jsonl for the SFT rater filter); edit "
+                                   "projects add control_images (edit DPO / edit SFT rows). One "
                                    "vote per rater per task (the latest); ties, skips, duplicates and tasks with "
                                    "too many raters are counted in summary.json. Written atomically.")
     p.add_argument("--project-id", type=int, required=True)
@@ -211,8 +222,8 @@ def cmd_pull(args) -> int:
 
 def cmd_generate(args) -> int:
     from .generate import generate_pairs
-    s = generate_pairs(args.prompts, args.out, checkpoint=args.checkpoint, adapter=args.adapter,
-                       num_candidates=args.num_candidates, pairing=args.pairing, reward=args.reward,
+    s = generate_pairs(args.prompts, args.out, edits_file=args.edits, checkpoint=args.checkpoint,
+                       adapter=args.adapter, num_candidates=args.num_candidates, pairing=args.pairing, reward=args.reward,
                        seed=args.seed, height=args.height, width=args.width, steps=args.steps, cfg=args.cfg,
                        device=args.device, dtype=args.dtype)
     print(json.dumps(s))

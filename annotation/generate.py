@@ -4,16 +4,23 @@ qwen_image (torch) is imported lazily here only; the rest of annotation/ never l
 Output folder: ``images/p{prompt:04d}_s{seed}.png``, ``candidates.jsonl`` (push-ratings input) and
 ``pairs.jsonl`` (push-pairs input). Left/right order is shuffled per pair (deterministic from the pair id)
 so raters cannot learn a position bias.
+
+Edits (``--edits FILE``: JSONL rows ``{"prompt": instruction, "control_images": [1-3 paths]}`` or the numbered
+``control_image(_1, _2)`` columns, paths relative to the file): N candidate edits per row with an edit model
+(``m.edit``), ``images/e{row:04d}_s{seed}.png``; the sources are copied to ``sources/`` so the folder holds every
+image the tasks show, and each candidate and pair row carries ``control_images``.
 """
 from __future__ import annotations
 
 import itertools
 import json
 import logging
+import re
+import shutil
 from pathlib import Path
 
 from .errors import AnnotationError
-from .push import stable_id
+from .push import CONTROL_LIST_COLUMN, read_jsonl, source_paths, stable_id
 
 log = logging.getLogger("annotation")
 
@@ -32,13 +39,58 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
+def read_edits(path: Path) -> list[dict]:
+    """Edit requests: ``{"prompt", "sources": [absolute paths]}``; a missing or unreadable source, none or more
+    than 3 are one-line errors naming the row."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    rows = read_jsonl(path)
+    if not rows:
+        raise AnnotationError(f"no edit rows in {path}")
+    edits = []
+    for n, row in enumerate(rows, 1):
+        what = f"{path.name}:{n}"
+        prompt = row.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise AnnotationError(f"{what}: no instruction (prompt)")
+        sources = []
+        for k, value in enumerate(source_paths(row, what), 1):
+            full = Path(value).expanduser()
+            full = (full if full.is_absolute() else path.parent / full).resolve()
+            if not full.is_file():
+                raise AnnotationError(f"{what}: source image {k} {full} does not exist")
+            try:
+                with Image.open(full) as img:
+                    img.verify()
+            except (OSError, UnidentifiedImageError):
+                raise AnnotationError(f"{what}: source image {k} {full} is not a readable image") from None
+            sources.append(full)
+        edits.append({"prompt": prompt, "sources": sources})
+    return edits
+
+
+def copy_sources(edits: list[dict], out: Path) -> None:
+    """Copy each distinct source once into ``out/sources/``; sets ``control_images`` (paths relative to ``out``)."""
+    copied: dict[Path, str] = {}
+    (out / "sources").mkdir(parents=True, exist_ok=True)
+    for e in edits:
+        for src in e["sources"]:
+            if src not in copied:
+                stem = re.sub(r"[^A-Za-z0-9._-]+", "_", src.stem)[:40] or "source"
+                copied[src] = f"sources/{stem}_{stable_id(str(src))[:8]}{src.suffix.lower() or '.png'}"
+                shutil.copyfile(src, out / copied[src])
+        e[CONTROL_LIST_COLUMN] = [copied[s] for s in e["sources"]]
+
+
 def make_pairs(candidates: list[dict], pairing: str, scores: list[float] | None = None) -> list[dict]:
-    """Pairs within each prompt: ``all`` (every 2-combination) or ``best-worst`` (by ``scores``)."""
-    by_prompt: dict[str, list[int]] = {}
+    """Pairs within each prompt (edits: each instruction and its sources): ``all`` (every 2-combination) or
+    ``best-worst`` (by ``scores``)."""
+    by_prompt: dict[tuple, list[int]] = {}
     for i, c in enumerate(candidates):
-        by_prompt.setdefault(c["prompt"], []).append(i)
+        by_prompt.setdefault((c["prompt"], *c.get(CONTROL_LIST_COLUMN, ())), []).append(i)
     pairs = []
-    for prompt, idx in by_prompt.items():
+    for (prompt, *sources), idx in by_prompt.items():
         if len(idx) < 2:
             continue
         if pairing == "all":
@@ -56,15 +108,49 @@ def make_pairs(candidates: list[dict], pairing: str, scores: list[float] | None 
             if int(pid, 16) % 2:      # shuffle sides, deterministically
                 a, b = b, a
             pairs.append({"pair_id": pid, "prompt": prompt, "image_a": a["image"], "image_b": b["image"],
-                          "seed_a": a["seed"], "seed_b": b["seed"]})
+                          "seed_a": a["seed"], "seed_b": b["seed"],
+                          **({CONTROL_LIST_COLUMN: sources} if sources else {})})
     return pairs
 
 
-def generate_pairs(prompts_file: Path, out: Path, *, checkpoint: str | None = None, adapter: str | None = None,
-                   num_candidates: int = 4, pairing: str = "all", reward: str | None = None, seed: int = 0,
-                   height: int = 64, width: int = 64, steps: int = 4, cfg: float = 4.0, device: str | None = None,
+def _edit_candidates(model, edits: list[dict], out: Path, num_candidates: int, seed: int, height: int | None,
+                     width: int | None, steps: int, cfg: float) -> list[dict]:
+    from PIL import Image
+
+    from align.images import to_rgb  # the trainers' RGB conversion (alpha, 16-bit, palette)
+    from qwen_image import QwenImageInputError
+
+    candidates = []
+    for ei, e in enumerate(edits):
+        references = []
+        for src in e["sources"]:
+            with Image.open(src) as img:
+                references.append(to_rgb(img))
+        for s in range(seed, seed + num_candidates):
+            rel = f"images/e{ei:04d}_s{s}.png"
+            try:
+                edited = model.edit(references, e["prompt"], num_inference_steps=steps, true_cfg_scale=cfg, seed=s,
+                                    height=height, width=width)
+            except QwenImageInputError as err:  # e.g. a source too elongated for the model's areas
+                raise AnnotationError(f"edit request {ei + 1} ({e['prompt'][:40]!r}): {err}") from None
+            edited.save(out / rel)
+            candidates.append({"candidate_id": stable_id(e["prompt"], *e[CONTROL_LIST_COLUMN], rel),
+                               "prompt": e["prompt"], CONTROL_LIST_COLUMN: e[CONTROL_LIST_COLUMN], "image": rel,
+                               "seed": s, "edit_index": ei})
+    return candidates
+
+
+def generate_pairs(prompts_file: Path | None, out: Path, *, edits_file: Path | None = None,
+                   checkpoint: str | None = None, adapter: str | None = None, num_candidates: int = 4,
+                   pairing: str = "all", reward: str | None = None, seed: int = 0, height: int | None = None,
+                   width: int | None = None, steps: int = 4, cfg: float = 4.0, device: str | None = None,
                    dtype: str = "bfloat16", batch_size: int = 8, reward_kwargs: dict | None = None) -> dict:
-    prompts = read_prompts(prompts_file)
+    """Candidates and pairs from prompts (text-to-image) or from ``edits_file`` (edit requests, edit model).
+    ``height``/``width`` None: the model's default size (edits: the last source's aspect ratio)."""
+    if (prompts_file is None) == (edits_file is None):
+        raise AnnotationError("give either --prompts (text-to-image) or --edits (edit requests)")
+    edits = read_edits(edits_file) if edits_file is not None else None
+    prompts = read_prompts(prompts_file) if edits is None else [e["prompt"] for e in edits]
     if num_candidates < 2:
         raise AnnotationError("--num-candidates must be at least 2 to form pairs")
     if pairing == "best-worst" and not reward:
@@ -73,15 +159,21 @@ def generate_pairs(prompts_file: Path, out: Path, *, checkpoint: str | None = No
 
     if checkpoint:
         model = QwenImage.from_pretrained(checkpoint, torch_dtype=dtype, device=device)
+        if edits is not None and not model.edit_model:
+            raise AnnotationError(f"--checkpoint {checkpoint} is not an edit checkpoint (Qwen-Image-Edit-2509/2511 "
+                                  f"layout); --edits needs one")
     else:
-        model = QwenImage.tiny(seed=0)
+        model = QwenImage.tiny(seed=0) if edits is None else QwenImage.tiny_edit("2509", seed=0)
     if adapter:
         model.load_lora(adapter)
 
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     candidates = []
-    for pi, prompt in enumerate(prompts):
+    if edits is not None:
+        copy_sources(edits, out)
+        candidates = _edit_candidates(model, edits, out, num_candidates, seed, height, width, steps, cfg)
+    for pi, prompt in enumerate(prompts if edits is None else []):
         seeds = [seed + k for k in range(num_candidates)]
         for start in range(0, num_candidates, batch_size):
             chunk = seeds[start:start + batch_size]
@@ -98,9 +190,13 @@ def generate_pairs(prompts_file: Path, out: Path, *, checkpoint: str | None = No
         from PIL import Image
 
         from rewards import get_reward  # lazy: may load a scoring model
-        fn = get_reward(reward, **(reward_kwargs or {}))
+        fn = get_reward(reward, **(reward_kwargs or {}))  # e.g. the OCR detector size for small images
+        columns = {}
+        if edits is not None:  # edit rewards (edit_consistency, ...) read the sources from this column
+            columns[CONTROL_LIST_COLUMN] = [[Image.open(out / p) for p in c[CONTROL_LIST_COLUMN]] for c in candidates]
         scores = [float(x) if x is not None else float("-inf") for x in
-                  fn([c["prompt"] for c in candidates], [Image.open(out / c["image"]) for c in candidates])]
+                  fn([c["prompt"] for c in candidates], [Image.open(out / c["image"]) for c in candidates],
+                     **columns)]
         for c, s in zip(candidates, scores):
             c["score"] = s
     pairs = make_pairs(candidates, pairing, scores)
@@ -108,4 +204,5 @@ def generate_pairs(prompts_file: Path, out: Path, *, checkpoint: str | None = No
         with open(out / name, "w", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return {"prompts": len(prompts), "candidates": len(candidates), "pairs": len(pairs), "out": str(out)}
+    counted = {"prompts": len(prompts)} if edits is None else {"edits": len(edits)}
+    return {**counted, "candidates": len(candidates), "pairs": len(pairs), "out": str(out)}

@@ -5,6 +5,8 @@ Layout of ``--out DIR`` (written to a temp dir next to it, renamed at the end; n
   n_votes, agreement, pair_id, ...``: what align/data/preference.py reads from the folder), ``hf/``
   (``datasets.load_from_disk``: ``chosen``/``rejected`` Image columns)
 - ratings: ``images/``, ``metadata.jsonl`` (imagefolder: ``file_name, prompt, ratings``), ``hf/`` (``image``)
+- edit-pairs / edit-ratings: the same plus ``control_images`` (the 1-3 sources, in order; paths in
+  ``metadata.jsonl``, a list of images in ``hf/``): what align/data/edit.py reads (edit DPO / edit SFT)
 - ``summary.json``: counts (ties, skipped, duplicates, tasks over the rater limit...) and agreement.
 """
 from __future__ import annotations
@@ -16,23 +18,17 @@ import posixpath
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 from .aggregate import aggregate_pairs, aggregate_ratings
 from .client import LabelStudioClient
+from .configs import SOURCES_KEY, base_kind, project_kind
 from .errors import AnnotationError
-from .push import inside
+from .push import CONTROL_LIST_COLUMN, MAX_SOURCES, SOURCE_FILES_KEY, inside, stable_id
 
 log = logging.getLogger("annotation")
-
-
-def project_kind(label_config: str) -> str:
-    if "<Pairwise" in label_config:
-        return "pairs"
-    if "<Rating" in label_config:
-        return "ratings"
-    raise AnnotationError("project is neither a pairwise nor a rating project (no <Pairwise>/<Rating> tag)")
 
 
 def _safe_name(s: str) -> str:
@@ -48,10 +44,9 @@ class ImageSource:
         if fetch == "local" and self.root is None:
             raise AnnotationError("--fetch local needs --images-root (or a project local-files storage)")
 
-    def check(self, task_id, data: dict, url_key: str, file_key: str) -> None:
+    def check(self, task_id, ref: "ImageRef") -> None:
         """Refuse a task whose image path escapes the storage root, before anything is written."""
-        rel = data.get(file_key)
-        url = data.get(url_key) or ""
+        rel, url, url_key, file_key = ref.rel, ref.url or "", ref.url_key, ref.file_key
         if self.fetch == "local":
             if rel is None:
                 raise AnnotationError(f"task {task_id}: no {file_key!r} in task data; use --fetch http")
@@ -65,19 +60,73 @@ class ImageSource:
             if not url:
                 raise AnnotationError(f"task {task_id}: no image URL in {url_key!r}")
 
-    def read(self, data: dict, url_key: str, file_key: str) -> bytes:
+    def read(self, ref: "ImageRef") -> bytes:
         if self.fetch == "local":
-            path = (self.root / data[file_key]).resolve()
+            path = (self.root / ref.rel).resolve()
             if not path.is_file():
                 raise AnnotationError(f"image {path} is missing")
             return path.read_bytes()
-        return self.client.fetch(data[url_key])
+        return self.client.fetch(ref.url)
 
 
-def _ext(data: dict, file_key: str, url_key: str) -> str:
-    name = data.get(file_key) or urlparse(data.get(url_key) or "").path
-    ext = Path(str(name)).suffix.lower()
-    return ext if re.fullmatch(r"\.[a-z0-9]{1,5}", ext) else ".png"
+@dataclass
+class ImageRef:
+    """One image of a task: its URL (``data[url_key]``) and its path under the storage root (``data[file_key]``)."""
+
+    url_key: str
+    file_key: str
+    url: str | None
+    rel: str | None
+
+    @classmethod
+    def of(cls, data: dict, url_key: str, file_key: str) -> "ImageRef":
+        return cls(url_key, file_key, data.get(url_key), data.get(file_key))
+
+    @property
+    def ext(self) -> str:
+        name = self.rel or urlparse(self.url or "").path
+        ext = Path(str(name)).suffix.lower()
+        return ext if re.fullmatch(r"\.[a-z0-9]{1,5}", ext) else ".png"
+
+
+def source_refs(task_id, data: dict) -> list[ImageRef]:
+    """An edit task's 1-3 source images (checked: a task imported by hand may lack them)."""
+    urls = data.get(SOURCES_KEY)
+    files = data.get(SOURCE_FILES_KEY)
+    if not isinstance(urls, list) or not urls:
+        raise AnnotationError(f"task {task_id}: no source images ({SOURCES_KEY!r}) in an edit project")
+    if len(urls) > MAX_SOURCES:
+        raise AnnotationError(f"task {task_id}: {len(urls)} source images; Edit-2509/2511 take 1 to {MAX_SOURCES}")
+    if files is not None and (not isinstance(files, list) or len(files) != len(urls)):
+        raise AnnotationError(f"task {task_id}: {SOURCE_FILES_KEY!r} does not match {SOURCES_KEY!r}")
+    return [ImageRef(f"{SOURCES_KEY}[{k}]", f"{SOURCE_FILES_KEY}[{k}]", u, files[k] if files else None)
+            for k, u in enumerate(urls)]
+
+
+def task_refs(kind: str, task_id, data: dict) -> list[ImageRef]:
+    """Every image a task of ``kind`` shows."""
+    keys = [("image_a", "file_a"), ("image_b", "file_b")] if base_kind(kind) == "pairs" else [("image", "file")]
+    refs = [ImageRef.of(data, u, f) for u, f in keys]
+    return refs + (source_refs(task_id, data) if kind.startswith("edit-") else [])
+
+
+class SourceWriter:
+    """Writes each distinct source image once per pull (many candidate pairs share one source)."""
+
+    def __init__(self, tmp: Path, src: ImageSource):
+        self.tmp, self.src, self.names = tmp, src, {}
+
+    def names_for(self, task_id, data: dict) -> list[tuple[str, bytes]]:
+        out = []
+        for ref in source_refs(task_id, data):
+            key = ref.rel or ref.url
+            if key not in self.names:
+                name = f"images/source_{stable_id(str(key))}{ref.ext}"
+                blob = self.src.read(ref)
+                (self.tmp / name).write_bytes(blob)
+                self.names[key] = (name, blob)
+            out.append(self.names[key])
+        return out
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -86,7 +135,21 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def _save_pairs(tmp: Path, rows: list[dict], tasks_by_id: dict, src: ImageSource) -> None:
+def _add_sources(record: dict, hf_row: dict, sources: SourceWriter | None, task_id, data: dict) -> None:
+    """Edit rows: ``control_images`` as paths (metadata.jsonl) and as images (hf/)."""
+    if sources is None:
+        return
+    named = sources.names_for(task_id, data)
+    record[CONTROL_LIST_COLUMN] = [name for name, _ in named]
+    hf_row[CONTROL_LIST_COLUMN] = [{"bytes": blob, "path": name} for name, blob in named]
+
+
+def _source_feature(datasets, edit: bool) -> dict:
+    return {CONTROL_LIST_COLUMN: datasets.List(datasets.Image())} if edit else {}
+
+
+def _save_pairs(tmp: Path, rows: list[dict], tasks_by_id: dict, src: ImageSource,
+                sources: SourceWriter | None = None) -> None:
     import datasets
 
     records, hf = [], []
@@ -95,46 +158,65 @@ def _save_pairs(tmp: Path, rows: list[dict], tasks_by_id: dict, src: ImageSource
         paths = {}
         for side in ("chosen", "rejected"):
             ab = r[f"{side}_side"]
-            url_key, file_key = f"image_{ab}", f"file_{ab}"
-            name = f"images/{_safe_name(r['pair_id'])}_{ab}{_ext(data, file_key, url_key)}"
-            blob = src.read(data, url_key, file_key)
+            ref = ImageRef.of(data, f"image_{ab}", f"file_{ab}")
+            name = f"images/{_safe_name(r['pair_id'])}_{ab}{ref.ext}"
+            blob = src.read(ref)
             (tmp / name).write_bytes(blob)
             paths[side] = (name, blob)
         meta = {k: v for k, v in r.items() if k not in ("task_id",)}
-        records.append({"prompt": r["prompt"], "chosen": paths["chosen"][0], "rejected": paths["rejected"][0],
-                        **{k: v for k, v in meta.items() if k != "prompt"}, "task_id": r["task_id"]})
-        hf.append({"prompt": r["prompt"],
-                   "chosen": {"bytes": paths["chosen"][1], "path": paths["chosen"][0]},
-                   "rejected": {"bytes": paths["rejected"][1], "path": paths["rejected"][0]},
-                   "votes": r["votes"], "n_votes": r["n_votes"], "agreement": float(r["agreement"]),
-                   "pair_id": r["pair_id"]})
+        record = {"prompt": r["prompt"], "chosen": paths["chosen"][0], "rejected": paths["rejected"][0],
+                  **{k: v for k, v in meta.items() if k != "prompt"}, "task_id": r["task_id"]}
+        row = {"prompt": r["prompt"],
+               "chosen": {"bytes": paths["chosen"][1], "path": paths["chosen"][0]},
+               "rejected": {"bytes": paths["rejected"][1], "path": paths["rejected"][0]},
+               "votes": r["votes"], "n_votes": r["n_votes"], "agreement": float(r["agreement"]),
+               "pair_id": r["pair_id"]}
+        _add_sources(record, row, sources, r["task_id"], data)
+        records.append(record)
+        hf.append(row)
     _write_jsonl(tmp / "metadata.jsonl", records)
     features = datasets.Features({
         "prompt": datasets.Value("string"), "chosen": datasets.Image(), "rejected": datasets.Image(),
         "votes": datasets.Value("int32"), "n_votes": datasets.Value("int32"),
-        "agreement": datasets.Value("float32"), "pair_id": datasets.Value("string")})
+        "agreement": datasets.Value("float32"), "pair_id": datasets.Value("string"),
+        **_source_feature(datasets, sources is not None)})
     datasets.Dataset.from_list(hf, features=features).save_to_disk(str(tmp / "hf"))
 
 
-def _save_ratings(tmp: Path, rows: list[dict], tasks_by_id: dict, src: ImageSource) -> None:
+def _save_ratings(tmp: Path, rows: list[dict], tasks_by_id: dict, src: ImageSource,
+                  sources: SourceWriter | None = None) -> None:
     import datasets
 
     records, hf = [], []
     for r in rows:
         data = tasks_by_id[r["task_id"]]
-        name = f"images/{_safe_name(r['candidate_id'])}{_ext(data, 'file', 'image')}"
-        blob = src.read(data, "image", "file")
+        ref = ImageRef.of(data, "image", "file")
+        name = f"images/{_safe_name(r['candidate_id'])}{ref.ext}"
+        blob = src.read(ref)
         (tmp / name).write_bytes(blob)
-        records.append({"file_name": name, "prompt": r["prompt"], "ratings": r["ratings"],
-                        "candidate_id": r["candidate_id"], "mean_rating": r["mean_rating"],
-                        "task_id": r["task_id"]})
-        hf.append({"prompt": r["prompt"], "image": {"bytes": blob, "path": name}, "ratings": r["ratings"],
-                   "candidate_id": r["candidate_id"]})
+        record = {"file_name": name, "prompt": r["prompt"], "ratings": r["ratings"],
+                  "candidate_id": r["candidate_id"], "mean_rating": r["mean_rating"], "task_id": r["task_id"]}
+        row = {"prompt": r["prompt"], "image": {"bytes": blob, "path": name}, "ratings": r["ratings"],
+               "candidate_id": r["candidate_id"]}
+        _add_sources(record, row, sources, r["task_id"], data)
+        records.append(record)
+        hf.append(row)
     _write_jsonl(tmp / "metadata.jsonl", records)
     features = datasets.Features({
         "prompt": datasets.Value("string"), "image": datasets.Image(),
-        "ratings": datasets.Sequence(datasets.Value("float32")), "candidate_id": datasets.Value("string")})
+        "ratings": datasets.Sequence(datasets.Value("float32")), "candidate_id": datasets.Value("string"),
+        **_source_feature(datasets, sources is not None)})
     datasets.Dataset.from_list(hf, features=features).save_to_disk(str(tmp / "hf"))
+
+
+def _aggregate(kind: str, tasks: list[dict], raters: int, min_votes: int) -> tuple[list[dict], dict]:
+    """Edit projects vote like their text-to-image twins; the report names the project's own kind."""
+    if base_kind(kind) == "pairs":
+        rows, report = aggregate_pairs(tasks, max_raters=raters, min_votes=min_votes)
+    else:
+        rows, report = aggregate_ratings(tasks, max_raters=raters)
+    report["kind"] = kind
+    return rows, report
 
 
 def pull(client: LabelStudioClient, project_id: int, out: Path, *, images_root: Path | None = None,
@@ -155,16 +237,11 @@ def pull(client: LabelStudioClient, project_id: int, out: Path, *, images_root: 
             fetch = "local" if images_root is not None and Path(images_root).is_dir() else "http"
     src = ImageSource(client, images_root, fetch)
 
-    if kind == "pairs":
-        rows, report = aggregate_pairs(tasks, max_raters=raters, min_votes=min_votes)
-        keys = [("image_a", "file_a"), ("image_b", "file_b")]
-    else:
-        rows, report = aggregate_ratings(tasks, max_raters=raters)
-        keys = [("image", "file")]
+    rows, report = _aggregate(kind, tasks, raters, min_votes)
     tasks_by_id = {t["id"]: t.get("data") or {} for t in tasks}
     for task_id, data in tasks_by_id.items():   # every task's paths are checked before anything is written
-        for url_key, file_key in keys:
-            src.check(task_id, data, url_key, file_key)
+        for ref in task_refs(kind, task_id, data):
+            src.check(task_id, ref)
 
     summary = {"project_id": project_id, "project_title": project["title"], "rows": len(rows),
                "image_source": fetch, **report}
@@ -172,7 +249,9 @@ def pull(client: LabelStudioClient, project_id: int, out: Path, *, images_root: 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         (tmp / "images").mkdir()
-        (_save_pairs if kind == "pairs" else _save_ratings)(tmp, rows, tasks_by_id, src)
+        sources = SourceWriter(tmp, src) if kind.startswith("edit-") else None
+        save = _save_pairs if base_kind(kind) == "pairs" else _save_ratings
+        save(tmp, rows, tasks_by_id, src, sources)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         os.chmod(tmp, 0o755)
         if out.exists():
@@ -194,11 +273,7 @@ def status(client: LabelStudioClient, project_id: int, min_votes: int = 2) -> di
     project = client.get_project(project_id)
     kind = project_kind(project["label_config"] or "")
     raters = project["maximum_annotations"] or 3
-    tasks = client.export(project_id)
-    if kind == "pairs":
-        _, report = aggregate_pairs(tasks, max_raters=raters, min_votes=min_votes)
-    else:
-        _, report = aggregate_ratings(tasks, max_raters=raters)
+    _, report = _aggregate(kind, client.export(project_id), raters, min_votes)
     try:
         names = client.users()
     except AnnotationError:

@@ -269,6 +269,174 @@ def test_errors_are_one_line_and_never_leak_the_token(env, capsys, caplog, tmp_p
     assert not list(tmp_path.glob(".evil*"))
 
 
+# ---- edit tasks: instruction + 1-3 source images + the edit(s) ----------------------------------------------
+EDIT_SOURCES = {"E1": ["src0"], "E2": ["src0", "src1"], "E3": ["src0", "src1", "src2"], "E4": ["src2"]}
+
+
+def _texture(path: Path, seed: int, offset: int) -> None:
+    """32x32 noise (DPO needs pixel-distinct chosen/rejected; a flat colour would do for the votes alone)."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    arr = (rng.integers(0, 60, (32, 32, 3)) + offset).clip(0, 255).astype("uint8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+@pytest.fixture(scope="module")
+def edit_dir(ls):
+    run_dir = ls.document_root / "edit1"
+    for k in range(3):
+        _texture(run_dir / "sources" / f"src{k}.png", 100 + k, 60 * k)
+    rows = []
+    for n, (pid, sources) in enumerate(EDIT_SOURCES.items()):
+        _texture(run_dir / "images" / f"{pid}_a.png", n, 170)
+        _texture(run_dir / "images" / f"{pid}_b.png", n, 10)
+        rows.append({"pair_id": pid, "prompt": f'replace the text with "SALE {n}"', "image_a": f"images/{pid}_a.png",
+                     "image_b": f"images/{pid}_b.png", "control_images": [f"sources/{s}.png" for s in sources]})
+    (run_dir / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def edit_pairs_project(ls, raters, edit_dir):
+    """push-pairs of a file with sources makes an edit-pair project; three raters vote through the API."""
+    import os
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    os.environ["LABEL_STUDIO_API_KEY"] = ls.token
+    try:
+        with redirect_stdout(StringIO()) as buf:
+            rc = main(["push-pairs", str(edit_dir / "pairs.jsonl"), "--title", "edit pairs e2e", "--url", ls.url,
+                       "--document-root", str(ls.document_root)])
+    finally:
+        del os.environ["LABEL_STUDIO_API_KEY"]
+    assert rc == 0
+    summary = json.loads(buf.getvalue())
+    assert summary["kind"] == "edit-pairs" and summary["created"] and summary["imported"] == 4
+    pid = summary["project_id"]
+    from annotation.client import LabelStudioClient
+    config = LabelStudioClient(ls.url, ls.token).get_project(pid)["label_config"]
+    assert 'valueList="$control_images"' in config and "<Pairwise" in config
+    tid = task_ids_by(ls.url, ls.token, pid, "pair_id")
+    L, R, B = pairwise_result("left"), pairwise_result("right"), pairwise_result("both_bad")
+    for r, votes in zip(raters, [(L, R, L, B), (L, R, L, B), (R, R, L, L)]):
+        for pair, vote in zip(EDIT_SOURCES, votes):       # E1: L L R -> a; E2: R R R -> b; E3: L L L -> a;
+            annotate(ls.url, r.token, tid[pair], vote)    # E4: both bad, both bad, L -> dropped
+    return pid
+
+
+def test_edit_pairs_pull_feeds_edit_dpo(env, capsys, tmp_path, edit_pairs_project, edit_dir):
+    out = tmp_path / "edit_prefs"
+    rc, stdout, err = run(capsys, "pull", "--project-id", edit_pairs_project, "--out", out)
+    assert rc == 0, err
+    assert "edit-pairs: 4 tasks" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["kind"] == "edit-pairs" and summary["tasks_by_votes"]["3"] == 4
+    assert summary["outcomes"] == {"kept": 3, "ties": 0, "no_majority": 0, "both_bad": 1, "too_few_votes": 0}
+    meta = {m["pair_id"]: m for m in map(json.loads, (out / "metadata.jsonl").read_text().splitlines())}
+    assert sorted(meta) == ["E1", "E2", "E3"]
+    winners = {"E1": ("a", "b"), "E2": ("b", "a"), "E3": ("a", "b")}
+    for pid, (won, lost) in winners.items():
+        m = meta[pid]
+        assert m["prompt"].startswith("replace the text with") and m["votes"] == 3 - (pid == "E1")
+        assert (out / m["chosen"]).read_bytes() == (edit_dir / "images" / f"{pid}_{won}.png").read_bytes()
+        assert (out / m["rejected"]).read_bytes() == (edit_dir / "images" / f"{pid}_{lost}.png").read_bytes()
+        assert [(out / c).read_bytes() for c in m["control_images"]] == [
+            (edit_dir / "sources" / f"{s}.png").read_bytes() for s in EDIT_SOURCES[pid]]   # in order
+    assert len(list((out / "images").glob("source_*"))) == 3          # each shared source written once
+
+    # the edit DPO loader reads both the folder and hf/ as they are
+    from align.data.edit import load_edit_preference_dataset
+    for name in (out, out / "hf"):
+        pairs, report = load_edit_preference_dataset(str(name))
+        assert report.kept == 3 and sorted(map(len, pairs["control_images"])) == [1, 2, 3]
+
+    # ... and one step of edit Flow-DPO on the tiny Edit-2509 model trains on it
+    from align.dpo import main as dpo_main
+    root = Path(__file__).resolve().parents[1]
+    trainer = dpo_main(["--config", str(root / "recipes/tiny/edit_dpo_lora.yaml"), "--tiny_variant", "edit-2509",
+                        "--dataset_name", str(out), "--cache_dir", str(tmp_path / "cache"), "--output_dir",
+                        str(tmp_path / "dpo"), "--eval_fraction", "0", "--eval_strategy", "no",
+                        "--per_device_train_batch_size", "1", "--max_steps", "1", "--logging_steps", "1"])
+    assert trainer.qwen.edit_model and not trainer.qwen.transformer.config.zero_cond_t
+    assert sorted(len(b["references"].shapes) for b in trainer.get_train_dataloader()) == [1, 2, 3]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert trainer.state.global_step == 1 and len(losses) == 1 and math.isfinite(losses[0])
+
+
+def test_edit_ratings_pull_feeds_edit_sft(env, capsys, tmp_path, raters, edit_dir):
+    rows = [{"candidate_id": f"c{i}", "prompt": "add a red hat", "image": f"images/E{i + 1}_a.png",
+             "control_image": "sources/src0.png", **({"control_image_1": "sources/src1.png"} if i == 1 else {})}
+            for i in range(3)]
+    (edit_dir / "candidates.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc, out, err = run(capsys, "push-ratings", edit_dir / "candidates.jsonl", "--title", "edit ratings e2e")
+    assert rc == 0, err
+    pushed = json.loads(out)
+    assert pushed["kind"] == "edit-ratings" and pushed["imported"] == 3
+    tid = task_ids_by(env.url, env.token, pushed["project_id"], "candidate_id")
+    for cid, stars in {"c0": [5, 4, 5], "c1": [5, 5, 5], "c2": [2, 3, 2]}.items():
+        for r, s in zip(raters, stars):
+            annotate(env.url, r.token, tid[cid], rating_result(s))
+    sft = tmp_path / "edit_sft"
+    rc, _, err = run(capsys, "pull", "--project-id", pushed["project_id"], "--out", sft)
+    assert rc == 0, err
+    from align.data.edit import control_problem, load_edit_dataset
+    from align.data.ratings import filter_by_ratings
+    ds = load_edit_dataset(str(sft))
+    assert sorted(map(list, ds["ratings"])) == [[2.0, 3.0, 2.0], [5.0, 4.0, 5.0], [5.0, 5.0, 5.0]]
+    kept, summary = filter_by_ratings(ds)                             # the SFT default: >= 3 raters, mean >= 4.5
+    assert sorted(kept["candidate_id"]) == ["c0", "c1"] and summary.dropped == {"low_score": 1}
+    assert {c: len(k) for c, k in zip(kept["candidate_id"], kept["control_images"])} == {"c0": 1, "c1": 2}
+    assert all(control_problem(row) is None for row in kept.select_columns(["control_images"]))
+    import datasets
+    hf = datasets.load_from_disk(str(sft / "hf"))
+    assert isinstance(hf.features["control_images"].feature, datasets.Image)
+    # ... and one edit SFT step on the tiny Edit-2509 model trains on the rows the filter keeps
+    from align.sft import main as sft_main
+    root = Path(__file__).resolve().parents[1]
+    trainer = sft_main(["--config", str(root / "recipes/tiny/edit_sft_lora.yaml"), "--tiny_variant", "edit-2509",
+                        "--dataset_name", str(sft), "--cache_dir", str(tmp_path / "cache"), "--output_dir",
+                        str(tmp_path / "sft_run"), "--min_raters", "3", "--per_device_train_batch_size", "1",
+                        "--max_steps", "1", "--logging_steps", "1"])
+    data = json.loads((tmp_path / "sft_run" / "data_summary.json").read_text())
+    assert (data["kept"], data["total"], data["dropped"]) == (2, 3, {"low_score": 1})
+    assert trainer.state.global_step == 1
+
+
+def test_bad_edit_inputs_are_one_line_errors(env, capsys, tmp_path, edit_dir, pairs_project, edit_pairs_project):
+    from annotation.client import LabelStudioClient
+    c = LabelStudioClient(env.url, env.token)
+
+    def check(rc, err, needle):
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+
+    good = {"prompt": "p", "image_a": "images/E1_a.png", "image_b": "images/E1_b.png"}
+    cases = {"missing": ({**good, "control_images": ["sources/src0.png", "sources/gone.png"]},
+                         "source 2: image "),
+             "four": ({**good, "control_images": [f"sources/src{k % 3}.png" for k in range(4)]},
+                      "record 1: 4 source images; Edit-2509/2511 take 1 to 3"),
+             "none": ({**good, "control_images": []}, "record 1: no source image")}
+    for name, (row, needle) in cases.items():
+        bad = edit_dir / f"bad_{name}.jsonl"
+        bad.write_text(json.dumps(row) + "\n")
+        rc, _, err = run(capsys, "push-pairs", bad, "--title", f"bad edit {name}")
+        check(rc, err, needle)
+        assert name != "missing" or "gone.png does not exist" in err
+        assert c.find_project(f"bad edit {name}") is None              # refused before anything was created
+    # an edit file into a text-to-image project (and back) is refused
+    rc, _, err = run(capsys, "push-pairs", edit_dir / "pairs.jsonl", "--project-id", pairs_project)
+    check(rc, err, "is a pairs project, not edit-pairs")
+    # an edit task imported behind our back without its sources: pull says so, writes nothing
+    evil = c.create_project("edit evil e2e", c.get_project(edit_pairs_project)["label_config"], 3)
+    c.import_tasks(evil, [{"data": {"pair_id": "X", "prompt": "p", "image_a": "/data/local-files/?d=edit1/a.png",
+                                    "image_b": "/data/local-files/?d=edit1/b.png", "control_images": []}}])
+    rc, _, err = run(capsys, "pull", "--project-id", evil, "--out", tmp_path / "evil", "--fetch", "http")
+    check(rc, err, "no source images ('control_images') in an edit project")
+    assert not (tmp_path / "evil").exists()
+
+
 def test_killed_server_mid_pull_then_rerun(env, capsys, tmp_path, pairs_project, monkeypatch):
     """The server dies while pull downloads images: clear error, nothing written; after a restart a rerun works."""
     from annotation.client import LabelStudioClient

@@ -93,6 +93,13 @@ def data(tmp_path_factory) -> dict[str, Path]:
     (prompts / "bad.jsonl").write_text('{"prompt": "a cat"}\n{"prompt": \n', encoding="utf-8")
     (prompts / "prompts.xml").write_text("<p>a cat</p>", encoding="utf-8")
     d["prompts"] = prompts
+    edits = root / "edits"            # generate-pairs --edits requests (sources relative to the file)
+    edits.mkdir()
+    _image(edits / "src.png")
+    (edits / "missing.jsonl").write_text('{"prompt": "add a hat", "control_image": "gone.png"}\n', encoding="utf-8")
+    (edits / "four.jsonl").write_text(json.dumps({"prompt": "add a hat", "control_images": ["src.png"] * 4}) + "\n",
+                                      encoding="utf-8")
+    d["edits"] = edits
     recipes = root / "recipes"
     recipes.mkdir()
     (recipes / "syntax.yaml").write_text("learning_rate: 1e-4\nmax_steps: [1, 2\n", encoding="utf-8")
@@ -322,6 +329,12 @@ CASES = [
     ("ann-prompts-missing", "annotation", ["generate-pairs", "--prompts", "{root}/nope.txt", "--out", "{out}"],
      "does not exist"),
     ("ann-bad-int", "annotation", ["status", "--project-id", "x"], "invalid int value: 'x'"),
+    ("ann-edit-source-missing", "annotation", ["generate-pairs", "--edits", "{edits}/missing.jsonl", "--out", "{out}"],
+     "missing.jsonl:1: source image 1"),
+    ("ann-edit-four-sources", "annotation", ["generate-pairs", "--edits", "{edits}/four.jsonl", "--out", "{out}"],
+     "four.jsonl:1: 4 source images; Edit-2509/2511 take 1 to 3"),
+    ("ann-prompts-and-edits", "annotation", ["generate-pairs", "--prompts", "{prompts}/ok.jsonl", "--edits",
+                                             "{edits}/four.jsonl", "--out", "{out}"], "not allowed with argument"),
     # ---- qwen-image-demo
     ("demo-config-missing", "demo", ["--config", "{root}/nope.yaml", "--output_dir", "{out}"], "nope.yaml"),
     ("demo-unknown-option", "demo", ["--fastt"], "unrecognized arguments: --fastt"),
