@@ -166,7 +166,7 @@ def run_workflow(cfg: dict[str, Any], output_dir: str | Path) -> dict[str, dict]
     # (title, folder, run, config keys it reads, stages it reads from): the inputs key of each stage hashes the
     # config it reads and its upstream keys, so changing a setting redoes that stage and everything after it.
     data_keys = ("seed", "size", "slogans", "caption", "heldout_captions", "font_size", "backgrounds", "text_colors",
-                 "rejects_per_slogan", "typos_per_slogan", "sft_data")
+                 "rejects_per_slogan", "sft_data")
     plan = [
         ("brand data (render slogans, simulated ratings)", "data", lambda: stage_data(cfg, out), data_keys, ()),
         ("base model (tiny; stage 0 fits its VAE)", "base_model", lambda: stage_base_model(cfg, out),

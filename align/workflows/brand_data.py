@@ -2,11 +2,6 @@
 
 Most renders are on-brand (dark text, clean background) and get high ratings; a few low-contrast renders get low
 ones, so the SFT stage's rater filter (>= 3 ratings, mean >= 4.5) has something to drop, as with real raters.
-``typos_per_slogan`` adds renders whose text lost its last character ("SAL" under a "SALE" caption) and that the
-raters, looking at the design, still rate high: the kind of error people miss and the rater filter keeps. SFT
-learns them along with the right renders, so the SFT model sometimes draws the typo; that is the headroom the
-preference stage (OCR-judged pairs and rollouts) has to remove. The OCR-agreement filter of the data tools would
-catch them; the demo leaves them in on purpose.
 """
 
 from __future__ import annotations
@@ -34,16 +29,6 @@ def render_slogan(slogan: str, size: int, font_size: int, background, color) -> 
                        color=tuple(color), margin=2)
 
 
-def typo(slogan: str) -> str:
-    """The slogan without its last character: a visible, OCR-measurable error (OCR accuracy 1 - 1/len)."""
-    return slogan[:-1] if len(slogan) > 1 else slogan + slogan
-
-
-def _high_ratings(rng: random.Random) -> list[int]:
-    # Three raters who like the on-brand renders: ratings 4-5, mean >= 4.5 with two 5s.
-    return sorted([5, 5, rng.choice([4, 5])], key=lambda _: rng.random())
-
-
 def brand_rows(cfg: dict[str, Any]) -> list[dict]:
     """One row per render: image, prompt, the slogan as ``text`` (the OCR target), metadata, three ratings."""
     rng = random.Random(int(cfg.get("seed", 0)))
@@ -55,13 +40,9 @@ def brand_rows(cfg: dict[str, Any]) -> list[dict]:
                 "text_layout": "horizontal", "background_type": "solid"}
         for bg in cfg.get("backgrounds", [[255, 255, 255]]):
             for color in cfg.get("text_colors", [[20, 20, 20]]):
-                rows.append({**meta, "image": render_slogan(slogan, size, font_size, bg, color),
-                             "ratings": _high_ratings(rng)})
-        backgrounds, colors = cfg.get("backgrounds", [[255, 255, 255]]), cfg.get("text_colors", [[20, 20, 20]])
-        for k in range(int(cfg.get("typos_per_slogan", 0))):
-            # The caption still names the right slogan: the image is what is wrong.
-            rows.append({**meta, "image": render_slogan(typo(slogan), size, font_size, backgrounds[k % len(backgrounds)],
-                                                        colors[k % len(colors)]), "ratings": _high_ratings(rng)})
+                # Three raters who like the on-brand renders: ratings 4-5, mean >= 4.5 with two 5s.
+                ratings = sorted([5, 5, rng.choice([4, 5])], key=lambda _: rng.random())
+                rows.append({**meta, "image": render_slogan(slogan, size, font_size, bg, color), "ratings": ratings})
         for _ in range(int(cfg.get("rejects_per_slogan", 1))):
             # Off-brand: washed-out text the raters score low; the rater filter drops these rows.
             bg = cfg.get("backgrounds", [[255, 255, 255]])[0]
