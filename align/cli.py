@@ -23,14 +23,14 @@ USAGE = ("usage: qwen-image-align {sft,dpo,grpo} --config RECIPE.yaml [accelerat
 
 def _config_class(command: str):
     if command == "sft":
-        from .trainers.sft import SFTConfig
+        from .configs.sft import SFTConfig
 
         return SFTConfig
     if command == "dpo":
-        from .trainers.combined import DPOGRPOConfig
+        from .configs.combined import DPOGRPOConfig
 
         return DPOGRPOConfig
-    from .trainers.grpo import GRPOConfig
+    from .configs.grpo import GRPOConfig
 
     return GRPOConfig
 

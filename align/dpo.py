@@ -9,10 +9,11 @@ if __package__ in (None, ""):
     # Run as a file: put the repository root (not align/) first so `align` and `qwen_image` import as packages.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from align.configs.combined import DPOGRPOConfig  # noqa: E402
 from align.launch import run, train_main  # noqa: E402
 from align.modeling import place_encoders  # noqa: E402
 from align.trainers.base import release_text_encoder  # noqa: E402
-from align.trainers.combined import DPOGRPOConfig, DPOGRPOTrainer  # noqa: E402
+from align.trainers.combined import DPOGRPOTrainer  # noqa: E402
 from align.trainers.dpo import FlowDPOTrainer, build_datasets, read_pairs  # noqa: E402
 from align.trainers.grpo_objective import build_reward, load_grpo_prompts  # noqa: E402
 

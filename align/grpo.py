@@ -9,8 +9,9 @@ if __package__ in (None, ""):
     # Run as a file: put the repository root (not align/) first so `align` and `qwen_image` import as packages.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from align.configs.grpo import GRPOConfig  # noqa: E402
 from align.launch import run, train_main  # noqa: E402
-from align.trainers.grpo import GRPOConfig, GRPOTrainer  # noqa: E402
+from align.trainers.grpo import GRPOTrainer  # noqa: E402
 from align.trainers.grpo_objective import build_reward, load_grpo_prompts, load_monitor_prompts  # noqa: E402
 
 

@@ -117,6 +117,11 @@ def quantize_linears(module: nn.Module, storage: str, compute_dtype: torch.dtype
                                              compress_statistics=nested)
                 if child.bias is not None:
                     q.bias = nn.Parameter(child.bias.data, requires_grad=False)
+                # On CPUs with AVX512-BF16, bitsandbytes repacks the weight in place the first time the layer runs in
+                # eval mode without grad (evaluation, rollouts): a faster inference layout that needs in_features to
+                # be a multiple of the 64-value block (tiny models are not) and that changes the stored bytes under
+                # the trainer's feet. Keep one layout on every machine.
+                q.support_avx512bf16_for_cpu = False
                 setattr(parent, name, q.to(device))  # Params4bit quantises on .to()
         return module
     raise UserError(f"unknown storage {storage!r}; use one of {', '.join(BASE_STORAGES)}.")

@@ -1,6 +1,11 @@
 """Flow-GRPO rollouts: sample a batch of prompts with the SDE sampler, keep what training needs to re-score
 each transition (trajectory, old log-probs, sigmas, conditioning), decode and score the images.
 
+Edit models (Edit-2509 / 2511) roll out the same way: each prompt row's control images (the ``control_images``
+column of an edit prompt set) become the conditioning's ``references``, so the SDE sampler, the recomputed
+log-probs and the frozen reference's KL all see them through the one conditioning seam; text-to-image is the case
+without references. The rewards receive the column too (``edit_consistency`` compares the edit with its source).
+
 A ``RolloutBatch`` is generated and trained as one unit: the same prompts, padding and batch size at rollout and
 at training make the recomputed log-probs bit-identical with unchanged weights (flow_grpo's FAQ: outputs differ
 with batch size, so keep the training batch equal to the sampling batch).
@@ -19,6 +24,9 @@ from qwen_image import QwenImage
 from qwen_image.latents import check_size, image_seq_len, img_shapes
 from qwen_image.sampling import Conditioning, SDEStep, predict_velocity, sample, sde_noise_generators, sde_std, sde_step
 from qwen_image.scheduler import inference_sigmas
+
+from .data.edit import CONTROLS, open_control
+from .errors import UserError
 
 
 @dataclass
@@ -101,6 +109,41 @@ def sde_window_for(
     return start, start + window_size
 
 
+def control_images(qwen: QwenImage, columns: dict[str, list] | None, n: int) -> list[list[Image.Image]] | None:
+    """Each row's control images for an edit model (the ``control_images`` column: cells of
+    ``align.data.edit`` or PIL images); None for a text-to-image model."""
+    if not qwen.edit_model:
+        return None
+    cells = (columns or {}).get(CONTROLS)
+    if cells is None:
+        raise UserError(f"an edit model's prompts need control images: the rows have no {CONTROLS!r} column (load "
+                        "them with align.data.prompts.load_prompt_dataset(..., edit=EditPromptColumns()))")
+    if len(cells) != n:
+        raise ValueError(f"{len(cells)} rows of control images for {n} prompts")
+    return [[c.convert("RGB") if isinstance(c, Image.Image) else open_control(c) for c in row] for row in cells]
+
+
+def rollout_conditioning(
+    qwen: QwenImage,
+    prompts: list[str],
+    columns: dict[str, list] | None = None,
+    true_cfg_scale: float = 1.0,
+    negative_prompt: str | None = " ",
+    reference_area: int | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[Conditioning, Conditioning | None]:
+    """(positive, negative or None) for a batch of prompt rows: the prompts alone (text-to-image) or, for an edit
+    model, the edit-template embeddings that read each row's control images plus their VAE tokens
+    (``reference_area``: None = the model's, as at inference). The CFG negative reads the same images and shares
+    the positive's reference tokens, as in ``QwenImageEditPlusPipeline``."""
+    images = control_images(qwen, columns, len(prompts))
+    cond = qwen.conditioning(prompts, images, reference_area=reference_area).to(device)
+    negative = None
+    if true_cfg_scale > 1 and negative_prompt is not None:
+        negative = qwen.conditioning([negative_prompt] * len(prompts), images, references=False).to(device)
+    return cond, negative
+
+
 @torch.no_grad()
 def generate_rollouts(
     qwen: QwenImage,
@@ -119,8 +162,11 @@ def generate_rollouts(
     generator: torch.Generator | None = None,
     decode: bool = True,
     keep_means: bool = False,
+    reference_area: int | None = None,
 ) -> RolloutBatch:
     """Sample ``prompts`` with the SDE (on ``sde_window`` steps, all when None) and record the trajectory.
+
+    Edit models read each row's control images from ``columns["control_images"]`` (:func:`rollout_conditioning`).
 
     ``transformer`` is the (unwrapped) policy; ``seeds`` give each sample's initial noise and, without
     ``generator``, its SDE noise too (a sample's trajectory then depends on its seed only, not on the batch it
@@ -131,10 +177,7 @@ def generate_rollouts(
         raise ValueError(f"noise_level must be > 0 for GRPO rollouts (0 is the deterministic ODE), got {noise_level}")
     check_size(height, width)
     device = next(transformer.parameters()).device
-    cond = qwen.conditioning(prompts).to(device)
-    negative = None
-    if true_cfg_scale > 1 and negative_prompt is not None:
-        negative = qwen.conditioning([negative_prompt] * len(prompts)).to(device)
+    cond, negative = rollout_conditioning(qwen, prompts, columns, true_cfg_scale, negative_prompt, reference_area, device)
     latents = qwen.initial_noise(len(prompts), height, width, list(seeds)).to(device)
     if generator is None:
         generator = sde_noise_generators(seeds)

@@ -9,10 +9,12 @@ if __package__ in (None, ""):
     # Run as a file: put the repository root (not align/) first so `align` and `qwen_image` import as packages.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from align.configs.sft import SFTConfig  # noqa: E402
+from align.data.sft import load_sft_rows, prepare_sft_data, write_data_summary  # noqa: E402
 from align.launch import run, train_main  # noqa: E402
 from align.modeling import uses_edit_model  # noqa: E402
 from align.trainers.base import release_text_encoder  # noqa: E402
-from align.trainers.sft import SFTConfig, SFTTrainer, load_sft_rows, prepare_sft_data, write_data_summary  # noqa: E402
+from align.trainers.sft import SFTTrainer  # noqa: E402
 
 
 def load_data(config: SFTConfig):

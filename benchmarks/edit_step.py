@@ -23,12 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from sft_step import StepTimer, write_data  # noqa: E402
-from sft_step import config as sft_config
+from sft_step import PartTimer, StepEnd, sft_config, write_data  # noqa: E402
 
+from align.data.sft import prepare_sft_data  # noqa: E402
 from align.modeling import load_qwen_image  # noqa: E402
 from align.trainers.base import release_text_encoder  # noqa: E402
-from align.trainers.sft import SFTTrainer, prepare_sft_data  # noqa: E402
+from align.trainers.sft import SFTTrainer  # noqa: E402
 
 
 def add_controls(folder: Path, refs: int) -> None:
@@ -46,15 +46,23 @@ def add_controls(folder: Path, refs: int) -> None:
 def timed_run(cfg) -> tuple[list[float], dict]:
     qwen = load_qwen_image(cfg)
     data = prepare_sft_data(cfg, qwen)
-    timer = StepTimer()
-    trainer = SFTTrainer(qwen, cfg, data, callbacks=[timer])
+    step_end = StepEnd(PartTimer())
+    trainer = SFTTrainer(qwen, cfg, data, callbacks=[step_end])
     release_text_encoder(qwen)
     batch = next(iter(trainer.get_train_dataloader()))
     refs = batch.get("references")
     tokens = {"target": int(batch["image_latents"].shape[1]), "text": int(batch["prompt_embeds"].shape[1]),
               "references": 0 if refs is None else int(refs.latents.shape[1])}
     trainer.train()
-    return timer.times, tokens
+    return step_end.times, tokens
+
+
+def edit_bench_config(args, model: str | None, data: str, out: str):
+    """sft_step's trainer config (LoRA r4 on the attention projections) with this script's options."""
+    cfg = sft_config(argparse.Namespace(**vars(args), rank=4, targets=["to_q", "to_k", "to_v", "to_out.0"]), model,
+                     data, out)
+    cfg.finetune, cfg.gradient_checkpointing = args.finetune, args.gradient_checkpointing
+    return cfg
 
 
 def main(argv=None) -> None:
@@ -77,9 +85,8 @@ def main(argv=None) -> None:
         write_data(t2i_dir, args.batch * 2, args.resolution)
         write_data(edit_dir, args.batch * 2, args.resolution)
         add_controls(edit_dir, args.refs)
-        t2i_cfg = sft_config(args, str(Path(tmp) / "out_t2i"), str(t2i_dir))
-        edit_args = argparse.Namespace(**{**vars(args), "model": args.edit_model})
-        edit_cfg = sft_config(edit_args, str(Path(tmp) / "out_edit"), str(edit_dir))
+        t2i_cfg = edit_bench_config(args, args.model, str(t2i_dir), str(Path(tmp) / "out_t2i"))
+        edit_cfg = edit_bench_config(args, args.edit_model, str(edit_dir), str(Path(tmp) / "out_edit"))
         edit_cfg.control_resolution = args.control_resolution
         if args.edit_model is None:
             edit_cfg.tiny_variant = "edit-2511"

@@ -118,17 +118,21 @@ def make_trainer(mode: str, args, device, dtype):
     ``align.modeling.load_qwen_image`` stores it for the config."""
     from datasets import Dataset
 
-    from align.data.ratings import FilterSummary
-    from align.trainers.dpo import DPOConfig, FlowDPOTrainer
-    from align.trainers.grpo import GRPOConfig, GRPOTrainer
-    from align.trainers.sft import SFTConfig, SFTData, SFTTrainer
+    from align.configs.dpo import DPOConfig
+    from align.configs.grpo import GRPOConfig
+    from align.configs.sft import SFTConfig
+    from align.data.report import RowReport
+    from align.data.sft import SFTData
+    from align.trainers.dpo import FlowDPOTrainer
+    from align.trainers.grpo import GRPOTrainer
+    from align.trainers.sft import SFTTrainer
     from rewards import brightness
 
     if mode == "sft":
         config = trainer_config(SFTConfig, args, device, ["--timestep_sampling", "logit_normal",
                                                           "--dataset_name", "in-memory"])  # batches are built here
         qwen = _stored_bundle(args, device, dtype, config)
-        data = SFTData(dataset=Dataset.from_dict({"unit": [0]}), pools={}, summary=FilterSummary(), empty_prompt=None)
+        data = SFTData(dataset=Dataset.from_dict({"unit": [0]}), pools={}, summary=RowReport(), empty_prompt=None)
         trainer = SFTTrainer(qwen, config, data)
         inputs = latent_inputs(args, qwen, args.batch, device, dtype, (f"{config.image_column}_latents",))
     elif mode == "dpo":

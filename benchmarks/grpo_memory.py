@@ -76,9 +76,10 @@ class _Box:
 def one(steps: int, mode: str, resolution: int, cfg: float) -> dict:
     import torch
 
+    from align.configs.grpo import GRPOConfig
     from align.data.prompts import load_prompt_dataset
     from align.launch import parse_config
-    from align.trainers.grpo import GRPOConfig, GRPOTrainer
+    from align.trainers.grpo import GRPOTrainer
     from qwen_image import QwenImage
 
     out = tempfile.mkdtemp()

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["sft_step.py", "dpo_reference.py", "grpo_step.py", "grpo_memory.py", "rewards_speed.py", "gpu_scale.py"]
+SCRIPTS = ["sft_step.py", "edit_step.py", "dpo_reference.py", "grpo_step.py", "grpo_memory.py", "rewards_speed.py", "gpu_scale.py"]
 
 
 def run(script: str) -> tuple[int, float, list[tuple[str, str, str]], str]:

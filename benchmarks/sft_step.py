@@ -183,7 +183,7 @@ def bare_run(args, model_path: str, prompts: list[str], images: list | None = No
 
 # ----------------------------------------------------------------------------------------------- the trainer
 def sft_config(args, model_path: str, data: str, out: str):
-    from align.trainers.sft import SFTConfig
+    from align.configs.sft import SFTConfig
 
     return SFTConfig(output_dir=out, dataset_name=data, model_name_or_path=model_path, resolution=args.resolution,
                      cache_dir=str(Path(out).parent / "cache"),
@@ -222,9 +222,10 @@ class StepEnd(TrainerCallback):
 
 
 def trainer_run(args, cfg, profile: cProfile.Profile | None = None) -> tuple[list[float], list[dict]]:
+    from align.data.sft import prepare_sft_data
     from align.modeling import load_qwen_image
     from align.trainers.base import release_text_encoder
-    from align.trainers.sft import SFTTrainer, prepare_sft_data
+    from align.trainers.sft import SFTTrainer
 
     qwen = load_qwen_image(cfg)
     data = prepare_sft_data(cfg, qwen)  # encoded once, then read from the on-disk cache

@@ -181,10 +181,12 @@ class EditEncoder:
         model._require("vae")
         return [latent_ops.pack(latent_ops.encode(model.vae, self.reference_pixels(im, area)))[0] for im in images]
 
-    def references(self, images, n_rows: int, device=None, dtype: torch.dtype | None = None) -> References:
-        """The VAE side of a batch: every row's references, which must have the same sizes across rows."""
+    def references(self, images, n_rows: int, device=None, dtype: torch.dtype | None = None,
+                   area: int | None = None) -> References:
+        """The VAE side of a batch: every row's references, which must have the same sizes across rows (``area``:
+        as in :meth:`reference_size`)."""
         rows = normalize_references(images, n_rows)
-        sizes = [[self.reference_size(im) for im in row] for row in rows]
+        sizes = [[self.reference_size(im, area) for im in row] for row in rows]
         if any(s != sizes[0] for s in sizes):
             raise QwenImageInputError(
                 f"reference sizes differ between rows ({sizes[0]} vs {next(s for s in sizes if s != sizes[0])}); "
@@ -196,13 +198,30 @@ class EditEncoder:
             for im in row:
                 key = image_digest(im)
                 if key not in cache:
-                    cache[key] = self.encode_reference_latents([im])[0]
+                    cache[key] = self.encode_reference_latents([im], area)[0]
                 lat.append(cache[key])
             per_row.append(torch.cat(lat, dim=0))
         shapes = [(1, h // latent_ops.SIZE_MULTIPLE, w // latent_ops.SIZE_MULTIPLE) for h, w in sizes[0]]
         return References(torch.stack(per_row).to(device=device, dtype=dtype), shapes)
 
-    def conditioning(self, prompts: str | list[str], images, device=None, dtype: torch.dtype | None = None) -> Conditioning:
+    def conditioning(self, prompts: str | list[str], images, device=None, dtype: torch.dtype | None = None,
+                     area: int | None = None) -> Conditioning:
         prompts = validate_prompts(prompts)
         embeds, mask = self.encode_prompts(prompts, images, device=device, dtype=dtype)
-        return Conditioning.from_padded(embeds, mask, self.references(images, len(prompts), device, dtype))
+        return Conditioning.from_padded(embeds, mask, self.references(images, len(prompts), device, dtype, area))
+
+    def precompute(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]], progress: bool = False) -> int:
+        """Encode every (instruction, its images) row once and keep the embeddings on CPU, so the text encoder can
+        be released while training still samples these rows (GRPO's finite prompt set). Returns the distinct rows."""
+        from tqdm.auto import tqdm
+
+        prompts = validate_prompts(list(prompts))
+        rows = normalize_references([list(r) for r in images], len(prompts))
+        todo = {}
+        for p, row in zip(prompts, rows):
+            todo.setdefault(self._key(p, row), (p, row))
+        self.cache_size = max(self.cache_size, len(self._cache) + len(todo) + 256)  # nothing precomputed is evicted
+        for key, (p, row) in tqdm(todo.items(), disable=not progress, desc="Encoding edit prompts", leave=False):
+            if key not in self._cache:
+                self._cache[key] = self._encode_uncached([p], [row])[0].detach().cpu()
+        return len(todo)

@@ -222,12 +222,12 @@ class QwenImage:
         raise QwenImageInputError(f"unknown pipeline kind {kind!r}; use 't2i', 'edit' or 'inpaint'.")
 
     def load_lora(self, path: str | os.PathLike, adapter_name: str = "default", scale: float = 1.0) -> None:
-        """Load a LoRA (diffusers, kohya, DiffSynth or ComfyUI keys; diffusers converts) into the transformer."""
-        if not Path(path).exists():
-            raise QwenImageInputError(f"LoRA path {str(path)!r} does not exist.")
-        pipe = self.pipeline()
-        pipe.load_lora_weights(str(path), adapter_name=adapter_name)
-        pipe.set_adapters([adapter_name], [scale])
+        """Load a LoRA (diffusers, ComfyUI, ai-toolkit, kohya/musubi or DiffSynth keys: :mod:`qwen_image.lora`) into
+        the transformer, with each module's rank and alpha as in the file, active at ``scale``."""
+        from .lora import load_lora_file
+
+        load_lora_file(self.transformer, path, adapter_name)
+        self.transformer.set_adapters([adapter_name], [scale])
 
     # ------------------------------------------------------------------ building blocks
     def _require(self, name: str):
@@ -239,16 +239,17 @@ class QwenImage:
         (prompts precomputed with ``prompt_encoder.precompute`` still encode after the text encoder is released)."""
         return self.prompt_encoder.encode(prompts, device=self.device, dtype=self.dtype)
 
-    def conditioning(self, prompts: str | list[str], images=None, references: bool = True) -> Conditioning:
+    def conditioning(self, prompts: str | list[str], images=None, references: bool = True,
+                     reference_area: int | None = None) -> Conditioning:
         """What conditions the transformer: the prompts alone (text-to-image), or with ``images`` (edit models: 1-3
         reference images shared by every prompt, or one list per prompt) the edit-template embeddings that read the
         images plus, unless ``references=False`` (a CFG negative: it shares the positive's), the references' VAE
-        tokens."""
+        tokens at ``reference_area`` px (None: the model's, as at inference)."""
         if images is None:
             return Conditioning.from_padded(*self.encode_prompt(prompts))
         if not references:
             return Conditioning.from_padded(*self.edit_encoder.encode_prompts(prompts, images, self.device, self.dtype))
-        return self.edit_encoder.conditioning(prompts, images, device=self.device, dtype=self.dtype)
+        return self.edit_encoder.conditioning(prompts, images, device=self.device, dtype=self.dtype, area=reference_area)
 
     def encode_images(self, images: Sequence[Image.Image], height: int, width: int) -> torch.Tensor:
         """PIL images -> normalised VAE latents (B, 16, 1, H/8, W/8)."""

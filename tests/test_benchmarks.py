@@ -26,3 +26,11 @@ def test_gpu_scale_skips_without_gpu_and_runs_a_reduced_config(capsys):
     for row in ("LoRA SFT step", "Flow-DPO step", "GRPO step"):  # the trainers' own steps
         assert row in out
     assert out.count("METRIC\t") == 3
+
+
+def test_edit_step_benchmark_prints_the_edit_over_t2i_ratio(capsys):
+    edit_step = _load("edit_step")
+    edit_step.main(["--steps", "3", "--warmup", "1"])
+    out = capsys.readouterr().out
+    ratio = [line for line in out.splitlines() if line.startswith("METRIC\tedit sft: edit / T2I")]
+    assert len(ratio) == 1 and float(ratio[0].split("\t")[2]) > 0

@@ -125,12 +125,12 @@ def test_filter_dataset_report_and_reason_column():
     kept, report = filter_dataset(ds, default_filters(exposure=None), reason_column="filter_reasons", verbose=False)
     assert kept["prompt"] == ["a", "f"]
     assert kept["filter_reasons"] == [[], []]
-    assert report.total == 6 and report.kept == 2 and report.dropped == 4
+    assert report.total == 6 and report.kept == 2 and report.num_dropped == 4
     assert report.dropped_indices == [1, 2, 3, 4]
     # the flat grey small image fails resolution, blur and contrast: all cheap reasons are listed
     assert [r.split(":")[0] for r in report.reasons[3]] == ["resolution", "blur", "contrast"]
     assert report.counts["duplicate"] == 1 and report.counts["blur"] == 3 and report.counts["contrast"] == 2
-    assert report.first_reason_counts["resolution"] == 1 and sum(report.first_reason_counts.values()) == 4
+    assert report.dropped["resolution"] == 1 and sum(report.dropped.values()) == 4
     s = report.summary()
     assert "kept 2/6" in s and "duplicate" in s
 

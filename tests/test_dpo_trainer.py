@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from align.configs.dpo import DPOConfig
 from align.data.preference import write_synthetic_pairs
 from align.launch import parse_config
-from align.trainers.dpo import DPOConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))

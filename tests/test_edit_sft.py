@@ -199,9 +199,9 @@ def test_edit_sft_resume_matches_an_uninterrupted_run(edit_dir, tmp_path):
 
 
 def test_edit_sft_rejects_what_it_does_not_support_yet(edit_dir, tmp_path):
+    from align.configs.sft import SFTConfig
+    from align.data.sft import check_edit_config
     from align.launch import parse_config
-    from align.trainers.edit_sft import check_edit_config
-    from align.trainers.sft import SFTConfig
 
     config = parse_config(SFTConfig, [*common_args(edit_dir, tmp_path / "cache", tmp_path / "c"), "--caption_dropout", "0.1",
                                       "--random_flip", "true"])

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from align.configs.combined import DPOGRPOConfig
 from align.data.preference import write_synthetic_pairs
 from align.launch import parse_config
 from align.losses import grpo_clip_loss
 from align.rollouts import recompute_log_prob
-from align.trainers.combined import DPOGRPOConfig, DPOGRPOTrainer
+from align.trainers.combined import DPOGRPOTrainer
 from align.trainers.dpo import FlowDPOTrainer, build_datasets
 
 ROOT = Path(__file__).resolve().parents[1]

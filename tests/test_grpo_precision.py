@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_helpers import perturbed_lora
+from lora_helpers import lora_b_off_zero, perturbed_lora
 
 from align.rollouts import generate_rollouts, recompute_log_prob
 from qwen_image import QwenImage
@@ -66,23 +66,23 @@ def test_bf16_trainers_start_at_ratio_one(trainer, cfg, window, tmp_path):
     assert log[f"{prefix}clip_fraction"] == 0.0
 
 
-def test_per_timestep_backward_equals_all_at_once(tmp_path):
+def _lora_grpo_trainer(tmp_path, *options: str):
+    """A tiny LoRA GRPO trainer (beta 0.04) whose lora_B is off zero: policy != reference, so the KL term has a
+    gradient too. Returns the trainer, its model and the trainable parameters."""
+    from align.configs.grpo import GRPOConfig
     from align.data.prompts import load_prompt_dataset
     from align.launch import parse_config
-    from align.trainers.grpo import GRPOConfig, GRPOTrainer
+    from align.trainers.grpo import GRPOTrainer
 
     config = parse_config(GRPOConfig, ["--config", GRPO_RECIPE, "--output_dir", str(tmp_path), "--finetune", "lora",
-                                       "--lora_rank", "4", "--lora_alpha", "4", "--beta", "0.04",
-                                       "--timestep_fraction", "0.75", "--true_cfg_scale", "2.0"])
+                                       "--lora_rank", "4", "--lora_alpha", "4", "--beta", "0.04", *options])
     torch.manual_seed(0)
     trainer = GRPOTrainer(QwenImage.tiny(seed=0), config, train_dataset=load_prompt_dataset(prompts=config.train_prompts))
-    model = trainer.model
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():  # policy != reference, so the KL term has a gradient too
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    params = [p for p in model.parameters() if p.requires_grad]
+    return trainer, trainer.model, lora_b_off_zero(trainer.model, seed=3)
+
+
+def test_per_timestep_backward_equals_all_at_once(tmp_path):
+    trainer, model, params = _lora_grpo_trainer(tmp_path, "--timestep_fraction", "0.75", "--true_cfg_scale", "2.0")
     batch = trainer.rollouts.batch(model)
     batch.advantages = torch.tensor([1.0, -0.5, 0.25, -0.75])
     policy_loss, kl = trainer.grpo.loss(model, batch, micro_step=0)
@@ -102,6 +102,66 @@ def test_per_timestep_backward_equals_all_at_once(tmp_path):
     # the same 3 of 4 steps in both forms: the trained subset is a function of (seed, rank, micro-step)
     assert trainer.grpo.train_steps(batch, 0) == trainer.grpo.train_steps(batch, 0)
     assert len(trainer.grpo.train_steps(batch, 0)) == 3
+
+
+
+def _lora_combined_trainer(tmp_path):
+    """A tiny DPO+GRPO trainer with every term weighted (DPO, velocity KL, GRPO, rollout KL), lora_B off zero.
+    Returns the trainer, its model, the trainable parameters and one batch of pairs."""
+    from align.configs.combined import DPOGRPOConfig
+    from align.data.preference import write_synthetic_pairs
+    from align.data.prompts import load_prompt_dataset
+    from align.launch import parse_config
+    from align.trainers.combined import DPOGRPOTrainer
+    from align.trainers.dpo import build_datasets
+
+    data = write_synthetic_pairs(tmp_path / "pairs", n=4, size=32)
+    config = parse_config(DPOGRPOConfig, ["--config", COMBINED_RECIPE, "--dataset_name", str(data), "--cache_dir",
+                                          str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out"),
+                                          "--w_dpo", "1.0", "--beta_kl", "0.05", "--w_grpo", "1.0"])
+    qwen = QwenImage.tiny(seed=0)
+    train_ds, _ = build_datasets(config, qwen)
+    torch.manual_seed(0)
+    trainer = DPOGRPOTrainer(qwen, config, train_dataset=train_ds,
+                             grpo_prompts=load_prompt_dataset(prompts=config.train_prompts))
+    inputs = trainer.data_collator([train_ds[i] for i in range(2)])
+    return trainer, trainer.model, lora_b_off_zero(trainer.model, seed=3), inputs
+
+
+@pytest.mark.parametrize("kind", ["grpo", "combined"])
+def test_deepspeed_step_backpropagates_compute_loss_with_the_same_gradient(kind, tmp_path, monkeypatch):
+    # Under DeepSpeed training_step back-propagates compute_loss whole (its engine steps inside each backward);
+    # otherwise one timestep at a time (and, combined, the DPO terms once). Both give the same loss and gradient,
+    # and both advance the micro-step.
+    from accelerate.utils import DistributedType
+
+    if kind == "grpo":
+        (trainer, model, params), inputs = _lora_grpo_trainer(tmp_path), {}
+    else:
+        trainer, model, params, inputs = _lora_combined_trainer(tmp_path)
+        assert trainer.dpo_weights_active and trainer.grpo.need_kl
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop; 1 = DeepSpeed's unscaled backward
+    start = trainer.rollouts.state_dict()  # rollouts are a function of the counters: rewinding redraws the same
+
+    def step():
+        for p in params:
+            p.grad = None
+        trainer.rollouts.load_state_dict(start)
+        torch.manual_seed(11)  # the DPO terms' noise and sigma
+        loss = float(trainer.training_step(model, dict(inputs)))
+        assert trainer.rollouts.micro_step == 1
+        return loss, [None if p.grad is None else p.grad.clone() for p in params]
+
+    per_timestep = step()
+    monkeypatch.setattr(type(trainer.accelerator), "distributed_type", property(lambda self: DistributedType.DEEPSPEED))
+    backwards = []
+    monkeypatch.setattr(trainer.accelerator, "backward", lambda loss, **kwargs: backwards.append(kwargs) or loss.backward())
+    whole = step()
+    assert backwards == [{"scale_wrt_gas": False}]  # the DeepSpeed branch ran: one backward for the micro-step
+    assert whole[0] == pytest.approx(per_timestep[0], rel=1e-5)
+    assert sum(g is not None and bool(g.abs().sum() > 0) for g in whole[1]) > len(params) // 2
+    for a, b in zip(per_timestep[1], whole[1]):
+        assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, rtol=1e-4, atol=1e-10))
 
 
 def test_seeds_decide_the_sde_noise(tiny_model):

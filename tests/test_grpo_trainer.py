@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from align.configs.combined import DPOGRPOConfig
+from align.configs.grpo import GRPOConfig
 from align.launch import parse_config
-from align.trainers.combined import DPOGRPOConfig
-from align.trainers.grpo import GRPOConfig
 from align.trainers.grpo_objective import build_reward
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +20,9 @@ TINY = str(ROOT / "recipes/tiny/grpo_brightness.yaml")
 
 
 @pytest.mark.parametrize("recipe,cls", [("grpo_ocr.yaml", GRPOConfig), ("tiny/grpo_brightness.yaml", GRPOConfig),
-                                        ("dpo_grpo.yaml", DPOGRPOConfig), ("tiny/dpo_grpo.yaml", DPOGRPOConfig)])
+                                        ("dpo_grpo.yaml", DPOGRPOConfig), ("tiny/dpo_grpo.yaml", DPOGRPOConfig),
+                                        ("edit/grpo_lora.yaml", GRPOConfig), ("tiny/edit_grpo_lora.yaml", GRPOConfig),
+                                        ("tiny/edit_dpo_grpo.yaml", DPOGRPOConfig)])
 def test_recipes_parse(recipe, cls, tmp_path):
     config = parse_config(cls, ["--config", str(ROOT / "recipes" / recipe), "--output_dir", str(tmp_path),
                                 "--bf16", "false", "--report_to", "none"])

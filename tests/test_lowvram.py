@@ -290,11 +290,11 @@ def test_every_objective_trains_on_a_quantised_base_and_the_adapter_loads_on_the
 @pytest.mark.parametrize("recipe,card_gb", [("sft_24gb", 24), ("sft_24gb_streaming", 24), ("sft_48gb", 48),
                                             ("dpo_24gb", 24), ("grpo_24gb", 24), ("dpo_grpo_24gb", 24)])
 def test_low_vram_recipes_parse_and_their_estimate_fits_the_card(recipe, card_gb, tmp_path):
+    from align.configs.combined import DPOGRPOConfig
+    from align.configs.grpo import GRPOConfig
+    from align.configs.sft import SFTConfig
     from align.launch import parse_config
     from align.memory import GIB, Options, architecture, estimate
-    from align.trainers.combined import DPOGRPOConfig
-    from align.trainers.grpo import GRPOConfig
-    from align.trainers.sft import SFTConfig
 
     cls = {"sft": SFTConfig, "dpo": DPOGRPOConfig, "grpo": GRPOConfig}[recipe.split("_")[0]]
     config = parse_config(cls, ["--config", str(ROOT / "recipes/low_vram" / f"{recipe}.yaml"), "--output_dir",

@@ -32,7 +32,8 @@ from qwen_image.edit import MAX_REFERENCES
 
 from ..images import to_rgb
 from .encoding import center_crop_resize, collate_encoded, encoding_fingerprint
-from .loading import _metadata_path, image_problem, load_image_dataset
+from .loading import image_problem, load_image_dataset
+from .sources import metadata_path
 
 CONTROL_COLUMNS = ("control_image", "control_image_1", "control_image_2")
 CONTROL_LIST_COLUMN = "control_images"
@@ -124,7 +125,7 @@ def load_edit_dataset(
     """An edit dataset (imagefolder or ``datasets``) with its control images gathered into :data:`CONTROLS`."""
     dataset = load_image_dataset(name, split, image_column)
     path = Path(name).expanduser()
-    meta = _metadata_path(path, split) if path.is_dir() else None
+    meta = metadata_path(path, split) if path.is_dir() else None
     return with_control_list(dataset, meta.parent if meta else None, control_columns, list_column)
 
 
@@ -253,7 +254,7 @@ def load_edit_preference_dataset(
 
     pairs, report = load_preference_dataset(name, split, prompt_column, min_agreement)
     path = Path(name).expanduser()
-    meta = path if path.is_file() else (path / "metadata.jsonl" if (path / "metadata.jsonl").is_file() else None)
+    meta = path if path.is_file() else metadata_path(path, split) if path.is_dir() else None
     pairs = with_control_list(pairs, meta.parent if meta else None, control_columns, list_column)
     bad = []
     for i, row in enumerate(pairs.select_columns([CONTROLS])):
@@ -283,3 +284,20 @@ def write_synthetic_edit_pairs(folder: str | Path, n: int = 16, size: int = 64, 
         lines.append(json.dumps(row) + "\n")
     (folder / "metadata.jsonl").write_text("".join(lines), encoding="utf-8")
     return folder
+
+
+def write_synthetic_edit_prompts(folder: str | Path, n: int = 4, size: int = 32, seed: int = 0) -> Path:
+    """Demo/test GRPO prompts for edit models: ``prompts.jsonl`` rows of an instruction and a control image (a
+    random texture of ``size`` px, ``s<i>.png`` next to the file). Returns the prompt file."""
+    import json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        texture = (rng.random((max(1, size // 8), max(1, size // 8), 3)) * 255).astype(np.uint8)
+        Image.fromarray(texture).resize((size, size), Image.NEAREST).save(folder / f"s{i}.png")
+        lines.append(json.dumps({"prompt": f"make photo {i} brighter", "control_image": f"s{i}.png"}) + "\n")
+    (folder / "prompts.jsonl").write_text("".join(lines), encoding="utf-8")
+    return folder / "prompts.jsonl"

@@ -9,24 +9,18 @@ import os
 from pathlib import Path
 from typing import Callable, Sequence
 
-from datasets import Dataset, load_dataset, load_from_disk
+from datasets import Dataset
 from datasets import Image as ImageFeature
 from PIL import Image
 
 from ..errors import UserError
-from .ratings import FilterSummary, describe_row, raise_bad_rows
+from .ratings import describe_row, raise_bad_rows
+from .report import RowReport
+from .sources import load_source
 
-METADATA_FILE = "metadata.jsonl"
 # Kept but warned about (and counted in the data summary): images this small or this elongated are rarely meant.
 MIN_IMAGE_SIDE = 16
 MAX_ASPECT_RATIO = 8.0
-
-
-def _metadata_path(folder: Path, split: str) -> Path | None:
-    for candidate in (folder / METADATA_FILE, folder / split / METADATA_FILE):
-        if candidate.is_file():
-            return candidate
-    return None
 
 
 def _is_number(value) -> bool:
@@ -60,14 +54,10 @@ def read_jsonl_rows(path: Path, example: str = "") -> list[dict]:
     return rows
 
 
-def load_imagefolder(folder: str | Path, split: str = "train", image_column: str = "image") -> Dataset:
+def read_imagefolder(meta: Path, image_column: str = "image") -> Dataset:
     """An imagefolder read from its ``metadata.jsonl``: ``image`` holds the absolute path (checked and cast to an
     Image feature by :func:`validate_rows`), ``file_name`` is kept so messages can name the row. The dataset's
     fingerprint covers the metadata and each image file's size and mtime, so edited images re-encode."""
-    folder = Path(folder)
-    meta = _metadata_path(folder, split)
-    if meta is None:
-        raise UserError(f"{folder} has no {METADATA_FILE}")
     rows = read_jsonl_rows(meta)
     keys = dict.fromkeys(k for r in rows for k in r)
     if not rows:
@@ -100,41 +90,9 @@ def load_imagefolder(folder: str | Path, split: str = "train", image_column: str
 
 
 def load_image_dataset(name: str, split: str = "train", image_column: str = "image") -> Dataset:
-    """An imagefolder with ``metadata.jsonl``, a ``save_to_disk`` folder, a data file, or any local ``datasets``
-    folder/script (``load_dataset(name, split=split)``)."""
-    path = Path(name).expanduser()
-    if path.is_dir() and _metadata_path(path, split) is not None:
-        return load_imagefolder(path, split, image_column)
-    if path.is_dir() and (path / "dataset_info.json").is_file():
-        return load_from_disk(str(path))
-    if path.is_dir() and (path / "dataset_dict.json").is_file():
-        return load_from_disk(str(path))[split]
-    if path.exists():
-        return _load_local_dataset(path, split)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or not _in_hub_cache(name):
-        # Not here, and not a Hub dataset in the local cache: fail now (asking the Hub retries for ~30 s).
-        raise UserError(f"dataset {name!r} not found: no such local folder or file (nor a Hub dataset in the "
-                        f"local cache)")
-    try:
-        return load_dataset(name, split=split)
-    except Exception as err:
-        raise UserError(f"dataset {name!r} could not be loaded from the local Hub cache ({type(err).__name__})") from None
-
-
-def _load_local_dataset(path: Path, split: str) -> Dataset:
-    """Any other local folder/file ``datasets`` can read; what it cannot read is the user's data, said in one line."""
-    try:
-        return load_dataset(str(path), split=split)
-    except Exception as err:
-        detail = " ".join(str(err).split())[:200]
-        raise UserError(f"{path}: not a dataset this tool can read (want a folder with metadata.jsonl, a "
-                        f"save_to_disk folder or a data file): {type(err).__name__}: {detail}") from None
-
-
-def _in_hub_cache(name: str) -> bool:
-    from huggingface_hub import constants
-
-    return (Path(constants.HF_HUB_CACHE) / f"datasets--{name.replace('/', '--')}").is_dir()
+    """An imagefolder with ``metadata.jsonl``, a ``save_to_disk`` folder, a data file, any local ``datasets``
+    folder/script, or a Hub dataset in the local cache (resolved by :func:`align.data.sources.load_source`)."""
+    return load_source(name, split, metadata=lambda meta: read_imagefolder(meta, image_column), hub=True)
 
 
 def _image_source(value) -> tuple[str | None, bytes | None]:
@@ -185,7 +143,7 @@ def validate_rows(
     prompt_column: str = "prompt",
     skip_bad_rows: bool = False,
     extra_check: Callable[[dict], str | None] | None = None,
-) -> tuple[Dataset, FilterSummary]:
+) -> tuple[Dataset, RowReport]:
     """Check every row: each image column opens, the prompt is a non-empty string, ``extra_check(row)`` (if given)
     returns None. Bad rows raise one ValueError naming them, or with ``skip_bad_rows`` are dropped and counted.
     Image columns come back as decoded ``Image`` features."""
@@ -197,7 +155,7 @@ def validate_rows(
     for column in image_columns:
         if isinstance(view.features[column], ImageFeature):
             view = view.cast_column(column, ImageFeature(decode=False))
-    summary = FilterSummary(total=len(dataset), settings="rows checked")
+    summary = RowReport(total=len(dataset), settings="rows checked")
     keep, bad = [], []
     seen_files: set = set()
     for i, row in enumerate(view):
@@ -224,13 +182,13 @@ def validate_rows(
             problem = ("bad_row", why) if why else None
         if problem:
             label = describe_row(i, row)
-            summary.drop(problem[0].replace(" ", "_"), label)
+            summary.drop(i, f"{problem[0].replace(' ', '_')}: {problem[1]}", label)
             bad.append(f"{label}: {problem[1]}")
         else:
             keep.append(i)
+            summary.keep(i)
     if bad and not skip_bad_rows:
         raise_bad_rows(bad)
-    summary.kept = len(keep)
     out = dataset if len(keep) == len(dataset) else dataset.select(keep)
     for column in image_columns:
         if not isinstance(out.features[column], ImageFeature) or not out.features[column].decode:

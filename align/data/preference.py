@@ -19,30 +19,19 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, Image, load_from_disk
+from datasets import Dataset, Image
 
 from ..errors import UserError
+from .loading import read_jsonl_rows
+from .report import RowReport
+from .sources import load_source, read_local_dataset
 
 logger = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ("chosen", "rejected")
-
-
-@dataclass
-class PreferenceReport:
-    """What validation kept and why it dropped the rest (``str()`` is the one-line summary that gets logged)."""
-
-    total: int = 0
-    kept: int = 0
-    dropped: Counter = field(default_factory=Counter)
-
-    def __str__(self) -> str:
-        reasons = ", ".join(f"{n} {why}" for why, n in self.dropped.most_common()) or "none"
-        return f"preference pairs: kept {self.kept}/{self.total}; dropped: {reasons}"
 
 
 def load_preference_dataset(
@@ -50,7 +39,7 @@ def load_preference_dataset(
     split: str = "train",
     prompt_column: str = "prompt",
     min_agreement: float = 0.0,
-) -> tuple[Dataset, PreferenceReport]:
+) -> tuple[Dataset, RowReport]:
     """Load, validate and filter preference pairs. Returns the kept rows (``prompt``, ``chosen``, ``rejected`` as
     ``datasets.Image`` columns, plus any other columns) and a report of what was dropped."""
     if not 0.0 <= min_agreement <= 1.0:
@@ -70,18 +59,18 @@ def load_preference_dataset(
         # Undecoded: validation opens each image itself, so one bad file is a counted skip, not a crash.
         ds = ds.cast_column(column, Image(decode=False))
 
-    report = PreferenceReport(total=len(ds))
+    report = RowReport(what="preference pairs", total=len(ds))
     keep: list[int] = []
     for i, row in enumerate(ds):
         reason = _problem(row, min_agreement)
         if reason is None:
             keep.append(i)
+            report.keep(i)
         else:
-            report.dropped[reason] += 1
-    report.kept = len(keep)
+            report.drop(i, reason)
     logger.info("%s", report)
     if not keep:
-        raise UserError(f"no usable preference pairs in {dataset_name!r}: {report}")
+        raise UserError(f"no usable preference pairs in {dataset_name!r}: {report.summary()}")
     ds = ds.select(keep) if len(keep) < len(ds) else ds
     for column in IMAGE_COLUMNS:
         ds = ds.cast_column(column, Image())
@@ -167,45 +156,23 @@ def _pixel_digest(value: dict | None) -> str | None:
 def _load(dataset_name: str | None, split: str) -> Dataset:
     if not dataset_name:
         raise UserError("no preference data: set dataset_name (a folder with metadata.jsonl, or a saved dataset).")
-    path = Path(dataset_name).expanduser()
-    if path.is_file() and path.suffix == ".jsonl":
-        return _from_jsonl(path)
-    if path.is_dir() and (path / "metadata.jsonl").is_file():
-        return _from_jsonl(path / "metadata.jsonl")
-    if path.is_dir() and (path / "dataset_info.json").is_file():
-        return load_from_disk(str(path))
-    if path.is_dir() and (path / "dataset_dict.json").is_file():
-        dd = load_from_disk(str(path))
-        if split not in dd:
-            raise UserError(f"split {split!r} not in {dataset_name!r} (splits: {list(dd)}).")
-        return dd[split]
-    if not path.exists():
-        raise UserError(f"preference dataset {dataset_name!r} not found (give a local folder or file).")
-    from .loading import _load_local_dataset
 
-    return _load_local_dataset(path, split)
+    def read_file(path: Path) -> Dataset:
+        return _from_jsonl(path) if path.suffix == ".jsonl" else read_local_dataset(path, split)
+
+    return load_source(dataset_name, split, metadata=_from_jsonl, file=read_file, what="preference dataset")
 
 
 def _from_jsonl(meta: Path) -> Dataset:
     """imagefolder-style metadata.jsonl with two image paths per row (relative to its folder)."""
     root = meta.parent
-    rows = []
+    rows = read_jsonl_rows(meta, example='{"prompt": "...", "chosen": "a.png", "rejected": "b.png"}')
     present: set[str] = set()
-    with open(meta, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{meta}:{n}: not valid JSON ({err.msg}).") from None
-            if not isinstance(rec, dict):
-                raise UserError(f"{meta}:{n}: each line must be a JSON object.")
-            present.update(c for c in IMAGE_COLUMNS if rec.get(c) is not None or rec.get(f"{c}_file_name") is not None)
-            for column in IMAGE_COLUMNS:
-                value = rec.pop(f"{column}_file_name", None) or rec.get(column)
-                rec[column] = str(root / value) if isinstance(value, str) and value else None
-            rows.append(rec)
+    for rec in rows:
+        present.update(c for c in IMAGE_COLUMNS if rec.get(c) is not None or rec.get(f"{c}_file_name") is not None)
+        for column in IMAGE_COLUMNS:
+            value = rec.pop(f"{column}_file_name", None) or rec.get(column)
+            rec[column] = str(root / value) if isinstance(value, str) and value else None
     if not rows:
         raise UserError(f"{meta} has no rows.")
     absent = [c for c in IMAGE_COLUMNS if c not in present]

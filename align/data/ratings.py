@@ -13,76 +13,22 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from datasets import Dataset
 
 from ..errors import UserError
+from .report import RowReport
 
 AGGREGATES = ("mean", "min", "median")
 _TOLERANCE = 1e-9
 
 
-@dataclass
-class FilterSummary:
-    """What a filter pass kept and dropped, and why (printed, logged, saved with the run)."""
-
-    total: int = 0
-    kept: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)
-    examples: dict[str, list[str]] = field(default_factory=dict)
-    settings: str = ""
-    # Rows kept but worth a look (duplicate file_name, 1x1 or extreme-aspect images): counted, not dropped.
-    warnings: dict[str, int] = field(default_factory=dict)
-    warning_examples: dict[str, list[str]] = field(default_factory=dict)
-
-    def drop(self, reason: str, row: str, n_examples: int = 3) -> None:
-        self.dropped[reason] = self.dropped.get(reason, 0) + 1
-        shown = self.examples.setdefault(reason, [])
-        if len(shown) < n_examples:
-            shown.append(row)
-
-    def warn(self, reason: str, row: str, n_examples: int = 3) -> None:
-        self.warnings[reason] = self.warnings.get(reason, 0) + 1
-        shown = self.warning_examples.setdefault(reason, [])
-        if len(shown) < n_examples:
-            shown.append(row)
-
-    def merge(self, other: "FilterSummary") -> "FilterSummary":
-        """Chain a later pass (run on this pass's kept rows) into one summary."""
-        out = FilterSummary(total=self.total, kept=other.kept, settings="; ".join(s for s in (self.settings, other.settings) if s))
-        for src in (self, other):
-            for reason, n in src.dropped.items():
-                out.dropped[reason] = out.dropped.get(reason, 0) + n
-                out.examples.setdefault(reason, []).extend(src.examples.get(reason, []))
-            for reason, n in src.warnings.items():
-                out.warnings[reason] = out.warnings.get(reason, 0) + n
-                out.warning_examples.setdefault(reason, []).extend(src.warning_examples.get(reason, []))
-        return out
-
-    def metrics(self, prefix: str = "data/") -> dict[str, float]:
-        out = {f"{prefix}rows_total": float(self.total), f"{prefix}rows_kept": float(self.kept)}
-        out.update({f"{prefix}dropped_{k}": float(v) for k, v in sorted(self.dropped.items())})
-        out.update({f"{prefix}warning_{k}": float(v) for k, v in sorted(self.warnings.items())})
-        return out
-
-    def __str__(self) -> str:
-        lines = [f"data: kept {self.kept} of {self.total} rows" + (f" ({self.settings})" if self.settings else "")]
-        for reason, n in sorted(self.dropped.items()):
-            eg = ", ".join(self.examples.get(reason, []))
-            lines.append(f"  dropped {n} {reason}" + (f" (e.g. {eg})" if eg else ""))
-        for reason, n in sorted(self.warnings.items()):
-            eg = ", ".join(self.warning_examples.get(reason, []))
-            lines.append(f"  warning: {n} {reason} (kept)" + (f" (e.g. {eg})" if eg else ""))
-        return "\n".join(lines)
-
-
-def raise_bad_rows(problems: Sequence[str], what: str = "bad row(s)") -> None:
-    """One-line error naming the first bad rows, and how to skip them instead."""
+def raise_bad_rows(problems: Sequence[str], what: str = "bad row(s)",
+                   hint: str = "Fix the data or pass --skip_bad_rows to skip them.") -> None:
+    """One-line error naming the first bad rows, and how to fix (or skip) them."""
     more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-    raise UserError(f"{len(problems)} {what}: {'; '.join(problems[:3])}{more}. "
-                     f"Fix the data or pass --skip_bad_rows to skip them.")
+    raise UserError(f"{len(problems)} {what}: {'; '.join(problems[:3])}{more}. {hint}")
 
 
 def describe_row(index: int, row: dict | None = None) -> str:
@@ -151,7 +97,7 @@ def filter_by_ratings(
     rating_scale: Sequence[float] = (1.0, 5.0),
     ratings_column: str = "ratings",
     skip_bad_rows: bool = False,
-) -> tuple[Dataset, FilterSummary]:
+) -> tuple[Dataset, RowReport]:
     """Rows with >= ``min_raters`` ratings whose aggregate is >= ``min_score``, plus a summary of the rest.
 
     ``min_raters=0`` turns the filter off (all rows kept; the column may then be absent). Bad rows (non-numeric or
@@ -166,7 +112,7 @@ def filter_by_ratings(
         raise UserError(f"min_raters must be >= 0, got {min_raters}")
     if min_raters > 0 and not scale[0] <= min_score <= scale[1]:
         raise UserError(f"min_score {min_score:g} is outside the rating scale [{scale[0]:g}, {scale[1]:g}]")
-    summary = FilterSummary(total=len(dataset))
+    summary = RowReport(total=len(dataset))
     if min_raters == 0:
         summary.kept, summary.settings = len(dataset), "no rating filter"
         return dataset, summary
@@ -186,14 +132,14 @@ def filter_by_ratings(
         ratings, problem = read_ratings(raw, scale)
         if problem:
             bad.append(f"{label}: {problem}")
-            summary.drop("bad_ratings", label)
+            summary.drop(i, f"bad_ratings: {problem}", label)
         elif len(ratings) < min_raters:
-            summary.drop("too_few_ratings", label)
-        elif aggregate(ratings, rating_aggregate) < min_score - _TOLERANCE:
-            summary.drop("low_score", label)
+            summary.drop(i, f"too_few_ratings: {len(ratings)} < {min_raters}", label)
+        elif (score := aggregate(ratings, rating_aggregate)) < min_score - _TOLERANCE:
+            summary.drop(i, f"low_score: {rating_aggregate} {score:.3g} < {min_score:g}", label)
         else:
             keep.append(i)
+            summary.keep(i)
     if bad and not skip_bad_rows:
         raise_bad_rows(bad, "row(s) with bad ratings")
-    summary.kept = len(keep)
     return (dataset if len(keep) == len(dataset) else dataset.select(keep)), summary

@@ -5,7 +5,7 @@ Heavy imports (``imagehash``, the OCR reward) happen lazily inside the functions
 rule comes from ``rewards.text`` (pure Python), the one place for it.
 """
 
-from .filtering import FilterReport, filter_dataset, filter_images, load_image
+from .filtering import RowReport, filter_dataset, filter_images, load_image
 from .image_filters import (
     BlurFilter,
     ContrastFilter,
@@ -37,7 +37,7 @@ from .synthesis import (
 )
 
 __all__ = [
-    "FilterReport", "filter_dataset", "filter_images", "load_image",
+    "RowReport", "filter_dataset", "filter_images", "load_image",
     "ImageFilter", "ResolutionFilter", "BlurFilter", "ContrastFilter", "ExposureFilter", "DuplicateFilter",
     "OCRAgreementFilter", "default_filters",
     "laplacian_variance", "rms_contrast", "mean_luma", "clipped_fraction", "perceptual_hash", "hamming_distance",

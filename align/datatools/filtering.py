@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import io
 import sys
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from PIL import Image
 
+from ..data.report import RowReport
 from ..images import to_rgb
 from .image_filters import ImageFilter
 
-__all__ = ["FilterReport", "filter_dataset", "filter_images", "load_image"]
+__all__ = ["RowReport", "filter_dataset", "filter_images", "load_image"]
 
 
 def open_image(value: Any) -> Image.Image:
@@ -37,53 +36,6 @@ def load_image(value: Any) -> Image.Image:
     """:func:`open_image` as 8-bit RGB (``align.images.to_rgb``: 16-bit scaled, alpha on white, EXIF upright), so
     filters judge the image the trainers will see (a 16-bit PNG is not "overexposed")."""
     return to_rgb(open_image(value))
-
-
-@dataclass
-class FilterReport:
-    """Outcome of a filtering pass.
-
-    ``reasons[i]`` lists ``"<filter name>: <detail>"`` strings for row i (empty = kept); ``counts`` counts rows per
-    filter name (a row failing two cheap filters counts in both); ``first_reason_counts`` counts each dropped row
-    once, under the first filter that rejected it.
-    """
-
-    total: int = 0
-    kept_indices: list[int] = field(default_factory=list)
-    dropped_indices: list[int] = field(default_factory=list)
-    reasons: list[list[str]] = field(default_factory=list)
-    counts: Counter = field(default_factory=Counter)
-    first_reason_counts: Counter = field(default_factory=Counter)
-    filters: list[str] = field(default_factory=list)
-
-    @property
-    def kept(self) -> int:
-        return len(self.kept_indices)
-
-    @property
-    def dropped(self) -> int:
-        return len(self.dropped_indices)
-
-    def summary(self) -> str:
-        pct = (lambda n: f"{100.0 * n / self.total:.1f}%") if self.total else (lambda n: "-")
-        lines = [f"filter_dataset: kept {self.kept}/{self.total} ({pct(self.kept)}), dropped {self.dropped}"]
-        for name in self.filters:
-            if self.counts.get(name):
-                lines.append(f"  {name:<14} {self.counts[name]:>7} rows ({pct(self.counts[name])}), "
-                             f"first reason for {self.first_reason_counts.get(name, 0)}")
-        extra = [n for n in self.counts if n not in self.filters]
-        for name in extra:
-            lines.append(f"  {name:<14} {self.counts[name]:>7} rows")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        return {"total": self.total, "kept": self.kept, "dropped": self.dropped,
-                "counts": dict(self.counts), "first_reason_counts": dict(self.first_reason_counts),
-                "dropped_indices": list(self.dropped_indices),
-                "reasons": {i: self.reasons[i] for i in self.dropped_indices}}
-
-    def __str__(self) -> str:
-        return self.summary()
 
 
 def _run_filters(image: Image.Image, row: dict, filters: Sequence[ImageFilter]) -> list[str]:
@@ -133,7 +85,8 @@ def filter_dataset(ds, filters: Sequence[ImageFilter], image_column: str = "imag
 
     ``reason_column``: when set, that column (list of strings, empty = kept) is added to the returned rows,
     which is useful with ``ds.add_column`` style pipelines; the kept rows then carry an empty list. The full
-    per-row reasons are always in ``report.reasons``. ``verbose`` prints ``report.summary()`` to stderr.
+    reasons of each dropped row are always in ``report.reasons`` (an :class:`align.data.report.RowReport`).
+    ``verbose`` prints the report to stderr.
     """
     for f in filters:
         f.reset()
@@ -142,7 +95,8 @@ def filter_dataset(ds, filters: Sequence[ImageFilter], image_column: str = "imag
         if f.name in names:
             raise ValueError(f"two filters named {f.name!r}: give one a different name")
         names.append(f.name)
-    report = FilterReport(filters=names)
+    report = RowReport(what="filter_dataset", total=len(ds))
+    all_reasons: list[list[str]] = []  # per row, kept rows too (the reason_column)
     is_hf = hasattr(ds, "select") and hasattr(ds, "column_names")
     other_cols = [c for c in (ds.column_names if is_hf else []) if c != image_column]
     meta = ds.select_columns(other_cols) if is_hf and other_cols else None
@@ -176,25 +130,17 @@ def filter_dataset(ds, filters: Sequence[ImageFilter], image_column: str = "imag
             image, reasons = None, [f"unreadable: {type(err).__name__}"]
         if image is not None:
             reasons = _run_filters(image, row, filters)
-        report.reasons.append(reasons)
+        all_reasons.append(reasons)
         if reasons:
-            report.dropped_indices.append(i)
-            seen = set()
-            for r in reasons:
-                name = r.split(":", 1)[0]
-                if name not in seen:
-                    report.counts[name] += 1
-                    seen.add(name)
-            report.first_reason_counts[reasons[0].split(":", 1)[0]] += 1
+            report.drop(i, reasons)
         else:
-            report.kept_indices.append(i)
-    report.total = n
+            report.keep(i)
     if is_hf:
         out = ds
         if reason_column:
             if reason_column in out.column_names:
                 out = out.remove_columns(reason_column)
-            out = out.add_column(reason_column, report.reasons)
+            out = out.add_column(reason_column, all_reasons)
         kept = out.select(report.kept_indices)
     else:
         kept = []
@@ -204,5 +150,5 @@ def filter_dataset(ds, filters: Sequence[ImageFilter], image_column: str = "imag
                 row[reason_column] = []
             kept.append(row)
     if verbose:
-        print(report.summary(), file=sys.stderr)
+        print(report, file=sys.stderr)
     return kept, report

@@ -14,16 +14,15 @@ the rollouts.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 from accelerate.utils import DistributedType
 
-from .dpo import DPOConfig, FlowDPOTrainer
+from ..configs.combined import DPOGRPOConfig
+from .dpo import FlowDPOTrainer
 from .grpo import log_rollout_images
 from .grpo_objective import (
-    GRPOArguments,
     GRPOObjective,
     RolloutCheckpointMixin,
     RolloutSource,
@@ -35,23 +34,6 @@ from .grpo_objective import (
 from .monitor import MonitoredEvaluationMixin
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class DPOGRPOConfig(GRPOArguments, DPOConfig):
-    """Flow-DPO settings plus the GRPO ones; ``dataset_name`` holds the pairs, ``grpo_dataset_name`` the prompts.
-    ``per_device_train_batch_size`` is the number of DPO pairs per micro-step, ``grpo_batch_size`` the number of
-    rollouts (default: the same)."""
-
-    grpo_dataset_name: str | None = field(
-        default=None, metadata={"help": "Prompts for the GRPO term (.jsonl with 'prompt' + reward columns); or train_prompts."}
-    )
-
-    def __post_init__(self):
-        self._monitor_defaults()
-        super().__post_init__()
-        if self.w_grpo > 0:
-            self._validate_grpo()
 
 
 class DPOGRPOTrainer(MonitoredEvaluationMixin, RolloutCheckpointMixin, FlowDPOTrainer):
@@ -80,8 +62,7 @@ class DPOGRPOTrainer(MonitoredEvaluationMixin, RolloutCheckpointMixin, FlowDPOTr
             self.rollouts = RolloutSource(self.grpo, grpo_prompts, args, self.accelerator.process_index)
             self.monitor, self.guard = build_monitor(qwen, args, monitor_prompts, self.accelerator, self.model,
                                                      self.reference)
-            held_out = list(monitor_prompts["prompt"]) if monitor_prompts is not None else []
-            precompute_prompts_and_release(qwen, args, [*grpo_prompts["prompt"], *held_out], self.accelerator.device)
+            precompute_prompts_and_release(qwen, args, grpo_prompts, monitor_prompts, self.accelerator.device)
 
     def extra_loss_terms(self, model, inputs: dict) -> tuple[dict, dict]:
         """The GRPO term as one graph over its trained timesteps (``compute_loss``; DeepSpeed trains this way)."""

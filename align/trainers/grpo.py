@@ -14,7 +14,6 @@ Launch: ``accelerate launch align/grpo.py --config recipes/grpo_ocr.yaml``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -23,11 +22,10 @@ from torch.utils.data import Dataset
 
 from qwen_image import QwenImage
 
-from ..configs import QwenImageTrainingConfig
+from ..configs.grpo import GRPOConfig
 from ..reference import ReferenceModel
 from .base import QwenImageTrainer
 from .grpo_objective import (
-    GRPOArguments,
     GRPOObjective,
     RolloutCheckpointMixin,
     RolloutSource,
@@ -39,24 +37,6 @@ from .grpo_objective import (
 from .monitor import MonitoredEvaluationMixin
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class GRPOConfig(GRPOArguments, QwenImageTrainingConfig):
-    """Flow-GRPO settings. Defaults follow flow_grpo (lr 3e-4 LoRA, eps 1e-4, a 0.7, 10 steps, 99% of steps trained)."""
-
-    beta: float = field(default=0.0, metadata={"help": "KL weight to the frozen reference (flow_grpo: 0.04 OCR/GenEval, 0.01 PickScore; 0 = no reference forward)."})
-    learning_rate: float = field(default=3e-4, metadata={"help": "flow_grpo's LoRA learning rate."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
-    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay (flow_grpo)."})
-    resolution: int = field(default=512, metadata={"help": "Rollout resolution in px (flow_grpo trains Qwen-Image at 512)."})
-
-    def __post_init__(self):
-        self._monitor_defaults()
-        super().__post_init__()
-        if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
-        self._validate_grpo()
 
 
 class MicroSteps(Dataset):
@@ -100,8 +80,7 @@ class GRPOTrainer(MonitoredEvaluationMixin, RolloutCheckpointMixin, QwenImageTra
         self.rollouts = RolloutSource(self.grpo, train_dataset, args, self.accelerator.process_index)
         self.monitor, self.guard = build_monitor(qwen, args, monitor_prompts, self.accelerator, policy, reference)
         qwen.vae.to(self.accelerator.device)
-        held_out = list(monitor_prompts["prompt"]) if monitor_prompts is not None else []
-        precompute_prompts_and_release(qwen, args, [*train_dataset["prompt"], *held_out], self.accelerator.device)
+        precompute_prompts_and_release(qwen, args, train_dataset, monitor_prompts, self.accelerator.device)
 
     def get_train_dataloader(self):
         # one (empty) item per micro-step and process; batch size 1 so the Trainer's step count is the micro-step count
@@ -121,22 +100,20 @@ class GRPOTrainer(MonitoredEvaluationMixin, RolloutCheckpointMixin, QwenImageTra
             self.optimizer.train()
         self._prepare_inputs(inputs)
         scale = 1.0 / self.current_gradient_accumulation_steps
-        weight_kl = self.args.beta if self.grpo.need_kl else 0.0
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             # DeepSpeed steps its engine inside every backward: one backward per micro-step (all timesteps at once).
-            policy = self.accelerator.unwrap_model(model)
-            batch = self.rollouts.batch(policy)
-            policy_loss, kl = self.grpo.loss(model, batch, micro_step=self.rollouts.micro_step)
-            loss = policy_loss if kl is None else policy_loss + weight_kl * kl
+            loss = self.compute_loss(model, inputs)
             self.accelerator.backward(loss, scale_wrt_gas=False)
             self.rollouts.advance()
             return loss.detach() * scale
+        weight_kl = self.args.beta if self.grpo.need_kl else 0.0
         total = self.grpo_backward(model, policy_weight=1.0, kl_weight=weight_kl, scale=scale,
                                    no_sync=partial(self.accelerator.no_sync, model))
         return torch.tensor(total * scale, device=self.accelerator.device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The micro-step's loss as one graph (what ``training_step`` back-propagates per timestep)."""
+        """The micro-step's loss as one graph: what ``training_step`` back-propagates per timestep, and, under
+        DeepSpeed (one backward per micro-step), what it back-propagates whole."""
         batch = self.rollouts.batch(self.accelerator.unwrap_model(model))
         policy_loss, kl = self.grpo.loss(model, batch, micro_step=self.rollouts.micro_step)
         loss = policy_loss if kl is None else policy_loss + self.args.beta * kl

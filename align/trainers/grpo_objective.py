@@ -1,6 +1,6 @@
 """Flow-GRPO as a reusable piece, driven by ``GRPOTrainer`` and the combined DPO+GRPO trainer alike:
 
-- ``GRPOArguments``: the GRPO hyper-parameters (a dataclass mixin for any trainer config);
+- ``GRPOArguments`` (``align/configs/grpo.py``): the GRPO hyper-parameters, a dataclass mixin for any trainer config;
 - ``GRPOObjective``: rollout generation + scoring + group advantages across processes, and the clipped-ratio loss
   (+ closed-form KL) on a buffered rollout batch, back-propagated one trained timestep at a time;
 - ``RolloutSource``: the prompt stream, the rollout buffer and the micro-step counter - everything a checkpoint
@@ -14,12 +14,10 @@ a resumed run draws the same numbers, and a sample's noise does not depend on ho
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -28,11 +26,10 @@ from trl.trainer.utils import RepeatSampler
 from qwen_image import QwenImage
 from qwen_image.sampling import sde_step
 
+from ..configs.grpo import GRPOArguments
 from ..data.prompts import collate_prompts
 from ..errors import UserError
 from ..losses.grpo import (
-    KL_FORMS,
-    POLICY_LOSSES,
     dppo_loss,
     gaussian_kl,
     group_advantages,
@@ -46,135 +43,83 @@ from .base import MetricLog
 
 logger = logging.getLogger(__name__)
 
-SCALE_REWARDS = ("group", "batch", "none", "true", "false")
+
+def reference_area(args: GRPOArguments) -> int | None:
+    """Edit rollouts: the control images' VAE-side area (``control_resolution``²; None = the model's, as at
+    inference)."""
+    side = getattr(args, "control_resolution", 0)
+    return side * side if side else None
 
 
-@dataclass
-class GRPOArguments:
-    """GRPO fields (TRL's names where the idea is the same; defaults from flow_grpo). Mixed into trainer configs."""
-
-    num_generations: int = field(default=8, metadata={"help": "Images per prompt (the group for advantages); flow_grpo: 16-24."})
-    epsilon: float = field(default=1e-4, metadata={"help": "Clip range of the ratio; tiny because log-probs are per-element means (flow_grpo 1e-4; 1e-5 for Fast). dppo: the per-step KL trust region eps_D (1e-5 in the paper)."})
-    policy_loss: str = field(default="clip", metadata={"help": "clip (Flow-GRPO's clipped ratio) | guard (GRPO-Guard: normalised ratio, 1/|dt| step weights) | dppo (Flow-DPPO: exact per-step KL trust region instead of the clip). guard/dppo keep each step's rollout mean (more rollout memory)."})
-    guard_reweight: bool = field(default=True, metadata={"help": "guard: weight each step's loss by 1/|dt| (the paper's reweighting)."})
-    scale_rewards: str = field(default="group", metadata={"help": "group: divide by the group std; batch: by the batch std; none: only centre."})
-    adv_clip_max: float = field(default=5.0, metadata={"help": "Advantages are clipped to [-adv_clip_max, adv_clip_max]."})
-    num_iterations: int = field(default=1, metadata={"help": "Optimisation passes over each rollout buffer (PPO epochs)."})
-    steps_per_generation: int | None = field(default=None, metadata={"help": "Micro-batches per rollout buffer (default: gradient_accumulation_steps)."})
-    reward_funcs: list[str] = field(default_factory=lambda: ["ocr"], metadata={"help": "Reward names from the rewards registry (rewards.available_rewards())."})
-    reward_weights: list[float] | None = field(default=None, metadata={"help": "One weight per reward (default 1 each)."})
-    reward_kwargs: dict | str | None = field(default=None, metadata={"help": "Options per reward, e.g. {\"clip\": {\"model_path\": \"/models/clip\"}} (a dict or JSON)."})
-    train_prompts: list[str] = field(default_factory=list, metadata={"help": "Inline prompts (instead of dataset_name)."})
-    kl_form: str = field(default="flow_grpo", metadata={"help": "flow_grpo: mean((mu-mu_ref)^2)/(2 sigma_t^2), the form published betas assume; exact: ||mu-mu_ref||^2/(2 sigma_t^2 |dt|)."})
-    noise_level: float = field(default=0.7, metadata={"help": "SDE noise level a (sigma_t = a sqrt(s/(1-s))); flow_grpo 0.7 (Qwen-Image 1.2 with a window)."})
-    num_inference_steps: int = field(default=10, metadata={"help": "Sampler steps of a rollout (flow_grpo trains with 10, evaluates with 40-50)."})
-    timestep_fraction: float = field(default=0.99, metadata={"help": "Fraction of the SDE steps trained per batch: int(T * fraction), a random subset."})
-    sde_window_size: int = field(default=0, metadata={"help": "Flow-GRPO-Fast: SDE (and training) only on this many steps; 0 = every step."})
-    sde_window_range: list[int] | None = field(default=None, metadata={"help": "[lo, hi): where the window may start (default [0, steps/2))."})
-    true_cfg_scale: float = field(default=4.0, metadata={"help": "True CFG at rollout and training (1 = no CFG: faster, acts as CFG distillation)."})
-    negative_prompt: str = field(default=" ", metadata={"help": "Negative prompt for true CFG."})
-    release_text_encoder: bool = field(default=True, metadata={"help": "Encode every training prompt and the negative prompt once (kept on CPU), then free the text encoder (8 B params on the real model) before training."})
-    num_images_to_log: int = field(default=8, metadata={"help": "Rollout images (with rewards) sent to wandb at each log step; 0 = none."})
-    # --- over-optimisation monitors (align/trainers/monitor.py); measured every eval_steps
-    monitor_prompts: list[str] = field(default_factory=list, metadata={"help": "Held-out prompts (never trained on) rendered with the ODE sampler at fixed seeds every eval_steps; needs eval_strategy: steps."})
-    monitor_dataset_name: str | None = field(default=None, metadata={"help": "Held-out prompts as a file/dataset (prompt + reward columns), instead of monitor_prompts."})
-    monitor_seeds: int = field(default=4, metadata={"help": "Seeds per held-out prompt (diversity is measured across them)."})
-    monitor_reward_funcs: list[str] | None = field(default=None, metadata={"help": "Rewards for the held-out evaluation (default: reward_funcs); a judge the policy is not trained on sees hacking first."})
-    monitor_num_inference_steps: int | None = field(default=None, metadata={"help": "ODE steps of the held-out renders (default: num_inference_steps)."})
-    early_stop_patience: int = field(default=0, metadata={"help": "Stop when the held-out reward fell this many evaluations in a row while the training reward rose, and keep the best held-out checkpoint (0 = never stop)."})
-    grpo_batch_size: int | None = field(default=None, metadata={"help": "Rollouts per process per micro-step (sampled and trained together); default: per_device_train_batch_size. The combined trainer's DPO pairs keep per_device_train_batch_size."})
-
-    @property
-    def has_monitor(self) -> bool:
-        return bool(self.monitor_prompts or self.monitor_dataset_name)
-
-    def _monitor_defaults(self) -> None:
-        """Before TrainingArguments.__post_init__: the early stop keeps the best held-out checkpoint, through the
-        Trainer's own best-model tracking (checkpoints at every evaluation)."""
-        def value(v):
-            return str(getattr(v, "value", v)).lower()
-
-        if self.monitor_seeds < 1:
-            raise ValueError(f"monitor_seeds must be >= 1, got {self.monitor_seeds}")
-        if self.early_stop_patience < 0:
-            raise ValueError(f"early_stop_patience must be >= 0, got {self.early_stop_patience}")
-        if self.early_stop_patience and not self.has_monitor:
-            raise ValueError("early_stop_patience needs held-out prompts: set monitor_prompts or monitor_dataset_name.")
-        if self.has_monitor and value(self.eval_strategy) == "no":  # type: ignore[attr-defined]
-            raise ValueError("monitor_prompts are evaluated on the Trainer's schedule: set eval_strategy: steps and "
-                             "eval_steps: N.")
-        if self.early_stop_patience:
-            self.load_best_model_at_end = True
-            self.metric_for_best_model = self.metric_for_best_model or "eval_reward"
-            if self.greater_is_better is None:
-                self.greater_is_better = True
-            if value(self.save_strategy) == "no":  # type: ignore[attr-defined]
-                self.save_strategy = "steps"
-                self.save_steps = self.eval_steps or self.logging_steps  # type: ignore[attr-defined]
-
-    def _validate_grpo(self) -> None:
-        if self.num_generations < 2:
-            raise ValueError(f"num_generations must be >= 2 (advantages compare images of the same prompt), got {self.num_generations}")
-        if str(self.scale_rewards).lower() not in SCALE_REWARDS:
-            raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS[:3]}, got {self.scale_rewards!r}")
-        if self.policy_loss not in POLICY_LOSSES:
-            raise ValueError(f"policy_loss must be one of {POLICY_LOSSES}, got {self.policy_loss!r}")
-        if self.kl_form not in KL_FORMS:
-            raise ValueError(f"kl_form must be one of {KL_FORMS}, got {self.kl_form!r}")
-        if self.noise_level <= 0:
-            raise ValueError(f"noise_level must be > 0 for GRPO rollouts, got {self.noise_level}")
-        if self.epsilon <= 0:
-            raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
-        if self.num_iterations < 1:
-            raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
-        if not 0 < self.timestep_fraction <= 1:
-            raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
-        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
-            raise ValueError(f"{len(self.reward_weights)} reward_weights for {len(self.reward_funcs)} reward_funcs")
-        if isinstance(self.reward_kwargs, str):
-            try:
-                self.reward_kwargs = json.loads(self.reward_kwargs) if self.reward_kwargs.strip() else None
-            except json.JSONDecodeError as err:
-                raise ValueError(f"reward_kwargs is not valid JSON: {err}") from None
-        if self.sde_window_size:
-            sde_window_for(self.num_inference_steps, self.sde_window_size, self.sde_window_range)
-        if self.grpo_batch_size is not None and self.grpo_batch_size < 1:
-            raise ValueError(f"grpo_batch_size must be >= 1, got {self.grpo_batch_size}")
-        if self.steps_per_generation is None:
-            self.steps_per_generation = self.gradient_accumulation_steps  # type: ignore[attr-defined]
-        if self.steps_per_generation < 1:
-            raise ValueError(f"steps_per_generation must be >= 1, got {self.steps_per_generation}")
-        global_batch = self.generation_batch_size
-        if global_batch % self.num_generations:
-            name = "grpo_batch_size" if self.grpo_batch_size else "per_device_train_batch_size"
-            raise ValueError(
-                f"the generation batch ({name} * processes * steps_per_generation = {global_batch}) "
-                f"must be a multiple of num_generations ({self.num_generations})."
-            )
-
-    @property
-    def rollout_batch_size(self) -> int:
-        """Rollouts per process per micro-step."""
-        return self.grpo_batch_size or self.per_device_train_batch_size  # type: ignore[attr-defined]
-
-    @property
-    def generation_batch_size(self) -> int:
-        return self.rollout_batch_size * self.world_size * self.steps_per_generation  # type: ignore[attr-defined]
-
-    @property
-    def scale_mode(self) -> str:
-        return {"true": "group", "false": "none"}.get(str(self.scale_rewards).lower(), str(self.scale_rewards).lower())
+def check_edit_prompt_sizes(qwen, args: GRPOArguments, prompts, held_out=None) -> None:
+    """A rollout micro-batch shares one reference grid (tokens of different lengths cannot be batched). Training
+    micro-batches hold consecutive copies of a prompt (the prompt stream's layout), so mixed control sizes are fine
+    when every micro-batch lies inside one group (``num_generations`` a multiple of the rollout batch size); the
+    held-out monitor batches several rows, so its rows must agree unless it renders one at a time. Checked once,
+    before any rollout, from the image headers."""
+    if not qwen.edit_model:
+        return
+    bs = args.rollout_batch_size
+    checks = [(prompts, "edit prompts", args.num_generations % bs == 0,
+               f"make num_generations ({args.num_generations}) a multiple of the rollout batch size")]
+    if held_out is not None:
+        checks.append((held_out, "held-out edit prompts", bs == 1, "set grpo_batch_size: 1"))
+    for ds, what, grouped, fix in checks:
+        if grouped:
+            continue
+        grids = _reference_grids(qwen, args, ds)
+        if len(grids) > 1:
+            (a, pa), (b, pb) = list(grids.items())[:2]
+            raise UserError(f"{what} with different control sizes ({list(a)} for {pa[:40]!r}, {list(b)} for "
+                            f"{pb[:40]!r}) cannot share a rollout batch of {bs} (grpo_batch_size / "
+                            f"per_device_train_batch_size): {fix}, or use control images of one aspect ratio")
 
 
-def precompute_prompts_and_release(qwen, args: GRPOArguments, prompts, device) -> None:
-    """With ``release_text_encoder``: encode the finite prompt set once, then drop the text encoder; otherwise move it
-    to ``device`` (rollouts encode their prompts as they come)."""
+def _reference_grids(qwen, args: GRPOArguments, ds) -> dict[tuple, str]:
+    """Each distinct tuple of reference sizes in ``ds`` -> the first prompt that has it."""
+    import io
+
+    from PIL import Image
+
+    from ..data.edit import CONTROLS
+
+    area = reference_area(args)
+    grids: dict[tuple, str] = {}
+    for row in ds.select_columns(["prompt", CONTROLS]):
+        sizes = []
+        for cell in row[CONTROLS]:
+            with Image.open(cell["path"] if cell["bytes"] is None else io.BytesIO(cell["bytes"])) as im:
+                sizes.append(qwen.edit_encoder.reference_size(im, area))  # reads the header, not the pixels
+        grids.setdefault(tuple(sizes), row["prompt"])
+    return grids
+
+
+def precompute_prompts_and_release(qwen, args: GRPOArguments, prompts, held_out, device) -> None:
+    """With ``release_text_encoder``: encode the finite prompt sets (training ``prompts``, ``held_out`` or None)
+    once (edit models: each row with its control images, and the CFG negative with them), then drop the text
+    encoder; otherwise move it to ``device`` (rollouts encode their prompts as they come)."""
     from .base import release_text_encoder
 
+    datasets = [ds for ds in (prompts, held_out) if ds is not None]
     qwen.text_encoder.to(device)
+    check_edit_prompt_sizes(qwen, args, prompts, held_out)
     if not args.release_text_encoder:
         return
-    count = qwen.prompt_encoder.precompute([*prompts, args.negative_prompt], progress=True)
+    if qwen.edit_model:
+        from ..data.edit import CONTROLS
+        from ..rollouts import control_images
+
+        count = 0
+        for ds in datasets:
+            for start in range(0, len(ds), 64):  # a chunk of rows' images in memory at a time
+                rows = ds.select_columns(["prompt", CONTROLS])[start:start + 64]
+                prompts, images = list(rows["prompt"]), control_images(qwen, rows, len(rows["prompt"]))
+                if args.true_cfg_scale > 1 and args.negative_prompt is not None:  # the negative reads the images too
+                    prompts, images = prompts + [args.negative_prompt] * len(images), images + images
+                count += qwen.edit_encoder.precompute(prompts, images)
+    else:
+        count = qwen.prompt_encoder.precompute([p for ds in datasets for p in ds["prompt"]] + [args.negative_prompt],
+                                               progress=True)
     release_text_encoder(qwen)
     logger.info("encoded %d distinct prompts once; text encoder released", count)
 
@@ -213,15 +158,27 @@ def build_monitor(qwen, args: GRPOArguments, prompts, accelerator, policy, refer
             OverOptimizationGuard(args.early_stop_patience))
 
 
+def edit_prompt_columns(args: GRPOArguments):
+    """For an edit model (checkpoint or tiny variant, decided before the weights load): where its prompt rows keep
+    their control images; None for text-to-image."""
+    from ..data.prompts import EditPromptColumns
+    from ..modeling import uses_edit_model
+
+    if not uses_edit_model(args):  # type: ignore[arg-type]
+        return None
+    return EditPromptColumns(args.control_columns, args.control_images_column, args.num_control_images)  # type: ignore[attr-defined]
+
+
 def load_grpo_prompts(args: GRPOArguments):
     """The prompts GRPO rolls out: ``train_prompts`` / a file in it, or ``dataset_name`` (``grpo_dataset_name`` in the
-    combined trainer, whose ``dataset_name`` holds the pairs)."""
+    combined trainer, whose ``dataset_name`` holds the pairs). Edit models: each row with its control images."""
     from ..data.prompts import load_prompt_dataset
 
     combined = hasattr(args, "grpo_dataset_name")
     name = args.grpo_dataset_name if combined else args.dataset_name  # type: ignore[attr-defined]
     split = "train" if combined else args.dataset_split  # type: ignore[attr-defined]
-    return load_prompt_dataset(name, args.train_prompts, split, args.prompt_column)  # type: ignore[attr-defined]
+    return load_prompt_dataset(name, args.train_prompts, split, args.prompt_column,  # type: ignore[attr-defined]
+                               edit=edit_prompt_columns(args))
 
 
 def load_monitor_prompts(args: GRPOArguments):
@@ -230,7 +187,8 @@ def load_monitor_prompts(args: GRPOArguments):
 
     if not args.has_monitor:
         return None
-    return load_prompt_dataset(args.monitor_dataset_name, args.monitor_prompts, "train", args.prompt_column)  # type: ignore[attr-defined]
+    return load_prompt_dataset(args.monitor_dataset_name, args.monitor_prompts, "train", args.prompt_column,  # type: ignore[attr-defined]
+                               edit=edit_prompt_columns(args))
 
 
 def derived_generator(*indices: int) -> torch.Generator:
@@ -322,7 +280,7 @@ class GRPOObjective:
                 self.qwen, policy, prompts[sl], {k: v[sl] for k, v in columns.items()}, height=size, width=size,
                 num_inference_steps=args.num_inference_steps, noise_level=args.noise_level, sde_window=window,
                 true_cfg_scale=args.true_cfg_scale, negative_prompt=args.negative_prompt, seeds=seeds[sl],
-                keep_means=args.policy_loss != "clip",
+                keep_means=args.policy_loss != "clip", reference_area=reference_area(args),
             )
             totals, per = score_images(self.reward_fn, batch.prompts, batch.images, batch.columns)
             batch.rewards = rewards_tensor(totals)

@@ -29,7 +29,8 @@ from qwen_image.latents import image_seq_len, img_shapes
 from qwen_image.sampling import sample
 from qwen_image.scheduler import inference_sigmas
 
-from ..rollouts import score_images
+from ..rollouts import rollout_conditioning, score_images
+from .grpo_objective import reference_area
 
 logger = logging.getLogger(__name__)
 
@@ -79,15 +80,13 @@ class HeldOutMonitor:
             chunk = mine[start:start + args.rollout_batch_size]
             rows = [self.rows[i] for i, _ in chunk]
             prompts = [r["prompt"] for r in rows]
-            cond = self.qwen.conditioning(prompts).to(device)
-            negative = None
-            if args.true_cfg_scale > 1 and args.negative_prompt is not None:
-                negative = self.qwen.conditioning([args.negative_prompt] * len(prompts)).to(device)
+            columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
+            cond, negative = rollout_conditioning(self.qwen, prompts, columns, args.true_cfg_scale,
+                                                  args.negative_prompt, reference_area(args), device)
             latents = self.qwen.initial_noise(len(chunk), size, size, [s for _, s in chunk]).to(device)
             shapes = img_shapes(len(chunk), size, size)
             out = sample(policy, latents, sigmas, cond, shapes, negative=negative, true_cfg_scale=args.true_cfg_scale)
             images = self.qwen.decode_latents(out.latents, size, size)
-            columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
             totals, per = score_images(self.reward_fn, prompts, images, columns)
             kl = self._kl_ref(policy, out.latents, cond, shapes, [s for _, s in chunk])
             for n, (i, _) in enumerate(chunk):

@@ -1,172 +1,30 @@
-"""Supervised fine-tuning (flow matching) of the Qwen-Image transformer, LoRA or full, on rater-filtered data.
+"""Supervised fine-tuning (flow matching) of the Qwen-Image transformer, LoRA or full, T2I or edit.
 
-Data path: load (imagefolder / datasets) -> rater filter -> row checks -> cache text embeddings + VAE latents per
-training resolution (aspect-ratio buckets, optional flipped copies) -> text encoder released -> bucket batches,
-optionally switched by a progressive phase schedule.
+The data (rater filter, row checks, cached latents and embeddings, bucket pools) comes prepared from
+:mod:`align.data.sft`; this trainer batches it from the bucket pools, optionally switched by a progressive phase
+schedule. Edit batches carry ``references``, which the velocity call passes through, so the loss is the same.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import logging
-from collections import defaultdict
-from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
-from typing import Sequence
 
 import torch
-from datasets import Dataset, concatenate_datasets
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 
 from qwen_image import QwenImage
 
-from ..configs import QwenImageTrainingConfig
-from ..data.buckets import DEFAULT_ASPECT_RATIOS, BucketBatchSampler, BucketSizeFn
+from ..configs.sft import SFTConfig
+from ..data.buckets import BucketBatchSampler
 from ..data.edit import collate_edit
-from ..data.encoding import collate_encoded, encode_dataset, tensor_format
-from ..data.loading import load_image_dataset, validate_rows
-from ..data.ratings import AGGREGATES, FilterSummary, filter_by_ratings
-from ..data.schedule import PhaseSchedule, parse_phases
+from ..data.encoding import collate_encoded
+from ..data.schedule import PhaseSchedule
+from ..data.sft import SFTData
 from ..errors import UserError
 from ..losses import flow_matching_loss, make_noisy, sample_sigmas
-from ..modeling import model_identity
 from .base import QwenImageTrainer
-
-logger = logging.getLogger(__name__)
-# The empty caption trained under caption dropout: the pipeline's usual negative prompt, so CFG sees what it learnt.
-EMPTY_PROMPT = " "
-
-
-@dataclass
-class SFTConfig(QwenImageTrainingConfig):
-    image_column: str = field(default="image", metadata={"help": "Image column of the dataset."})
-    # --- rater filter
-    ratings_column: str = field(default="ratings", metadata={"help": "Column with each row's list of ratings."})
-    min_raters: int = field(default=3, metadata={"help": "Keep rows with at least this many ratings (0: no rating filter)."})
-    min_score: float = field(default=4.5, metadata={"help": "Keep rows whose aggregate rating is >= this."})
-    rating_aggregate: str = field(default="mean", metadata={"help": "mean | min | median of the ratings."})
-    rating_scale: list[float] = field(default_factory=lambda: [1.0, 5.0], metadata={"help": "Rating scale [low high]; ratings outside are errors."})
-    skip_bad_rows: bool = field(default=False, metadata={"help": "Skip (and count) rows with bad ratings, missing/unreadable images or empty prompts instead of failing."})
-    # --- augmentation / batching
-    aspect_ratio_buckets: bool = field(default=False, metadata={"help": "Encode each image at the bucket size nearest its aspect ratio."})
-    bucket_aspect_ratios: list[float] = field(default_factory=lambda: list(DEFAULT_ASPECT_RATIOS), metadata={"help": "Bucket aspect ratios (width/height)."})
-    random_flip: bool = field(default=False, metadata={"help": "Cache a mirrored copy of every image and train on either at random."})
-    # --- progressive schedule
-    phases: str | None = field(
-        default=None,
-        metadata={"help": "Progressive phases (YAML list, or JSON on the CLI): [{until: 0.5, resolution: 512, synthetic_fraction: 0.5, lr_scale: 1.0}, ...]"},
-    )
-    source_column: str = field(default="source", metadata={"help": "Column telling real from synthetic rows (for phase mixes)."})
-    synthetic_values: list[str] = field(default_factory=lambda: ["synthetic"], metadata={"help": "source_column values that mean synthetic."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.rating_aggregate not in AGGREGATES:
-            raise UserError(f"rating_aggregate must be one of {AGGREGATES}, got {self.rating_aggregate!r}")
-        if not self.dataset_name:
-            raise UserError("dataset_name is required (an imagefolder with metadata.jsonl, or a datasets folder).")
-        self.phase_list = parse_phases(self.phases, self.resolution)
-        if self.phase_list and self.max_steps <= 0:
-            raise UserError("phases need max_steps > 0 (phase boundaries are fractions of max_steps).")
-
-
-@dataclass
-class SFTData:
-    dataset: Dataset  # cached rows: prompt_embeds, <image>_latents, height, width, + metadata columns
-    pools: dict  # (resolution, source) -> (height, width) -> units (lists of interchangeable row indices)
-    summary: FilterSummary
-    empty_prompt: torch.Tensor | None  # (L, D) embedding of EMPTY_PROMPT for caption dropout
-    edit: bool = False  # rows carry reference latents (edit models): batches get ``references``
-
-
-def _is_synthetic(value, synthetic_values: Sequence[str]) -> bool:
-    return str(value) in set(synthetic_values)
-
-
-def load_sft_rows(config: SFTConfig) -> tuple[Dataset, FilterSummary]:
-    """Load, rater-filter and check the training rows (no model needed: data mistakes surface before it loads)."""
-    raw = load_image_dataset(config.dataset_name, config.dataset_split, config.image_column)
-    raw, rated = filter_by_ratings(raw, config.min_score, config.min_raters, config.rating_aggregate,
-                                   config.rating_scale, config.ratings_column, config.skip_bad_rows)
-    if len(raw) == 0:  # every row filtered out by the ratings: say so before the row checks touch the images
-        raise UserError(f"no training rows left ({_dropped(rated)}); lower min_score/min_raters or fix the ratings")
-    raw, checked = validate_rows(raw, [config.image_column], config.prompt_column, config.skip_bad_rows)
-    summary = rated.merge(checked)
-    if len(raw) == 0:
-        raise UserError(f"no training rows left ({_dropped(summary)}); fix the data or the filter settings")
-    return raw, summary
-
-
-def _dropped(summary: FilterSummary) -> str:
-    reasons = ", ".join(f"{n} {why}" for why, n in sorted(summary.dropped.items())) or "none dropped"
-    return f"{summary.total} rows, {reasons}" + (f"; filter: {summary.settings}" if summary.settings else "")
-
-
-def prepare_sft_data(config: SFTConfig, qwen: QwenImage, rows: tuple[Dataset, FilterSummary] | None = None) -> SFTData:
-    """Load (unless ``rows`` from :func:`load_sft_rows` are given), filter, check and cache the training data (the
-    text encoder and VAE must still be loaded). Edit models read instruction / target / control-image rows."""
-    if qwen.edit_model:
-        from .edit_sft import prepare_edit_sft_data
-
-        return prepare_edit_sft_data(config, qwen)
-    raw, summary = rows if rows is not None else load_sft_rows(config)
-    if any(p.synthetic_fraction is not None for p in config.phase_list) and config.source_column not in raw.column_names:
-        raise UserError(f"phases set synthetic_fraction but the dataset has no {config.source_column!r} column.")
-
-    n = len(raw)
-    raw = raw.add_column("unit", list(range(n)))
-    flip_column = None
-    if config.random_flip:
-        flip_column = "flip"
-        raw = concatenate_datasets([raw.add_column("flip", [False] * n), raw.add_column("flip", [True] * n)])
-
-    resolutions = sorted({p.resolution for p in config.phase_list}) or [config.resolution]
-    parts = []
-    for res in resolutions:
-        size_fn = BucketSizeFn(res, config.bucket_aspect_ratios) if config.aspect_ratio_buckets else None
-        parts.append(encode_dataset(raw, qwen, model_identity(config), config.encoding_cache_dir,
-                                    image_columns=[config.image_column], prompt_column=config.prompt_column,
-                                    resolution=res, size_fn=size_fn, flip_column=flip_column,
-                                    batch_size=config.encode_batch_size))
-
-    pools: dict = {}
-    # The first pool sets the epoch length: the run's first phase (or the only resolution).
-    first_res = config.phase_list[0].resolution if config.phase_list else config.resolution
-    offset = 0
-    for res, part in sorted(zip(resolutions, parts), key=lambda rp: rp[0] != first_res):
-        cols = ["height", "width", "unit"] + ([config.source_column] if config.source_column in part.column_names else [])
-        meta = part.select_columns(cols).with_format(None).to_dict()
-        units: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-        for i in range(len(part)):
-            bucket = (int(meta["height"][i]), int(meta["width"][i]))
-            sources = ["all"]
-            if config.source_column in meta:
-                sources.append("synthetic" if _is_synthetic(meta[config.source_column][i], config.synthetic_values) else "real")
-            for src in sources:
-                units[src][bucket][meta["unit"][i]].append(offset + i)
-        for src in units:
-            pools[(res, src)] = {b: list(u.values()) for b, u in units[src].items()}
-        offset += len(part)
-    for i, p in enumerate(config.phase_list):
-        if p.synthetic_fraction and (p.resolution, "synthetic") not in pools:
-            raise UserError(f"phase {i} asks for synthetic_fraction {p.synthetic_fraction:g} but no row has "
-                             f"{config.source_column} in {config.synthetic_values}.")
-        if p.synthetic_fraction is not None and p.synthetic_fraction < 1 and (p.resolution, "real") not in pools:
-            raise UserError(f"phase {i} asks for real rows but every row is synthetic.")
-
-    dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    latent = f"{config.image_column}_latents"
-    dataset = tensor_format(dataset, [latent])
-
-    empty = None
-    if config.caption_dropout > 0:
-        with torch.no_grad():
-            embeds, mask = qwen.encode_prompt([EMPTY_PROMPT])
-        empty = embeds[0, : int(mask[0].sum())].float().cpu()
-    return SFTData(dataset, pools, summary, empty)
 
 
 def _seed_of(*parts) -> int:
@@ -283,15 +141,3 @@ class _SamplerEpoch(TrainerCallback):
         if self.trainer._batch_sampler is not None:
             self.trainer._batch_sampler.set_epoch(int(state.epoch + 1e-6))
 
-
-def write_data_summary(config: SFTConfig, summary: FilterSummary, is_main: bool) -> None:
-    """Print the kept/dropped summary and keep it next to the run (``data_summary.json``)."""
-    logger.info("%s", summary)
-    if not is_main:
-        return
-    print(summary, flush=True)
-    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-    Path(config.output_dir, "data_summary.json").write_text(json.dumps(
-        {"kept": summary.kept, "total": summary.total, "dropped": summary.dropped, "examples": summary.examples,
-         "settings": summary.settings, "warnings": summary.warnings, "warning_examples": summary.warning_examples,
-         "world_size": config.world_size}, indent=2))

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .errors import UserError
+from ..errors import UserError
 
 DEFAULT_LORA_TARGETS = [
     # image-stream attention
@@ -131,7 +131,7 @@ class QwenImageTrainingConfig(TrainingArguments):
             raise UserError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if self.finetune == "lora" and self.lora_rank < 1:
             raise UserError(f"lora_rank must be >= 1, got {self.lora_rank}")
-        from .lowvram import validate_memory_options
+        from ..lowvram import validate_memory_options
 
         validate_memory_options(self)
 
