@@ -144,7 +144,7 @@ def generate_pairs(prompts_file: Path | None, out: Path, *, edits_file: Path | N
                    checkpoint: str | None = None, adapter: str | None = None, num_candidates: int = 4,
                    pairing: str = "all", reward: str | None = None, seed: int = 0, height: int | None = None,
                    width: int | None = None, steps: int = 4, cfg: float = 4.0, device: str | None = None,
-                   dtype: str = "bfloat16", batch_size: int = 8) -> dict:
+                   dtype: str = "bfloat16", batch_size: int = 8, reward_kwargs: dict | None = None) -> dict:
     """Candidates and pairs from prompts (text-to-image) or from ``edits_file`` (edit requests, edit model).
     ``height``/``width`` None: the model's default size (edits: the last source's aspect ratio)."""
     if (prompts_file is None) == (edits_file is None):
@@ -190,7 +190,7 @@ def generate_pairs(prompts_file: Path | None, out: Path, *, edits_file: Path | N
         from PIL import Image
 
         from rewards import get_reward  # lazy: may load a scoring model
-        fn = get_reward(reward)
+        fn = get_reward(reward, **(reward_kwargs or {}))  # e.g. the OCR detector size for small images
         columns = {}
         if edits is not None:  # edit rewards (edit_consistency, ...) read the sources from this column
             columns[CONTROL_LIST_COLUMN] = [[Image.open(out / p) for p in c[CONTROL_LIST_COLUMN]] for c in candidates]

@@ -180,7 +180,7 @@ def test_auto_label_prefers_the_higher_reward(tmp_path: Path):
     (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(p) for p in pairs))
     out = label_pairs(tmp_path, raters=3, noise=0.0)
     rows = [json.loads(x) for x in (tmp_path / "metadata.jsonl").read_text().splitlines()]
-    assert out["labelled_pairs"] == 1 and out["ties_dropped"] == 1  # b vs c: same OCR, same (zero) contrast
+    assert out["labelled_pairs"] == 1 and out["ties_dropped"] == 1  # b vs c: the same OCR score
     assert rows[0]["chosen"] == "images/a.png" and rows[0]["rejected"] == "images/b.png"
     assert rows[0]["votes"] == [3, 0] and rows[0]["agreement"] == 1.0
 
@@ -193,5 +193,21 @@ def test_auto_label_all_ties_is_a_clear_error(tmp_path: Path):
         Image.new("RGB", (8, 8), "white").save(tmp_path / "images" / f"{name}.png")
     (tmp_path / "candidates.jsonl").write_text("\n".join(json.dumps({"image": f"images/{n}.png", "score": 0.0}) for n in "ab"))
     (tmp_path / "pairs.jsonl").write_text(json.dumps({"pair_id": "p", "prompt": "x", "image_a": "images/a.png", "image_b": "images/b.png"}))
-    with pytest.raises(ValueError, match="every pair was a tie"):
+    with pytest.raises(ValueError, match="saw no difference in any pair"):
         label_pairs(tmp_path, noise=0.0)
+
+
+def test_raters_abstain_below_the_tie_margin_and_need_a_majority():
+    import random
+
+    from align.workflows.auto_label import rater_votes
+
+    rng = random.Random(0)
+    assert rater_votes(0.5, 0.0, rng, raters=3, noise=0.0, tie_margin=0.1) == (3, 0)
+    assert rater_votes(0.0, 0.5, rng, raters=3, noise=0.0, tie_margin=0.1) == (0, 3)
+    assert rater_votes(0.05, 0.0, rng, raters=3, noise=0.0, tie_margin=0.1) == (0, 0)  # too close to tell
+    # With noise, a 0.05 gap under a 0.1 margin rarely reaches a 2-of-3 majority; a 0.5 gap nearly always does.
+    close = [rater_votes(0.05, 0.0, rng, noise=0.05) for _ in range(400)]
+    far = [rater_votes(0.5, 0.0, rng, noise=0.05) for _ in range(400)]
+    assert sum(max(v) >= 2 for v in close) < 0.25 * len(close)
+    assert sum(v[0] >= 2 for v in far) == len(far)

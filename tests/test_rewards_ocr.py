@@ -93,3 +93,13 @@ def test_sort_reading_order_unit():
     lines = sort_reading_order(boxes)
     assert [[b.text for b in ln] for ln in lines] == [["Latte", "拿铁"], ["second"]]
     assert sort_reading_order([]) == []
+
+
+def test_a_smaller_detector_reads_small_renders_the_same():
+    from rewards.ocr import OcrReward
+
+    images = [render_text(t, size=(64, 64), font_size=30, margin=2) for t in ("新品", "SALE")]
+    prompts = ['a sign that says "新品"', 'a sign that says "SALE"']
+    assert OcrReward(num_threads=1, det_side_len=256)(prompts, images) == [1.0, 1.0]
+    with pytest.raises(ValueError, match="det_side_len"):
+        OcrReward(det_side_len=16)

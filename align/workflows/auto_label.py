@@ -9,39 +9,41 @@ import json
 import random
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+
+def rater_votes(score_a: float, score_b: float, rng: random.Random, raters: int = 3, noise: float = 0.05,
+                tie_margin: float = 0.1) -> tuple[int, int]:
+    """Votes for (a, b) from ``raters`` simulated raters. Each sees both scores plus Gaussian noise and votes only
+    when the difference it sees exceeds ``tie_margin``; otherwise it abstains, as a person shown two equally
+    unreadable signs does. Without that, pairs of two zero-OCR images would be decided by noise and teach DPO
+    nothing but noise."""
+    votes_a = votes_b = 0
+    for _ in range(raters):
+        diff = (score_a + rng.gauss(0, noise)) - (score_b + rng.gauss(0, noise))
+        votes_a += diff > tie_margin
+        votes_b += diff < -tie_margin
+    return votes_a, votes_b
 
 
-def contrast(path: Path) -> float:
-    """Grey-level standard deviation in [0, 1]: legible text on a clean background has more of it than mush."""
-    return float(np.asarray(Image.open(path).convert("L"), dtype=np.float32).std() / 128.0)
-
-
-def label_pairs(folder: Path, raters: int = 3, noise: float = 0.05, seed: int = 0) -> dict:
-    """Each simulated rater scores both images (reward + Gaussian noise; contrast breaks exact ties, e.g. when OCR
-    reads nothing in either) and votes; the majority side becomes ``chosen``."""
+def label_pairs(folder: Path, raters: int = 3, noise: float = 0.05, seed: int = 0, tie_margin: float = 0.1) -> dict:
+    """Label every pair of ``pairs.jsonl`` with :func:`rater_votes`. A side needs a strict majority of all raters
+    (2 of 3); anything else is a tie and the pair is dropped."""
     rng = random.Random(seed)
     cands = {c["image"]: c for c in map(json.loads, (folder / "candidates.jsonl").read_text(encoding="utf-8").splitlines())}
     rows, ties = [], 0
     for line in (folder / "pairs.jsonl").read_text(encoding="utf-8").splitlines():
         pair = json.loads(line)
         a, b = pair["image_a"], pair["image_b"]
-        score = {k: float(cands[k].get("score", 0.0)) + 0.1 * contrast(folder / k) for k in (a, b)}
-        votes_a = votes_b = 0
-        for _ in range(raters):
-            sa, sb = score[a] + rng.gauss(0, noise), score[b] + rng.gauss(0, noise)
-            votes_a += sa > sb
-            votes_b += sb > sa  # equal scores: the rater abstains (no side wins by position)
-        if votes_a == votes_b:
+        votes_a, votes_b = rater_votes(float(cands[a].get("score", 0.0)), float(cands[b].get("score", 0.0)), rng,
+                                       raters, noise, tie_margin)
+        if max(votes_a, votes_b) * 2 <= raters:
             ties += 1
             continue
         chosen, rejected = (a, b) if votes_a > votes_b else (b, a)
         rows.append({"prompt": pair["prompt"], "chosen": chosen, "rejected": rejected,
                      "votes": [max(votes_a, votes_b), min(votes_a, votes_b)],
-                     "agreement": max(votes_a, votes_b) / (votes_a + votes_b), "pair_id": pair["pair_id"]})
+                     "agreement": max(votes_a, votes_b) / raters, "pair_id": pair["pair_id"]})
     if not rows:
-        raise ValueError(f"no labelled pairs in {folder}: every pair was a tie")
+        raise ValueError(f"no labelled pairs in {folder}: the raters saw no difference in any pair")
     with open(folder / "metadata.jsonl", "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")

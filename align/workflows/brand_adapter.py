@@ -79,7 +79,8 @@ def stage_base_model(cfg: dict, out: Path) -> dict:
 def stage_eval(cfg: dict, out: Path, name: str, adapter: Path | None) -> dict:
     from .sample_eval import evaluate_samples
 
-    return evaluate_samples(out / "base_model" / "model", adapter, _prompts(out), out / name, cfg["eval"], int(cfg["size"]),
+    eval_cfg = {**cfg["eval"], "ocr": cfg.get("ocr") or {}}
+    return evaluate_samples(out / "base_model" / "model", adapter, _prompts(out), out / name, eval_cfg, int(cfg["size"]),
                             heldout_prompts=_prompts(out, "heldout_prompts.jsonl"))
 
 
@@ -105,11 +106,12 @@ def stage_pairs(cfg: dict, out: Path) -> dict:
     (folder / "prompts.txt").write_text("\n".join(r["prompt"] for r in _prompts(out)) + "\n", encoding="utf-8")
     summary = generate_pairs(folder / "prompts.txt", folder, checkpoint=str(out / "base_model" / "model"),
                              adapter=str(out / "sft"), num_candidates=int(pcfg.get("num_candidates", 4)),
-                             pairing="all", reward=pcfg.get("reward", "ocr"), seed=int(cfg.get("seed", 0)),
+                             pairing="all", reward=pcfg.get("reward", "ocr"), reward_kwargs=cfg.get("ocr") or {},
+                             seed=int(cfg.get("seed", 0)),
                              height=int(cfg["size"]), width=int(cfg["size"]), steps=int(pcfg.get("num_inference_steps", 8)),
                              cfg=float(pcfg.get("true_cfg_scale", 1.0)), device="cpu", dtype="float32")
     labelled = label_pairs(folder, raters=int(pcfg.get("raters", 3)), noise=float(pcfg.get("rater_noise", 0.05)),
-                           seed=int(cfg.get("seed", 0)))
+                           seed=int(cfg.get("seed", 0)), tie_margin=float(pcfg.get("tie_margin", 0.1)))
     command = (f"qwen-image-annotation generate-pairs --prompts {folder / 'prompts.txt'} --out {folder} "
                f"--checkpoint {out / 'base_model' / 'model'} --adapter {out / 'sft'} "
                f"--num-candidates {pcfg.get('num_candidates', 4)} --reward {pcfg.get('reward', 'ocr')} "
@@ -170,16 +172,16 @@ def run_workflow(cfg: dict[str, Any], output_dir: str | Path) -> dict[str, dict]
         ("base model (tiny; stage 0 fits its VAE)", "base_model", lambda: stage_base_model(cfg, out),
          ("seed", "size", "model"), ("data",)),
         ("evaluate before SFT", "eval_before", lambda: stage_eval(cfg, out, "eval_before", None),
-         ("eval", "size"), ("data", "base_model")),
+         ("eval", "ocr", "size"), ("data", "base_model")),
         ("SFT LoRA", "sft", lambda: stage_sft(cfg, out), ("sft", "seed", "size", "report_to"), ("data", "base_model")),
         ("evaluate after SFT", "eval_sft", lambda: stage_eval(cfg, out, "eval_sft", out / "sft"),
-         ("eval", "size"), ("data", "base_model", "sft")),
+         ("eval", "ocr", "size"), ("data", "base_model", "sft")),
         ("pairs labelled by three simulated raters", "pairs", lambda: stage_pairs(cfg, out),
-         ("pairs", "seed", "size"), ("data", "base_model", "sft")),
+         ("pairs", "ocr", "seed", "size"), ("data", "base_model", "sft")),
         ("DPO+GRPO", "dpo_grpo", lambda: stage_dpo_grpo(cfg, out), ("dpo_grpo", "seed", "size", "report_to"),
          ("data", "base_model", "sft", "pairs")),
         ("evaluate after DPO+GRPO", "eval_aligned", lambda: stage_eval(cfg, out, "eval_aligned", out / "dpo_grpo"),
-         ("eval", "size"), ("data", "base_model", "dpo_grpo")),
+         ("eval", "ocr", "size"), ("data", "base_model", "dpo_grpo")),
         ("export adapter", "adapter", lambda: stage_export(cfg, out), (), ("base_model", "dpo_grpo")),
     ]
     total = len(plan) + 1

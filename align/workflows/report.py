@@ -271,7 +271,11 @@ def write_report(cfg: dict, out: Path, results: dict[str, dict]) -> dict:
             L += ["To get a clearer gain: train DPO+GRPO longer (`dpo_grpo.args: {max_steps: ...}`), raise "
                   "`num_generations` so each group has spread"
                   + (f", and give SFT more steps for {', '.join(weak)}: after SFT they are almost never readable, so "
-                     "their rollout groups score all 0 and their pairs are decided by noise" if weak else "") + "."]
+                     "their rollout groups mostly score all 0 and the raters call their pairs ties" if weak else "") + ". "
+                  "On the tiny demo model, a sweep of those settings (docs/brand-adapter.md, \"What moves the "
+                  "DPO+GRPO gain\") found none whose interval excludes 0 at a CPU budget: the tiny model's errors "
+                  "are blur that more SFT steps remove; a real checkpoint that already draws text is where the "
+                  "preference stage has room."]
         L += [""]
     for key, g in gains.items():
         if not key.endswith("/aligned"):

@@ -46,7 +46,7 @@ def _score_set(model, rows: Sequence[dict], seeds: list[int], eval_cfg: dict[str
                tag: str, grid_seeds: int) -> dict:
     from rewards import get_reward
 
-    ocr = get_reward("ocr", num_threads=int(eval_cfg.get("ocr_threads", 1)))  # onnxruntime spins on busy cores
+    ocr = get_reward("ocr", **dict(eval_cfg.get("ocr") or {}))
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     per_prompt, shown = [], []
     for pi, row in enumerate(rows):

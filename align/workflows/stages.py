@@ -7,6 +7,7 @@ results made from other inputs (``--fast`` into the folder of a full run reruns 
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -107,17 +108,34 @@ def run_logged(cmd: Sequence[str], log_path: Path, env: dict[str, str] | None = 
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
-            if _worth_showing(line):
-                print("    " + line.rstrip()[:200], flush=True)
+            shown = console_line(line)
+            if shown:
+                print("    " + shown, flush=True)
         code = proc.wait()
     if code:
         tail = "".join(log_path.read_text(encoding="utf-8").splitlines(keepends=True)[-15:])
         raise StageError(f"command failed (exit {code}); full log: {log_path}\n{tail}")
 
 
-def _worth_showing(line: str) -> bool:
-    # Loss lines, data summaries and errors; not library warnings or per-iteration bars.
+# The metrics a console line shows of the Trainer's log dicts (the full dicts stay in the log and in wandb).
+CONSOLE_METRICS = ("loss", "loss/sft", "loss/dpo", "rewards/accuracies", "grpo/reward", "grpo/frac_reward_zero_std",
+                   "grpo/kl/flow_grpo", "eval_reward", "epoch", "train_runtime")
+
+
+def console_line(line: str) -> str | None:
+    """What the console shows of one line of a training log: loss lines cut to :data:`CONSOLE_METRICS`, data
+    summaries and errors; None for library warnings and per-iteration bars."""
     text = line.strip()
     if not text or "Warning" in text or "warn(" in text:
-        return False
-    return text.startswith(("{", "data:", "error", "Traceback")) or "'loss'" in text or "train_runtime" in text
+        return None
+    if text.startswith("{") and text.endswith("}"):
+        try:
+            metrics = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            metrics = None
+        if isinstance(metrics, dict):
+            kept = [f"{k} {metrics[k]}" for k in CONSOLE_METRICS if k in metrics]
+            return ", ".join(kept) if kept else None
+    if text.startswith(("data:", "error", "Traceback")):
+        return text[:200]
+    return None
