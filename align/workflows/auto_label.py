@@ -43,7 +43,9 @@ def label_pairs(folder: Path, raters: int = 3, noise: float = 0.05, seed: int = 
                      "votes": [max(votes_a, votes_b), min(votes_a, votes_b)],
                      "agreement": max(votes_a, votes_b) / raters, "pair_id": pair["pair_id"]})
     if not rows:
-        raise ValueError(f"no labelled pairs in {folder}: the raters saw no difference in any pair")
+        raise ValueError(f"no labelled pairs in {folder}: the raters saw no difference in any pair (every candidate "
+                         f"scored within tie_margin={tie_margin} of its partner); train SFT longer or lower "
+                         f"pairs.tie_margin")
     with open(folder / "metadata.jsonl", "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
