@@ -91,9 +91,11 @@ def test_rollouts_are_conditioned_on_the_control_images_and_rescored_exactly(pro
                               num_inference_steps=3, true_cfg_scale=2.0, seeds=[5, 5, 5])
     refs = batch.cond.references
     assert refs is not None and refs.shapes == [(1, 4, 4)] and batch.negative.references is None
-    assert torch.equal(batch.trajectory[0, -1], batch.trajectory[1, -1])  # same row, same seed
+    # Same row, same seed: the same sample, up to the float rounding of its batch position (CPU kernels may block
+    # a batch of 3 differently per row, e.g. with AVX-512).
+    torch.testing.assert_close(batch.trajectory[0, -1], batch.trajectory[1, -1], atol=1e-5, rtol=0)
     # the same prompt text would not explain the difference: the control image does (row 2: another source)
-    assert not torch.equal(batch.trajectory[0, -1], batch.trajectory[2, -1])
+    assert (batch.trajectory[0, -1] - batch.trajectory[2, -1]).abs().max() > 1e-2
     for j in batch.sde_steps:  # training re-scores the stored transitions with the references: bit for bit
         assert torch.equal(recompute_log_prob(qwen.transformer, batch, j).log_prob, batch.log_probs[:, j])
     # the rewards see the control images: edit_consistency compares each edit with its own source
