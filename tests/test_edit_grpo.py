@@ -110,6 +110,18 @@ def test_rollouts_are_conditioned_on_the_control_images_and_rescored_exactly(pro
         generate_rollouts(qwen, qwen.transformer, ["x"], height=32, width=32, seeds=[0])
 
 
+def test_bf16_edit_rollouts_rescore_bit_for_bit(prompts_file):
+    """Real runs are bf16: with references in the conditioning, the stored transitions still re-score exactly
+    (ratio == 1 on-policy) and the trajectory stays in the model dtype."""
+    qwen = QwenImage.tiny_edit("2509", dtype=torch.bfloat16)
+    rows = load_prompt_dataset(str(prompts_file), edit=EditPromptColumns()).select([0, 1])
+    batch = generate_rollouts(qwen, qwen.transformer, list(rows["prompt"]), {CONTROLS: list(rows[CONTROLS])},
+                              height=32, width=32, num_inference_steps=3, true_cfg_scale=2.0, seeds=[3, 4])
+    assert batch.cond.references is not None and batch.trajectory.dtype == torch.bfloat16
+    for j in batch.sde_steps:
+        assert torch.equal(recompute_log_prob(qwen.transformer, batch, j).log_prob, batch.log_probs[:, j])
+
+
 def test_mixed_control_sizes_are_refused_only_where_a_rollout_batch_would_mix_them(prompts_file, tmp_path):
     from align.configs.grpo import GRPOConfig
     from align.data.grpo import check_edit_prompt_sizes

@@ -64,10 +64,10 @@ def precompute_prompts_and_release(qwen, args: GRPOArguments, prompts, held_out,
         for ds in datasets:
             for start in range(0, len(ds), 64):  # a chunk of rows' images in memory at a time
                 rows = ds.select_columns(["prompt", CONTROLS])[start:start + 64]
-                prompts, images = list(rows["prompt"]), control_images(qwen, rows, len(rows["prompt"]))
+                texts, images = list(rows["prompt"]), control_images(qwen, rows, len(rows["prompt"]))
                 if args.true_cfg_scale > 1 and args.negative_prompt is not None:  # the negative reads the images too
-                    prompts, images = prompts + [args.negative_prompt] * len(images), images + images
-                count += qwen.edit_encoder.precompute(prompts, images)
+                    texts, images = texts + [args.negative_prompt] * len(images), images + images
+                count += qwen.edit_encoder.precompute(texts, images)
     else:
         count = qwen.prompt_encoder.precompute([p for ds in datasets for p in ds["prompt"]] + [args.negative_prompt],
                                                progress=True)
