@@ -274,8 +274,8 @@ def write_report(cfg: dict, out: Path, results: dict[str, dict]) -> dict:
                      "their rollout groups mostly score all 0 and the raters call their pairs ties" if weak else "") + ". "
                   "On the tiny demo model (docs/brand-adapter.md, \"What moves the DPO+GRPO gain\") the gain "
                   "comes from DPO fixing prompts whose slogan SFT mixes up with another one, with a strong KL "
-                  "(`beta_kl` 4) keeping the prompts SFT already draws right; when SFT leaves no such prompt "
-                  "(one workflow seed in three) it stays within seed noise (about +-0.06 on 16 seeds) or below 0. "
+                  "(`beta_kl` 4) keeping the prompts SFT already draws right; when SFT leaves few such errors "
+                  "(one workflow seed in three) the gain stays within seed noise (about +-0.06 on 16 seeds). "
                   "More `eval.seeds` narrow the interval."]
         L += [""]
     for key, g in gains.items():
