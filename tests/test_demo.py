@@ -74,6 +74,10 @@ def test_report(demo_run: Path):
         o = g["overall"]
         assert o["low"] <= o["gain"] <= o["high"] and len(g["per_prompt"]) == o["n_prompts"]
     assert "95 %" in report and "DPO+GRPO over SFT" in report
+    # The over-optimisation monitor ran on the held-out prompts during DPO+GRPO and its evaluation is tabulated.
+    assert "## Over-optimisation monitor (DPO+GRPO, held-out prompts)" in report
+    state = json.loads((demo_run / "dpo_grpo" / "trainer_state.json").read_text())
+    assert any("eval_reward" in r and "eval_kl_ref" in r for r in state["log_history"])
 
 
 def test_rerun_skips_completed_stages(demo_run: Path, capsys):
@@ -139,6 +143,24 @@ def test_learning_signal_notes_say_when_a_term_had_no_signal():
               "grpo/reward": 0.5, "rewards/accuracies": 0.6} for i in range(1, 5)]
     text = " ".join(learning_signal_notes(alive))
     assert "no learning signal" not in text and "saturated" not in text and "by construction" in text
+
+
+def test_monitor_section_tabulates_the_held_out_evaluations():
+    from align.workflows.report import monitor_section
+
+    assert monitor_section([{"step": 1, "loss": 0.5}]) == []  # no monitor: no section
+    hist = [{"step": 1, "grpo/reward": 0.2, "grpo/frac_reward_zero_std": 0.5},
+            {"step": 2, "grpo/reward": 0.4, "grpo/frac_reward_zero_std": 0.0},
+            {"step": 2, "eval_reward": 0.30, "eval_kl_ref": 0.01, "eval_diversity": 0.2, "eval_overopt_flag": 0},
+            {"step": 3, "grpo/reward": 0.9, "grpo/frac_reward_zero_std": 1.0},
+            {"step": 3, "eval_reward": 0.10, "eval_kl_ref": 0.05, "eval_diversity": 0.1, "eval_overopt_flag": 1},
+            {"step": 3, "eval_reward": 0.10, "eval_kl_ref": 0.05, "eval_diversity": 0.1, "eval_overopt_flag": 1}]
+    lines = monitor_section(hist)
+    rows = [line for line in lines if line.startswith("| ") and line[2].isdigit()]
+    assert rows == ["| 2 | 0.300 | 0.300 | 0.010 | 0.200 | 25% | 0 |",   # rollouts of steps 1-2 averaged
+                    "| 3 | 0.100 | 0.900 | 0.050 | 0.100 | 100% | 1 |"]  # the repeated closing evaluation is dropped
+    text = " ".join(lines)
+    assert "step(s) 3" in text and "early_stop_patience" in text and "(not rising)" in text
 
 
 def test_config_errors_are_one_line(tmp_path: Path, capsys):

@@ -125,8 +125,15 @@ def stage_dpo_grpo(cfg: dict, out: Path) -> dict:
     overrides = {"model_name_or_path": out / "base_model" / "model", "dataset_name": out / "pairs",
                  "grpo_dataset_name": out / "data" / "prompts.jsonl", "init_adapter": out / "sft",
                  "output_dir": out / "dpo_grpo", "resolution": cfg["size"], "report_to": cfg.get("report_to", "wandb"),
-                 "run_name": "demo-dpo-grpo", "seed": int(cfg.get("seed", 0)),
-                 "overwrite_output_dir": True, **(cfg["dpo_grpo"].get("args") or {})}
+                 "run_name": "demo-dpo-grpo", "seed": int(cfg.get("seed", 0)), "overwrite_output_dir": True}
+    monitor = cfg["dpo_grpo"].get("monitor") or {}
+    held = out / "data" / "heldout_prompts.jsonl"
+    if monitor.get("eval_steps") and held.is_file() and held.stat().st_size:
+        # The over-optimisation monitor on the held-out prompts (ODE, fixed seeds): held-out OCR, KL to the
+        # reference and diversity every eval_steps, next to the rollouts' reward (docs/grpo.md).
+        overrides.update(monitor_dataset_name=held, eval_strategy="steps", eval_steps=int(monitor["eval_steps"]),
+                         monitor_seeds=int(monitor.get("seeds", 2)))
+    overrides.update(cfg["dpo_grpo"].get("args") or {})
     cmd = accelerate_command(ALIGN_DIR / "dpo.py", resolve_path(cfg["dpo_grpo"]["recipe"]), overrides)
     run_logged(cmd, out / "dpo_grpo" / "train.log", env=_train_env(cfg, out))
     return {"command": display(cmd), "adapter": str(out / "dpo_grpo"), "log": str(out / "dpo_grpo" / "train.log")}

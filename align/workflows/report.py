@@ -19,7 +19,7 @@ EVAL_STAGES = (("before", "eval_before", "before SFT (base model)"), ("sft", "ev
                ("aligned", "eval_aligned", "after DPO+GRPO"))
 SFT_CURVES = ("loss",)
 DPO_CURVES = ("loss", "loss/dpo", "loss/grpo", "loss/kl", "loss/sft", "grpo/rewards/ocr/mean", "rewards/accuracies",
-              "grpo/frac_reward_zero_std", "grpo/reward_std")
+              "grpo/frac_reward_zero_std", "grpo/reward_std", "eval_reward", "eval_kl_ref", "eval_diversity")
 # Which stage's gain over which: (name, earlier eval, later eval).
 GAINS = (("SFT over the base model", "before", "sft"), ("DPO+GRPO over SFT", "sft", "aligned"))
 PROMPT_SETS = (("train", "training prompts"), ("heldout", "held-out prompts"))
@@ -204,6 +204,46 @@ def learning_signal_notes(history: Sequence[dict]) -> list[str]:
     return notes
 
 
+def monitor_section(history: Sequence[dict]) -> list[str]:
+    """The over-optimisation monitor's evaluations during DPO+GRPO as a table, with a verdict in words; [] when the
+    run had no monitor. Each row: the held-out reward (ODE, fixed seeds, prompts no stage trains on), the rollouts'
+    reward since the previous evaluation, KL to the reference, diversity across seeds, the zero-spread fraction."""
+    evals: list[dict] = []
+    for r in history:
+        if isinstance(r.get("eval_reward"), (int, float)):
+            if evals and evals[-1]["step"] == r["step"]:  # the Trainer's closing evaluation repeats the last step
+                continue
+            evals.append(r)
+    if not evals:
+        return []
+    L = ["## Over-optimisation monitor (DPO+GRPO, held-out prompts)", "",
+         "Every `eval_steps` the trainer renders the held-out prompts with the ODE sampler at fixed seeds and scores "
+         "them; `eval_overopt_flag` is 1 when that held-out reward fell while the rollouts' reward rose "
+         "(docs/grpo.md, \"Reading the monitors\").", "",
+         "| step | held-out reward | rollout reward (since last eval) | KL to reference | diversity | zero-spread groups | flag |",
+         "|---|---|---|---|---|---|---|"]
+    prev = 0.0
+    for r in evals:
+        since = [x for x in history if prev < x["step"] <= r["step"]]
+        roll = [x["grpo/reward"] for x in since if isinstance(x.get("grpo/reward"), (int, float))]
+        zero = [x["grpo/frac_reward_zero_std"] for x in since
+                if isinstance(x.get("grpo/frac_reward_zero_std"), (int, float))]
+        L.append(f"| {r['step']:.0f} | {r['eval_reward']:.3f} | "
+                 + (f"{sum(roll) / len(roll):.3f}" if roll else "n/a") + " | "
+                 + " | ".join(_fmt(r.get(k, "n/a")) for k in ("eval_kl_ref", "eval_diversity")) + " | "
+                 + (f"{sum(zero) / len(zero):.0%}" if zero else "n/a") + f" | {int(r.get('eval_overopt_flag') or 0)} |")
+        prev = r["step"]
+    flagged = [f"{r['step']:.0f}" for r in evals if r.get("eval_overopt_flag")]
+    first, last = evals[0]["eval_reward"], evals[-1]["eval_reward"]
+    if flagged:
+        L += ["", f"The held-out reward fell while the rollouts' reward rose at step(s) {', '.join(flagged)}: "
+              "watch for reward hacking; `early_stop_patience: N` stops after N such evaluations in a row and keeps "
+              "the best held-out checkpoint. With few held-out images one flag is often seed noise."]
+    L += ["", f"Held-out reward {first:.3f} at the first evaluation, {last:.3f} at the last "
+          + ("(rising)." if last > first else "(not rising)." if last < first else "(flat)."), ""]
+    return L
+
+
 def _gain_cell(g: dict) -> str:
     mark = "" if g["excludes_zero"] else " (includes 0)"
     return f"{g['gain']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}]{mark}"
@@ -293,6 +333,7 @@ def write_report(cfg: dict, out: Path, results: dict[str, dict]) -> dict:
     L += ["## Learning signal", "", "What the DPO+GRPO log says about each term:", ""]
     L += [f"- {n}" for n in learning_signal_notes(dpo_hist)] or ["- (no DPO+GRPO metrics logged)"]
     L += [""]
+    L += monitor_section(dpo_hist)
     L += ["## Samples", "", "One row per prompt, one column per seed; the label is the OCR reward of the row.", ""]
     for key, _, title in EVAL_STAGES:
         L += [f"**{title}**", "", f"![{title}]({_rel(evals[key]['grid'], out)})", ""]
