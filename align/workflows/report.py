@@ -225,13 +225,10 @@ def monitor_section(history: Sequence[dict]) -> list[str]:
     prev = 0.0
     for r in evals:
         since = [x for x in history if prev < x["step"] <= r["step"]]
-        roll = [x["grpo/reward"] for x in since if isinstance(x.get("grpo/reward"), (int, float))]
-        zero = [x["grpo/frac_reward_zero_std"] for x in since
-                if isinstance(x.get("grpo/frac_reward_zero_std"), (int, float))]
-        L.append(f"| {r['step']:.0f} | {r['eval_reward']:.3f} | "
-                 + (f"{sum(roll) / len(roll):.3f}" if roll else "n/a") + " | "
+        roll, zero = _mean(since, "grpo/reward"), _mean(since, "grpo/frac_reward_zero_std")
+        L.append(f"| {r['step']:.0f} | {r['eval_reward']:.3f} | " + ("n/a" if roll is None else f"{roll:.3f}") + " | "
                  + " | ".join(_fmt(r.get(k, "n/a")) for k in ("eval_kl_ref", "eval_diversity")) + " | "
-                 + (f"{sum(zero) / len(zero):.0%}" if zero else "n/a") + f" | {int(r.get('eval_overopt_flag') or 0)} |")
+                 + ("n/a" if zero is None else f"{zero:.0%}") + f" | {int(r.get('eval_overopt_flag') or 0)} |")
         prev = r["step"]
     flagged = [f"{r['step']:.0f}" for r in evals if r.get("eval_overopt_flag")]
     first, last = evals[0]["eval_reward"], evals[-1]["eval_reward"]
