@@ -1,5 +1,5 @@
 """qwen-image-align: SFT, Flow-DPO and Flow-GRPO for Qwen-Image."""
 
-from .errors import UserError
+from qwen_image.errors import UserError
 
 __all__ = ["UserError"]

@@ -8,11 +8,9 @@ from pathlib import Path
 
 import torch
 
-from qwen_image.errors import QwenImageInputError
+from qwen_image.errors import QwenImageInputError, UserError
 from qwen_image.lora import LORA_WEIGHT_NAME
 from qwen_image.lora import load_lora_file as _load_lora_file
-
-from .errors import UserError
 
 __all__ = ["LORA_WEIGHT_NAME", "load_lora_file"]
 

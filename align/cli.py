@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .errors import UserError
+from qwen_image.errors import UserError
 
 SCRIPTS = {"sft": "sft.py", "dpo": "dpo.py", "grpo": "grpo.py"}
 USAGE = ("usage: qwen-image-align {sft,dpo,grpo} --config RECIPE.yaml [accelerate options] [--key value ...]\n"

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .errors import UserError
+from qwen_image.errors import UserError
 
 logger = logging.getLogger("align")
 

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .errors import UserError
+from qwen_image.errors import UserError
 
 logger = logging.getLogger(__name__)
 

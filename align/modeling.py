@@ -11,11 +11,11 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 
 from qwen_image import QwenImage
+from qwen_image.errors import UserError
 from qwen_image.model import resolve_dtype
 
 from .adapters import load_lora_file
 from .configs import QwenImageTrainingConfig
-from .errors import UserError
 from .lowvram import BlockStreamer, checkpointing_reason, quantize_text_encoder, quantize_transformer_blocks
 
 logger = logging.getLogger(__name__)

@@ -21,12 +21,12 @@ import torch
 from PIL import Image
 
 from qwen_image import QwenImage
+from qwen_image.errors import UserError
 from qwen_image.latents import check_size, image_seq_len, img_shapes
 from qwen_image.sampling import Conditioning, SDEStep, predict_velocity, sample, sde_noise_generators, sde_std, sde_step
 from qwen_image.scheduler import inference_sigmas
 
 from .data.edit import CONTROLS, open_control
-from .errors import UserError
 
 
 @dataclass

@@ -117,8 +117,8 @@ def _edit_candidates(model, edits: list[dict], out: Path, num_candidates: int, s
                      width: int | None, steps: int, cfg: float) -> list[dict]:
     from PIL import Image
 
-    from align.images import to_rgb  # the trainers' RGB conversion (alpha, 16-bit, palette)
     from qwen_image import QwenImageInputError
+    from qwen_image.images import to_rgb  # the trainers' RGB conversion (alpha, 16-bit, palette)
 
     candidates = []
     for ei, e in enumerate(edits):

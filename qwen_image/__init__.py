@@ -1,12 +1,35 @@
-"""The complete Qwen-Image model bundle on diffusers and transformers classes."""
+"""The complete Qwen-Image model bundle on diffusers and transformers classes.
 
-from .errors import QwenImageInputError
-from .latents import check_size, pack, unpack
-from .model import QwenImage, resolve_dtype
-from .sampling import Conditioning, References, SampleOutput, predict_velocity, sample, sde_step
-from .scheduler import QWEN_IMAGE_SCHEDULER_CONFIG, inference_sigmas, make_scheduler
+Attributes load lazily (PEP 562): ``qwen_image.errors`` and ``qwen_image.images`` are the project's lowest layer
+(the user-error type and the image converter that ``rewards/`` and ``annotation/`` share), and importing them
+must not pull in torch and diffusers.
+"""
 
-__all__ = [
-    "QwenImage", "QwenImageInputError", "Conditioning", "References", "SampleOutput", "predict_velocity", "sample", "sde_step",
-    "QWEN_IMAGE_SCHEDULER_CONFIG", "inference_sigmas", "make_scheduler", "check_size", "pack", "unpack", "resolve_dtype",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "QwenImageInputError": "errors", "UserError": "errors",
+    "check_size": "latents", "pack": "latents", "unpack": "latents",
+    "QwenImage": "model", "resolve_dtype": "model",
+    "Conditioning": "sampling", "References": "sampling", "SampleOutput": "sampling",
+    "predict_velocity": "sampling", "sample": "sampling", "sde_step": "sampling",
+    "QWEN_IMAGE_SCHEDULER_CONFIG": "scheduler", "inference_sigmas": "scheduler", "make_scheduler": "scheduler",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qwen_image' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

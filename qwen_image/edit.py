@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Sequence
+from typing import Any, Sequence
 
 import torch
 from diffusers.image_processor import VaeImageProcessor
@@ -31,9 +31,6 @@ from . import latents as latent_ops
 from .errors import QwenImageInputError
 from .sampling import Conditioning, References
 from .text import EDIT_DROP_TOKENS, EDIT_TEMPLATE, MAX_PROMPT_TOKENS, pad_embeddings, validate_prompts
-
-if TYPE_CHECKING:
-    from .model import QwenImage
 
 MAX_REFERENCES = 3  # Edit-2509/2511 are trained and documented for 1-3 input images
 PICTURE_TEMPLATE = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
@@ -95,7 +92,7 @@ class EditEncoder:
     Reads the model's text encoder, processor and VAE at call time, so releasing them on the model is seen here.
     """
 
-    def __init__(self, model: "QwenImage", cache_size: int = 256):
+    def __init__(self, model: Any, cache_size: int = 256):
         self.model = model
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()

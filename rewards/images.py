@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from align.images import to_rgb
+from qwen_image.images import to_rgb
 
 __all__ = ["to_pil", "to_pil_list"]
 

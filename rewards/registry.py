@@ -16,7 +16,7 @@ from typing import Any, Callable, Protocol
 
 from PIL import Image
 
-from align.errors import UnknownNameError
+from qwen_image.errors import UnknownNameError
 
 __all__ = ["RewardFn", "register_reward", "get_reward", "available_rewards", "reward_name"]
 

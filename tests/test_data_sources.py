@@ -11,7 +11,7 @@ from align.data.loading import load_image_dataset
 from align.data.preference import load_preference_dataset, write_synthetic_pairs
 from align.data.prompts import load_prompt_dataset
 from align.data.sources import load_source
-from align.errors import UserError
+from qwen_image.errors import UserError
 
 
 def test_saved_dataset_dict_split_is_taken_or_named_for_every_loader(tmp_path):

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from align.data.edit import CONTROLS, write_synthetic_edit_pairs, write_synthetic_edit_prompts
 from align.data.prompts import EditPromptColumns, load_prompt_dataset
-from align.errors import UserError
 from align.rollouts import generate_rollouts, recompute_log_prob, score_images
 from qwen_image import QwenImage
+from qwen_image.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes/tiny/edit_grpo_lora.yaml")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from align.images import to_rgb
+from qwen_image.images import to_rgb
 
 
 def roundtrip(img: Image.Image, fmt: str = "PNG", **save) -> Image.Image:

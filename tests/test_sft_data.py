@@ -11,7 +11,7 @@ from PIL import Image
 from align.data.buckets import BucketBatchSampler, BucketSizeFn, bucket_sizes, nearest_bucket
 from align.data.loading import load_image_dataset, validate_rows
 from align.data.schedule import PhaseSchedule, parse_phases
-from align.errors import UserError
+from qwen_image.errors import UserError
 
 
 def write_folder(root, rows, sizes=None):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from ..errors import UserError
+from qwen_image.errors import UserError
 
 DEFAULT_LORA_TARGETS = [
     # image-stream attention

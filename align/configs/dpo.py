@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import UserError
+from qwen_image.errors import UserError
+
 from ..losses import DPO_LOSS_TYPES
 from .base import QwenImageTrainingConfig
 

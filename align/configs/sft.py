@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from qwen_image.errors import UserError
+
 from ..data.buckets import DEFAULT_ASPECT_RATIOS
 from ..data.ratings import AGGREGATES
 from ..data.schedule import parse_phases
-from ..errors import UserError
 from .base import QwenImageTrainingConfig
 
 

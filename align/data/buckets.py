@@ -14,7 +14,7 @@ from typing import Callable, Hashable, Iterator, Mapping, Sequence
 from PIL import Image
 from torch.utils.data import Sampler
 
-from ..errors import UserError
+from qwen_image.errors import UserError
 
 # width / height
 DEFAULT_ASPECT_RATIOS: tuple[float, ...] = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16)

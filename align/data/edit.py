@@ -29,8 +29,8 @@ from PIL import Image
 
 from qwen_image import QwenImage, References, pack
 from qwen_image.edit import MAX_REFERENCES
+from qwen_image.images import to_rgb
 
-from ..images import to_rgb
 from .encoding import center_crop_resize, collate_encoded, encoding_fingerprint
 from .loading import image_problem, load_image_dataset
 from .sources import metadata_path

@@ -14,9 +14,8 @@ from datasets import Dataset, List, Value
 from PIL import Image
 
 from qwen_image import QwenImage, pack
+from qwen_image.images import to_rgb
 from qwen_image.latents import image_seq_len
-
-from ..images import to_rgb
 
 ENCODING_VERSION = "4"  # 3: images through align.images.to_rgb; 4: flat float32 tensors
 # Cached tensors are stored flat (one float32 Arrow list per row) and read in numpy format: a zero-copy view of the

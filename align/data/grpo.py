@@ -9,8 +9,9 @@ import io
 
 from PIL import Image
 
+from qwen_image.errors import UserError
+
 from ..configs.grpo import GRPOArguments
-from ..errors import UserError
 from ..modeling import uses_edit_model
 from .edit import CONTROLS
 from .prompts import EditPromptColumns, load_prompt_dataset

@@ -13,7 +13,8 @@ from datasets import Dataset
 from datasets import Image as ImageFeature
 from PIL import Image
 
-from ..errors import UserError
+from qwen_image.errors import UserError
+
 from .ratings import describe_row, raise_bad_rows
 from .report import RowReport
 from .sources import load_source

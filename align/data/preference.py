@@ -24,7 +24,8 @@ from typing import Any
 
 from datasets import Dataset, Image
 
-from ..errors import UserError
+from qwen_image.errors import UserError
+
 from .loading import read_jsonl_rows
 from .report import RowReport
 from .sources import load_source, read_local_dataset

@@ -23,7 +23,8 @@ from typing import Sequence
 
 from datasets import Dataset, load_dataset
 
-from ..errors import UserError
+from qwen_image.errors import UserError
+
 from .edit import CONTROL_COLUMNS, CONTROL_LIST_COLUMN, CONTROLS, control_problem, with_control_list
 from .loading import read_jsonl_rows
 from .sources import load_source, metadata_path

@@ -17,7 +17,8 @@ from typing import Any, Sequence
 
 from datasets import Dataset
 
-from ..errors import UserError
+from qwen_image.errors import UserError
+
 from .report import RowReport
 
 AGGREGATES = ("mean", "min", "median")

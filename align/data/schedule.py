@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import UserError
+from qwen_image.errors import UserError
 
 _KEYS = ("until", "resolution", "synthetic_fraction", "lr_scale")
 

@@ -22,9 +22,9 @@ import torch
 from datasets import Dataset, concatenate_datasets
 
 from qwen_image import QwenImage
+from qwen_image.errors import UserError
 
 from ..configs.sft import SFTConfig
-from ..errors import UserError
 from ..modeling import model_identity
 from .buckets import BucketSizeFn
 from .edit import control_problem, edit_pools, encode_edit_dataset, load_edit_dataset

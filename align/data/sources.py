@@ -23,7 +23,7 @@ from typing import Callable
 
 from datasets import Dataset, load_dataset, load_from_disk
 
-from ..errors import UserError
+from qwen_image.errors import UserError
 
 METADATA_FILE = "metadata.jsonl"
 

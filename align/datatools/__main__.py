@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import UserError
+from qwen_image.errors import UserError
 
 
 def _read_lines(path: str) -> list[str]:

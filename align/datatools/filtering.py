@@ -8,8 +8,9 @@ from typing import Any, Iterable, Sequence
 
 from PIL import Image
 
+from qwen_image.images import to_rgb
+
 from ..data.report import RowReport
-from ..images import to_rgb
 from .image_filters import ImageFilter
 
 __all__ = ["RowReport", "filter_dataset", "filter_images", "load_image"]

@@ -19,10 +19,10 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
+from qwen_image.errors import UserError
+
 # The project's one rule for the text a caption asks to render (also used by the OCR reward and the evaluation).
 from rewards.text import extract_quoted_text, target_text
-
-from ..errors import UserError
 
 __all__ = [
     "to_luma",

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from PIL import Image
 
-from ..errors import UserError
+from qwen_image.errors import UserError
 
 __all__ = ["write_imagefolder", "synthesize_imagefolder"]
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from ..images import to_rgb
+from qwen_image.images import to_rgb
 
 __all__ = ["to_tensor", "psnr", "ssim", "reconstruction_metrics"]
 

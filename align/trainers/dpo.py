@@ -15,11 +15,12 @@ from functools import partial
 
 import torch
 
+from qwen_image.errors import UserError
+
 from ..configs.dpo import DPOConfig
 from ..data.edit import collate_edit
 from ..data.encoding import collate_encoded
 from ..data.preference import IMAGE_COLUMNS
-from ..errors import UserError
 from ..losses import flow_dpo_loss, flow_matching_loss, make_noisy, sample_sigmas, velocity_error
 from ..reference import ReferenceModel
 from .base import MetricLog, QwenImageTrainer

@@ -24,12 +24,12 @@ import torch
 from trl.trainer.utils import RepeatSampler
 
 from qwen_image import QwenImage
+from qwen_image.errors import UserError
 from qwen_image.sampling import sde_step
 
 from ..configs.grpo import GRPOArguments
 from ..data.grpo import check_edit_prompt_sizes, reference_area
 from ..data.prompts import collate_prompts
-from ..errors import UserError
 from ..losses.grpo import (
     dppo_loss,
     gaussian_kl,

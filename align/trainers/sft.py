@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 
 from qwen_image import QwenImage
+from qwen_image.errors import UserError
 
 from ..configs.sft import SFTConfig
 from ..data.buckets import BucketBatchSampler
@@ -22,7 +23,6 @@ from ..data.edit import collate_edit
 from ..data.encoding import collate_encoded
 from ..data.schedule import PhaseSchedule
 from ..data.sft import SFTData
-from ..errors import UserError
 from ..losses import flow_matching_loss, make_noisy, sample_sigmas
 from .base import QwenImageTrainer
 
