@@ -1,4 +1,4 @@
-"""align.images.to_rgb: every image mode a user's folder may hold becomes the RGB picture it shows."""
+"""qwen_image.images.to_rgb: every image mode a user's folder may hold becomes the RGB picture it shows."""
 
 import io
 

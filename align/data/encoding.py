@@ -17,7 +17,7 @@ from qwen_image import QwenImage, pack
 from qwen_image.images import to_rgb
 from qwen_image.latents import image_seq_len
 
-ENCODING_VERSION = "4"  # 3: images through align.images.to_rgb; 4: flat float32 tensors
+ENCODING_VERSION = "4"  # 3: images through qwen_image.images.to_rgb; 4: flat float32 tensors
 # Cached tensors are stored flat (one float32 Arrow list per row) and read in numpy format: a zero-copy view of the
 # memory-mapped cache file. Nested lists, or Array2D, would go through datasets' per-element formatting: 2 rows of
 # 256 px latents took 5-25 ms to fetch that way against 0.5 ms now. collate_encoded restores the shapes.

@@ -34,7 +34,7 @@ def open_image(value: Any) -> Image.Image:
 
 
 def load_image(value: Any) -> Image.Image:
-    """:func:`open_image` as 8-bit RGB (``align.images.to_rgb``: 16-bit scaled, alpha on white, EXIF upright), so
+    """:func:`open_image` as 8-bit RGB (``qwen_image.images.to_rgb``: 16-bit scaled, alpha on white, EXIF upright), so
     filters judge the image the trainers will see (a 16-bit PNG is not "overexposed")."""
     return to_rgb(open_image(value))
 
