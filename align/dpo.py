@@ -13,11 +13,9 @@ from align.configs.combined import DPOGRPOConfig  # noqa: E402
 from align.data.dpo import build_datasets, read_pairs  # noqa: E402
 from align.data.grpo import load_grpo_prompts  # noqa: E402
 from align.launch import run, train_main  # noqa: E402
-from align.modeling import place_encoders  # noqa: E402
-from align.trainers.base import release_text_encoder  # noqa: E402
+from align.rl.rewards import build_reward  # noqa: E402
 from align.trainers.combined import DPOGRPOTrainer  # noqa: E402
 from align.trainers.dpo import FlowDPOTrainer  # noqa: E402
-from align.trainers.grpo_objective import build_reward  # noqa: E402
 
 
 def load_data(config: DPOGRPOConfig):
@@ -30,17 +28,14 @@ def load_data(config: DPOGRPOConfig):
 
 def build_trainer(config: DPOGRPOConfig, qwen, data):
     pairs, prompts = data
-    place_encoders(qwen, config)  # encode on the accelerator; the Trainer places the transformer
     train_ds, eval_ds = build_datasets(config, qwen, pairs)
     if config.w_grpo > 0:
         return DPOGRPOTrainer(qwen, config, train_dataset=train_ds, eval_dataset=eval_ds, grpo_prompts=prompts)
-    trainer = FlowDPOTrainer(qwen, config, train_dataset=train_ds, eval_dataset=eval_ds)
-    release_text_encoder(qwen)  # plain DPO trains on cached embeddings only
-    return trainer
+    return FlowDPOTrainer(qwen, config, train_dataset=train_ds, eval_dataset=eval_ds)  # trains on cached embeddings
 
 
 def main(argv=None):
-    return train_main(DPOGRPOConfig, argv, load_data, build_trainer)
+    return train_main("dpo", argv)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ if __package__ in (None, ""):
 from align.configs.grpo import GRPOConfig  # noqa: E402
 from align.data.grpo import load_grpo_prompts, load_monitor_prompts  # noqa: E402
 from align.launch import run, train_main  # noqa: E402
+from align.rl.rewards import build_reward  # noqa: E402
 from align.trainers.grpo import GRPOTrainer  # noqa: E402
-from align.trainers.grpo_objective import build_reward  # noqa: E402
 
 
 def load_data(config: GRPOConfig):
@@ -27,7 +27,7 @@ def build_trainer(config: GRPOConfig, qwen, data) -> GRPOTrainer:
 
 
 def main(argv=None) -> GRPOTrainer:
-    return train_main(GRPOConfig, argv, load_data, build_trainer)
+    return train_main("grpo", argv)
 
 
 if __name__ == "__main__":

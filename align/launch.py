@@ -1,4 +1,5 @@
-"""Launch helpers shared by align/sft.py, align/dpo.py, align/grpo.py and the ``qwen-image-align`` CLI:
+"""Launch helpers shared by every launch script (align/sft.py, align/dpo.py, align/grpo.py, align/train.py) and the
+``qwen-image-align`` CLI:
 config parsing (TRL's ``--config recipe.yaml`` plus ``--key value`` overrides), the output-dir / resume checks
 every trainer runs before loading the model, and the process exit (one ``error:`` line for user mistakes)."""
 
@@ -297,30 +298,37 @@ def run(main_fn: Callable[[Sequence[str] | None], object], argv: Sequence[str] |
     os._exit(code)
 
 
-def train_main(
-    config_class: type,
-    argv: Sequence[str] | None,
-    load_data: Callable[[Any], Any],
-    build_trainer: Callable[[Any, Any, Any], Any],
-) -> Any:
-    """The one run skeleton of every launch script: parse -> check the run folder -> seed -> read the data
-    (``load_data(config)``, before any weights load, so a data mistake costs seconds) -> load the model ->
-    ``build_trainer(config, qwen, data)`` -> train (resuming if asked) -> save the adapter / weights, the trainer
-    state (and the held-out evaluation where the trainer has one) -> return the trainer."""
+def train_main(objective: Any, argv: Sequence[str] | None = None) -> Any:
+    """The one run skeleton of every objective (a registered name or an ``align.objectives.Objective``): parse ->
+    check the run folder -> seed -> read the data (``load_data(config)``, before any weights load, so a data
+    mistake costs seconds) -> load the model -> ``build_trainer(config, qwen, data)`` -> train (resuming if asked)
+    -> save the adapter / weights, the trainer state (and the held-out evaluation where the trainer has one) ->
+    return the trainer."""
     from transformers import set_seed
 
     from .modeling import load_qwen_image
+    from .models import family_of
+    from .objectives import get_objective
 
-    config = parse_config(config_class, argv)
+    if isinstance(objective, str):
+        objective = get_objective(objective)
+    config = parse_config(objective.resolved("config_class"), argv)
     if getattr(config, "estimate_only", False):  # the memory estimate needs neither data nor weights: print, exit
         from .memory import report_estimate
 
         report_estimate(config)
     checkpoint = prepare_run(config)
     set_seed(config.seed)  # before the model: the LoRA init draws from the global RNG
-    data = load_data(config)
+    data = objective.resolved("load_data")(config)
     qwen = load_qwen_image(config)
-    trainer = build_trainer(config, qwen, data)
+    # The one owner of encoder placement and release: every objective encodes (captions, images, prompts) on the
+    # training device, and the text encoder leaves memory once the trainer has cached what it needs, unless the
+    # trainer encodes new prompts while it trains (an online term with release_text_encoder off).
+    family = family_of(config)
+    family.place_encoders(qwen, config.device)
+    trainer = objective.resolved("build_trainer")(config, qwen, data)
+    if not getattr(trainer, "keeps_text_encoder", False) and qwen.text_encoder is not None:
+        family.release_text_encoder(qwen)
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(config.output_dir)
     if getattr(trainer, "evaluate_after_training", False) and trainer.eval_dataset is not None:
@@ -329,4 +337,3 @@ def train_main(
     if trainer.is_world_process_zero():
         logger.info("saved to %s", Path(config.output_dir).resolve())
     return trainer
-

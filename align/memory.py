@@ -27,11 +27,12 @@ The caching phase (text encoder + VAE, before training) is estimated too; the pe
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
-from pathlib import Path
+
+from .models.architecture import Architecture, LinearShape
+
+__all__ = ["Architecture", "LinearShape", "Options", "Estimate", "estimate", "architecture", "report_estimate"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,61 +49,18 @@ VAE_PARAMS = 0.127e9
 OBJECTIVES = ("sft", "dpo", "grpo", "dpo+grpo")
 
 
-@dataclass(frozen=True)
-class LinearShape:
-    name: str
-    in_features: int
-    out_features: int
-    bias: bool
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """What the estimate needs from the transformer config (read from a meta-device model: no weights)."""
-
-    num_blocks: int
-    inner_dim: int
-    block_linears: tuple[LinearShape, ...]
-    block_other_params: int  # norms inside a block
-    non_block_params: int
-    grad_weight_params: int  # Linear weights whose input needs grad (their backward uses the weight)
-
-    @property
-    def block_params(self) -> int:
-        return sum(lin.in_features * lin.out_features + (lin.out_features if lin.bias else 0) for lin in self.block_linears) + self.block_other_params
-
-
-@lru_cache(maxsize=8)
 def architecture(config_json: str | None = None) -> Architecture:
     """The real Qwen-Image transformer (diffusers' default config), or the one of ``config_json``."""
-    import torch
-    from diffusers import QwenImageTransformer2DModel
+    from .models.qwen_image import qwen_image_architecture
 
-    kwargs = json.loads(config_json) if config_json else {}
-    kwargs = {k: v for k, v in kwargs.items() if not k.startswith("_")}
-    with torch.device("meta"):
-        model = QwenImageTransformer2DModel(**kwargs)
-    block = model.transformer_blocks[0]
-    linears, linear_params = [], set()
-    for name, mod in block.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            linears.append(LinearShape(name, mod.in_features, mod.out_features, mod.bias is not None))
-            linear_params |= {id(p) for p in mod.parameters()}
-    other = sum(p.numel() for p in block.parameters() if id(p) not in linear_params)
-    in_blocks = sum(p.numel() for b in model.transformer_blocks for p in b.parameters())
-    total = sum(p.numel() for p in model.parameters())
-    # The modulation Linears act on the timestep embedding, which needs no grad: their weights are not saved.
-    grad_weight = sum(lin.in_features * lin.out_features for lin in linears if not lin.name.endswith("_mod.1"))
-    return Architecture(len(model.transformer_blocks), model.inner_dim, tuple(linears), other, total - in_blocks, grad_weight)
+    return qwen_image_architecture(config_json)
 
 
-def architecture_of(model_name_or_path: str | None) -> Architecture:
-    """The checkpoint's transformer config when given, else the real Qwen-Image config."""
-    if model_name_or_path:
-        cfg = Path(model_name_or_path) / "transformer" / "config.json"
-        if cfg.is_file():
-            return architecture(cfg.read_text())
-    return architecture(None)
+def architecture_of(config) -> Architecture:
+    """The architecture of the config's model family and checkpoint (the real model when none is named)."""
+    from .models import family_of
+
+    return family_of(config).architecture(config)
 
 
 def linear_weight_bytes(shape: LinearShape, storage: str, dtype_bytes: int, nested: bool = False) -> float:
@@ -142,17 +100,23 @@ class Options:
     text_encoder_storage: str = "none"
     grpo_batch: int = 1
     kl_reference: bool = False
+    # From the objective registry (align/objectives.py, ``MemoryTerms``) for a real config; empty / None for the
+    # table, which derives them from ``objective``, ``batch`` and ``grpo_batch``.
+    graphs: tuple[int, ...] = ()
+    decodes: bool | None = None
+    extra_adapters: int = 0
 
     @classmethod
     def from_config(cls, config) -> "Options":
-        from .configs import DEFAULT_LORA_TARGETS
         from .lowvram import checkpointing_reason
+        from .models import family_of
+        from .objectives import memory_terms
 
-        objective = objective_of(config)
+        terms = memory_terms(config)
         dtype = getattr(config, "model_dtype", "auto")
         dtype_bytes = 4 if dtype in ("float32", "fp32") else 2
         return cls(
-            objective=objective,
+            objective=terms.label,
             finetune=config.finetune,
             base_storage=config.base_storage,
             nested=config.use_bnb_nested_quant,
@@ -160,7 +124,7 @@ class Options:
             resident_blocks=config.resident_blocks,
             optimizer_8bit="8bit" in str(getattr(getattr(config, "optim", ""), "value", getattr(config, "optim", ""))),
             lora_rank=config.lora_rank,
-            lora_targets=tuple(config.lora_target_modules or DEFAULT_LORA_TARGETS),
+            lora_targets=tuple(config.lora_target_modules or family_of(config).default_lora_targets),
             resolution=config.resolution,
             batch=config.per_device_train_batch_size,
             text_tokens=config.estimate_text_tokens,
@@ -168,21 +132,22 @@ class Options:
                                         or checkpointing_reason(config)),
             dtype_bytes=dtype_bytes,
             text_encoder_storage=config.text_encoder_storage,
-            grpo_batch=config.per_device_train_batch_size,
-            kl_reference=objective in ("dpo", "dpo+grpo") or getattr(config, "beta", 0) > 0,
+            kl_reference=terms.reference,
+            graphs=terms.graphs,
+            decodes=terms.decodes,
+            extra_adapters=terms.extra_adapters,
         )
 
+    def step_graphs(self) -> tuple[int, ...]:
+        """Images per autograd graph alive at once in a training step."""
+        if self.graphs:
+            return self.graphs
+        return {"sft": (self.batch,), "dpo": (2 * self.batch,), "grpo": (self.grpo_batch,),
+                "dpo+grpo": (2 * self.batch, self.grpo_batch)}[self.objective]
 
-def objective_of(config) -> str:
-    """sft | dpo | grpo | dpo+grpo, from the config class's fields (the launchers' configs differ in them)."""
-    has_dpo = hasattr(config, "loss_type") and hasattr(config, "w_dpo")
-    if has_dpo and getattr(config, "w_grpo", 0) > 0:
-        return "dpo+grpo"
-    if has_dpo:
-        return "dpo"
-    if hasattr(config, "num_generations"):
-        return "grpo"
-    return "sft"
+    @property
+    def decodes_rollouts(self) -> bool:
+        return self.decodes if self.decodes is not None else self.objective in ("grpo", "dpo+grpo")
 
 
 @dataclass
@@ -252,6 +217,8 @@ def estimate(o: Options, arch: Architecture | None = None) -> Estimate:
         est.parts["LoRA"] = lora * 4 / GIB
         est.parts["grads"] = lora * 4 / GIB
         est.parts["optimizer"] = lora * (2 if o.optimizer_8bit else 8) / GIB
+        if o.extra_adapters:  # e.g. an old-policy adapter kept beside the trained one (fp32, no grads)
+            est.parts["extra adapters"] = o.extra_adapters * lora * 4 / GIB
     else:
         n = arch.num_blocks * arch.block_params + arch.non_block_params
         est.parts["grads"] = n * db / GIB
@@ -259,13 +226,12 @@ def estimate(o: Options, arch: Architecture | None = None) -> Estimate:
         if o.kl_reference:
             est.parts["reference copy"] = n * db / GIB  # a frozen copy: shard it (FSDP2/ZeRO-3) on real cards
     quantised = o.base_storage != "none"
-    graphs = {"sft": [o.batch], "dpo": [2 * o.batch], "grpo": [o.grpo_batch], "dpo+grpo": [2 * o.batch, o.grpo_batch]}[o.objective]
     held, transient = 0.0, 0.0
-    for images in graphs:
+    for images in o.step_graphs():
         h, t = _activation_bytes(arch, o, images, quantised)
         held, transient = held + h, max(transient, t)
     est.parts["activations"] = (held + transient) / GIB
-    if o.objective in ("grpo", "dpo+grpo"):
+    if o.decodes_rollouts:
         est.parts["VAE"] = VAE_PARAMS * db / GIB  # decodes rollouts for the rewards
     est.parts["context"] = CONTEXT_GIB
     te_bytes = 1 if o.text_encoder_storage in ("fp8", "int8") else db
@@ -284,7 +250,7 @@ def device_gib() -> float | None:
 
 def report_estimate(config) -> Estimate:
     """Print the estimate (local main process), warn when it exceeds the GPU; exit 0 after it with ``estimate_only``."""
-    est = estimate(Options.from_config(config), architecture_of(config.model_name_or_path))
+    est = estimate(Options.from_config(config), architecture_of(config))
     if getattr(config, "local_process_index", 0) == 0:
         print("\n".join(est.lines()), flush=True)
         total = device_gib()

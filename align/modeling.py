@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from pathlib import Path
 
 import torch
 from diffusers.training_utils import cast_training_params
@@ -17,6 +15,7 @@ from qwen_image.model import resolve_dtype
 from .adapters import load_lora_file
 from .configs import QwenImageTrainingConfig
 from .lowvram import BlockStreamer, checkpointing_reason, quantize_text_encoder, quantize_transformer_blocks
+from .models import family_of
 
 logger = logging.getLogger(__name__)
 ADAPTER_NAME = "default"
@@ -31,26 +30,13 @@ def training_dtype(config: QwenImageTrainingConfig) -> torch.dtype:
 def load_qwen_image(
     config: QwenImageTrainingConfig, load_text_encoder: bool = True, load_vae: bool = True
 ) -> QwenImage:
-    """The bundle named by the config (a local checkpoint, or the tiny random model when none is given), stored as
-    the config's memory options say. Every launcher loads through here: it first prints the memory estimate (and
-    stops there with ``estimate_only``)."""
+    """The bundle named by the config (its model family's local checkpoint, or the family's tiny random model when
+    none is given), stored as the config's memory options say. Every launcher loads through here: it first prints
+    the memory estimate (and stops there with ``estimate_only``)."""
     from .memory import report_estimate
 
     report_estimate(config)
-    dtype = training_dtype(config)
-    with _no_zero3_init(config):
-        if config.model_name_or_path:
-            qwen = QwenImage.from_pretrained(
-                config.model_name_or_path, torch_dtype=dtype, load_text_encoder=load_text_encoder, load_vae=load_vae
-            )
-        else:
-            variant = getattr(config, "tiny_variant", "t2i")
-            if variant != "t2i":
-                if not variant.startswith("edit-"):
-                    raise UserError(f"tiny_variant must be t2i, edit-2509 or edit-2511, got {variant!r}")
-                qwen = QwenImage.tiny_edit(variant.removeprefix("edit-"), seed=config.tiny_seed, dtype=dtype)
-            else:
-                qwen = QwenImage.tiny(seed=config.tiny_seed, dtype=dtype)
+    qwen = family_of(config).load(config, training_dtype(config), load_text_encoder, load_vae)
     apply_storage(qwen, config)
     return qwen
 
@@ -66,44 +52,27 @@ def apply_storage(qwen: QwenImage, config: QwenImageTrainingConfig) -> None:
 
 def place_encoders(qwen: QwenImage, config: QwenImageTrainingConfig) -> None:
     """Put the text encoder and the VAE on the training device for caching (the Trainer places the transformer)."""
-    for module in (qwen.text_encoder, qwen.vae):
-        if module is not None:
-            module.to(config.device)
+    family_of(config).place_encoders(qwen, config.device)
+
+
+def release_text_encoder(qwen: QwenImage, config: QwenImageTrainingConfig | None = None) -> None:
+    """Drop the text encoder once everything it must encode is cached (8 B parameters on the real model)."""
+    family_of(config).release_text_encoder(qwen)
 
 
 def uses_edit_model(config: QwenImageTrainingConfig) -> bool:
-    """Whether the config names an edit model (an Edit-2509/2511 checkpoint or a tiny edit variant), known before
-    any weights load so data can be checked first."""
-    from qwen_image.model import is_edit_checkpoint
-
-    if config.model_name_or_path:
-        return Path(config.model_name_or_path).is_dir() and is_edit_checkpoint(config.model_name_or_path)
-    return getattr(config, "tiny_variant", "t2i") != "t2i"
-
-
-@contextlib.contextmanager
-def _no_zero3_init(config: QwenImageTrainingConfig):
-    """While a ZeRO-3 TrainingArguments is alive, transformers builds models under deepspeed.zero.Init: the text
-    encoder would come out partitioned and unusable outside an engine. The encoders run whole (caching); the Trainer
-    partitions the transformer itself."""
-    hf_config = getattr(config, "hf_deepspeed_config", None)
-    if hf_config is None:
-        yield
-        return
-    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        set_hf_deepspeed_config(hf_config)
+    """Whether the config names an edit model, known before any weights load so data can be checked first."""
+    return family_of(config).is_edit(config)
 
 
 def model_identity(config: QwenImageTrainingConfig) -> str:
     """A string that changes when the weights that produce cached embeddings/latents change."""
-    if config.model_name_or_path:
-        return str(Path(config.model_name_or_path).resolve())
-    return f"tiny-seed{config.tiny_seed}"
+    return family_of(config).identity(config)
+
+
+def lora_targets(config: QwenImageTrainingConfig) -> list[str]:
+    """The configured LoRA targets, or the model family's default ones."""
+    return list(config.lora_target_modules or family_of(config).default_lora_targets)
 
 
 def lora_config(config: QwenImageTrainingConfig) -> LoraConfig:
@@ -112,7 +81,7 @@ def lora_config(config: QwenImageTrainingConfig) -> LoraConfig:
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         init_lora_weights=True if config.lora_init in ("true", "True", "default") else config.lora_init,
-        target_modules=list(config.lora_target_modules),
+        target_modules=lora_targets(config),
     )
 
 
@@ -122,11 +91,11 @@ def add_lora(transformer: torch.nn.Module, config: QwenImageTrainingConfig) -> N
     if config.init_adapter:
         load_adapter_into(transformer, config.init_adapter, trainable=True)
     else:
-        targets = set(config.lora_target_modules)
+        targets = set(lora_targets(config))
         names = {n.rsplit(".", 1)[-1] for n, _ in transformer.named_modules()} | {n for n, _ in transformer.named_modules()}
         unknown = [t for t in targets if not any(n.endswith(t) for n in names)]
         if unknown:
-            raise UserError(f"lora_target_modules {unknown} match no module of QwenImageTransformer2DModel.")
+            raise UserError(f"lora_target_modules {unknown} match no module of {type(transformer).__name__}.")
         transformer.add_adapter(lora_config(config), adapter_name=ADAPTER_NAME)
     cast_training_params(transformer, torch.float32)  # LoRA params train in fp32 even on a bf16 base
 
@@ -160,11 +129,11 @@ def prepare_transformer(model: QwenImage, config: QwenImageTrainingConfig) -> to
     if getattr(config, "transformer_gradient_checkpointing", False):
         transformer.enable_gradient_checkpointing()
     if config.weight_streaming == "blocks":
-        streamer = BlockStreamer(transformer.transformer_blocks, config.device, resident=config.resident_blocks)
+        blocks = family_of(config).repeated_blocks(transformer)
+        streamer = BlockStreamer(blocks, config.device, resident=config.resident_blocks)
         transformer._block_streamer = streamer  # kept alive with the model (hooks refer to it)
         logger.info("weight streaming: %d of %d blocks streamed from CPU memory, %d resident",
-                    streamer.streamed_blocks, len(transformer.transformer_blocks),
-                    len(transformer.transformer_blocks) - streamer.streamed_blocks)
+                    streamer.streamed_blocks, len(blocks), len(blocks) - streamer.streamed_blocks)
     transformer.train()
     n_train = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in transformer.parameters())

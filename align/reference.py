@@ -167,13 +167,14 @@ class ReferenceModel:
 
 
 def shard_transformer(transformer: nn.Module, mesh=None, mp_policy=None, reshard_after_forward: bool = True) -> nn.Module:
-    """FSDP2: ``fully_shard`` every ``QwenImageTransformerBlock``, then the root (LoRA must be added before)."""
-    from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
+    """FSDP2: ``fully_shard`` every repeated block (the classes the diffusers model declares in
+    ``_repeated_blocks``: ``QwenImageTransformerBlock``, ...), then the root (LoRA must be added before)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp_policy = mp_policy or MixedPrecisionPolicy()
+    block_names = set(getattr(transformer, "_repeated_blocks", None) or ("QwenImageTransformerBlock",))
     for block in transformer.modules():
-        if isinstance(block, QwenImageTransformerBlock):
+        if type(block).__name__ in block_names:
             fully_shard(block, mesh=mesh, mp_policy=mp_policy)
     fully_shard(transformer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
     return transformer

@@ -13,7 +13,6 @@ from align.configs.sft import SFTConfig  # noqa: E402
 from align.data.sft import load_sft_rows, prepare_sft_data, write_data_summary  # noqa: E402
 from align.launch import run, train_main  # noqa: E402
 from align.modeling import uses_edit_model  # noqa: E402
-from align.trainers.base import release_text_encoder  # noqa: E402
 from align.trainers.sft import SFTTrainer  # noqa: E402
 
 
@@ -25,14 +24,13 @@ def load_data(config: SFTConfig):
 def build_trainer(config: SFTConfig, qwen, rows) -> SFTTrainer:
     with config.main_process_first(desc="SFT data"):  # rank 0 encodes; the others read its on-disk cache
         data = prepare_sft_data(config, qwen, rows)
-    trainer = SFTTrainer(qwen, config, data)  # encodes the validation prompts before the text encoder goes
-    release_text_encoder(qwen)
+    trainer = SFTTrainer(qwen, config, data)  # encodes the validation prompts (the text encoder goes after this)
     write_data_summary(config, data.summary, trainer.is_world_process_zero())
     return trainer
 
 
 def main(argv=None) -> SFTTrainer:
-    return train_main(SFTConfig, argv, load_data, build_trainer)
+    return train_main("sft", argv)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,7 @@ import torch  # noqa: E402
 from sft_step import PartTimer, StepEnd, sft_config, write_data  # noqa: E402
 
 from align.data.sft import prepare_sft_data  # noqa: E402
-from align.modeling import load_qwen_image  # noqa: E402
-from align.trainers.base import release_text_encoder  # noqa: E402
+from align.modeling import load_qwen_image, release_text_encoder  # noqa: E402
 from align.trainers.sft import SFTTrainer  # noqa: E402
 
 

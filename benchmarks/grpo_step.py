@@ -24,7 +24,7 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 
 from align.losses import group_advantages, grpo_clip_loss, num_train_timesteps
-from align.rollouts import generate_rollouts, recompute_log_prob, score_images
+from align.rl.rollouts import generate_rollouts, recompute_log_prob, score_images
 from qwen_image import QwenImage
 from rewards import get_reward
 

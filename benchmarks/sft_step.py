@@ -223,8 +223,7 @@ class StepEnd(TrainerCallback):
 
 def trainer_run(args, cfg, profile: cProfile.Profile | None = None) -> tuple[list[float], list[dict]]:
     from align.data.sft import prepare_sft_data
-    from align.modeling import load_qwen_image
-    from align.trainers.base import release_text_encoder
+    from align.modeling import load_qwen_image, release_text_encoder
     from align.trainers.sft import SFTTrainer
 
     qwen = load_qwen_image(cfg)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from align.data.edit import CONTROLS, write_synthetic_edit_pairs, write_synthetic_edit_prompts
 from align.data.prompts import EditPromptColumns, load_prompt_dataset
-from align.rollouts import generate_rollouts, recompute_log_prob, score_images
+from align.rl.rollouts import generate_rollouts, recompute_log_prob, score_images
 from qwen_image import QwenImage
 from qwen_image.errors import UserError
 

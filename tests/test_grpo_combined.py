@@ -15,7 +15,7 @@ from align.data.dpo import build_datasets
 from align.data.preference import write_synthetic_pairs
 from align.launch import parse_config
 from align.losses import grpo_clip_loss
-from align.rollouts import recompute_log_prob
+from align.rl.rollouts import recompute_log_prob
 from align.trainers.combined import DPOGRPOTrainer
 from align.trainers.dpo import FlowDPOTrainer
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from align.trainers.monitor import OverOptimizationGuard, mean_pairwise_rms, training_reward_since
+from align.rl.monitor import OverOptimizationGuard, mean_pairwise_rms, training_reward_since
 from rewards import register_reward
 from rewards.images import to_pil
 

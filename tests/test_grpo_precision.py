@@ -9,7 +9,7 @@ import pytest
 import torch
 from lora_helpers import lora_b_off_zero, perturbed_lora
 
-from align.rollouts import generate_rollouts, recompute_log_prob
+from align.rl.rollouts import generate_rollouts, recompute_log_prob
 from qwen_image import QwenImage
 
 ROOT = Path(__file__).resolve().parents[1]

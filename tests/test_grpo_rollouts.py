@@ -6,7 +6,8 @@ import torch
 from lora_helpers import perturbed_lora
 
 from align.losses import grpo_clip_loss
-from align.rollouts import generate_rollouts, recompute_log_prob, sde_window_for
+from align.losses.grpo import sde_window_for
+from align.rl.rollouts import generate_rollouts, recompute_log_prob
 
 
 @pytest.fixture(scope="module")

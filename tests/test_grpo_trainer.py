@@ -12,7 +12,7 @@ import pytest
 from align.configs.combined import DPOGRPOConfig
 from align.configs.grpo import GRPOConfig
 from align.launch import parse_config
-from align.trainers.grpo_objective import build_reward
+from align.rl.rewards import build_reward
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))

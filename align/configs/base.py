@@ -10,6 +10,7 @@ from transformers import TrainingArguments
 
 from qwen_image.errors import UserError
 
+# Qwen-Image's default LoRA targets (the Qwen-Image model family's; other families declare their own).
 DEFAULT_LORA_TARGETS = [
     # image-stream attention
     "to_q", "to_k", "to_v", "to_out.0",
@@ -23,6 +24,10 @@ DEFAULT_LORA_TARGETS = [
 @dataclass
 class QwenImageTrainingConfig(TrainingArguments):
     # --- model
+    model_family: str = field(
+        default="qwen-image",
+        metadata={"help": "Model family (align/models): qwen-image (Qwen-Image, 2512, Edit-2509/2511); plugins add more."},
+    )
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Local diffusers-format Qwen-Image folder. Empty: the tiny random model (CPU demo/tests)."}
     )
@@ -35,9 +40,10 @@ class QwenImageTrainingConfig(TrainingArguments):
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank r."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r); saved in the adapter metadata."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
-        metadata={"help": "Module names to adapt; default covers image+text attention and both MLPs of every block."},
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Module names to adapt; default: the model family's targets (Qwen-Image: image+text "
+                          "attention and both MLPs of every block)."},
     )
     lora_init: str = field(default="gaussian", metadata={"help": "PEFT init_lora_weights: gaussian (diffusers' choice) or true."})
     init_adapter: str | None = field(

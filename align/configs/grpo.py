@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from ..losses.grpo import KL_FORMS, POLICY_LOSSES
-from ..rollouts import sde_window_for
+from ..losses.grpo import KL_FORMS, POLICY_LOSSES, sde_window_for
 from .base import QwenImageTrainingConfig
 
 SCALE_REWARDS = ("group", "batch", "none", "true", "false")
@@ -38,7 +37,7 @@ class GRPOArguments:
     negative_prompt: str = field(default=" ", metadata={"help": "Negative prompt for true CFG."})
     release_text_encoder: bool = field(default=True, metadata={"help": "Encode every training prompt and the negative prompt once (kept on CPU), then free the text encoder (8 B params on the real model) before training."})
     num_images_to_log: int = field(default=8, metadata={"help": "Rollout images (with rewards) sent to wandb at each log step; 0 = none."})
-    # --- over-optimisation monitors (align/trainers/monitor.py); measured every eval_steps
+    # --- over-optimisation monitors (align/rl/monitor.py); measured every eval_steps
     monitor_prompts: list[str] = field(default_factory=list, metadata={"help": "Held-out prompts (never trained on) rendered with the ODE sampler at fixed seeds every eval_steps; needs eval_strategy: steps."})
     monitor_dataset_name: str | None = field(default=None, metadata={"help": "Held-out prompts as a file/dataset (prompt + reward columns), instead of monitor_prompts."})
     monitor_seeds: int = field(default=4, metadata={"help": "Seeds per held-out prompt (diversity is measured across them)."})

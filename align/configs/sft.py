@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 
 from qwen_image.errors import UserError
 
-from ..data.buckets import DEFAULT_ASPECT_RATIOS
-from ..data.ratings import AGGREGATES
-from ..data.schedule import parse_phases
 from .base import QwenImageTrainingConfig
+from .phases import parse_phases
+
+# The option values SFT's data layer implements (align/data/buckets.py, align/data/ratings.py).
+DEFAULT_ASPECT_RATIOS: tuple[float, ...] = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16)
+AGGREGATES = ("mean", "min", "median")
 
 
 @dataclass

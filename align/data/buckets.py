@@ -16,8 +16,9 @@ from torch.utils.data import Sampler
 
 from qwen_image.errors import UserError
 
+from ..configs.sft import DEFAULT_ASPECT_RATIOS
+
 # width / height
-DEFAULT_ASPECT_RATIOS: tuple[float, ...] = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16)
 Units = Sequence[Sequence[int]]  # a unit = one image; its variants (e.g. flipped) are alternative row indices
 
 

@@ -1,7 +1,7 @@
 """GRPO prompt sets, plain and combined trainer alike: the training prompts (``train_prompts`` / a file in it, or a
 dataset) and the held-out monitor prompts, read and checked before the model loads (:mod:`align.data.prompts`;
 edit models: each row with its control images), and the check that an edit prompt set's control sizes fit the
-rollout batches. The objective (``align.trainers.grpo_objective``) streams and rolls them out."""
+rollout batches. The objective (``align.rl``: prompt stream, rollouts) streams and rolls them out."""
 
 from __future__ import annotations
 

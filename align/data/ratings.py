@@ -19,9 +19,9 @@ from datasets import Dataset
 
 from qwen_image.errors import UserError
 
+from ..configs.sft import AGGREGATES
 from .report import RowReport
 
-AGGREGATES = ("mean", "min", "median")
 _TOLERANCE = 1e-9
 
 

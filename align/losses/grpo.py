@@ -119,6 +119,26 @@ def num_train_timesteps(num_sde_steps: int, timestep_fraction: float) -> int:
     return max(1, int(num_sde_steps * timestep_fraction + 1e-9)) if num_sde_steps else 0
 
 
+def sde_window_for(
+    num_inference_steps: int,
+    window_size: int | None,
+    window_range: Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[int, int] | None:
+    """Flow-GRPO-Fast: a window of ``window_size`` SDE steps starting at a random step in ``window_range``
+    ([lo, hi), default the first half of the trajectory); ODE elsewhere. None / 0 = SDE on every step."""
+    if not window_size:
+        return None
+    if window_size > num_inference_steps:
+        raise ValueError(f"sde_window_size {window_size} exceeds num_inference_steps {num_inference_steps}.")
+    lo, hi = window_range if window_range else (0, max(1, num_inference_steps // 2))
+    hi = min(hi, num_inference_steps - window_size + 1)
+    if not 0 <= lo < hi:
+        raise ValueError(f"sde_window_range {list(window_range or [])} leaves no start for a window of {window_size} steps.")
+    start = int(torch.randint(lo, hi, (1,), generator=generator))
+    return start, start + window_size
+
+
 # ---------------------------------------------------------------- stabilisers (drop-in for grpo_clip_loss)
 POLICY_LOSSES = ("clip", "guard", "dppo")
 

@@ -9,11 +9,10 @@ import os
 import shutil
 from collections import defaultdict
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from accelerate.utils import DistributedType
-from diffusers.training_utils import free_memory
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
@@ -32,13 +31,8 @@ logger = logging.getLogger(__name__)
 
 # A checkpoint is written under this prefix and renamed when complete (``--resume_from_checkpoint last`` skips it).
 STAGING_PREFIX = ".incomplete-"
-
-
-def release_text_encoder(qwen: QwenImage) -> None:
-    """Drop the text encoder once everything it must encode is cached (8 B parameters on the real model)."""
-    qwen.text_encoder = None
-    qwen.prompt_encoder.text_encoder = None
-    free_memory()
+# Per-rank state of ``QwenImageTrainer.checkpoint_states`` entries inside a checkpoint ("rollout" -> rollout_state_0.pt).
+CHECKPOINT_STATE_NAME = "{name}_state_{rank}.pt"
 
 
 class MetricLog:
@@ -95,6 +89,9 @@ class QwenImageTrainer(Trainer):
         **kwargs,
     ):
         self.qwen = qwen
+        # Objects whose state a resumed run needs besides the Trainer's (e.g. an online term's rollout source):
+        # name -> object with state_dict() / load_state_dict(); saved per rank in every checkpoint.
+        self.checkpoint_states: dict[str, Any] = {}
         self._model_dtype: torch.dtype | None = None
         self._trainable: list[torch.nn.Parameter] | None = None
         self._validation = None
@@ -207,6 +204,24 @@ class QwenImageTrainer(Trainer):
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
         self.accelerator.wait_for_everyone()
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        rank = self.accelerator.process_index
+        for name, obj in self.checkpoint_states.items():
+            torch.save(obj.state_dict(), os.path.join(output_dir, CHECKPOINT_STATE_NAME.format(name=name, rank=rank)))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is None:
+            return
+        for name, obj in self.checkpoint_states.items():
+            path = os.path.join(checkpoint, CHECKPOINT_STATE_NAME.format(name=name, rank=self.accelerator.process_index))
+            if not os.path.isfile(path):
+                logger.warning("%s has no %s state (a checkpoint of an older version or another process count): "
+                               "the run continues afresh there and is not an exact continuation", checkpoint, name)
+                continue
+            obj.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         model = self.accelerator.unwrap_model(model or self.model)

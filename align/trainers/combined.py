@@ -21,22 +21,19 @@ from accelerate.utils import DistributedType
 
 from ..configs.combined import DPOGRPOConfig
 from ..data.grpo import load_monitor_prompts
+from ..rl.monitor import MonitoredEvaluationMixin, build_monitor
+from ..rl.prompts import precompute_prompts_and_release
+from ..rl.rewards import build_reward
+from ..rl.rollouts import RolloutBatch
+from ..rl.source import RolloutSource
 from .dpo import FlowDPOTrainer
 from .grpo import log_rollout_images
-from .grpo_objective import (
-    GRPOObjective,
-    RolloutCheckpointMixin,
-    RolloutSource,
-    build_monitor,
-    build_reward,
-    precompute_prompts_and_release,
-)
-from .monitor import MonitoredEvaluationMixin
+from .grpo_objective import GRPOObjective
 
 logger = logging.getLogger(__name__)
 
 
-class DPOGRPOTrainer(MonitoredEvaluationMixin, RolloutCheckpointMixin, FlowDPOTrainer):
+class DPOGRPOTrainer(MonitoredEvaluationMixin, FlowDPOTrainer):
     """Flow-DPO on pairs + Flow-GRPO on rollouts of ``grpo_prompts``, one frozen reference; held-out
     ``monitor_prompts`` feed the over-optimisation monitors every ``eval_steps`` (next to the held-out pairs)."""
 
@@ -59,10 +56,13 @@ class DPOGRPOTrainer(MonitoredEvaluationMixin, RolloutCheckpointMixin, FlowDPOTr
                 raise ValueError("the GRPO term needs the text encoder (prompts) and the VAE (images for the rewards).")
             self.grpo = GRPOObjective(qwen, args, reward_fn or build_reward(args), self.accelerator, self.reference,
                                       need_kl=args.beta_kl > 0)
-            self.rollouts = RolloutSource(self.grpo, grpo_prompts, args, self.accelerator.process_index)
+            self.rollouts = RolloutSource(self.grpo.rollout, grpo_prompts, args, self.accelerator.process_index,
+                                          RolloutBatch)
+            self.checkpoint_states["rollout"] = self.rollouts
             self.monitor, self.guard = build_monitor(qwen, args, monitor_prompts, self.accelerator, self.model,
                                                      self.reference)
-            precompute_prompts_and_release(qwen, args, grpo_prompts, monitor_prompts, self.accelerator.device)
+            self.keeps_text_encoder = not args.release_text_encoder  # rollouts encode their prompts as they come
+        precompute_prompts_and_release(qwen, args, grpo_prompts, monitor_prompts, self.accelerator.device)
 
     def extra_loss_terms(self, model, inputs: dict) -> tuple[dict, dict]:
         """The GRPO term as one graph over its trained timesteps (``compute_loss``; DeepSpeed trains this way)."""
@@ -93,8 +93,9 @@ class DPOGRPOTrainer(MonitoredEvaluationMixin, RolloutCheckpointMixin, FlowDPOTr
                 loss = self.weighted_loss(*self.dpo_terms(model, inputs), mode="train")
                 self.accelerator.backward(loss * scale)
             total += float(loss.detach())
-        total += self.grpo_backward(model, policy_weight=self.args.w_grpo, kl_weight=self.args.beta_kl, scale=scale,
-                                    no_sync=partial(self.accelerator.no_sync, model))
+        total += self.grpo.micro_step(self.rollouts, model, policy_weight=self.args.w_grpo,
+                                      kl_weight=self.args.beta_kl, scale=scale,
+                                      no_sync=partial(self.accelerator.no_sync, model))
         return torch.tensor(total * scale, device=self.accelerator.device)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

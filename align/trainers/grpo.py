@@ -25,16 +25,13 @@ from qwen_image import QwenImage
 from ..configs.grpo import GRPOConfig
 from ..data.grpo import load_monitor_prompts
 from ..reference import ReferenceModel
+from ..rl.monitor import MonitoredEvaluationMixin, build_monitor
+from ..rl.prompts import precompute_prompts_and_release
+from ..rl.rewards import build_reward
+from ..rl.rollouts import RolloutBatch
+from ..rl.source import RolloutSource
 from .base import QwenImageTrainer
-from .grpo_objective import (
-    GRPOObjective,
-    RolloutCheckpointMixin,
-    RolloutSource,
-    build_monitor,
-    build_reward,
-    precompute_prompts_and_release,
-)
-from .monitor import MonitoredEvaluationMixin
+from .grpo_objective import GRPOObjective
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +57,7 @@ def _collate_micro_steps(items: list[dict]) -> dict:
     return {}
 
 
-class GRPOTrainer(MonitoredEvaluationMixin, RolloutCheckpointMixin, QwenImageTrainer):
+class GRPOTrainer(MonitoredEvaluationMixin, QwenImageTrainer):
     """Flow-GRPO on a Qwen-Image bundle; ``train_dataset`` rows hold ``prompt`` plus columns the rewards read;
     ``monitor_prompts`` (held-out, same layout) feed the over-optimisation monitors every ``eval_steps``."""
 
@@ -77,9 +74,11 @@ class GRPOTrainer(MonitoredEvaluationMixin, RolloutCheckpointMixin, QwenImageTra
         policy = self.model  # not wrapped yet: the reference must see the bare transformer
         reference = ReferenceModel.from_policy(policy, args.finetune, args.init_adapter).prepare(self.accelerator) if args.beta > 0 else None
         self.grpo = GRPOObjective(qwen, args, reward_fn or build_reward(args), self.accelerator, reference, need_kl=args.beta > 0)
-        self.rollouts = RolloutSource(self.grpo, train_dataset, args, self.accelerator.process_index)
+        self.rollouts = RolloutSource(self.grpo.rollout, train_dataset, args, self.accelerator.process_index, RolloutBatch)
+        self.checkpoint_states["rollout"] = self.rollouts
         self.monitor, self.guard = build_monitor(qwen, args, monitor_prompts, self.accelerator, policy, reference)
         qwen.vae.to(self.accelerator.device)
+        self.keeps_text_encoder = not args.release_text_encoder  # rollouts encode their prompts as they come
         precompute_prompts_and_release(qwen, args, train_dataset, monitor_prompts, self.accelerator.device)
 
     def get_train_dataloader(self):
@@ -107,8 +106,8 @@ class GRPOTrainer(MonitoredEvaluationMixin, RolloutCheckpointMixin, QwenImageTra
             self.rollouts.advance()
             return loss.detach() * scale
         weight_kl = self.args.beta if self.grpo.need_kl else 0.0
-        total = self.grpo_backward(model, policy_weight=1.0, kl_weight=weight_kl, scale=scale,
-                                   no_sync=partial(self.accelerator.no_sync, model))
+        total = self.grpo.micro_step(self.rollouts, model, policy_weight=1.0, kl_weight=weight_kl, scale=scale,
+                                     no_sync=partial(self.accelerator.no_sync, model))
         return torch.tensor(total * scale, device=self.accelerator.device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -1,14 +1,13 @@
-"""Flow-GRPO as a reusable piece, driven by ``GRPOTrainer`` and the combined DPO+GRPO trainer alike:
+"""Flow-GRPO as one policy objective over the objective-neutral online-RL package (``align/rl``), driven by
+``GRPOTrainer`` and the combined trainer alike:
 
 - ``GRPOArguments`` (``align/configs/grpo.py``): the GRPO hyper-parameters, a dataclass mixin for any trainer config;
-- ``GRPOObjective``: rollout generation + scoring + group advantages across processes, and the clipped-ratio loss
-  (+ closed-form KL) on a buffered rollout batch, back-propagated one trained timestep at a time;
-- ``RolloutSource``: the prompt stream, the rollout buffer and the micro-step counter - everything a checkpoint
-  must hold for a resumed run to continue exactly (``state_dict`` / ``load_state_dict``).
+- ``GRPOObjective``: SDE rollouts + scoring + group advantages across processes (its ``rollout`` feeds an
+  ``align.rl.source.RolloutSource``), and the policy loss (clip / guard / dppo, + closed-form KL) on a buffered
+  rollout batch, back-propagated one trained timestep at a time.
 
 Every random choice (initial and SDE noise of each sample, the SDE window, the trained timesteps) is a function
-of the run seed and a counter (rollout number, global sample index, micro-step), not of a generator's hidden state:
-a resumed run draws the same numbers, and a sample's noise does not depend on how many processes share the batch.
+of the run seed and a counter (``align.rl.seeds``): a resumed run draws the same numbers.
 """
 
 from __future__ import annotations
@@ -16,20 +15,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from typing import Any, Callable
 
 import torch
-from trl.trainer.utils import RepeatSampler
 
 from qwen_image import QwenImage
-from qwen_image.errors import UserError
 from qwen_image.sampling import sde_step
 
-from ..configs.grpo import GRPOArguments
-from ..data.grpo import check_edit_prompt_sizes, reference_area
-from ..data.prompts import collate_prompts
+from ..data.grpo import reference_area
 from ..losses.grpo import (
     dppo_loss,
     gaussian_kl,
@@ -38,100 +32,14 @@ from ..losses.grpo import (
     grpo_guard_loss,
     num_train_timesteps,
     rewards_tensor,
+    sde_window_for,
 )
-from ..rollouts import RolloutBatch, generate_rollouts, recompute_log_prob, score_images, sde_window_for
+from ..rl.monitor import group_diversity
+from ..rl.rollouts import RolloutBatch, generate_rollouts, recompute_log_prob, score_images
+from ..rl.seeds import TRAIN_STEPS, WINDOW, derived_generator, sample_seeds
 from .base import MetricLog
 
 logger = logging.getLogger(__name__)
-
-
-def precompute_prompts_and_release(qwen, args: GRPOArguments, prompts, held_out, device) -> None:
-    """With ``release_text_encoder``: encode the finite prompt sets (training ``prompts``, ``held_out`` or None)
-    once (edit models: each row with its control images, and the CFG negative with them), then drop the text
-    encoder; otherwise move it to ``device`` (rollouts encode their prompts as they come)."""
-    from .base import release_text_encoder
-
-    datasets = [ds for ds in (prompts, held_out) if ds is not None]
-    qwen.text_encoder.to(device)
-    check_edit_prompt_sizes(qwen, args, prompts, held_out)
-    if not args.release_text_encoder:
-        return
-    if qwen.edit_model:
-        from ..data.edit import CONTROLS
-        from ..rollouts import control_images
-
-        count = 0
-        for ds in datasets:
-            for start in range(0, len(ds), 64):  # a chunk of rows' images in memory at a time
-                rows = ds.select_columns(["prompt", CONTROLS])[start:start + 64]
-                texts, images = list(rows["prompt"]), control_images(qwen, rows, len(rows["prompt"]))
-                if args.true_cfg_scale > 1 and args.negative_prompt is not None:  # the negative reads the images too
-                    texts, images = texts + [args.negative_prompt] * len(images), images + images
-                count += qwen.edit_encoder.precompute(texts, images)
-    else:
-        count = qwen.prompt_encoder.precompute([p for ds in datasets for p in ds["prompt"]] + [args.negative_prompt],
-                                               progress=True)
-    release_text_encoder(qwen)
-    logger.info("encoded %d distinct prompts once; text encoder released", count)
-
-
-def build_reward(args: GRPOArguments, funcs: list[str] | None = None, weights: list[float] | None = None):
-    """The configured reward: one registry reward, or a weighted ``rewards.CombinedReward`` (logs each part).
-    ``funcs``/``weights`` name another set (the held-out monitor's); ``reward_kwargs`` apply to both."""
-    from rewards import combine
-
-    funcs = list(args.reward_funcs if funcs is None else funcs)
-    weights = args.reward_weights if funcs == list(args.reward_funcs) and weights is None else weights
-    if not funcs:
-        raise UserError("reward_funcs is empty: name at least one reward (see rewards.available_rewards()).")
-    kwargs = args.reward_kwargs or {}
-    unknown = set(kwargs) - set(args.reward_funcs) - set(args.monitor_reward_funcs or [])
-    if unknown:
-        raise UserError(f"reward_kwargs for rewards not in reward_funcs: {sorted(unknown)}")
-    try:
-        return combine(funcs, weights, reward_kwargs={k: v for k, v in kwargs.items() if k in funcs})
-    except KeyError as err:
-        raise UserError(str(err).strip("'\"")) from None
-
-
-def build_monitor(qwen, args: GRPOArguments, prompts, accelerator, policy, reference=None):
-    """The held-out monitor and its guard (None, None without held-out prompts). Without a KL reference a LoRA
-    policy still gets one for the KL monitor: the same weights with the adapters off (no memory)."""
-    from ..reference import ReferenceModel
-    from .monitor import HeldOutMonitor, OverOptimizationGuard
-
-    if prompts is None:
-        return None, None
-    if reference is None and args.finetune == "lora":  # type: ignore[attr-defined]
-        reference = ReferenceModel.from_policy(policy, "lora", args.init_adapter)  # type: ignore[attr-defined]
-    reward = build_reward(args, args.monitor_reward_funcs) if args.monitor_reward_funcs else build_reward(args)
-    return (HeldOutMonitor(qwen, args, prompts, reward, accelerator, reference),
-            OverOptimizationGuard(args.early_stop_patience))
-
-
-def derived_generator(*indices: int) -> torch.Generator:
-    """A CPU generator seeded by a tuple of integers (run seed, purpose, counters): the same tuple, the same draws."""
-    h = 0x9E3779B97F4A7C15
-    for v in indices:
-        h = ((h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return torch.Generator("cpu").manual_seed(h & 0x7FFFFFFFFFFFFFFF)
-
-
-def group_diversity(chunks: list[RolloutBatch]) -> float:
-    """Mean pairwise RMS distance between this process's rollouts of the same prompt (64 px grey thumbnails in
-    [0, 1]); NaN when no prompt has two images here. A collapsing policy drives it to 0."""
-    from .monitor import mean_pairwise_rms, thumbnail
-
-    by_prompt: dict[str, list] = {}
-    for batch in chunks:
-        for p, im in zip(batch.prompts, batch.images):
-            by_prompt.setdefault(p, []).append(thumbnail(im))
-    values = [d for d in (mean_pairwise_rms(t) for t in by_prompt.values()) if not math.isnan(d)]
-    return sum(values) / len(values) if values else math.nan
-
-
-# "purpose" tags of derived_generator: one stream each
-_SEEDS, _WINDOW, _TRAIN_STEPS = 1, 2, 3
 
 
 class GRPOObjective:
@@ -181,12 +89,11 @@ class GRPOObjective:
         start = time.perf_counter()
         was_training = policy.training
         policy.eval()
-        window_gen = derived_generator(args.seed, _WINDOW, index)  # same on every rank: groups share a window
+        window_gen = derived_generator(args.seed, WINDOW, index)  # same on every rank: groups share a window
         window = sde_window_for(args.num_inference_steps, args.sde_window_size, args.sde_window_range, window_gen)
         columns = {k: list(v) for k, v in (columns or {}).items() if k != "prompt"}
         first = self.accelerator.process_index * len(prompts)
-        seeds = [int(torch.randint(0, 2**31 - 1, (1,), generator=derived_generator(args.seed, _SEEDS, index, first + i)))
-                 for i in range(len(prompts))]
+        seeds = sample_seeds(args.seed, index, first, len(prompts))
         size = args.resolution
         chunks: list[RolloutBatch] = []
         local_totals: list[float | None] = []
@@ -269,7 +176,7 @@ class GRPOObjective:
         """A random ``timestep_fraction`` of the batch's SDE steps (flow_grpo shuffles the steps per batch), drawn from
         (run seed, rank, ``micro_step``)."""
         k = num_train_timesteps(len(batch.sde_steps), self.args.timestep_fraction)
-        gen = derived_generator(self.args.seed, _TRAIN_STEPS, self.accelerator.process_index, micro_step)
+        gen = derived_generator(self.args.seed, TRAIN_STEPS, self.accelerator.process_index, micro_step)
         order = torch.randperm(len(batch.sde_steps), generator=gen)[:k]
         return sorted(batch.sde_steps[i] for i in order.tolist())
 
@@ -380,122 +287,13 @@ class GRPOObjective:
         """Averages of the collected metrics since the last call (across ranks and micro-steps)."""
         return self.metrics.pop()
 
-
-class PromptStream:
-    """Endless generation batches of prompts for this process, laid out as TRL's RepeatSampler lays them over
-    processes (same seed everywhere; each rank takes its slice), so groups are whole across the gather. Its state
-    is the number of indices drawn: a restored stream replays the sampler to that point."""
-
-    def __init__(self, dataset, args: GRPOArguments, process_index: int):
-        self.dataset = dataset
-        self.global_size = args.generation_batch_size
-        self.local_size = self.global_size // args.world_size  # type: ignore[attr-defined]
-        self.rank = process_index
-        unique = self.global_size // args.num_generations
-        if len(dataset) < unique:
-            raise ValueError(f"the prompt set has {len(dataset)} prompts; a generation batch needs {unique} distinct ones.")
-        self._sampler_args = dict(mini_repeat_count=args.num_generations, batch_size=unique, repeat_count=1,
-                                  shuffle=True, seed=args.seed)
-        self._restart()
-
-    def _restart(self) -> None:
-        self.sampler = RepeatSampler(self.dataset, **self._sampler_args)
-        self._iter = iter(self.sampler)
-        self.drawn = 0
-
-    def _take(self, n: int) -> list[int]:
-        out = []
-        while len(out) < n:
-            try:
-                out.append(next(self._iter))
-            except StopIteration:  # a new epoch over the prompts (RepeatSampler reshuffles)
-                self._iter = iter(self.sampler)
-        self.drawn += n
-        return out
-
-    def next(self) -> dict[str, list]:
-        idx = self._take(self.global_size)[self.rank * self.local_size:(self.rank + 1) * self.local_size]
-        return collate_prompts([self.dataset[i] for i in idx])
-
-    def state_dict(self) -> dict[str, int]:
-        return {"drawn": self.drawn}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._restart()
-        self._take(int(state["drawn"]))
-
-
-class RolloutSource:
-    """The rollout side of a GRPO run: which buffered micro-batch each micro-step trains on and when to roll out
-    anew (every ``steps_per_generation * num_iterations`` micro-steps, TRL's layout), the prompt stream and the
-    buffer. Both GRPO trainers use it; ``state_dict`` goes into every checkpoint, so a resumed run trains on the
-    same rollouts in the same order as an uninterrupted one."""
-
-    def __init__(self, objective: GRPOObjective, prompts, args: GRPOArguments, process_index: int):
-        self.objective = objective
-        self.args = args
-        self.prompts = PromptStream(prompts, args, process_index)
-        self.micro_step = 0  # micro-steps trained so far
-        self.rollout_index = 0  # generation batches rolled out so far
-        self.buffer: list[RolloutBatch] | None = None
-
-    def batch(self, policy: torch.nn.Module) -> RolloutBatch:
-        """The micro-batch of the current micro-step (rolling out a new buffer when one is due)."""
-        every = self.args.steps_per_generation * self.args.num_iterations
-        if self.micro_step % every == 0 or self.buffer is None:
-            generation = self.prompts.next()
-            self.buffer = self.objective.rollout(policy, list(generation["prompt"]), generation, self.rollout_index)
-            self.rollout_index += 1
-            if len(self.buffer) != self.args.steps_per_generation:
-                raise RuntimeError(f"got {len(self.buffer)} rollout micro-batches for "
-                                   f"steps_per_generation={self.args.steps_per_generation}")
-        return self.buffer[self.micro_step % self.args.steps_per_generation]
-
-    def advance(self) -> None:
-        self.micro_step += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"micro_step": self.micro_step, "rollout_index": self.rollout_index, "prompts": self.prompts.state_dict(),
-                "buffer": None if self.buffer is None else [b.state() for b in self.buffer]}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.micro_step = int(state["micro_step"])
-        self.rollout_index = int(state["rollout_index"])
-        self.prompts.load_state_dict(state["prompts"])
-        self.buffer = None if state["buffer"] is None else [RolloutBatch.from_state(b) for b in state["buffer"]]
-
-
-ROLLOUT_STATE_NAME = "rollout_state_{rank}.pt"
-
-
-class RolloutCheckpointMixin:
-    """Saves and restores ``self.rollouts`` (a RolloutSource) with the Trainer's RNG state in every checkpoint."""
-
-    rollouts: RolloutSource | None
-
-    def _save_rng_state(self, output_dir: str) -> None:
-        super()._save_rng_state(output_dir)  # type: ignore[misc]
-        if getattr(self, "rollouts", None) is not None:
-            rank = self.accelerator.process_index  # type: ignore[attr-defined]
-            torch.save(self.rollouts.state_dict(), os.path.join(output_dir, ROLLOUT_STATE_NAME.format(rank=rank)))
-
-    def _load_rng_state(self, checkpoint: str | None) -> None:
-        super()._load_rng_state(checkpoint)  # type: ignore[misc]
-        if checkpoint is None or getattr(self, "rollouts", None) is None:
-            return
-        path = os.path.join(checkpoint, ROLLOUT_STATE_NAME.format(rank=self.accelerator.process_index))  # type: ignore[attr-defined]
-        if not os.path.isfile(path):
-            logger.warning("%s has no rollout state (a checkpoint of an older version or another process count): "
-                           "the run continues with fresh rollouts and is not an exact continuation", checkpoint)
-            return
-        self.rollouts.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
-
-    def grpo_backward(self, model, policy_weight: float, kl_weight: float, scale: float, no_sync) -> float:
-        """Roll out if due, back-propagate the GRPO term of this micro-step per timestep, advance the counter."""
-        policy = self.accelerator.unwrap_model(model)  # type: ignore[attr-defined]
-        batch = self.rollouts.batch(policy)
-        total = self.rollouts.objective.backward(
-            model, batch, self.accelerator.backward, policy_weight=policy_weight, kl_weight=kl_weight,  # type: ignore[attr-defined]
-            scale=scale, no_sync=no_sync, micro_step=self.rollouts.micro_step)
-        self.rollouts.advance()
+    def micro_step(self, source, model: torch.nn.Module, policy_weight: float, kl_weight: float, scale: float,
+                   no_sync) -> float:
+        """Roll out if due (``source``: the run's ``RolloutSource``), back-propagate this micro-step's GRPO term
+        per timestep, advance the counter; returns the weighted loss value."""
+        policy = self.accelerator.unwrap_model(model)
+        batch = source.batch(policy)
+        total = self.backward(model, batch, self.accelerator.backward, policy_weight=policy_weight,
+                              kl_weight=kl_weight, scale=scale, no_sync=no_sync, micro_step=source.micro_step)
+        source.advance()
         return total

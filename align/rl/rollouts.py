@@ -26,7 +26,7 @@ from qwen_image.latents import check_size, image_seq_len, img_shapes
 from qwen_image.sampling import Conditioning, SDEStep, predict_velocity, sample, sde_noise_generators, sde_std, sde_step
 from qwen_image.scheduler import inference_sigmas
 
-from .data.edit import CONTROLS, open_control
+from ..data.edit import CONTROLS, open_control
 
 
 @dataclass
@@ -87,26 +87,6 @@ class RolloutBatch:
     def std_dev_t(self, j: int) -> torch.Tensor:
         """Flow-GRPO's sigma_t = a sqrt(s / (1 - s)) at step j (the per-element std is sigma_t sqrt(|dt|))."""
         return sde_std(self.sigmas[j], self.noise_level, self.sigma_max)
-
-
-def sde_window_for(
-    num_inference_steps: int,
-    window_size: int | None,
-    window_range: Sequence[int] | None = None,
-    generator: torch.Generator | None = None,
-) -> tuple[int, int] | None:
-    """Flow-GRPO-Fast: a window of ``window_size`` SDE steps starting at a random step in ``window_range``
-    ([lo, hi), default the first half of the trajectory); ODE elsewhere. None / 0 = SDE on every step."""
-    if not window_size:
-        return None
-    if window_size > num_inference_steps:
-        raise ValueError(f"sde_window_size {window_size} exceeds num_inference_steps {num_inference_steps}.")
-    lo, hi = window_range if window_range else (0, max(1, num_inference_steps // 2))
-    hi = min(hi, num_inference_steps - window_size + 1)
-    if not 0 <= lo < hi:
-        raise ValueError(f"sde_window_range {list(window_range or [])} leaves no start for a window of {window_size} steps.")
-    start = int(torch.randint(lo, hi, (1,), generator=generator))
-    return start, start + window_size
 
 
 def control_images(qwen: QwenImage, columns: dict[str, list] | None, n: int) -> list[list[Image.Image]] | None:

@@ -1,4 +1,4 @@
-"""Over-optimisation monitors for the GRPO trainers: what RL users look at after reward hacking and collapse.
+"""Over-optimisation monitors for every online objective: what RL users look at after reward hacking and collapse.
 
 Every ``eval_steps`` (the Trainer's own evaluation schedule) ``HeldOutMonitor`` renders held-out prompts with the
 deterministic ODE sampler at fixed seeds and reports:
@@ -30,7 +30,7 @@ from qwen_image.sampling import sample
 from qwen_image.scheduler import inference_sigmas
 
 from ..data.grpo import reference_area
-from ..rollouts import rollout_conditioning, score_images
+from .rollouts import RolloutBatch, rollout_conditioning, score_images
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,17 @@ def mean_pairwise_rms(arrays: list[np.ndarray]) -> float:
         return math.nan
     d = [float(np.sqrt(np.mean((a - b) ** 2))) for i, a in enumerate(arrays) for b in arrays[i + 1:]]
     return sum(d) / len(d)
+
+
+def group_diversity(chunks: list[RolloutBatch]) -> float:
+    """Mean pairwise RMS distance between this process's rollouts of the same prompt (64 px grey thumbnails in
+    [0, 1]); NaN when no prompt has two images here. A collapsing policy drives it to 0."""
+    by_prompt: dict[str, list] = {}
+    for batch in chunks:
+        for p, im in zip(batch.prompts, batch.images):
+            by_prompt.setdefault(p, []).append(thumbnail(im))
+    values = [d for d in (mean_pairwise_rms(t) for t in by_prompt.values()) if not math.isnan(d)]
+    return sum(values) / len(values) if values else math.nan
 
 
 class HeldOutMonitor:
@@ -127,6 +138,21 @@ class HeldOutMonitor:
         return out
 
 
+def build_monitor(qwen, args: Any, prompts, accelerator, policy, reference=None):
+    """The held-out monitor and its guard (None, None without held-out prompts). Without a KL reference a LoRA
+    policy still gets one for the KL monitor: the same weights with the adapters off (no memory)."""
+    from ..reference import ReferenceModel
+    from .rewards import build_reward
+
+    if prompts is None:
+        return None, None
+    if reference is None and args.finetune == "lora":
+        reference = ReferenceModel.from_policy(policy, "lora", args.init_adapter)
+    reward = build_reward(args, args.monitor_reward_funcs) if args.monitor_reward_funcs else build_reward(args)
+    return (HeldOutMonitor(qwen, args, prompts, reward, accelerator, reference),
+            OverOptimizationGuard(args.early_stop_patience))
+
+
 class OverOptimizationGuard:
     """Counts evaluations in a row where the held-out reward fell while the training reward rose."""
 
@@ -161,7 +187,7 @@ def training_reward_since(log_history: list[dict], key: str, after_step: int) ->
 
 
 class MonitoredEvaluationMixin:
-    """``evaluate`` for the GRPO trainers: the held-out monitor (+ the parent's evaluation when it has one), the
+    """``evaluate`` for the online trainers: the held-out monitor (+ the parent's evaluation when it has one), the
     over-optimisation guard and the early stop. ``self.monitor`` (HeldOutMonitor or None), ``self.guard`` and
     ``self.training_reward_key`` are set by the trainer."""
 

@@ -1,0 +1,144 @@
+"""The objective registry: every training objective declares here what the rest of the toolkit needs to know.
+
+An objective is a name (``qwen-image-align NAME``), its config class, what it reads before any weights load
+(``load_data(config)``), how its trainer is built (``build_trainer(config, qwen, data)``), the launch script that
+``accelerate launch`` runs, and what a training step holds in memory (``memory(config)``, read by the memory
+estimator). The CLI (``align/cli.py``), the run skeleton (``align.launch.train_main``) and the estimator
+(``align/memory.py``) read this registry and nothing else: adding an objective is a config, a trainer and one
+``register_objective`` call.
+
+Objectives outside the package (your own, or a test's) are registered by importing their module first: name
+modules or ``.py`` files in ``QWEN_IMAGE_ALIGN_PLUGINS`` (comma-separated) and every entry point of the CLI and of
+``align/train.py`` imports them before looking a name up.
+
+Fields are given as callables or as ``"module:attribute"`` strings resolved on first use, so that listing the
+objectives (``--help``) imports no trainer.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qwen_image.errors import UnknownNameError, UserError
+
+from .plugins import load_plugins
+
+GENERIC_SCRIPT = Path(__file__).resolve().parent / "train.py"
+
+
+@dataclass(frozen=True)
+class MemoryTerms:
+    """What one training step of an objective holds, for the memory estimate.
+
+    ``graphs``: images per autograd graph alive at once (SFT: the batch; Flow-DPO: chosen + rejected; an online
+    term: one trained timestep of its rollout micro-batch); ``reference``: a frozen reference is kept (a full copy
+    when fine-tuning all weights); ``decodes``: the VAE stays on the device to decode rollouts for the rewards;
+    ``extra_adapters``: further LoRA adapters of the LoRA's size kept beside the trained one (e.g. an old policy);
+    ``label``: the name printed in the estimate line."""
+
+    label: str
+    graphs: tuple[int, ...]
+    reference: bool = False
+    decodes: bool = False
+    extra_adapters: int = 0
+
+
+def _resolve(ref: Any) -> Any:
+    if not isinstance(ref, str):
+        return ref
+    module, _, attribute = ref.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One registered objective (see the module docstring). String fields are ``"module:attribute"`` references."""
+
+    name: str
+    config_class: Any
+    load_data: Any
+    build_trainer: Any
+    memory: Any
+    script: str | None = None  # a launch script file; None: align/train.py NAME
+    description: str = ""
+    aliases: tuple[str, ...] = field(default=())
+
+    def resolved(self, attribute: str) -> Any:
+        return _resolve(getattr(self, attribute))
+
+    @property
+    def script_path(self) -> Path:
+        return Path(self.script) if self.script else GENERIC_SCRIPT
+
+    def script_arguments(self) -> list[str]:
+        """Arguments placed before the user's when ``accelerate launch`` runs the script."""
+        return [] if self.script else [self.name]
+
+
+_REGISTRY: dict[str, Objective] = {}
+
+
+def register_objective(objective: Objective, *, replace: bool = False) -> Objective:
+    """Add an objective (``replace`` to redefine a name). Returns it, so it can be used as a module constant."""
+    if objective.name in _REGISTRY and not replace and _REGISTRY[objective.name] != objective:
+        raise ValueError(f"objective {objective.name!r} is registered already")
+    _REGISTRY[objective.name] = objective
+    return objective
+
+
+def available_objectives() -> list[str]:
+    load_plugins()
+    return sorted(_REGISTRY)
+
+
+def get_objective(name: str) -> Objective:
+    load_plugins()
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    raise UnknownNameError(f"unknown objective {name!r}; choose one of {', '.join(sorted(_REGISTRY))}")
+
+
+def objective_of_config(config: Any) -> Objective:
+    """The registered objective whose config class ``config`` is (an exact class match, then the nearest base)."""
+    load_plugins()
+    for cls in type(config).__mro__:
+        for objective in _REGISTRY.values():
+            if objective.resolved("config_class") is cls:
+                return objective
+    raise UserError(f"{type(config).__name__} is the config of no registered objective")
+
+
+def memory_terms(config: Any) -> MemoryTerms:
+    return objective_of_config(config).resolved("memory")(config)
+
+
+# ------------------------------------------------------------------------------------------- built-in objectives
+def sft_memory(config: Any) -> MemoryTerms:
+    return MemoryTerms("sft", (config.per_device_train_batch_size,))
+
+
+def dpo_memory(config: Any) -> MemoryTerms:
+    pairs = 2 * config.per_device_train_batch_size  # chosen + rejected in one forward
+    if config.w_grpo > 0:
+        return MemoryTerms("dpo+grpo", (pairs, config.rollout_batch_size), reference=True, decodes=True)
+    return MemoryTerms("dpo", (pairs,), reference=True)
+
+
+def grpo_memory(config: Any) -> MemoryTerms:
+    return MemoryTerms("grpo", (config.rollout_batch_size,), reference=config.beta > 0, decodes=True)
+
+
+_ALIGN = Path(__file__).resolve().parent
+SFT = register_objective(Objective(
+    "sft", "align.configs.sft:SFTConfig", "align.sft:load_data", "align.sft:build_trainer", sft_memory,
+    script=str(_ALIGN / "sft.py"), description="supervised fine-tuning (flow matching) on rater-filtered images"))
+DPO = register_objective(Objective(
+    "dpo", "align.configs.combined:DPOGRPOConfig", "align.dpo:load_data", "align.dpo:build_trainer", dpo_memory,
+    script=str(_ALIGN / "dpo.py"),
+    description="Flow-DPO on preference pairs; with w_grpo > 0 the combined objective with an online term"))
+GRPO = register_objective(Objective(
+    "grpo", "align.configs.grpo:GRPOConfig", "align.grpo:load_data", "align.grpo:build_trainer", grpo_memory,
+    script=str(_ALIGN / "grpo.py"), description="Flow-GRPO online RL on SDE rollouts (clip / guard / dppo)"))
