@@ -24,7 +24,7 @@ def test_guard_matches_hand_computation():
     per0 = max(-1 * r0, -1 * min(max(r0, 0.99), 1.01))
     per1 = max(1 * r1, 1 * min(max(r1, 0.99), 1.01))
     expected = (per0 + per1) / 2 / 0.04                  # 1/|dt| reweighting
-    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-6)
     assert m["ratio_bias_mean"] == pytest.approx(b0 / 2, rel=1e-6)
     assert m["ratio_max"] == pytest.approx(r1, rel=1e-6) and m["clip_fraction"] == pytest.approx(0.5)
     loss.backward()

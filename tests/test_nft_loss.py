@@ -106,6 +106,20 @@ def test_gradient_flows_only_into_the_trained_velocity():
         np.testing.assert_allclose(v.grad[i].numpy(), grad, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("advantage,closer", [(5.0, True), (-5.0, False)])
+def test_a_descent_step_moves_towards_good_and_away_from_bad_samples(advantage, closer):
+    # One sample, old == trained at the start: a small gradient step on v changes the x0 that v reconstructs
+    # (x_t - t v) towards the stored x0 for a good sample and away from it for a bad one.
+    v, v_old, _, x_t, x0, t, _ = (a[:1] for a in _batch(4))
+    v = v_old.clone().requires_grad_(True)
+    loss, _ = nft_loss(v, v_old, None, x_t, x0, t, torch.tensor([advantage]), beta=0.1, kl_coef=0.0)
+    (grad,) = torch.autograd.grad(loss, v)
+    stepped = v.detach() - 1e-3 * grad
+    before = ((x_t - t.view(-1, 1, 1) * v_old - x0) ** 2).sum()
+    after = ((x_t - t.view(-1, 1, 1) * stepped - x0) ** 2).sum()
+    assert (after < before) == closer
+
+
 def test_kl_gradient_and_missing_reference():
     v, v_old, v_ref, x_t, x0, t, _ = _batch(2)
     v = v.clone().requires_grad_(True)
