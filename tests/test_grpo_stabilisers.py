@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from align.losses.grpo import dppo_loss, grpo_clip_loss, grpo_guard_loss
+from align.losses.grpo import dppo_loss, grpo_clip_loss, grpo_guard_loss, trust_region_kl
 
 
 def test_guard_matches_hand_computation():
@@ -24,7 +24,7 @@ def test_guard_matches_hand_computation():
     per0 = max(-1 * r0, -1 * min(max(r0, 0.99), 1.01))
     per1 = max(1 * r1, 1 * min(max(r1, 0.99), 1.01))
     expected = (per0 + per1) / 2 / 0.04                  # 1/|dt| reweighting
-    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-6)
     assert m["ratio_bias_mean"] == pytest.approx(b0 / 2, rel=1e-6)
     assert m["ratio_max"] == pytest.approx(r1, rel=1e-6) and m["clip_fraction"] == pytest.approx(0.5)
     loss.backward()
@@ -67,16 +67,56 @@ def test_dppo_matches_hand_computation():
     lp = torch.tensor([0.1, 0.1, -0.1, -0.1], requires_grad=True)
     adv = torch.tensor([1.0, 1.0, 1.0, -1.0])
     loss, m = dppo_loss(lp, torch.zeros(4), adv, 1e-5, mean, old_mean, 0.5, -0.04)
-    kl = (0.01**2 / 2) / (2 * 0.5**2)                    # mean over elements / (2 sigma_t^2) = 1e-4 > 1e-5
+    # the paper's D_t: mean over elements / (2 (sigma_t sqrt|dt|)^2) = (1e-4 / 2) / (2 * 0.25 * 0.04) = 2.5e-3 > 1e-5
+    kl = (0.01**2 / 2) / (2 * (0.5 * math.sqrt(0.04)) ** 2)
     assert m["trust_kl_max"] == pytest.approx(kl, rel=1e-5) and m["trust_kl_mean"] == pytest.approx(0.75 * kl, rel=1e-5)
     # 0: inside the region (kept); 1: A>0, r>1, outside (masked); 2: A>0, r<1 (moving back, kept); 3: A<0, r<1 (masked)
     expected = (-math.exp(0.1) + 0.0 - math.exp(-0.1) + 0.0) / 4
-    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-6)
     assert m["clip_fraction"] == pytest.approx(0.5)
     loss.backward()
     assert lp.grad.tolist() == pytest.approx([-math.exp(0.1) / 4, 0.0, -math.exp(-0.1) / 4, 0.0], rel=1e-5)
-    exact, m_exact = dppo_loss(lp.detach(), torch.zeros(4), adv, 1e-5, mean, old_mean, 0.5, -0.04, kl_form="exact")
-    assert m_exact["trust_kl_max"] == pytest.approx(0.01**2 / (2 * 0.25 * 0.04), rel=1e-5)   # sum / (2 sigma_t^2 |dt|)
+    _, m_old = dppo_loss(lp.detach(), torch.zeros(4), adv, 1e-5, mean, old_mean, 0.5, -0.04,
+                         trust_region_form="flow_grpo")
+    assert m_old["trust_kl_max"] == pytest.approx((0.01**2 / 2) / (2 * 0.25), rel=1e-5)   # no 1/|dt|: |dt| x smaller
+    _, m_exact = dppo_loss(lp.detach(), torch.zeros(4), adv, 1e-5, mean, old_mean, 0.5, -0.04,
+                           trust_region_form="exact")
+    assert m_exact["trust_kl_max"] == pytest.approx(0.01**2 / (2 * 0.25 * 0.04), rel=1e-5)  # sum / (2 sigma_t^2 |dt|)
+
+
+def test_dppo_paper_trust_region_is_stricter_than_the_flow_grpo_form():
+    # One move whose per-element D is between the two forms' values for eps_D = 1e-5: the flow_grpo form keeps the
+    # update, the paper's form (|dt| = 0.04 -> 25x larger) masks it.
+    std_t, dt = 0.7, -0.04
+    delta = 0.002
+    mean = torch.full((1, 8), delta)
+    old_mean = torch.zeros(1, 8)
+    paper = delta**2 / (2 * (std_t * math.sqrt(abs(dt))) ** 2)
+    flow_grpo = delta**2 / (2 * std_t**2)
+    assert flow_grpo < 1e-5 < paper
+    lp = torch.tensor([0.01])
+    adv = torch.tensor([1.0])
+    _, m_paper = dppo_loss(lp, torch.zeros(1), adv, 1e-5, mean, old_mean, std_t, dt)
+    _, m_fg = dppo_loss(lp, torch.zeros(1), adv, 1e-5, mean, old_mean, std_t, dt, trust_region_form="flow_grpo")
+    assert m_paper["trust_kl_max"] == pytest.approx(paper, rel=1e-5) and m_paper["clip_fraction"] == 1.0
+    assert m_fg["trust_kl_max"] == pytest.approx(flow_grpo, rel=1e-5) and m_fg["clip_fraction"] == 0.0
+    # the reference KL's kl_form (what older callers pass) no longer changes the trust region
+    _, m_legacy = dppo_loss(lp, torch.zeros(1), adv, 1e-5, mean, old_mean, std_t, dt, kl_form="flow_grpo")
+    assert m_legacy == m_paper
+    with pytest.raises(ValueError, match="trust_region_form"):
+        dppo_loss(lp, torch.zeros(1), adv, 1e-5, mean, old_mean, std_t, dt, trust_region_form="k3")
+    with pytest.raises(ValueError, match="kl_form"):
+        dppo_loss(lp, torch.zeros(1), adv, 1e-5, mean, old_mean, std_t, dt, kl_form="k3")
+
+
+def test_dppo_masks_at_the_threshold_as_verl_omni_does():
+    mean = torch.full((1, 4), 0.01)
+    old_mean = torch.zeros(1, 4)
+    d = float(trust_region_kl(mean, old_mean, 0.5, -0.04))
+    lp = torch.tensor([0.2])
+    _, at = dppo_loss(lp, torch.zeros(1), torch.tensor([1.0]), d, mean, old_mean, 0.5, -0.04)
+    _, above = dppo_loss(lp, torch.zeros(1), torch.tensor([1.0]), d * 1.01, mean, old_mean, 0.5, -0.04)
+    assert at["clip_fraction"] == 1.0 and above["clip_fraction"] == 0.0
 
 
 def test_on_policy_all_three_give_the_same_loss():

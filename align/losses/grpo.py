@@ -192,6 +192,36 @@ def grpo_guard_loss(
     return per_sample.mean() * weight, metrics
 
 
+TRUST_REGION_FORMS = ("paper", "flow_grpo", "exact")
+
+
+def trust_region_kl(
+    mean: torch.Tensor,
+    old_mean: torch.Tensor,
+    std_dev_t: torch.Tensor | float,
+    dt: float,
+    form: str = "paper",
+) -> torch.Tensor:
+    """Flow-DPPO's per-sample divergence between the old and the current step Gaussians (B,), no gradient.
+
+    ``paper``: ``D = mean_dims((mean - old_mean)^2) / (2 (sigma_t sqrt|dt|)^2)``, the paper's D_t (per element, with
+    the step's real std ``sigma_t sqrt|dt|``); ``flow_grpo``: the same without ``1/|dt|`` (|dt| times smaller, the
+    form this project used before; the paper's eps_D is then 10-50x looser); ``exact``: summed over elements,
+    ``sum_dims(...) / (2 sigma_t^2 |dt|)``.
+    """
+    if form not in TRUST_REGION_FORMS:
+        raise ValueError(f"trust_region_form must be one of {TRUST_REGION_FORMS}, got {form!r}")
+    with torch.no_grad():
+        if form == "exact":
+            return gaussian_kl(mean.detach(), old_mean.detach(), std_dev_t, dt, "exact")
+        per_element = gaussian_kl(mean.detach(), old_mean.detach(), std_dev_t, dt, "flow_grpo")
+        if form == "flow_grpo":
+            return per_element
+        if dt == 0:
+            raise ValueError("the trust region needs an SDE step with dt != 0")
+        return per_element / abs(float(dt))
+
+
 def dppo_loss(
     log_prob: torch.Tensor,
     old_log_prob: torch.Tensor,
@@ -201,33 +231,38 @@ def dppo_loss(
     old_mean: torch.Tensor,
     std_dev_t: torch.Tensor | float,
     dt: float,
-    kl_form: str = "flow_grpo",
+    kl_form: str | None = None,
+    trust_region_form: str = "paper",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Flow-DPPO (Ping et al. 2026, arXiv 2606.11025): a KL trust region per SDE step instead of ratio clipping.
 
     Why: the ratio of one sampled transition is a noisy estimate of how far the policy moved; the step policies
     are Gaussians with a shared std, so the divergence itself is exact and cheap::
 
-        D = KL(N(old_mean, s^2) || N(mean, s^2))       # gaussian_kl(mean, old_mean, sigma_t, dt, kl_form)
+        D = trust_region_kl(mean, old_mean, sigma_t, dt, trust_region_form)
+            # paper: mean_dims((mean - old_mean)^2) / (2 (sigma_t sqrt|dt|)^2)
         r = exp(lp - lp_old)
-        M = 0 where D > eps_D and the update moves further out (A > 0 and r > 1, or A < 0 and r < 1), else 1
+        M = 0 where D >= eps_D and the update moves further out (A > 0 and r > 1, or A < 0 and r < 1), else 1
         L = mean(-A r M)
 
     The mask ``M`` (no gradient) is asymmetric like PPO's clip: a sample past the trust region still gets the
-    gradient that pulls it back. ``kl_form="flow_grpo"`` (default) measures D per element,
-    ``mean_dims((mean - old_mean)^2) / (2 sigma_t^2)``, the scale at which the paper's eps_D ~ 1e-5 reads;
-    ``"exact"`` sums over elements and divides by |dt| (the true step KL, much larger for the same move).
+    gradient that pulls it back (verl-omni's rule, ``>=`` included). ``trust_region_form`` is independent of the
+    reference KL's ``kl_form``: ``"paper"`` (default) reads eps_D ~ 1e-5 at the paper's scale; ``"flow_grpo"`` is the
+    earlier behaviour (no ``1/|dt|``, |dt| times smaller, so the same eps_D is looser); ``"exact"`` sums over elements.
+    ``kl_form`` is accepted so callers written before the split keep running; it no longer changes the trust region.
     Same inputs as :func:`grpo_guard_loss` with ``epsilon_kl`` in place of the clip range; the metric keys of
     :func:`grpo_clip_loss` (``clip_fraction`` = fraction masked) plus ``trust_kl_mean`` / ``trust_kl_max``.
     On-policy (``mean == old_mean``) nothing is masked and the loss is the plain policy gradient ``mean(-A r)``.
     """
+    if kl_form is not None and kl_form not in KL_FORMS:
+        raise ValueError(f"kl_form must be one of {KL_FORMS}, got {kl_form!r}")
     ratio = torch.exp(log_prob - old_log_prob.detach())
     adv = advantages.detach().to(ratio.dtype)
     with torch.no_grad():
-        kl = gaussian_kl(old_mean.detach(), mean.detach(), std_dev_t, dt, kl_form).to(ratio.device)
+        kl = trust_region_kl(mean, old_mean, std_dev_t, dt, trust_region_form).to(ratio.device)
         r = ratio.detach()
         moving_out = ((adv > 0) & (r > 1)) | ((adv < 0) & (r < 1))
-        masked = (kl > epsilon_kl) & moving_out
+        masked = (kl >= epsilon_kl) & moving_out
         keep = (~masked).to(ratio.dtype)
     loss = (-adv * ratio * keep).mean()
     metrics = {
