@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import shutil
+import sys
 from pathlib import Path
 
 from .errors import AnnotationError
@@ -113,6 +114,15 @@ def make_pairs(candidates: list[dict], pairing: str, scores: list[float] | None 
     return pairs
 
 
+def _progress(total: int, what: str):
+    """A progress bar on stderr (generation takes minutes on a real checkpoint); every 5 s at most, so a log
+    file gets a line now and then rather than a stream of carriage returns."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"generate-pairs: {what}", unit="image", mininterval=5.0, file=sys.stderr,
+                dynamic_ncols=True)
+
+
 def _edit_candidates(model, edits: list[dict], out: Path, num_candidates: int, seed: int, height: int | None,
                      width: int | None, steps: int, cfg: float) -> list[dict]:
     from PIL import Image
@@ -121,6 +131,7 @@ def _edit_candidates(model, edits: list[dict], out: Path, num_candidates: int, s
     from qwen_image.images import to_rgb  # the trainers' RGB conversion (alpha, 16-bit, palette)
 
     candidates = []
+    bar = _progress(len(edits) * num_candidates, "edits")
     for ei, e in enumerate(edits):
         references = []
         for src in e["sources"]:
@@ -137,6 +148,8 @@ def _edit_candidates(model, edits: list[dict], out: Path, num_candidates: int, s
             candidates.append({"candidate_id": stable_id(e["prompt"], *e[CONTROL_LIST_COLUMN], rel),
                                "prompt": e["prompt"], CONTROL_LIST_COLUMN: e[CONTROL_LIST_COLUMN], "image": rel,
                                "seed": s, "edit_index": ei})
+            bar.update(1)
+    bar.close()
     return candidates
 
 
@@ -173,6 +186,7 @@ def generate_pairs(prompts_file: Path | None, out: Path, *, edits_file: Path | N
     if edits is not None:
         copy_sources(edits, out)
         candidates = _edit_candidates(model, edits, out, num_candidates, seed, height, width, steps, cfg)
+    bar = _progress(len(prompts) * num_candidates, "candidates") if edits is None else None
     for pi, prompt in enumerate(prompts if edits is None else []):
         seeds = [seed + k for k in range(num_candidates)]
         for start in range(0, num_candidates, batch_size):
@@ -185,6 +199,9 @@ def generate_pairs(prompts_file: Path | None, out: Path, *, edits_file: Path | N
                 img.save(out / rel)
                 candidates.append({"candidate_id": stable_id(prompt, rel), "prompt": prompt, "image": rel,
                                    "seed": s, "prompt_index": pi})
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
     scores = None
     if reward:
         from PIL import Image

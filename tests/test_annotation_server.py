@@ -125,7 +125,7 @@ def test_pull_majority_counts_agreement(env, capsys, tmp_path, pairs_project, pa
     rc, stdout, err = run(capsys, "pull", "--project-id", pairs_project, "--out", out)
     assert rc == 0, err
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["outcomes"] == {"kept": 4, "ties": 1, "no_majority": 0, "both_bad": 1, "too_few_votes": 1}
+    assert summary["outcomes"] == {"kept": 4, "ties": 1, "no_majority": 0, "both_bad": 1, "judged_same": 0, "too_few_votes": 1}
     assert summary["duplicate_annotations"] == 1 and summary["tasks_with_duplicates"] == 1
     assert summary["skipped_annotations"] == 1
     assert summary["tasks_over_limit"] == 1
@@ -333,7 +333,7 @@ def test_edit_pairs_pull_feeds_edit_dpo(env, capsys, tmp_path, edit_pairs_projec
     assert "edit-pairs: 4 tasks" in stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["kind"] == "edit-pairs" and summary["tasks_by_votes"]["3"] == 4
-    assert summary["outcomes"] == {"kept": 3, "ties": 0, "no_majority": 0, "both_bad": 1, "too_few_votes": 0}
+    assert summary["outcomes"] == {"kept": 3, "ties": 0, "no_majority": 0, "both_bad": 1, "judged_same": 0, "too_few_votes": 0}
     meta = {m["pair_id"]: m for m in map(json.loads, (out / "metadata.jsonl").read_text().splitlines())}
     assert sorted(meta) == ["E1", "E2", "E3"]
     winners = {"E1": ("a", "b"), "E2": ("b", "a"), "E3": ("a", "b")}

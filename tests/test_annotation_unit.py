@@ -96,11 +96,11 @@ def test_ties_skips_both_bad_too_few_and_over_limit():
     rows, rep = aggregate_pairs(tasks, max_raters=3, min_votes=2)
     assert {r["pair_id"]: (r["chosen_side"], r["votes"], r["n_votes"]) for r in rows} == {
         "p5": ("a", 3, 4), "p7": ("b", 2, 2)}
-    assert rep["outcomes"] == {"kept": 2, "ties": 2, "no_majority": 0, "both_bad": 1, "too_few_votes": 2}
+    assert rep["outcomes"] == {"kept": 2, "ties": 2, "no_majority": 0, "both_bad": 1, "judged_same": 0, "too_few_votes": 2}
     assert rep["skipped_annotations"] == 2 and rep["tasks_over_limit"] == 2
     assert rep["tasks_by_votes"] == {"0": 1, "1": 1, "2": 2, "3": 1, ">3": 2}
     assert rep["votes_per_rater"] == {1: 6, 2: 5, 3: 3, 4: 2}
-    assert rep["vote_totals"] == {"left": 8, "right": 6, "both_bad": 2}
+    assert rep["vote_totals"] == {"left": 8, "right": 6, "both_bad": 2, "tie": 0}
     # min_votes=1 keeps the single-vote pair
     rows1, _ = aggregate_pairs(tasks, min_votes=1)
     assert "p3" in {r["pair_id"] for r in rows1}
@@ -144,10 +144,16 @@ def test_pairwise_config_is_valid_xml_with_the_names_pull_reads():
     root = ET.fromstring(pairwise_config(per_image_rating=True, both_bad=True))
     tags = {(e.tag, e.get("name")) for e in root.iter()}
     assert {("Pairwise", "pref"), ("Image", "img_a"), ("Image", "img_b"), ("Rating", "rating_a"),
-            ("Rating", "rating_b"), ("Choices", "both_bad")} <= tags
+            ("Rating", "rating_b"), ("Choices", "verdict")} <= tags
     assert next(root.iter("Pairwise")).get("toName") == "img_a,img_b"
+    verdict = {c.get("alias"): c.get("hotkey") for c in root.iter("Choice")}
+    assert verdict == {"left": "1", "right": "2", "tie": "3", "both_bad": "4"}
+    keys_shown = " ".join(h.get("value") for h in root.iter("Header"))
+    assert all(f"{k} {a.replace('_', ' ')}" in keys_shown for a, k in verdict.items())   # the keys are on the page
+    assert {h.get("value") for h in root.iter("Header")} >= {"$prompt", "$size_a", "$size_b"}
     plain = ET.fromstring(pairwise_config(per_image_rating=False, both_bad=False))
-    assert not list(plain.iter("Rating")) and not list(plain.iter("Choices"))
+    assert not list(plain.iter("Rating"))
+    assert [c.get("alias") for c in plain.iter("Choice")] == ["left", "right", "tie"]
     rating = ET.fromstring(rating_config())
     assert next(rating.iter("Rating")).get("maxRating") == "5"
 
@@ -155,7 +161,7 @@ def test_pairwise_config_is_valid_xml_with_the_names_pull_reads():
 def test_configs_parse_with_the_sdk_label_interface():
     from label_studio_sdk.label_interface import LabelInterface
     li = LabelInterface(pairwise_config(per_image_rating=True))
-    assert {"pref", "rating_a", "rating_b", "both_bad"} <= set(li._controls)
+    assert {"pref", "rating_a", "rating_b", "verdict"} <= set(li._controls)
 
 
 # ---- push validation --------------------------------------------------------------------------------------
@@ -173,6 +179,7 @@ def test_build_tasks_rejects_paths_outside_the_storage_root(tmp_path):
     assert len(tasks) == 1                                         # same content -> same stable pair id
     d = tasks[0]["data"]
     assert d["image_a"] == "/data/local-files/?d=run/a.png" and d["file_b"] == "b.png" and len(d["pair_id"]) == 16
+    assert d["size_a"] == "4\u00d74 px"          # the real size, shown under the (scaled) image
     with pytest.raises(AnnotationError, match="escapes the storage root"):
         build_tasks([{"prompt": "p", "image_a": "a.png", "image_b": "../outside.png"}], tmp_path / "doc" / "run",
                     place, PAIRS)
