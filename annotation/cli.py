@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", help="use the token in this file for the admin (first start only)")
     p.add_argument("--wait", type=float, default=300.0, help="seconds to wait for /health")
     p.add_argument("--detach", action="store_true", help="leave the server running in the background and exit")
+    p.add_argument("--database", default="sqlite",
+                   help="sqlite (default; one person or a few), postgresql (a local PostgreSQL cluster in "
+                        "DATA_DIR/postgres, started and stopped with the server; apt-get install postgresql), "
+                        "or postgresql://USER:PASSWORD@HOST:PORT/NAME (the team's). PostgreSQL from about 5 "
+                        "concurrent annotators or when importing while people label")
 
     p = sub.add_parser("generate-pairs", help="generate N candidates per prompt (or per edit request) and form pairs",
                        description="Generate N candidate images per prompt with different seeds (tiny random "
@@ -150,8 +155,10 @@ def cmd_server(args) -> int:
     from .server import LabelStudioServer
     token = Path(args.token_file).read_text().strip() if args.token_file else None
     srv = LabelStudioServer(args.data_dir, args.port, document_root=args.document_root, venv=args.venv,
-                            username=args.username, token=token, host=args.host)
-    print(f"starting Label Studio on {srv.url} (data {srv.data_dir}, log {srv.log_path}) ...", flush=True)
+                            username=args.username, token=token, host=args.host, database=args.database)
+    db = {"sqlite": "SQLite", "postgresql": f"PostgreSQL in {srv.data_dir / 'postgres'}"}.get(args.database,
+                                                                                            "the given PostgreSQL")
+    print(f"starting Label Studio on {srv.url} with {db} (data {srv.data_dir}, log {srv.log_path}) ...", flush=True)
     t0 = time.monotonic()
     srv.start(wait=args.wait)
     print(f"Label Studio is up at {srv.url} after {time.monotonic() - t0:.0f} s", flush=True)
@@ -161,6 +168,9 @@ def cmd_server(args) -> int:
     if args.detach:
         (srv.data_dir / "label-studio.pid").write_text(f"{srv.proc.pid}\n")
         print(f"detached: pid {srv.proc.pid} (stop with: kill $(cat {srv.data_dir / 'label-studio.pid'}))")
+        if srv.postgres is not None:
+            print(f"PostgreSQL stays up too (stop it with: pg_ctl stop -D {srv.postgres.pgdata}"
+                  f"{', as the postgres user' if srv.postgres.owner else ''})")
         return 0
 
     def _stop(signum, frame):

@@ -62,7 +62,7 @@ _STYLE = """
 .qia-verdict label:has(input:checked) { border-color: #16a34a; background: #dcfce7; font-weight: bold; }
 """
 # The chosen image: a thick green frame (Label Studio's default is a thin outline, easy to miss).
-_SELECTED = "outline: 6px solid #16a34a; outline-offset: -6px; box-shadow: 0 0 0 4px #bbf7d0"
+_SELECTED = "box-shadow: 0 0 0 6px #16a34a, 0 0 0 10px #bbf7d0; border-radius: 4px"
 # Images get what is left of the window once Label Studio's bars, the prompt and the choice row are drawn.
 _IMAGE_HEIGHT = "calc(100vh - 300px)"
 

@@ -148,11 +148,13 @@ def _source_feature(datasets, edit: bool) -> dict:
     return {CONTROL_LIST_COLUMN: datasets.List(datasets.Image())} if edit else {}
 
 
-def _dataset(datasets, rows: list[dict], features):
-    """``from_list([])`` cannot match the features (no keys): an empty project still gives a loadable dataset."""
-    if not rows:
-        return datasets.Dataset.from_dict({k: [] for k in features}, features=features)
-    return datasets.Dataset.from_list(rows, features=features)
+def _write_dataset(datasets, rows: list[dict], features, path: Path) -> None:
+    """``from_list([])`` cannot match the features (no keys), and 0 rows need one explicit shard: a project with no
+    decided pair yet still gives a loadable, empty dataset with the right columns."""
+    if rows:
+        datasets.Dataset.from_list(rows, features=features).save_to_disk(str(path))
+    else:
+        datasets.Dataset.from_dict({k: [] for k in features}, features=features).save_to_disk(str(path), num_shards=1)
 
 
 def _save_pairs(tmp: Path, rows: list[dict], tasks_by_id: dict, src: ImageSource,
@@ -187,7 +189,7 @@ def _save_pairs(tmp: Path, rows: list[dict], tasks_by_id: dict, src: ImageSource
         "votes": datasets.Value("int32"), "n_votes": datasets.Value("int32"),
         "agreement": datasets.Value("float32"), "pair_id": datasets.Value("string"),
         **_source_feature(datasets, sources is not None)})
-    _dataset(datasets, hf, features).save_to_disk(str(tmp / "hf"))
+    _write_dataset(datasets, hf, features, tmp / "hf")
 
 
 def _save_ratings(tmp: Path, rows: list[dict], tasks_by_id: dict, src: ImageSource,
@@ -213,7 +215,7 @@ def _save_ratings(tmp: Path, rows: list[dict], tasks_by_id: dict, src: ImageSour
         "prompt": datasets.Value("string"), "image": datasets.Image(),
         "ratings": datasets.Sequence(datasets.Value("float32")), "candidate_id": datasets.Value("string"),
         **_source_feature(datasets, sources is not None)})
-    _dataset(datasets, hf, features).save_to_disk(str(tmp / "hf"))
+    _write_dataset(datasets, hf, features, tmp / "hf")
 
 
 def _aggregate(kind: str, tasks: list[dict], raters: int, min_votes: int) -> tuple[list[dict], dict]:
