@@ -103,9 +103,10 @@ def test_concurrent_raters_on_postgresql_lose_and_double_nothing(pg_server, tmp_
                 "--document-root", srv.document_root) == 0
     pid = json.loads(capsys.readouterr().out)["project_id"]
     raters = [signup(srv.url, srv.token, f"team{k}@example.com") for k in range(RATERS)]
-    tasks = requests.get(f"{srv.url}/api/projects/{pid}/export", params={"exportType": "JSON"},
-                         headers={"Authorization": f"Token {srv.token}"}, timeout=60).json()
-    task_ids = [t["id"] for t in tasks]
+    tasks = requests.get(f"{srv.url}/api/projects/{pid}/export", params={"exportType": "JSON",
+                         "download_all_tasks": "true"}, headers={"Authorization": f"Token {srv.token}"}, timeout=60)
+    task_ids = [t["id"] for t in tasks.json()]
+    assert len(task_ids) == TASKS
 
     def label(k: int) -> list[int]:
         """One rater works through every task in their own order, as people do; returns the ids it got back."""

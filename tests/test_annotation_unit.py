@@ -289,3 +289,40 @@ def test_a_plurality_is_not_a_majority():
     rows, rep = aggregate_pairs([split, clear], max_raters=4, min_votes=2)
     assert [(r["pair_id"], r["votes"], r["n_votes"]) for r in rows] == [("p2", 3, 4)]
     assert rep["outcomes"]["no_majority"] == 1 and rep["outcomes"]["kept"] == 1
+
+
+def _verdict(rater, choice, click=None):
+    a = ann(rater, click)
+    a["result"].append({"type": "choices", "from_name": "verdict", "to_name": "img_a",
+                        "value": {"choices": [choice]}})
+    return a
+
+
+def test_verdict_keys_win_over_clicks_and_old_results_still_read():
+    from annotation.aggregate import aggregate_pairs, pair_vote
+
+    assert pair_vote(_verdict(1, "right", click="left")) == "right"   # the key/button is the deliberate answer
+    assert pair_vote(_verdict(1, "tie")) == "tie"
+    assert pair_vote(ann(1, "left")) == "left" and pair_vote(ann(1, "both_bad")) == "both_bad"   # older projects
+    tasks = [task(1, _verdict(1, "tie"), _verdict(2, "tie"), ann(3, "left")),             # "about the same"
+             task(2, _verdict(1, "both_bad"), ann(2, "both_bad"), _verdict(3, "left")),   # old and new both-bad
+             task(3, _verdict(1, "left"), ann(2, "left"), ann(3, "right"))]
+    rows, rep = aggregate_pairs(tasks, max_raters=3)
+    assert [r["pair_id"] for r in rows] == ["p3"]
+    assert rep["outcomes"] == {"kept": 1, "ties": 0, "no_majority": 0, "both_bad": 1, "judged_same": 1,
+                               "too_few_votes": 0}
+    # rater 3 went against the majority on all three tasks, raters 1 and 2 never
+    assert rep["rater_agreement"] == {3: {"tasks": 3, "agree": 0, "rate": 0.0},
+                                      1: {"tasks": 3, "agree": 3, "rate": 1.0},
+                                      2: {"tasks": 3, "agree": 3, "rate": 1.0}}
+
+
+def test_rating_agreement_is_within_one_star_of_the_others():
+    from annotation.aggregate import aggregate_ratings
+
+    _, rep = aggregate_ratings([task(1, ann(1, rating=5), ann(2, rating=4), ann(3, rating=1)),
+                                task(2, ann(1, rating=2), ann(2, rating=3), ann(3, rating=3))])
+    # task 1: 5 vs median(4, 1) = 2.5 -> off; 4 vs median(5, 1) = 3 -> agrees; 1 vs 4.5 -> off. Task 2: all agree.
+    assert rep["rater_agreement"] == {1: {"tasks": 2, "agree": 1, "rate": 0.5},
+                                      3: {"tasks": 2, "agree": 1, "rate": 0.5},
+                                      2: {"tasks": 2, "agree": 2, "rate": 1.0}}
