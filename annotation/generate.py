@@ -131,25 +131,24 @@ def _edit_candidates(model, edits: list[dict], out: Path, num_candidates: int, s
     from qwen_image.images import to_rgb  # the trainers' RGB conversion (alpha, 16-bit, palette)
 
     candidates = []
-    bar = _progress(len(edits) * num_candidates, "edits")
-    for ei, e in enumerate(edits):
-        references = []
-        for src in e["sources"]:
-            with Image.open(src) as img:
-                references.append(to_rgb(img))
-        for s in range(seed, seed + num_candidates):
-            rel = f"images/e{ei:04d}_s{s}.png"
-            try:
-                edited = model.edit(references, e["prompt"], num_inference_steps=steps, true_cfg_scale=cfg, seed=s,
-                                    height=height, width=width)
-            except QwenImageInputError as err:  # e.g. a source too elongated for the model's areas
-                raise AnnotationError(f"edit request {ei + 1} ({e['prompt'][:40]!r}): {err}") from None
-            edited.save(out / rel)
-            candidates.append({"candidate_id": stable_id(e["prompt"], *e[CONTROL_LIST_COLUMN], rel),
-                               "prompt": e["prompt"], CONTROL_LIST_COLUMN: e[CONTROL_LIST_COLUMN], "image": rel,
-                               "seed": s, "edit_index": ei})
-            bar.update(1)
-    bar.close()
+    with _progress(len(edits) * num_candidates, "edits") as bar:   # closed on an error too
+        for ei, e in enumerate(edits):
+            references = []
+            for src in e["sources"]:
+                with Image.open(src) as img:
+                    references.append(to_rgb(img))
+            for s in range(seed, seed + num_candidates):
+                rel = f"images/e{ei:04d}_s{s}.png"
+                try:
+                    edited = model.edit(references, e["prompt"], num_inference_steps=steps, true_cfg_scale=cfg,
+                                        seed=s, height=height, width=width)
+                except QwenImageInputError as err:  # e.g. a source too elongated for the model's areas
+                    raise AnnotationError(f"edit request {ei + 1} ({e['prompt'][:40]!r}): {err}") from None
+                edited.save(out / rel)
+                candidates.append({"candidate_id": stable_id(e["prompt"], *e[CONTROL_LIST_COLUMN], rel),
+                                   "prompt": e["prompt"], CONTROL_LIST_COLUMN: e[CONTROL_LIST_COLUMN], "image": rel,
+                                   "seed": s, "edit_index": ei})
+                bar.update(1)
     return candidates
 
 
@@ -186,22 +185,21 @@ def generate_pairs(prompts_file: Path | None, out: Path, *, edits_file: Path | N
     if edits is not None:
         copy_sources(edits, out)
         candidates = _edit_candidates(model, edits, out, num_candidates, seed, height, width, steps, cfg)
-    bar = _progress(len(prompts) * num_candidates, "candidates") if edits is None else None
-    for pi, prompt in enumerate(prompts if edits is None else []):
-        seeds = [seed + k for k in range(num_candidates)]
-        for start in range(0, num_candidates, batch_size):
-            chunk = seeds[start:start + batch_size]
-            images = model.generate([prompt], height=height, width=width, num_inference_steps=steps,
-                                    true_cfg_scale=cfg, seed=chunk[0], num_images_per_prompt=len(chunk),
-                                    progress=False)
-            for s, img in zip(chunk, images):
-                rel = f"images/p{pi:04d}_s{s}.png"
-                img.save(out / rel)
-                candidates.append({"candidate_id": stable_id(prompt, rel), "prompt": prompt, "image": rel,
-                                   "seed": s, "prompt_index": pi})
-            bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
+    if edits is None:
+        with _progress(len(prompts) * num_candidates, "candidates") as bar:   # closed on an error too
+            for pi, prompt in enumerate(prompts):
+                seeds = [seed + k for k in range(num_candidates)]
+                for start in range(0, num_candidates, batch_size):
+                    chunk = seeds[start:start + batch_size]
+                    images = model.generate([prompt], height=height, width=width, num_inference_steps=steps,
+                                            true_cfg_scale=cfg, seed=chunk[0], num_images_per_prompt=len(chunk),
+                                            progress=False)
+                    for s, img in zip(chunk, images):
+                        rel = f"images/p{pi:04d}_s{s}.png"
+                        img.save(out / rel)
+                        candidates.append({"candidate_id": stable_id(prompt, rel), "prompt": prompt, "image": rel,
+                                           "seed": s, "prompt_index": pi})
+                    bar.update(len(chunk))
     scores = None
     if reward:
         from PIL import Image
