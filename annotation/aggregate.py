@@ -8,7 +8,9 @@ No server and no I/O here, so every rule is unit-testable:
 - Tasks with more distinct raters than configured are kept (every rater's vote counts) and reported.
 - Pairs: the winner needs a strict majority, more than half of the votes (an exact tie for first place: a tie;
   a plurality without a majority, e.g. L, L, R, both-bad: no majority) and at least ``min_votes`` votes (else:
-  too few votes). A "both bad" majority drops the pair (counted).
+  too few votes). A "both bad" or an "about the same" (tie) majority drops the pair (counted).
+- Per rater: how often their vote matched the task's majority (tasks with a majority only): the rater who
+  disagrees most is the first thing a lead checks.
 """
 from __future__ import annotations
 
@@ -17,9 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .agreement import fleiss_kappa, krippendorff_alpha, nan_to_none, percent_agreement
-from .configs import BOTH_BAD, PAIRWISE_FROM, RATING_A, RATING_B, RATING_FROM
+from .configs import BOTH_BAD, PAIRWISE_FROM, RATING_A, RATING_B, RATING_FROM, TIE, VERDICT
 
-PAIR_CATEGORIES = ("left", "right", BOTH_BAD)
+PAIR_CATEGORIES = ("left", "right", BOTH_BAD, TIE)
 
 
 def rater_id(completed_by: Any) -> Any:
@@ -34,16 +36,23 @@ def _results(ann: dict) -> list[dict]:
 
 
 def pair_vote(ann: dict) -> str | None:
-    """"left" | "right" | "both_bad" | None (no usable choice) for one annotation."""
-    selected = None
+    """"left" | "right" | "both_bad" | "tie" | None (no usable choice) for one annotation.
+
+    The choice row (``verdict``: a key or a button) wins over an image click (``pref``) in the same annotation:
+    it is the deliberate answer, and the only one that can say "tie" or "both bad". Older projects' "both bad"
+    checkbox (``both_bad``) still counts."""
+    selected = verdict = None
     for r in _results(ann):
         value = r.get("value") or {}
+        if r.get("from_name") == VERDICT and value.get("choices"):
+            choice = value["choices"][0]
+            verdict = choice if choice in PAIR_CATEGORIES else verdict
         if r.get("from_name") == BOTH_BAD and value.get("choices"):
-            return BOTH_BAD
+            verdict = verdict or BOTH_BAD
         if r.get("type") == "pairwise" and r.get("from_name", PAIRWISE_FROM) == PAIRWISE_FROM:
             if value.get("selected") in ("left", "right"):
                 selected = value["selected"]
-    return selected
+    return verdict or selected
 
 
 def rating_of(ann: dict, from_name: str = RATING_FROM) -> float | None:
@@ -120,10 +129,20 @@ def _agreement(units: list[list], categories, max_raters: int, metric: str) -> d
     }
 
 
+def _rater_agreement(pairs: list[tuple]) -> dict:
+    """{rater: {"tasks", "agree", "rate"}} from (rater, agreed) pairs, the least agreeing rater first."""
+    tasks, agree = Counter(), Counter()
+    for rater, agreed in pairs:
+        tasks[rater] += 1
+        agree[rater] += bool(agreed)
+    per = {r: {"tasks": tasks[r], "agree": agree[r], "rate": round(agree[r] / tasks[r], 4)} for r in tasks}
+    return dict(sorted(per.items(), key=lambda kv: (kv[1]["rate"], str(kv[0]))))
+
+
 def aggregate_pairs(tasks: list[dict], max_raters: int = 3, min_votes: int = 2) -> tuple[list[dict], dict]:
     """Rows ``pair_id, task_id, prompt, chosen_side, votes, n_votes, agreement, ...`` and a report."""
     tvs = [collect(t, pair_vote) for t in tasks]
-    rows, outcomes = [], Counter()
+    rows, outcomes, agreed = [], Counter(), []
     for tv in tvs:
         counts = Counter(tv.votes.values())
         ranked = counts.most_common()
@@ -138,8 +157,12 @@ def aggregate_pairs(tasks: list[dict], max_raters: int = 3, min_votes: int = 2) 
         if 2 * votes <= n_votes:  # a plurality is not a majority: half the raters did not pick this side
             outcomes["no_majority"] += 1
             continue
+        agreed += [(rater, vote == winner) for rater, vote in tv.votes.items()]
         if winner == BOTH_BAD:
             outcomes["both_bad"] += 1
+            continue
+        if winner == TIE:   # the raters said "about the same": no preference to learn from
+            outcomes["judged_same"] += 1
             continue
         outcomes["kept"] += 1
         loser = "right" if winner == "left" else "left"
@@ -161,20 +184,28 @@ def aggregate_pairs(tasks: list[dict], max_raters: int = 3, min_votes: int = 2) 
         })
     report = _common_report(tvs, max_raters)
     report["kind"] = "pairs"
-    report["outcomes"] = {k: outcomes.get(k, 0) for k in ("kept", "ties", "no_majority", "both_bad", "too_few_votes")}
+    report["outcomes"] = {k: outcomes.get(k, 0) for k in ("kept", "ties", "no_majority", "both_bad", "judged_same",
+                                                       "too_few_votes")}
     report["vote_totals"] = {c: sum(Counter(tv.votes.values())[c] for tv in tvs) for c in PAIR_CATEGORIES}
     report["agreement"] = _agreement([list(tv.votes.values()) for tv in tvs], PAIR_CATEGORIES, max_raters,
                                      "nominal")
+    report["rater_agreement"] = _rater_agreement(agreed)
     return rows, report
 
 
 def aggregate_ratings(tasks: list[dict], max_raters: int = 3, max_rating: int = 5) -> tuple[list[dict], dict]:
     """Rows ``candidate_id, task_id, prompt, ratings, n_ratings, mean_rating`` (tasks with >= 1 rating)."""
     tvs = [collect(t, rating_of) for t in tasks]
-    rows = []
+    rows, agreed = [], []
     for tv in tvs:
         if not tv.votes:
             continue
+        for rater, stars in tv.votes.items():   # "agrees": within one star of the others' median
+            others = sorted(v for r, v in tv.votes.items() if r != rater)
+            if others:
+                mid = len(others) // 2
+                median = others[mid] if len(others) % 2 else (others[mid - 1] + others[mid]) / 2
+                agreed.append((rater, abs(stars - median) <= 1))
         ratings = [tv.votes[r] for r in sorted(tv.votes, key=str)]
         rows.append({
             "candidate_id": str(tv.data.get("candidate_id", tv.task_id)),
@@ -189,4 +220,5 @@ def aggregate_ratings(tasks: list[dict], max_raters: int = 3, max_rating: int = 
     report["outcomes"] = {"rated": len(rows), "unrated": len(tvs) - len(rows)}
     report["agreement"] = _agreement([list(tv.votes.values()) for tv in tvs],
                                      [float(i) for i in range(1, max_rating + 1)], max_raters, "interval")
+    report["rater_agreement"] = _rater_agreement(agreed)
     return rows, report

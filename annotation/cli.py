@@ -50,6 +50,10 @@ def _push_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--storage-root", type=Path,
                    help="folder holding the images (default: the JSONL's folder); no image may lie outside it")
     p.add_argument("--url-prefix", help="URL prefix for --image-mode url")
+    ins = p.add_mutually_exclusive_group()
+    ins.add_argument("--instructions", help="what a new rater reads once before the first task (what 'better' "
+                                            "means for this project; HTML allowed); replaces a reused project's")
+    ins.add_argument("--instructions-file", type=Path, help="the same, read from a file")
     _connection(p)
 
 
@@ -74,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", help="use the token in this file for the admin (first start only)")
     p.add_argument("--wait", type=float, default=300.0, help="seconds to wait for /health")
     p.add_argument("--detach", action="store_true", help="leave the server running in the background and exit")
+    p.add_argument("--database", default="sqlite",
+                   help="sqlite (default; one person or a few), postgresql (a local PostgreSQL cluster in "
+                        "DATA_DIR/postgres, started and stopped with the server; apt-get install postgresql), "
+                        "or postgresql://USER:PASSWORD@HOST:PORT/NAME (the team's). PostgreSQL from about 5 "
+                        "concurrent annotators or when importing while people label")
 
     p = sub.add_parser("generate-pairs", help="generate N candidates per prompt (or per edit request) and form pairs",
                        description="Generate N candidate images per prompt with different seeds (tiny random "
@@ -146,8 +155,10 @@ def cmd_server(args) -> int:
     from .server import LabelStudioServer
     token = Path(args.token_file).read_text().strip() if args.token_file else None
     srv = LabelStudioServer(args.data_dir, args.port, document_root=args.document_root, venv=args.venv,
-                            username=args.username, token=token, host=args.host)
-    print(f"starting Label Studio on {srv.url} (data {srv.data_dir}, log {srv.log_path}) ...", flush=True)
+                            username=args.username, token=token, host=args.host, database=args.database)
+    db = {"sqlite": "SQLite", "postgresql": f"PostgreSQL in {srv.data_dir / 'postgres'}"}.get(args.database,
+                                                                                            "the given PostgreSQL")
+    print(f"starting Label Studio on {srv.url} with {db} (data {srv.data_dir}, log {srv.log_path}) ...", flush=True)
     t0 = time.monotonic()
     srv.start(wait=args.wait)
     print(f"Label Studio is up at {srv.url} after {time.monotonic() - t0:.0f} s", flush=True)
@@ -157,6 +168,9 @@ def cmd_server(args) -> int:
     if args.detach:
         (srv.data_dir / "label-studio.pid").write_text(f"{srv.proc.pid}\n")
         print(f"detached: pid {srv.proc.pid} (stop with: kill $(cat {srv.data_dir / 'label-studio.pid'}))")
+        if srv.postgres is not None:
+            print(f"PostgreSQL stays up too (stop it with: pg_ctl stop -D {srv.postgres.pgdata}"
+                  f"{', as the postgres user' if srv.postgres.owner else ''})")
         return 0
 
     def _stop(signum, frame):
@@ -179,12 +193,20 @@ def _placement(args):
     return ImagePlacement(root, mode=args.image_mode, document_root=args.document_root, url_prefix=args.url_prefix)
 
 
+def _instructions(args) -> str | None:
+    if args.instructions_file is None:
+        return args.instructions
+    if not args.instructions_file.is_file():
+        raise AnnotationError(f"--instructions-file {args.instructions_file} does not exist")
+    return args.instructions_file.read_text(encoding="utf-8").strip() or None
+
+
 def cmd_push(args, kind: str) -> int:
     from .push import push
     placement = _placement(args)
     summary = push(_client(args), kind, args.jsonl, placement, title=args.title, project_id=args.project_id,
                    raters=args.raters, per_image_rating=getattr(args, "per_image_rating", False),
-                   both_bad=not getattr(args, "no_both_bad", False))
+                   both_bad=not getattr(args, "no_both_bad", False), instructions=_instructions(args))
     print(json.dumps(summary))
     return 0
 
@@ -197,6 +219,10 @@ def _format_status(s: dict) -> str:
              "outcomes: " + ", ".join(f"{k}: {v}" for k, v in s["outcomes"].items()),
              f"skipped: {s['skipped_annotations']}, duplicate annotations: {s['duplicate_annotations']}, "
              f"tasks over the rater limit: {s['tasks_over_limit']}"]
+    per = s.get("rater_agreement") or {}
+    if per:   # least agreement first: who disagrees most is the lead's first question
+        lines.append("agreement with the majority, per annotator: " + ", ".join(
+            f"{k}: {v['agree']}/{v['tasks']} ({v['rate']:.0%})" for k, v in per.items()))
     a = s["agreement"]
     lines.append(f"agreement: Fleiss kappa {a['fleiss_kappa']} ({a['fleiss_items']} fully rated tasks), "
                  f"Krippendorff alpha ({a['alpha_metric']}) {a['krippendorff_alpha']} ({a['alpha_items']} tasks), "
@@ -216,7 +242,12 @@ def cmd_pull(args) -> int:
     s = pull(_client(args), args.project_id, args.out, images_root=args.images_root, fetch=args.fetch,
              min_votes=args.min_votes, max_raters=args.max_raters, overwrite=args.overwrite)
     print(_format_status(s))
-    print(f"wrote {s['rows']} rows to {Path(args.out).resolve()}")
+    if s["rows"] == 0:
+        print(f"0 pairs have {args.min_votes} votes yet: wrote an empty dataset to {Path(args.out).resolve()}"
+              if s["kind"].endswith("pairs") else f"0 candidates are rated yet: wrote an empty dataset to "
+              f"{Path(args.out).resolve()}")
+    else:
+        print(f"wrote {s['rows']} rows to {Path(args.out).resolve()}")
     return 0
 
 

@@ -154,12 +154,38 @@ class LabelStudioClient:
         return {"id": p.id, "title": p.title, "label_config": p.label_config,
                 "maximum_annotations": p.maximum_annotations, "description": p.description}
 
-    def create_project(self, title: str, label_config: str, maximum_annotations: int, description: str = "") -> int:
+    def create_project(self, title: str, label_config: str, maximum_annotations: int, description: str = "",
+                       instructions: str | None = None) -> int:
+        """``instructions``: shown to each rater before their first task (Label Studio's expert_instruction)."""
+        extra = {"expert_instruction": instructions, "show_instruction": True} if instructions else {}
         p = self.call("create project", lambda: self.sdk.projects.create(
             title=title, label_config=label_config, description=description,
             maximum_annotations=maximum_annotations, overlap_cohort_percentage=100, show_skip_button=True,
-            request_options=_NO_SDK_RETRY), idempotent=False)
+            **extra, request_options=_NO_SDK_RETRY), idempotent=False)
         return p.id
+
+    def set_instructions(self, project_id: int, instructions: str) -> None:
+        self.call("set instructions", lambda: self.sdk.projects.update(
+            id=project_id, expert_instruction=instructions, show_instruction=True, request_options=_NO_SDK_RETRY))
+
+    def instructions(self, project_id: int) -> str | None:
+        p = self.call(f"get project {project_id}",
+                      lambda: self.sdk.projects.get(id=project_id, request_options=_NO_SDK_RETRY))
+        return p.expert_instruction
+
+    def create_task_view(self, project_id: int, title: str, hidden: list[str]) -> None:
+        """A task-list tab (shared by every user of the project) hiding the columns in ``hidden``
+        (``tasks:data.KEY``, ``tasks:FIELD``), so the prompt and the images are in view."""
+        import requests
+
+        def go():
+            r = requests.post(f"{self.url}/api/dm/views/", headers={"Authorization": f"Token {self._token}"},
+                              json={"project": project_id, "data": {
+                                  "title": title, "type": "list", "target": "tasks",
+                                  "hiddenColumns": {"explore": hidden, "labeling": hidden}}},
+                              timeout=self.timeout)
+            r.raise_for_status()
+        self.call("create the task list view", go, idempotent=False)
 
     def local_storages(self, project_id: int) -> list[dict]:
         items = self.call("list storages", lambda: self.sdk.import_storage.local.list(

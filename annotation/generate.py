@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import shutil
+import sys
 from pathlib import Path
 
 from .errors import AnnotationError
@@ -113,6 +114,15 @@ def make_pairs(candidates: list[dict], pairing: str, scores: list[float] | None 
     return pairs
 
 
+def _progress(total: int, what: str):
+    """A progress bar on stderr (generation takes minutes on a real checkpoint); every 5 s at most, so a log
+    file gets a line now and then rather than a stream of carriage returns."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"generate-pairs: {what}", unit="image", mininterval=5.0, file=sys.stderr,
+                dynamic_ncols=True)
+
+
 def _edit_candidates(model, edits: list[dict], out: Path, num_candidates: int, seed: int, height: int | None,
                      width: int | None, steps: int, cfg: float) -> list[dict]:
     from PIL import Image
@@ -121,22 +131,24 @@ def _edit_candidates(model, edits: list[dict], out: Path, num_candidates: int, s
     from qwen_image.images import to_rgb  # the trainers' RGB conversion (alpha, 16-bit, palette)
 
     candidates = []
-    for ei, e in enumerate(edits):
-        references = []
-        for src in e["sources"]:
-            with Image.open(src) as img:
-                references.append(to_rgb(img))
-        for s in range(seed, seed + num_candidates):
-            rel = f"images/e{ei:04d}_s{s}.png"
-            try:
-                edited = model.edit(references, e["prompt"], num_inference_steps=steps, true_cfg_scale=cfg, seed=s,
-                                    height=height, width=width)
-            except QwenImageInputError as err:  # e.g. a source too elongated for the model's areas
-                raise AnnotationError(f"edit request {ei + 1} ({e['prompt'][:40]!r}): {err}") from None
-            edited.save(out / rel)
-            candidates.append({"candidate_id": stable_id(e["prompt"], *e[CONTROL_LIST_COLUMN], rel),
-                               "prompt": e["prompt"], CONTROL_LIST_COLUMN: e[CONTROL_LIST_COLUMN], "image": rel,
-                               "seed": s, "edit_index": ei})
+    with _progress(len(edits) * num_candidates, "edits") as bar:   # closed on an error too
+        for ei, e in enumerate(edits):
+            references = []
+            for src in e["sources"]:
+                with Image.open(src) as img:
+                    references.append(to_rgb(img))
+            for s in range(seed, seed + num_candidates):
+                rel = f"images/e{ei:04d}_s{s}.png"
+                try:
+                    edited = model.edit(references, e["prompt"], num_inference_steps=steps, true_cfg_scale=cfg,
+                                        seed=s, height=height, width=width)
+                except QwenImageInputError as err:  # e.g. a source too elongated for the model's areas
+                    raise AnnotationError(f"edit request {ei + 1} ({e['prompt'][:40]!r}): {err}") from None
+                edited.save(out / rel)
+                candidates.append({"candidate_id": stable_id(e["prompt"], *e[CONTROL_LIST_COLUMN], rel),
+                                   "prompt": e["prompt"], CONTROL_LIST_COLUMN: e[CONTROL_LIST_COLUMN], "image": rel,
+                                   "seed": s, "edit_index": ei})
+                bar.update(1)
     return candidates
 
 
@@ -173,18 +185,21 @@ def generate_pairs(prompts_file: Path | None, out: Path, *, edits_file: Path | N
     if edits is not None:
         copy_sources(edits, out)
         candidates = _edit_candidates(model, edits, out, num_candidates, seed, height, width, steps, cfg)
-    for pi, prompt in enumerate(prompts if edits is None else []):
-        seeds = [seed + k for k in range(num_candidates)]
-        for start in range(0, num_candidates, batch_size):
-            chunk = seeds[start:start + batch_size]
-            images = model.generate([prompt], height=height, width=width, num_inference_steps=steps,
-                                    true_cfg_scale=cfg, seed=chunk[0], num_images_per_prompt=len(chunk),
-                                    progress=False)
-            for s, img in zip(chunk, images):
-                rel = f"images/p{pi:04d}_s{s}.png"
-                img.save(out / rel)
-                candidates.append({"candidate_id": stable_id(prompt, rel), "prompt": prompt, "image": rel,
-                                   "seed": s, "prompt_index": pi})
+    if edits is None:
+        with _progress(len(prompts) * num_candidates, "candidates") as bar:   # closed on an error too
+            for pi, prompt in enumerate(prompts):
+                seeds = [seed + k for k in range(num_candidates)]
+                for start in range(0, num_candidates, batch_size):
+                    chunk = seeds[start:start + batch_size]
+                    images = model.generate([prompt], height=height, width=width, num_inference_steps=steps,
+                                            true_cfg_scale=cfg, seed=chunk[0], num_images_per_prompt=len(chunk),
+                                            progress=False)
+                    for s, img in zip(chunk, images):
+                        rel = f"images/p{pi:04d}_s{s}.png"
+                        img.save(out / rel)
+                        candidates.append({"candidate_id": stable_id(prompt, rel), "prompt": prompt, "image": rel,
+                                           "seed": s, "prompt_index": pi})
+                    bar.update(len(chunk))
     scores = None
     if reward:
         from PIL import Image

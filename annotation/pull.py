@@ -148,6 +148,15 @@ def _source_feature(datasets, edit: bool) -> dict:
     return {CONTROL_LIST_COLUMN: datasets.List(datasets.Image())} if edit else {}
 
 
+def _write_dataset(datasets, rows: list[dict], features, path: Path) -> None:
+    """``from_list([])`` cannot match the features (no keys), and 0 rows need one explicit shard: a project with no
+    decided pair yet still gives a loadable, empty dataset with the right columns."""
+    if rows:
+        datasets.Dataset.from_list(rows, features=features).save_to_disk(str(path))
+    else:
+        datasets.Dataset.from_dict({k: [] for k in features}, features=features).save_to_disk(str(path), num_shards=1)
+
+
 def _save_pairs(tmp: Path, rows: list[dict], tasks_by_id: dict, src: ImageSource,
                 sources: SourceWriter | None = None) -> None:
     import datasets
@@ -180,7 +189,7 @@ def _save_pairs(tmp: Path, rows: list[dict], tasks_by_id: dict, src: ImageSource
         "votes": datasets.Value("int32"), "n_votes": datasets.Value("int32"),
         "agreement": datasets.Value("float32"), "pair_id": datasets.Value("string"),
         **_source_feature(datasets, sources is not None)})
-    datasets.Dataset.from_list(hf, features=features).save_to_disk(str(tmp / "hf"))
+    _write_dataset(datasets, hf, features, tmp / "hf")
 
 
 def _save_ratings(tmp: Path, rows: list[dict], tasks_by_id: dict, src: ImageSource,
@@ -206,7 +215,7 @@ def _save_ratings(tmp: Path, rows: list[dict], tasks_by_id: dict, src: ImageSour
         "prompt": datasets.Value("string"), "image": datasets.Image(),
         "ratings": datasets.Sequence(datasets.Value("float32")), "candidate_id": datasets.Value("string"),
         **_source_feature(datasets, sources is not None)})
-    datasets.Dataset.from_list(hf, features=features).save_to_disk(str(tmp / "hf"))
+    _write_dataset(datasets, hf, features, tmp / "hf")
 
 
 def _aggregate(kind: str, tasks: list[dict], raters: int, min_votes: int) -> tuple[list[dict], dict]:
@@ -244,7 +253,7 @@ def pull(client: LabelStudioClient, project_id: int, out: Path, *, images_root: 
             src.check(task_id, ref)
 
     summary = {"project_id": project_id, "project_title": project["title"], "rows": len(rows),
-               "image_source": fetch, **report}
+               "image_source": fetch, **name_raters(client, report)}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -274,9 +283,15 @@ def status(client: LabelStudioClient, project_id: int, min_votes: int = 2) -> di
     kind = project_kind(project["label_config"] or "")
     raters = project["maximum_annotations"] or 3
     _, report = _aggregate(kind, client.export(project_id), raters, min_votes)
+    return {"project_id": project_id, "project_title": project["title"], **name_raters(client, report)}
+
+
+def name_raters(client: LabelStudioClient, report: dict) -> dict:
+    """Raters by e-mail (the export names them by user id), the same in ``status`` and in ``pull``'s summary."""
     try:
         names = client.users()
-    except AnnotationError:
+    except AnnotationError:   # an account that may not list users still gets its counts, by id
         names = {}
-    report["votes_per_rater"] = {names.get(k, str(k)): v for k, v in report["votes_per_rater"].items()}
-    return {"project_id": project_id, "project_title": project["title"], **report}
+    for key in ("votes_per_rater", "rater_agreement"):
+        report[key] = {names.get(k, str(k)): v for k, v in report.get(key, {}).items()}
+    return report

@@ -13,12 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
 from .client import LabelStudioClient
-from .configs import SOURCES_KEY, base_kind, label_config, project_kind
+from .configs import SIZE_KEYS, SOURCES_KEY, base_kind, label_config, project_kind
 from .errors import AnnotationError
 
 log = logging.getLogger("annotation")
@@ -71,6 +71,7 @@ class ImagePlacement:
     mode: str = "local-files"            # or "url"
     document_root: Path | None = None    # must equal the server's LOCAL_FILES_DOCUMENT_ROOT (local-files)
     url_prefix: str | None = None        # e.g. https://cdn.example.com/run7/ (url)
+    sizes: dict = field(default_factory=dict, repr=False)   # path under the storage root -> "W×H px"
 
     def __post_init__(self):
         self.storage_root = Path(self.storage_root).expanduser().resolve()
@@ -97,9 +98,21 @@ class ImagePlacement:
         if not full.is_file():
             raise AnnotationError(f"{what}: image {full} does not exist")
         rel = full.relative_to(self.storage_root).as_posix()
+        self.sizes[rel] = image_size(full)
         if self.mode == "local-files":
             return "/data/local-files/?d=" + quote(full.relative_to(self.document_root).as_posix()), rel
         return self.url_prefix.rstrip("/") + "/" + quote(rel), rel
+
+
+def image_size(path: Path) -> str:
+    """``"512×512 px"``: Label Studio scales images to the space it has, so the page shows the real size."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return f"{im.width}\u00d7{im.height} px"
+    except OSError as e:
+        raise AnnotationError(f"image {path} is not readable as an image ({e})") from None
 
 
 def has_sources(rec: dict) -> bool:
@@ -149,6 +162,7 @@ def build_tasks(records: list[dict], base: Path, placement: ImagePlacement, spec
         what = f"{spec['id_key']} {rid}"
         for key, file_key in zip(spec["image_keys"], spec["file_keys"]):
             data[key], data[file_key] = placement.place(base, str(rec[key]), what)
+            data[SIZE_KEYS[key]] = placement.sizes[data[file_key]]
         if edit:
             placed = [placement.place(base, p, f"{what}, source {k}") for k, p in enumerate(sources, 1)]
             data[SOURCES_KEY], data[SOURCE_FILES_KEY] = [u for u, _ in placed], [r for _, r in placed]
@@ -162,8 +176,12 @@ def detect_kind(kind: str, records: list[dict]) -> str:
 
 
 def ensure_project(client: LabelStudioClient, kind: str, title: str | None, project_id: int | None,
-                   raters: int, per_image_rating: bool = False, both_bad: bool = True) -> tuple[int, bool]:
-    """(project id, created?) — reuse ``project_id`` or the oldest project titled ``title``, else create."""
+                   raters: int, per_image_rating: bool = False, both_bad: bool = True,
+                   instructions: str | None = None) -> tuple[int, bool]:
+    """(project id, created?) — reuse ``project_id`` or the oldest project titled ``title``, else create.
+
+    ``instructions``: what a new rater reads once before the first task (what "better" means for this project);
+    given again on a reused project, they replace the old ones."""
     if project_id is None and title:
         project_id = client.find_project(title)
     if project_id is not None:
@@ -174,12 +192,27 @@ def ensure_project(client: LabelStudioClient, kind: str, title: str | None, proj
             have = "other"
         if have != kind:
             raise AnnotationError(f"project {project_id} ({p['title']!r}) is a {have} project, not {kind}")
+        if instructions:
+            client.set_instructions(project_id, instructions)
         return project_id, False
     if not title:
         raise AnnotationError("give --title (to create or reuse a project) or --project-id")
     config = label_config(kind, per_image_rating=per_image_rating, both_bad=both_bad)
     desc = f"qwen-image-align {kind}; {raters} raters per task"
-    return client.create_project(title, config, maximum_annotations=raters, description=desc), True
+    return client.create_project(title, config, maximum_annotations=raters, description=desc,
+                                 instructions=instructions), True
+
+
+# What the task list shows: the prompt, the images, and the progress columns; the rest hides it off-screen.
+_SHOWN = {"prompt", "image_a", "image_b", "image", SOURCES_KEY}
+_HIDDEN_FIELDS = ("inner_id", "cancelled_annotations", "total_predictions", "annotations_results", "annotations_ids",
+                  "predictions_score", "predictions_model_versions", "predictions_results", "file_upload",
+                  "storage_filename", "created_at", "updated_at", "updated_by", "avg_lead_time", "draft_exists")
+
+
+def hidden_columns(kind: str, tasks: list[dict]) -> list[str]:
+    keys = sorted({k for t in tasks for k in t["data"]} - _SHOWN)
+    return [f"tasks:data.{k}" for k in keys] + [f"tasks:{f}" for f in _HIDDEN_FIELDS]
 
 
 def existing_ids(client: LabelStudioClient, project_id: int, id_key: str) -> set[str]:
@@ -188,7 +221,7 @@ def existing_ids(client: LabelStudioClient, project_id: int, id_key: str) -> set
 
 def push(client: LabelStudioClient, kind: str, jsonl: Path, placement: ImagePlacement, *, title: str | None = None,
          project_id: int | None = None, raters: int = 3, per_image_rating: bool = False,
-         both_bad: bool = True) -> dict:
+         both_bad: bool = True, instructions: str | None = None) -> dict:
     """Create or reuse the project, register the storage, import the tasks not there yet. Returns a summary.
 
     ``kind``: ``pairs`` or ``ratings``; rows with source images make it ``edit-pairs`` / ``edit-ratings``."""
@@ -198,9 +231,11 @@ def push(client: LabelStudioClient, kind: str, jsonl: Path, placement: ImagePlac
     spec = SPECS[kind]
     tasks = build_tasks(records, jsonl.parent, placement, spec)   # validates before any write
     client.whoami()
-    pid, created = ensure_project(client, kind, title, project_id, raters, per_image_rating, both_bad)
+    pid, created = ensure_project(client, kind, title, project_id, raters, per_image_rating, both_bad, instructions)
     if placement.mode == "local-files":
         client.ensure_local_storage(pid, placement.storage_root)
+    if created:
+        client.create_task_view(pid, "Tasks", hidden_columns(kind, tasks))
     have = set() if created else existing_ids(client, pid, spec["id_key"])
     new = [t for t in tasks if t["data"][spec["id_key"]] not in have]
     imported = 0

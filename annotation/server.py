@@ -1,9 +1,9 @@
 """Start a local Label Studio server from its own virtualenv (see install_labelstudio.sh).
 
 Nothing is installed here: the server venv is given by ``--venv`` or ``LABEL_STUDIO_VENV``
-(default ``~/.cache/qwen-image-align/labelstudio-venv``). SQLite in the data dir by default; for a team
-server export ``DJANGO_DB=postgresql POSTGRE_NAME=... POSTGRE_USER=... POSTGRE_PASSWORD=... POSTGRE_HOST=...``
-before starting (they are passed through).
+(default ``~/.cache/qwen-image-align/labelstudio-venv``). SQLite in the data dir by default; for a team,
+``database="postgresql"`` runs a local PostgreSQL cluster in ``DATA_DIR/postgres`` (started before and stopped
+after Label Studio), or ``database="postgresql://..."`` uses a given one (annotation/postgres.py).
 """
 from __future__ import annotations
 
@@ -123,7 +123,9 @@ class LabelStudioServer:
     token: str | None = None
     host: str = "127.0.0.1"
     use_template: bool = True
+    database: str = "sqlite"          # "sqlite", "postgresql" (local cluster) or a postgresql:// URL
     proc: subprocess.Popen | None = field(default=None, repr=False)
+    postgres: object | None = field(default=None, repr=False)
 
     def __post_init__(self):
         self.data_dir = Path(self.data_dir).expanduser().resolve()
@@ -131,6 +133,19 @@ class LabelStudioServer:
             self.document_root = Path(self.document_root).expanduser().resolve()
         self.token = _secret_file(self.data_dir / "admin_token", self.token, 20)
         self.password = _secret_file(self.data_dir / "admin_password", self.password, 12)
+        if self.database == "postgresql":
+            from .postgres import LocalPostgres
+            port_file = self.data_dir / "postgres_port"
+            pg_port = int(port_file.read_text()) if port_file.exists() else free_port()
+            port_file.write_text(f"{pg_port}\n")
+            self.postgres = LocalPostgres(self.data_dir / "postgres", pg_port,
+                                          _secret_file(self.data_dir / "postgres_password", None, 16))
+        elif self.database.startswith(("postgresql:", "postgres:")):
+            from .postgres import url_env
+            url_env(self.database)                    # a malformed URL fails before anything starts
+        elif self.database != "sqlite":
+            raise AnnotationError(f"--database {self.database!r}: use sqlite, postgresql (a local cluster) or "
+                                  f"postgresql://USER:PASSWORD@HOST:PORT/NAME")
 
     @property
     def url(self) -> str:
@@ -154,6 +169,15 @@ class LabelStudioServer:
             "FRONTEND_SENTRY_DSN": "",
             "COLLECT_ANALYTICS": "false",
         })
+        if self.postgres is not None:
+            env.update(self.postgres.env())
+        elif self.database != "sqlite":
+            from .postgres import url_env
+            env.update(url_env(self.database))
+            register_secret(env["POSTGRE_PASSWORD"])
+        else:   # the caller's shell must not switch the database behind the flag's back
+            for k in [k for k in env if k.startswith(("DJANGO_DB", "LABEL_STUDIO_DJANGO_DB", "POSTGRE"))]:
+                del env[k]
         if self.document_root is not None:
             env["LOCAL_FILES_SERVING_ENABLED"] = "true"
             env["LOCAL_FILES_DOCUMENT_ROOT"] = str(self.document_root)
@@ -167,11 +191,12 @@ class LabelStudioServer:
             raise AnnotationError(f"port {self.port} is already in use on {self.host}")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         db = self.data_dir / "label_studio.sqlite3"
-        sqlite = os.environ.get("LABEL_STUDIO_DJANGO_DB", os.environ.get("DJANGO_DB", "sqlite")) == "sqlite"
-        if self.use_template and sqlite and not db.exists():
+        if self.use_template and self.database == "sqlite" and not db.exists():
             template = template_db(self.venv)
             if template is not None:
                 shutil.copyfile(template, db)
+        if self.postgres is not None:
+            self.postgres.start()
         log = open(self.log_path, "ab")
         cmd = [str(exe), "start", "--no-browser", "--port", str(self.port), "--internal-host", self.host]
         self.proc = subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
@@ -193,17 +218,17 @@ class LabelStudioServer:
         raise AnnotationError(f"Label Studio at {self.url} not healthy after {timeout:.0f} s (log {self.log_path})")
 
     def stop(self, timeout: float = 20.0) -> None:
-        """Terminate the server process (one Django process; SIGTERM, then SIGKILL)."""
-        if self.proc is None or self.proc.poll() is not None:
-            self.proc = None
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        """Terminate the server process (one Django process; SIGTERM, then SIGKILL), then the local PostgreSQL."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
         self.proc = None
+        if self.postgres is not None:
+            self.postgres.stop()
 
     def kill(self) -> None:
         """Hard kill (SIGKILL), as a crash would."""

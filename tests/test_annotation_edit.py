@@ -39,7 +39,7 @@ def test_edit_configs_show_the_sources_and_the_kind_round_trips():
         LabelInterface(config)  # the SDK parses it
     pair = ET.fromstring(label_config("edit-pairs"))
     assert next(pair.iter("Pairwise")).get("toName") == "img_a,img_b"      # the votes read as for T2I pairs
-    assert "instruction" in next(pair.iter("Text")).get("value")
+    assert "instruction" in " ".join(h.get("value") for h in pair.iter("Header"))
     with pytest.raises(AnnotationError, match="neither a pairwise nor a rating"):
         project_kind("<View/>")
 

@@ -125,7 +125,7 @@ def test_pull_majority_counts_agreement(env, capsys, tmp_path, pairs_project, pa
     rc, stdout, err = run(capsys, "pull", "--project-id", pairs_project, "--out", out)
     assert rc == 0, err
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["outcomes"] == {"kept": 4, "ties": 1, "no_majority": 0, "both_bad": 1, "too_few_votes": 1}
+    assert summary["outcomes"] == {"kept": 4, "ties": 1, "no_majority": 0, "both_bad": 1, "judged_same": 0, "too_few_votes": 1}
     assert summary["duplicate_annotations"] == 1 and summary["tasks_with_duplicates"] == 1
     assert summary["skipped_annotations"] == 1
     assert summary["tasks_over_limit"] == 1
@@ -182,8 +182,44 @@ def test_status(env, capsys, pairs_project, raters):
     # P1..P6 for every rater except the skip on P3 (no vote); the admin voted once (P6)
     assert s["votes_per_rater"] == {"admin@example.com": 1, "rater1@example.com": 6, "rater2@example.com": 6,
                                     "rater3@example.com": 5}
+    # agreement with each task's majority (P1, P2, P4, P5, P6 have one): rater3 was outvoted on all but P2
+    assert s["rater_agreement"] == {
+        "rater3@example.com": {"tasks": 5, "agree": 1, "rate": 0.2},
+        "admin@example.com": {"tasks": 1, "agree": 1, "rate": 1.0},
+        "rater1@example.com": {"tasks": 5, "agree": 5, "rate": 1.0},
+        "rater2@example.com": {"tasks": 5, "agree": 5, "rate": 1.0}}
+    assert list(s["rater_agreement"])[0] == "rater3@example.com"      # who disagrees most comes first
     rc, out, _ = run(capsys, "status", "--project-id", pairs_project)
     assert rc == 0 and "Fleiss kappa" in out and "rater3@example.com: 5" in out
+    assert "per annotator: rater3@example.com: 1/5 (20%)" in out
+
+
+def test_pull_names_raters_like_status(env, capsys, tmp_path, pairs_project):
+    rc, _, err = run(capsys, "pull", "--project-id", pairs_project, "--out", tmp_path / "p")
+    assert rc == 0, err
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert set(summary["votes_per_rater"]) == set(summary["rater_agreement"]) == {
+        "admin@example.com", "rater1@example.com", "rater2@example.com", "rater3@example.com"}
+
+
+def test_pull_before_enough_votes_writes_an_empty_dataset(env, capsys, tmp_path, raters):
+    import datasets
+
+    run_dir = env.document_root / "fresh"
+    _png(run_dir / "a.png", (200, 0, 0))
+    _png(run_dir / "b.png", (0, 0, 200))
+    (run_dir / "pairs.jsonl").write_text(json.dumps({"pair_id": "F1", "prompt": "p", "image_a": "a.png",
+                                                     "image_b": "b.png"}) + "\n")
+    rc, out, err = run(capsys, "push-pairs", run_dir / "pairs.jsonl", "--title", "fresh e2e")
+    assert rc == 0, err
+    pid = json.loads(out)["project_id"]
+    annotate(env.url, raters[0].token, task_ids_by(env.url, env.token, pid, "pair_id")["F1"], pairwise_result("left"))
+    rc, out, err = run(capsys, "pull", "--project-id", pid, "--out", tmp_path / "none")
+    assert rc == 0 and "error" not in err, err
+    assert out.splitlines()[-1] == f"0 pairs have 2 votes yet: wrote an empty dataset to {tmp_path / 'none'}"
+    ds = datasets.load_from_disk(str(tmp_path / "none" / "hf"))
+    assert len(ds) == 0 and set(ds.column_names) >= {"prompt", "chosen", "rejected"}
+    assert (tmp_path / "none" / "metadata.jsonl").read_text() == ""
 
 
 def test_ratings_roundtrip(env, capsys, tmp_path, raters):
@@ -333,7 +369,7 @@ def test_edit_pairs_pull_feeds_edit_dpo(env, capsys, tmp_path, edit_pairs_projec
     assert "edit-pairs: 4 tasks" in stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["kind"] == "edit-pairs" and summary["tasks_by_votes"]["3"] == 4
-    assert summary["outcomes"] == {"kept": 3, "ties": 0, "no_majority": 0, "both_bad": 1, "too_few_votes": 0}
+    assert summary["outcomes"] == {"kept": 3, "ties": 0, "no_majority": 0, "both_bad": 1, "judged_same": 0, "too_few_votes": 0}
     meta = {m["pair_id"]: m for m in map(json.loads, (out / "metadata.jsonl").read_text().splitlines())}
     assert sorted(meta) == ["E1", "E2", "E3"]
     winners = {"E1": ("a", "b"), "E2": ("b", "a"), "E3": ("a", "b")}

@@ -96,11 +96,11 @@ def test_ties_skips_both_bad_too_few_and_over_limit():
     rows, rep = aggregate_pairs(tasks, max_raters=3, min_votes=2)
     assert {r["pair_id"]: (r["chosen_side"], r["votes"], r["n_votes"]) for r in rows} == {
         "p5": ("a", 3, 4), "p7": ("b", 2, 2)}
-    assert rep["outcomes"] == {"kept": 2, "ties": 2, "no_majority": 0, "both_bad": 1, "too_few_votes": 2}
+    assert rep["outcomes"] == {"kept": 2, "ties": 2, "no_majority": 0, "both_bad": 1, "judged_same": 0, "too_few_votes": 2}
     assert rep["skipped_annotations"] == 2 and rep["tasks_over_limit"] == 2
     assert rep["tasks_by_votes"] == {"0": 1, "1": 1, "2": 2, "3": 1, ">3": 2}
     assert rep["votes_per_rater"] == {1: 6, 2: 5, 3: 3, 4: 2}
-    assert rep["vote_totals"] == {"left": 8, "right": 6, "both_bad": 2}
+    assert rep["vote_totals"] == {"left": 8, "right": 6, "both_bad": 2, "tie": 0}
     # min_votes=1 keeps the single-vote pair
     rows1, _ = aggregate_pairs(tasks, min_votes=1)
     assert "p3" in {r["pair_id"] for r in rows1}
@@ -144,10 +144,16 @@ def test_pairwise_config_is_valid_xml_with_the_names_pull_reads():
     root = ET.fromstring(pairwise_config(per_image_rating=True, both_bad=True))
     tags = {(e.tag, e.get("name")) for e in root.iter()}
     assert {("Pairwise", "pref"), ("Image", "img_a"), ("Image", "img_b"), ("Rating", "rating_a"),
-            ("Rating", "rating_b"), ("Choices", "both_bad")} <= tags
+            ("Rating", "rating_b"), ("Choices", "verdict")} <= tags
     assert next(root.iter("Pairwise")).get("toName") == "img_a,img_b"
+    verdict = {c.get("alias"): c.get("hotkey") for c in root.iter("Choice")}
+    assert verdict == {"left": "1", "right": "2", "tie": "3", "both_bad": "4"}
+    keys_shown = " ".join(h.get("value") for h in root.iter("Header"))
+    assert all(f"{k} {a.replace('_', ' ')}" in keys_shown for a, k in verdict.items())   # the keys are on the page
+    assert {h.get("value") for h in root.iter("Header")} >= {"$prompt", "$size_a", "$size_b"}
     plain = ET.fromstring(pairwise_config(per_image_rating=False, both_bad=False))
-    assert not list(plain.iter("Rating")) and not list(plain.iter("Choices"))
+    assert not list(plain.iter("Rating"))
+    assert [c.get("alias") for c in plain.iter("Choice")] == ["left", "right", "tie"]
     rating = ET.fromstring(rating_config())
     assert next(rating.iter("Rating")).get("maxRating") == "5"
 
@@ -155,7 +161,7 @@ def test_pairwise_config_is_valid_xml_with_the_names_pull_reads():
 def test_configs_parse_with_the_sdk_label_interface():
     from label_studio_sdk.label_interface import LabelInterface
     li = LabelInterface(pairwise_config(per_image_rating=True))
-    assert {"pref", "rating_a", "rating_b", "both_bad"} <= set(li._controls)
+    assert {"pref", "rating_a", "rating_b", "verdict"} <= set(li._controls)
 
 
 # ---- push validation --------------------------------------------------------------------------------------
@@ -173,6 +179,7 @@ def test_build_tasks_rejects_paths_outside_the_storage_root(tmp_path):
     assert len(tasks) == 1                                         # same content -> same stable pair id
     d = tasks[0]["data"]
     assert d["image_a"] == "/data/local-files/?d=run/a.png" and d["file_b"] == "b.png" and len(d["pair_id"]) == 16
+    assert d["size_a"] == "4\u00d74 px"          # the real size, shown under the (scaled) image
     with pytest.raises(AnnotationError, match="escapes the storage root"):
         build_tasks([{"prompt": "p", "image_a": "a.png", "image_b": "../outside.png"}], tmp_path / "doc" / "run",
                     place, PAIRS)
@@ -282,3 +289,40 @@ def test_a_plurality_is_not_a_majority():
     rows, rep = aggregate_pairs([split, clear], max_raters=4, min_votes=2)
     assert [(r["pair_id"], r["votes"], r["n_votes"]) for r in rows] == [("p2", 3, 4)]
     assert rep["outcomes"]["no_majority"] == 1 and rep["outcomes"]["kept"] == 1
+
+
+def _verdict(rater, choice, click=None):
+    a = ann(rater, click)
+    a["result"].append({"type": "choices", "from_name": "verdict", "to_name": "img_a",
+                        "value": {"choices": [choice]}})
+    return a
+
+
+def test_verdict_keys_win_over_clicks_and_old_results_still_read():
+    from annotation.aggregate import aggregate_pairs, pair_vote
+
+    assert pair_vote(_verdict(1, "right", click="left")) == "right"   # the key/button is the deliberate answer
+    assert pair_vote(_verdict(1, "tie")) == "tie"
+    assert pair_vote(ann(1, "left")) == "left" and pair_vote(ann(1, "both_bad")) == "both_bad"   # older projects
+    tasks = [task(1, _verdict(1, "tie"), _verdict(2, "tie"), ann(3, "left")),             # "about the same"
+             task(2, _verdict(1, "both_bad"), ann(2, "both_bad"), _verdict(3, "left")),   # old and new both-bad
+             task(3, _verdict(1, "left"), ann(2, "left"), ann(3, "right"))]
+    rows, rep = aggregate_pairs(tasks, max_raters=3)
+    assert [r["pair_id"] for r in rows] == ["p3"]
+    assert rep["outcomes"] == {"kept": 1, "ties": 0, "no_majority": 0, "both_bad": 1, "judged_same": 1,
+                               "too_few_votes": 0}
+    # rater 3 went against the majority on all three tasks, raters 1 and 2 never
+    assert rep["rater_agreement"] == {3: {"tasks": 3, "agree": 0, "rate": 0.0},
+                                      1: {"tasks": 3, "agree": 3, "rate": 1.0},
+                                      2: {"tasks": 3, "agree": 3, "rate": 1.0}}
+
+
+def test_rating_agreement_is_within_one_star_of_the_others():
+    from annotation.aggregate import aggregate_ratings
+
+    _, rep = aggregate_ratings([task(1, ann(1, rating=5), ann(2, rating=4), ann(3, rating=1)),
+                                task(2, ann(1, rating=2), ann(2, rating=3), ann(3, rating=3))])
+    # task 1: 5 vs median(4, 1) = 2.5 -> off; 4 vs median(5, 1) = 3 -> agrees; 1 vs 4.5 -> off. Task 2: all agree.
+    assert rep["rater_agreement"] == {1: {"tasks": 2, "agree": 1, "rate": 0.5},
+                                      3: {"tasks": 2, "agree": 1, "rate": 0.5},
+                                      2: {"tasks": 2, "agree": 2, "rate": 1.0}}
