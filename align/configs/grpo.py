@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from ..losses.grpo import KL_FORMS, POLICY_LOSSES, sde_window_for
+from ..losses.grpo import KL_FORMS, POLICY_LOSSES, TRUST_REGION_FORMS, sde_window_for
 from .base import QwenImageTrainingConfig
 
 SCALE_REWARDS = ("group", "batch", "none", "true", "false")
@@ -27,6 +27,7 @@ class GRPOArguments:
     reward_weights: list[float] | None = field(default=None, metadata={"help": "One weight per reward (default 1 each)."})
     reward_kwargs: dict | str | None = field(default=None, metadata={"help": "Options per reward, e.g. {\"clip\": {\"model_path\": \"/models/clip\"}} (a dict or JSON)."})
     train_prompts: list[str] = field(default_factory=list, metadata={"help": "Inline prompts (instead of dataset_name)."})
+    trust_region_form: str = field(default="paper", metadata={"help": "dppo: how the per-step trust region D_t is measured. paper: mean((mu-mu_old)^2) / (2 sigma_t^2 |dt|), the form the paper's eps_D = 1e-5 refers to; flow_grpo: without |dt| (|dt| times smaller, so 10-50x looser at the same eps); exact: summed over dims. Separate from kl_form (the reference KL)."})
     kl_form: str = field(default="flow_grpo", metadata={"help": "flow_grpo: mean((mu-mu_ref)^2)/(2 sigma_t^2), the form published betas assume; exact: ||mu-mu_ref||^2/(2 sigma_t^2 |dt|)."})
     noise_level: float = field(default=0.7, metadata={"help": "SDE noise level a (sigma_t = a sqrt(s/(1-s))); flow_grpo 0.7 (Qwen-Image 1.2 with a window)."})
     num_inference_steps: int = field(default=10, metadata={"help": "Sampler steps of a rollout (flow_grpo trains with 10, evaluates with 40-50)."})
@@ -81,6 +82,8 @@ class GRPOArguments:
             raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS[:3]}, got {self.scale_rewards!r}")
         if self.policy_loss not in POLICY_LOSSES:
             raise ValueError(f"policy_loss must be one of {POLICY_LOSSES}, got {self.policy_loss!r}")
+        if self.trust_region_form not in TRUST_REGION_FORMS:
+            raise ValueError(f"trust_region_form must be one of {TRUST_REGION_FORMS}, got {self.trust_region_form!r}")
         if self.kl_form not in KL_FORMS:
             raise ValueError(f"kl_form must be one of {KL_FORMS}, got {self.kl_form!r}")
         if self.noise_level <= 0:

@@ -191,7 +191,8 @@ class GRPOObjective:
             if batch.means is None:
                 raise RuntimeError(f"policy_loss={args.policy_loss} needs the rollout's step means (keep_means)")
             stabilised = grpo_guard_loss if args.policy_loss == "guard" else dppo_loss
-            extra = {"reweight": args.guard_reweight} if args.policy_loss == "guard" else {"kl_form": args.kl_form}
+            extra = ({"reweight": args.guard_reweight} if args.policy_loss == "guard"
+                     else {"trust_region_form": args.trust_region_form})
             policy_loss, stats = stabilised(step.log_prob, old, batch.advantages, args.epsilon, step.mean,
                                             batch.means[:, j], batch.std_dev_t(j), batch.step_dt(j), **extra)
         kl = self._kl(batch, j, step.mean).mean() if self.need_kl else None
