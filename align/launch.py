@@ -318,13 +318,16 @@ def train_main(objective: Any, argv: Sequence[str] | None = None) -> Any:
 
         report_estimate(config)
     checkpoint = prepare_run(config)
+    family = family_of(config)
+    if getattr(config, "validation_prompts", None) and family.is_edit(config):  # known before any weights load
+        raise UserError("validation images for edit models need control images, which are not supported yet; "
+                        "set validation_prompts: [] for an edit checkpoint.")
     set_seed(config.seed)  # before the model: the LoRA init draws from the global RNG
     data = objective.resolved("load_data")(config)
     qwen = load_qwen_image(config)
     # The one owner of encoder placement and release: every objective encodes (captions, images, prompts) on the
     # training device, and the text encoder leaves memory once the trainer has cached what it needs, unless the
     # trainer encodes new prompts while it trains (an online term with release_text_encoder off).
-    family = family_of(config)
     family.place_encoders(qwen, config.device)
     trainer = objective.resolved("build_trainer")(config, qwen, data)
     if not getattr(trainer, "keeps_text_encoder", False) and qwen.text_encoder is not None:

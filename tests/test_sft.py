@@ -4,6 +4,7 @@ the training batch), full fine-tuning in one process, exact resume, phases/bucke
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +78,7 @@ def test_lora_two_process_ddp_adapter_loads_in_diffusers_and_lowers_the_loss(dat
     out = tmp_path / "lora"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path),
            "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
-    cmd = [str(ROOT / ".venv/bin/accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "align/sft.py"),
            "--config", str(ROOT / "recipes/tiny/sft_lora.yaml"), *common_args(data_dir, cache_dir, out),
            "--report_to", "wandb", "--per_device_train_batch_size", "1", "--max_steps", "12", "--learning_rate", "1e-2",

@@ -29,6 +29,7 @@ from PIL import Image
 
 from qwen_image import QwenImage, References, pack
 from qwen_image.edit import MAX_REFERENCES
+from qwen_image.errors import UserError
 from qwen_image.images import to_rgb
 
 from .encoding import center_crop_resize, collate_encoded, encoding_fingerprint
@@ -88,10 +89,10 @@ def with_control_list(
     numbered = [c for c in control_columns if c in dataset.column_names and c != list_column]
     has_list = list_column in dataset.column_names
     if not numbered and not has_list:
-        raise ValueError(f"the dataset has no control image column: expected {list(control_columns)} or a list "
+        raise UserError(f"the dataset has no control image column: expected {list(control_columns)} or a list "
                          f"column {list_column!r} (columns: {dataset.column_names})")
     if numbered and has_list:
-        raise ValueError(f"the dataset has both {numbered} and {list_column!r}: keep one way of listing control images")
+        raise UserError(f"the dataset has both {numbered} and {list_column!r}: keep one way of listing control images")
     columns = [list_column] if has_list else numbered
     view = dataset.select_columns(columns)
     view = view.cast(view.features.__class__({c: _undecoded(view.features[c]) for c in columns}))

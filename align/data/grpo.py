@@ -75,8 +75,14 @@ def load_grpo_prompts(args: GRPOArguments):
     combined = hasattr(args, "grpo_dataset_name")
     name = args.grpo_dataset_name if combined else args.dataset_name  # type: ignore[attr-defined]
     split = "train" if combined else args.dataset_split  # type: ignore[attr-defined]
-    return load_prompt_dataset(name, args.train_prompts, split, args.prompt_column,  # type: ignore[attr-defined]
-                               edit=edit_prompt_columns(args))
+    prompts = load_prompt_dataset(name, args.train_prompts, split, args.prompt_column,  # type: ignore[attr-defined]
+                                  edit=edit_prompt_columns(args))
+    unique = args.generation_batch_size // args.num_generations
+    if len(prompts) < unique:  # checked here, before any weights load
+        raise UserError(f"the prompt set has {len(prompts)} prompts; a generation batch needs {unique} distinct ones "
+                        f"(generation batch {args.generation_batch_size} / num_generations {args.num_generations}): "
+                        f"add prompts or lower the batch")
+    return prompts
 
 
 def load_monitor_prompts(args: GRPOArguments):

@@ -141,7 +141,7 @@ def check_edit_config(config: SFTConfig) -> None:
     }
     bad = [k for k, v in unsupported.items() if v]
     if bad:
-        raise ValueError(f"edit SFT does not support {', '.join(bad)} yet; unset {'it' if len(bad) == 1 else 'them'} "
+        raise UserError(f"edit SFT does not support {', '.join(bad)} yet; unset {'it' if len(bad) == 1 else 'them'} "
                          "for an edit checkpoint.")
 
 
@@ -156,7 +156,7 @@ def prepare_edit_sft_data(config: SFTConfig, qwen: QwenImage) -> SFTData:
                                  extra_check=lambda row: control_problem(row, config.num_control_images))
     summary = rated.merge(checked)
     if len(raw) == 0:
-        raise ValueError(f"no training rows left after filtering.\n{summary}")
+        raise UserError(f"no training rows left after filtering.\n{summary}")
     size_fn = BucketSizeFn(config.resolution, config.bucket_aspect_ratios) if config.aspect_ratio_buckets else None
     encoded = encode_edit_dataset(raw, qwen, model_identity(config), config.encoding_cache_dir,
                                   image_columns=[config.image_column], prompt_column=config.prompt_column,

@@ -8,6 +8,8 @@ from typing import Any
 
 from trl.trainer.utils import RepeatSampler
 
+from qwen_image.errors import UserError
+
 from ..data.grpo import check_edit_prompt_sizes
 from ..data.prompts import collate_prompts
 from ..modeling import release_text_encoder
@@ -55,7 +57,7 @@ class PromptStream:
         self.rank = process_index
         unique = self.global_size // args.num_generations
         if len(dataset) < unique:
-            raise ValueError(f"the prompt set has {len(dataset)} prompts; a generation batch needs {unique} distinct ones.")
+            raise UserError(f"the prompt set has {len(dataset)} prompts; a generation batch needs {unique} distinct ones.")
         self._sampler_args = dict(mini_repeat_count=args.num_generations, batch_size=unique, repeat_count=1,
                                   shuffle=True, seed=args.seed)
         self._restart()

@@ -19,6 +19,7 @@ from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import TrainOutput, rotate_checkpoints
 
 from qwen_image import QwenImage
+from qwen_image.errors import UserError
 from qwen_image.latents import img_shapes
 from qwen_image.sampling import Conditioning, References, predict_velocity, sample
 from qwen_image.scheduler import inference_sigmas
@@ -96,7 +97,7 @@ class QwenImageTrainer(Trainer):
         self._trainable: list[torch.nn.Parameter] | None = None
         self._validation = None
         if args.validation_prompts and qwen.edit_model:
-            raise ValueError("validation images for edit models need control images, which are not supported yet; "
+            raise UserError("validation images for edit models need control images, which are not supported yet; "
                              "set validation_prompts: [] for an edit checkpoint.")
         if args.validation_prompts and qwen.text_encoder is not None:
             # Encoded now so the text encoder can be released before training.

@@ -19,6 +19,8 @@ from functools import partial
 import torch
 from accelerate.utils import DistributedType
 
+from qwen_image.errors import UserError
+
 from ..configs.combined import DPOGRPOConfig
 from ..data.grpo import load_monitor_prompts
 from ..rl.monitor import MonitoredEvaluationMixin, build_monitor
@@ -51,7 +53,7 @@ class DPOGRPOTrainer(MonitoredEvaluationMixin, FlowDPOTrainer):
         self.rollouts: RolloutSource | None = None
         if args.w_grpo > 0:
             if grpo_prompts is None:
-                raise ValueError("w_grpo > 0 needs GRPO prompts: set grpo_dataset_name or train_prompts.")
+                raise UserError("w_grpo > 0 needs GRPO prompts: set grpo_dataset_name or train_prompts.")
             if qwen.text_encoder is None or qwen.vae is None:
                 raise ValueError("the GRPO term needs the text encoder (prompts) and the VAE (images for the rewards).")
             self.grpo = GRPOObjective(qwen, args, reward_fn or build_reward(args), self.accelerator, self.reference,

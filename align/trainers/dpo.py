@@ -113,7 +113,7 @@ class FlowDPOTrainer(QwenImageTrainer):
         terms.update(extra_terms)
         metrics.update(extra_metrics)
         if not terms:
-            raise ValueError("every loss weight is 0 (w_dpo, beta_kl, w_sft, w_grpo): nothing to train.")
+            raise UserError("every loss weight is 0 (w_dpo, beta_kl, w_sft, w_grpo): nothing to train.")
         loss = self.weighted_loss(terms, metrics, mode)
         return (loss, {}) if return_outputs else loss
 

@@ -21,6 +21,7 @@ from accelerate.utils import DistributedType
 from torch.utils.data import Dataset
 
 from qwen_image import QwenImage
+from qwen_image.errors import UserError
 
 from ..configs.grpo import GRPOConfig
 from ..data.grpo import load_monitor_prompts
@@ -65,7 +66,7 @@ class GRPOTrainer(MonitoredEvaluationMixin, QwenImageTrainer):
         if qwen.text_encoder is None or qwen.vae is None:
             raise ValueError("GRPO needs the text encoder (new prompts) and the VAE (images for the rewards).")
         if train_dataset is None:
-            raise ValueError("GRPO needs a prompt set: set dataset_name or train_prompts.")
+            raise UserError("GRPO needs a prompt set: set dataset_name or train_prompts.")
         self.prompt_dataset = train_dataset
         if monitor_prompts is None and args.has_monitor:
             monitor_prompts = load_monitor_prompts(args)
