@@ -12,6 +12,7 @@ import os
 
 from transformers import AutoTokenizer, Qwen2Tokenizer, Qwen2VLProcessor, Qwen3VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.utils import is_torchvision_available
 
 
 def bundled_tokenizer_dir() -> str:
@@ -92,29 +93,30 @@ def make_qwen3vl_processor(tokenizer, image_processor=None, chat_template: str |
     chat_template = chat_template or getattr(tokenizer, "chat_template", None)
     if not chat_template or "image_pad" not in chat_template:
         chat_template = QWEN_VL_CHAT_TEMPLATE
-    try:
+    if is_torchvision_available():
         from transformers import Qwen3VLVideoProcessor
 
         return Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                 video_processor=Qwen3VLVideoProcessor(), chat_template=chat_template)
-    except (ImportError, AttributeError):  # no torchvision: the video processor (and the class check) fail
-        return OfflineQwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                                       chat_template=chat_template)
+    return OfflineQwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                                   chat_template=chat_template)
 
 
 def load_qwen3vl_processor(processor_dir: str) -> Qwen3VLProcessor:
     """A checkpoint's ``processor/`` folder: the real class's ``from_pretrained`` when possible, else the offline
     processor over the folder's tokenizer, image processor and chat template."""
-    try:
-        return Qwen3VLProcessor.from_pretrained(processor_dir)
-    except (ImportError, AttributeError, OSError, ValueError):  # no torchvision, or no video processor saved
-        tokenizer = AutoTokenizer.from_pretrained(processor_dir)
-        template = None
-        for name in ("chat_template.jinja", "chat_template.json"):
-            file = os.path.join(processor_dir, name)
-            if os.path.isfile(file):
-                with open(file, encoding="utf-8") as f:
-                    text = f.read()
-                template = json.loads(text)["chat_template"] if name.endswith(".json") else text
-                break
-        return make_qwen3vl_processor(tokenizer, Qwen2VLImageProcessorPil.from_pretrained(processor_dir), template)
+    if is_torchvision_available():
+        try:
+            return Qwen3VLProcessor.from_pretrained(processor_dir)
+        except OSError:  # a folder without the video processor's files (e.g. one this module wrote)
+            pass
+    tokenizer = AutoTokenizer.from_pretrained(processor_dir)
+    template = None
+    for name in ("chat_template.jinja", "chat_template.json"):
+        file = os.path.join(processor_dir, name)
+        if os.path.isfile(file):
+            with open(file, encoding="utf-8") as f:
+                text = f.read()
+            template = json.loads(text)["chat_template"] if name.endswith(".json") else text
+            break
+    return make_qwen3vl_processor(tokenizer, Qwen2VLImageProcessorPil.from_pretrained(processor_dir), template)
