@@ -852,9 +852,9 @@ class QwenImage21:
 
         ``images``: condition images (an edit); the output size then defaults to the last one's aspect ratio.
         ``use_kv_cache`` (as the pipeline's): the text/condition keys and values are computed at the first step and
-        reused. Equal in fp32; in bf16 the cached steps round differently from a full forward, so a GRPO rollout
-        whose log-probs training recomputes with full forwards should pass ``use_kv_cache=False`` to keep the
-        first ratio exactly 1.
+        reused. Equal in fp32; in bf16 the cached steps may round differently from a full forward (GPU attention
+        kernels tile the two sequence layouts differently), so a GRPO rollout whose log-probs training recomputes
+        with full forwards should pass ``use_kv_cache=False`` to keep the first ratio exactly 1 (tested).
         """
         prompts = validate_prompts(prompts)
         if images is not None and (height is None or width is None):

@@ -191,6 +191,22 @@ def test_sde_noise_level_zero_is_the_ode_and_log_probs_recompute(model):
     torch.testing.assert_close(step.log_prob, out.log_probs[:, j], rtol=0, atol=1e-5)
 
 
+def test_bf16_rollout_log_probs_recompute_exactly_without_the_cache():
+    """GRPO's first ratio is exactly 1 in bf16: a full-forward recompute of each SDE step gives the stored bits."""
+    model = QwenImage21.tiny(seed=1, dtype="bfloat16")
+    prompts = [PROMPT, "fox"]
+    out = model.sample(prompts, 64, 64, num_inference_steps=3, seed=[1, 2], noise_level=0.7, record=True,
+                       use_kv_cache=False)
+    cond = model.conditioning(prompts)
+    assert cond.embeds.dtype == torch.bfloat16 and out.latents.dtype == torch.bfloat16
+    for j in out.sde_steps:
+        x = out.trajectory[j]
+        v = predict_velocity_21(model.transformer, x, out.sigmas[j], cond, model.img_shapes(2, 64, 64))
+        step = sde_step(x, v, float(out.sigmas[j]), float(out.sigmas[j + 1]), 0.7, float(out.sigmas[1]),
+                        prev_sample=out.trajectory[j + 1])
+        assert torch.equal(step.log_prob, out.log_probs[:, j])
+
+
 # --------------------------------------------------------------------------- save / load
 def test_tiny_checkpoint_round_trips(model, checkpoint):
     tmp_path = checkpoint
