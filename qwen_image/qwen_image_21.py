@@ -408,13 +408,17 @@ class PromptEncoder21:
             slots[i, : s.shape[0]] = s.to(mask.device)
         return embeds, mask, slots
 
-    def precompute(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]] | None = None) -> int:
-        """Encode every row once and keep it on CPU, so the text encoder can be released. Returns distinct rows."""
+    def precompute(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]] | None = None,
+                   batch_size: int = 1, progress: bool = False) -> int:
+        """Encode every row once and keep it on CPU, so the text encoder can be released. Returns distinct rows.
+        (``batch_size`` is accepted for :class:`qwen_image.text.PromptEncoder`'s signature: rows encode one by one.)"""
+        from tqdm.auto import tqdm
+
         prompts = validate_prompts(list(prompts))
         rows = [list(r) for r in images] if images is not None else [[] for _ in prompts]
         todo = {self._key(p, r): (p, r) for p, r in zip(prompts, rows)}
         self.cache_size = max(self.cache_size, len(self._cache) + len(todo) + 256)
-        for key, (p, r) in todo.items():
+        for key, (p, r) in tqdm(todo.items(), disable=not progress, desc="Encoding prompts", leave=False):
             if key not in self._cache:
                 self._cache[key] = tuple(t.detach().cpu() for t in self._encode_one(p, r))
         return len(todo)
@@ -599,7 +603,8 @@ class QwenImage21:
         # come with condition images (what the trainers' data paths ask), not what the checkpoint can do.
         self.edit_model = edit_model
         self.prompt_encoder = PromptEncoder21(processor, text_encoder)
-        self.edit_reference_area = default_size**2
+        # The text encoder and the VAE read a condition image at the same size (unlike Edit-2509/2511).
+        self.edit_reference_area = self.edit_condition_area = default_size**2
         self.image_processor = image_processor()
 
     # ------------------------------------------------------------------ construction

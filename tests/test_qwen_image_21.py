@@ -191,6 +191,20 @@ def test_sde_noise_level_zero_is_the_ode_and_log_probs_recompute(model):
     torch.testing.assert_close(step.log_prob, out.log_probs[:, j], rtol=0, atol=1e-5)
 
 
+def test_precomputed_prompts_survive_releasing_the_text_encoder(model):
+    bundle = _with_transformer(model, model.transformer)
+    assert bundle.prompt_encoder.precompute([PROMPT, "fox", PROMPT], images=None) == 2
+    bundle.prompt_encoder.precompute([EDIT], [[model.condition_images(REFS[:1], 1)[0][0][0]]])
+    expected = model.conditioning([PROMPT, "fox"]).embeds
+    edit_expected = model.conditioning(EDIT, REFS[:1])
+    bundle.text_encoder = bundle.prompt_encoder.text_encoder = None
+    assert torch.equal(bundle.conditioning([PROMPT, "fox"]).embeds, expected)
+    edit = bundle.conditioning(EDIT, REFS[:1])
+    assert torch.equal(edit.embeds, edit_expected.embeds) and torch.equal(edit.img_mask, edit_expected.img_mask)
+    with pytest.raises(QwenImageInputError, match="released"):
+        bundle.conditioning(["a prompt nobody encoded"])
+
+
 def test_bf16_rollout_log_probs_recompute_exactly_without_the_cache():
     """GRPO's first ratio is exactly 1 in bf16: a full-forward recompute of each SDE step gives the stored bits."""
     model = QwenImage21.tiny(seed=1, dtype="bfloat16")
