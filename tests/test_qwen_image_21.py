@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import QwenImage21Pipeline
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from qwen_image import QwenImage, QwenImageInputError
 from qwen_image.qwen_image_21 import (
@@ -285,6 +286,19 @@ def test_lora_export_loads_in_the_pipeline_and_our_sampler_equals_it(model, pipe
     assert (sampled - with_lora).abs().max() <= 1e-5
     trained_out = trained.sample(PROMPT, 64, 96, num_inference_steps=3, latents=latents.clone()).latents
     assert (trained_out - with_lora).abs().max() <= 1e-5
+
+    # The same adapter in kohya/musubi keys (underscored names, lora_down/up, alpha per module) loads the same.
+    kohya = {}
+    for key, value in load_file(file).items():
+        module, kind = key.removeprefix("transformer.").rsplit(".lora_", 1)
+        name = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = value
+        kohya[f"{name}.alpha"] = torch.tensor(8.0)
+    save_file(kohya, tmp_path / "kohya.safetensors")
+    musubi = _with_transformer(model, copy.deepcopy(model.transformer))
+    musubi.load_lora(tmp_path / "kohya.safetensors")
+    assert (musubi.sample(PROMPT, 64, 96, num_inference_steps=3, latents=latents.clone()).latents
+            - with_lora).abs().max() <= 1e-5
 
 
 # --------------------------------------------------------------------------- architecture numbers
