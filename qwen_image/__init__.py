@@ -14,6 +14,7 @@ _EXPORTS = {
     "QwenImageInputError": "errors", "UserError": "errors",
     "check_size": "latents", "pack": "latents", "unpack": "latents",
     "QwenImage": "model", "resolve_dtype": "model",
+    "QwenImage21": "qwen_image_21",
     "Conditioning": "sampling", "References": "sampling", "SampleOutput": "sampling",
     "predict_velocity": "sampling", "sample": "sampling", "sde_step": "sampling",
     "QWEN_IMAGE_SCHEDULER_CONFIG": "scheduler", "inference_sigmas": "scheduler", "make_scheduler": "scheduler",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["to_rgb"]
+__all__ = ["to_rgb", "to_rgba"]
 
 BACKGROUND = (255, 255, 255)  # what transparent pixels become (the usual "paper" behind a logo or sticker)
 
@@ -42,3 +42,12 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = BACKGROUND) ->
         canvas = Image.new("RGBA", image.size, (*background, 255))
         return Image.alpha_composite(canvas, image).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def to_rgba(image: Image.Image) -> Image.Image:
+    """An 8-bit RGBA copy of ``image`` for an RGBA VAE (Qwen-Image-2.1): images with transparency keep their alpha
+    (EXIF orientation applied), every other image is :func:`to_rgb`'s conversion with an opaque alpha."""
+    image = ImageOps.exif_transpose(image) or image
+    if image.mode in ("RGBA", "LA", "La", "PA", "RGBa") or (image.mode == "P" and "transparency" in image.info):
+        return image.convert("RGBA")
+    return to_rgb(image).convert("RGBA")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -59,38 +59,47 @@ class References:
 @dataclass
 class Conditioning:
     """What conditions the transformer: text embeddings (``mask`` None when no token is padding, as the pipeline
-    does) and, for the edit models, the reference images (None for text-to-image)."""
+    does) and, for the edit models, the reference images (None for text-to-image).
+
+    ``img_mask`` (Qwen-Image-2.1 only, None otherwise): (B, L) bool, True at the text encoder's image slots among
+    the embeddings' positions (each slot stands for a 2x2 group of a reference's latent tokens); every row must
+    share one layout, as the 2.1 transformer reads it from the first row."""
 
     embeds: torch.Tensor
     mask: torch.Tensor | None
     references: References | None = None
+    img_mask: torch.Tensor | None = None
 
     @classmethod
     def from_padded(
-        cls, embeds: torch.Tensor, mask: torch.Tensor | None, references: References | None = None
+        cls, embeds: torch.Tensor, mask: torch.Tensor | None, references: References | None = None,
+        img_mask: torch.Tensor | None = None,
     ) -> "Conditioning":
         if mask is not None and bool(mask.all()):
             mask = None
-        return cls(embeds, mask, references)
+        return cls(embeds, mask, references, img_mask)
 
     def repeat_interleave(self, n: int) -> "Conditioning":
         if n == 1:
             return self
         mask = None if self.mask is None else self.mask.repeat_interleave(n, 0)
         refs = None if self.references is None else self.references.repeat_interleave(n)
-        return Conditioning(self.embeds.repeat_interleave(n, 0), mask, refs)
+        img_mask = None if self.img_mask is None else self.img_mask.repeat_interleave(n, 0)
+        return Conditioning(self.embeds.repeat_interleave(n, 0), mask, refs, img_mask)
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "Conditioning":
-        """Move every tensor (the mask keeps its integer/bool dtype)."""
+        """Move every tensor (the masks keep their integer/bool dtype)."""
         mask = None if self.mask is None else self.mask.to(device)
         refs = None if self.references is None else self.references.to(device, dtype)
-        return Conditioning(self.embeds.to(device=device, dtype=dtype), mask, refs)
+        img_mask = None if self.img_mask is None else self.img_mask.to(device)
+        return Conditioning(self.embeds.to(device=device, dtype=dtype), mask, refs, img_mask)
 
     def select(self, index) -> "Conditioning":
         """Rows ``index`` (an int list, slice or index tensor) of every field."""
         mask = None if self.mask is None else self.mask[index]
         refs = None if self.references is None else self.references.select(index)
-        return Conditioning(self.embeds[index], mask, refs)
+        img_mask = None if self.img_mask is None else self.img_mask[index]
+        return Conditioning(self.embeds[index], mask, refs, img_mask)
 
 
 def full_img_shapes(img_shapes: list, references: References | None) -> list:
@@ -258,13 +267,18 @@ def sample(
     record: bool = False,
     attention_kwargs: dict | None = None,
     progress: bool = False,
+    velocity_fn: Callable | None = None,
 ) -> SampleOutput:
     """Integrate from noise (sigmas[0]) to data (sigmas[-1] = 0).
 
     ``noise_level == 0`` gives the deterministic ODE sampler (QwenImagePipeline's loop). ``noise_level > 0`` uses
     the SDE on the steps in ``sde_window`` = [start, end) (all steps when None) and the ODE elsewhere, and records
     log-probs for the SDE steps (Flow-GRPO / Flow-GRPO-Fast).
+
+    ``velocity_fn`` (default :func:`predict_velocity`) is the model family's velocity call, with
+    :func:`predict_velocity`'s signature: Qwen-Image-2.1 passes its own (``qwen_image.qwen_image_21``).
     """
+    velocity_fn = velocity_fn or predict_velocity
     num_steps = len(sigmas) - 1
     window = range(num_steps) if sde_window is None else range(*sde_window)
     sigma_max = float(sigmas[1]) if num_steps > 1 else float(sigmas[0])
@@ -277,7 +291,7 @@ def sample(
     for i in tqdm(range(num_steps), disable=not progress, desc="denoising", leave=False):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         with torch.no_grad():
-            v = predict_velocity(transformer, x, sigmas[i], cond, img_shapes, negative, true_cfg_scale, attention_kwargs)
+            v = velocity_fn(transformer, x, sigmas[i], cond, img_shapes, negative, true_cfg_scale, attention_kwargs)
         if noise_level > 0 and i in window:
             step = sde_step(x, v, s, s_next, noise_level, sigma_max, generator=generator, sample_dtype=latents.dtype)
             x = step.prev_sample.to(latents.dtype).contiguous()
