@@ -224,3 +224,36 @@ def test_generate_pairs_select_uncertain(tmp_path, trained, capsys):
         assert p["p_a"] == pytest.approx(float(torch.sigmoid(torch.tensor(s_a - s_b))), abs=1e-5)
     gap = sorted(abs(p["p_a"] - 0.5) for p in every)
     assert sorted(abs(p["p_a"] - 0.5) for p in sent) == gap[:2]
+
+
+def test_active_selection_benchmark_prints_its_table(capsys, clip_dir):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "active_selection.py"
+    spec = importlib.util.spec_from_file_location("active_selection", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--seeds", "2", "--budgets", "10", "20", "--step", "10", "--pool_prompts", "6", "--test_prompts", "4",
+                "--backbone", str(clip_dir)])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 10 |") or line.startswith("| 20 |")]
+    assert len(rows) == 2 and all(line.count("±") == 5 for line in rows)
+    assert out.count("METRIC\t") == 2
+
+
+def test_pulled_pair_rows_carry_each_raters_vote():
+    from annotation.aggregate import aggregate_pairs
+
+    def ann(rater, choice):
+        result = ([{"from_name": "both_bad", "value": {"choices": ["yes"]}}] if choice == "both_bad" else
+                  [{"type": "pairwise", "from_name": "pref", "value": {"selected": choice}}])
+        return {"completed_by": rater, "result": result}
+
+    rows, _ = aggregate_pairs([{"id": 1, "data": {"pair_id": "x", "prompt": "p"},
+                                "annotations": [ann(7, "right"), ann(3, "left"), ann(5, "right")]},
+                               {"id": 2, "data": {"pair_id": "y", "prompt": "p"},
+                                "annotations": [ann(7, "left"), ann(3, "both_bad"), ann(5, "left")]}])
+    assert [(r["chosen_side"], r["raters"], r["rater_choices"]) for r in rows] == [
+        ("b", ["3", "5", "7"], ["rejected", "chosen", "chosen"]),
+        ("a", ["3", "5", "7"], ["both_bad", "chosen", "chosen"])]
