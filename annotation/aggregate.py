@@ -121,7 +121,8 @@ def _agreement(units: list[list], categories, max_raters: int, metric: str) -> d
 
 
 def aggregate_pairs(tasks: list[dict], max_raters: int = 3, min_votes: int = 2) -> tuple[list[dict], dict]:
-    """Rows ``pair_id, task_id, prompt, chosen_side, votes, n_votes, agreement, ...`` and a report."""
+    """Rows ``pair_id, task_id, prompt, chosen_side, votes, n_votes, agreement, ..., raters, rater_choices`` (each
+    rater's vote as ``chosen`` / ``rejected`` / ``both_bad``) and a report."""
     tvs = [collect(t, pair_vote) for t in tasks]
     rows, outcomes = [], Counter()
     for tv in tvs:
