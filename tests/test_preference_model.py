@@ -224,6 +224,22 @@ def test_generate_pairs_select_uncertain(tmp_path, trained, capsys):
         assert p["p_a"] == pytest.approx(float(torch.sigmoid(torch.tensor(s_a - s_b))), abs=1e-5)
     gap = sorted(abs(p["p_a"] - 0.5) for p in every)
     assert sorted(abs(p["p_a"] - 0.5) for p in sent) == gap[:2]
+    # disagree: the candidates' automatic reward against the same model, on the same folder
+    from annotation.generate import _select
+    cands = [json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines()]
+    for c in cands:
+        c["score"] = rewards.brightness([c["prompt"]], [Image.open(out / c["image"])])[0]
+    cands[0]["score"] = float("-inf")                  # a reward with no opinion on one image
+    score = {c["image"]: c["score"] for c in cands}
+    assert _select(every, cands, out, "disagree", 3, str(out_model), 0, None) == 3
+    want = []
+    for p in every:
+        m = score[p["image_a"]] - score[p["image_b"]]
+        m = 0.0 if m != m or abs(m) == float("inf") else m
+        want.append(-(p["p_a"] - 0.5) * ((m > 0) - (m < 0)))
+    assert [p["selection_score"] for p in every] == pytest.approx(want, abs=1e-5)
+    top = sorted(want, reverse=True)[:3]
+    assert sorted((w for w, p in zip(want, every) if p["selected"]), reverse=True) == pytest.approx(top, abs=1e-9)
 
 
 def test_active_selection_benchmark_prints_its_table(capsys, clip_dir):
