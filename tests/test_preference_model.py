@@ -273,3 +273,36 @@ def test_pulled_pair_rows_carry_each_raters_vote():
     assert [(r["chosen_side"], r["raters"], r["rater_choices"]) for r in rows] == [
         ("b", ["3", "5", "7"], ["rejected", "chosen", "chosen"]),
         ("a", ["3", "5", "7"], ["both_bad", "chosen", "chosen"])]
+
+
+def test_trains_on_the_demo_auto_labelled_pairs(tmp_path, clip_dir):
+    """The demo's simulated panel (align/workflows/auto_label.py: votes as [winner, loser] counts, no rater ids)
+    writes pairs the trainer reads as they are; the report has the majority accuracy and says there is no
+    per-rater table."""
+    import itertools
+    import random
+
+    from align.workflows.auto_label import label_pairs
+    from rewards.preference_model import format_report
+    from rewards.testing import synthetic_image
+
+    rng = random.Random(0)
+    (tmp_path / "images").mkdir()
+    cands, pairs = [], []
+    for p in range(12):
+        names = []
+        for k in range(4):
+            img, name = synthetic_image(rng), f"images/p{p}_{k}.png"
+            img.save(tmp_path / name)
+            cands.append({"prompt": f"poster {p}", "image": name, "score": redness(img)})
+            names.append(name)
+        pairs += [{"pair_id": f"{a}|{b}", "prompt": f"poster {p}", "image_a": a, "image_b": b}
+                  for a, b in itertools.combinations(names, 2)]
+    for name, rows in (("candidates.jsonl", cands), ("pairs.jsonl", pairs)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    labelled = label_pairs(tmp_path, seed=0)
+    _, report = train_preference_model(tmp_path, clip_dir, tmp_path / "pm", seed=0)
+    assert report["data"]["used"] == labelled["labelled_pairs"]
+    assert report["heldout"]["accuracy"] >= 0.8 and report["heldout"]["per_rater"] == {}
+    text = format_report(report)
+    assert "held-out accuracy vs majority" in text and "no per-rater votes" in text
