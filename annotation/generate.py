@@ -266,7 +266,8 @@ def _select(pairs: list[dict], candidates: list[dict], out: Path, strategy: str,
             raise AnnotationError(str(err)) from None
         by_image = dict(zip((c["image"] for c in candidates),
                             pm.scores([c["prompt"] for c in candidates], [out / c["image"] for c in candidates])))
-        probs = [1.0 / (1.0 + math.exp(by_image[p["image_b"]] - by_image[p["image_a"]])) for p in pairs]
+        # sigmoid(r_a - r_b) written with tanh: no overflow for a very confident model
+        probs = [0.5 + 0.5 * math.tanh((by_image[p["image_a"]] - by_image[p["image_b"]]) / 2) for p in pairs]
         reward_of = {c["image"]: c.get("score") for c in candidates}
         margins = []
         for p in pairs:

@@ -91,7 +91,7 @@ def run_seed(model: PreferenceModel, seed: int, budgets: list[int], step: int, p
             rest = [i for i in range(len(pool["pairs"])) if i not in set(labelled)]
             cands = [pool["pairs"][i] for i in rest]
             s = head.scores(pool["feats"]).tolist()
-            probs = [1.0 / (1.0 + math.exp(s[c["b"]] - s[c["a"]])) for c in cands]
+            probs = [0.5 + 0.5 * math.tanh((s[c["a"]] - s[c["b"]]) / 2) for c in cands]
             pick = select_pairs(cands, step, strategy, probs=probs,
                                 reward_margins=[c["auto_margin"] for c in cands], seed=seed * 100 + len(labelled))
             labelled += [rest[k] for k in pick]

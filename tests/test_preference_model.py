@@ -97,6 +97,8 @@ def test_save_load_round_trip_and_registry_reward(trained, pairs_dir, clip_dir):
     red, blue = Image.new("RGB", (32, 32), (230, 20, 20)), Image.new("RGB", (32, 32), (20, 20, 230))
     s_red, s_blue = reward(["a poster"] * 2, [red, blue])
     assert s_red > s_blue
+    p_red = reward.model.prob_first_preferred(["a poster"], [red], [blue])[0]
+    assert p_red == pytest.approx(float(torch.sigmoid(torch.tensor(s_red - s_blue))), abs=1e-6) and p_red > 0.5
     # Each feature row is embedded once per distinct path and is the same as embedding the images one by one.
     m = PreferenceModel.load(out)
     paths = [pairs[0].chosen, pairs[0].chosen, pairs[1].rejected]

@@ -177,7 +177,7 @@ class PreferenceModel:
                              ) -> list[float]:
         """P(the raters prefer image a over image b) = sigmoid(r(a) - r(b)), per pair."""
         sa, sb = self.scores(prompts, images_a), self.scores(prompts, images_b)
-        return [1.0 / (1.0 + math.exp(-(a - b))) for a, b in zip(sa, sb)]
+        return [0.5 + 0.5 * math.tanh((a - b) / 2) for a, b in zip(sa, sb)]   # sigmoid, no overflow
 
     # -- persistence
     def save(self, output_dir: str | os.PathLike, extra: dict | None = None) -> Path:
