@@ -140,7 +140,8 @@ def _rater_agreement(pairs: list[tuple]) -> dict:
 
 
 def aggregate_pairs(tasks: list[dict], max_raters: int = 3, min_votes: int = 2) -> tuple[list[dict], dict]:
-    """Rows ``pair_id, task_id, prompt, chosen_side, votes, n_votes, agreement, ...`` and a report."""
+    """Rows ``pair_id, task_id, prompt, chosen_side, votes, n_votes, agreement, ..., raters, rater_choices`` (each
+    rater's vote as ``chosen`` / ``rejected`` / ``both_bad``) and a report."""
     tvs = [collect(t, pair_vote) for t in tasks]
     rows, outcomes, agreed = [], Counter(), []
     for tv in tvs:
@@ -170,6 +171,10 @@ def aggregate_pairs(tasks: list[dict], max_raters: int = 3, min_votes: int = 2) 
         ratings = {s: sorted(v for a in tv.latest.values() if not a.get("was_cancelled")
                              for v in [rating_of(a, RATING_A if s == "a" else RATING_B)] if v is not None)
                    for s in ("a", "b")}
+        # Each rater's own vote, relative to the majority: what a reward model's per-rater accuracy (and its
+        # ceiling, one rater against the others) is measured on.
+        raters = sorted(tv.votes, key=str)
+        as_chosen = {winner: "chosen", loser: "rejected", BOTH_BAD: BOTH_BAD}
         rows.append({
             "pair_id": str(tv.data.get("pair_id", tv.task_id)),
             "task_id": tv.task_id,
@@ -181,6 +186,8 @@ def aggregate_pairs(tasks: list[dict], max_raters: int = 3, min_votes: int = 2) 
             "agreement": votes / n_votes,
             "ratings_chosen": ratings[side[winner]],
             "ratings_rejected": ratings[side[loser]],
+            "raters": [str(r) for r in raters],
+            "rater_choices": [as_chosen[tv.votes[r]] for r in raters],
         })
     report = _common_report(tvs, max_raters)
     report["kind"] = "pairs"

@@ -101,7 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="LoRA to load on top")
     p.add_argument("--num-candidates", type=int, default=4)
     p.add_argument("--pairing", choices=["all", "best-worst"], default="all")
-    p.add_argument("--reward", help="reward name (rewards/) scoring candidates for best-worst pairing")
+    p.add_argument("--reward", help="reward name (rewards/) scoring candidates for best-worst pairing (and for "
+                                    "--select disagree)")
+    p.add_argument("--reward-kwargs", type=json.loads, help="JSON options of --reward, e.g. '{\"model_path\": ...}'")
+    p.add_argument("--select", choices=["random", "uncertain", "disagree"],
+                   help="send only --budget pairs: a seeded random sample, those the preference model is least sure "
+                        "of, or those where it most disagrees with --reward (all pairs go to pairs_all.jsonl)")
+    p.add_argument("--budget", type=int, help="pairs to keep with --select")
+    p.add_argument("--preference-model", help="trained preference model folder (python -m rewards.preference_model "
+                                              "train) for --select uncertain/disagree")
     p.add_argument("--seed", type=int, default=0, help="first seed; candidates use seed, seed+1, ...")
     p.add_argument("--height", type=int, help="default: the model's size (edits: the last source's aspect ratio)")
     p.add_argument("--width", type=int, help="default: the model's size (edits: the last source's aspect ratio)")
@@ -256,7 +264,8 @@ def cmd_generate(args) -> int:
     s = generate_pairs(args.prompts, args.out, edits_file=args.edits, checkpoint=args.checkpoint,
                        adapter=args.adapter, num_candidates=args.num_candidates, pairing=args.pairing, reward=args.reward,
                        seed=args.seed, height=args.height, width=args.width, steps=args.steps, cfg=args.cfg,
-                       device=args.device, dtype=args.dtype)
+                       device=args.device, dtype=args.dtype, reward_kwargs=args.reward_kwargs, select=args.select,
+                       budget=args.budget, preference_model=args.preference_model)
     print(json.dumps(s))
     return 0
 

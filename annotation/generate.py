@@ -156,11 +156,20 @@ def generate_pairs(prompts_file: Path | None, out: Path, *, edits_file: Path | N
                    checkpoint: str | None = None, adapter: str | None = None, num_candidates: int = 4,
                    pairing: str = "all", reward: str | None = None, seed: int = 0, height: int | None = None,
                    width: int | None = None, steps: int = 4, cfg: float = 4.0, device: str | None = None,
-                   dtype: str = "bfloat16", batch_size: int = 8, reward_kwargs: dict | None = None) -> dict:
+                   dtype: str = "bfloat16", batch_size: int = 8, reward_kwargs: dict | None = None,
+                   select: str | None = None, budget: int | None = None, preference_model: str | None = None) -> dict:
     """Candidates and pairs from prompts (text-to-image) or from ``edits_file`` (edit requests, edit model).
-    ``height``/``width`` None: the model's default size (edits: the last source's aspect ratio)."""
+    ``height``/``width`` None: the model's default size (edits: the last source's aspect ratio).
+
+    ``select`` (``random`` / ``uncertain`` / ``disagree``, see :mod:`annotation.select`) keeps ``budget`` of the
+    pairs in ``pairs.jsonl`` (every pair, with its selection score, goes to ``pairs_all.jsonl``); ``uncertain``
+    and ``disagree`` score the candidates with the preference model at ``preference_model``, ``disagree`` also
+    with ``reward``."""
     if (prompts_file is None) == (edits_file is None):
         raise AnnotationError("give either --prompts (text-to-image) or --edits (edit requests)")
+    _check_selection(select, budget, preference_model, reward)
+    if reward_kwargs is not None and not isinstance(reward_kwargs, dict):
+        raise AnnotationError(f"--reward-kwargs must be a JSON object, got {reward_kwargs!r}")
     edits = read_edits(edits_file) if edits_file is not None else None
     prompts = read_prompts(prompts_file) if edits is None else [e["prompt"] for e in edits]
     if num_candidates < 2:
@@ -215,9 +224,77 @@ def generate_pairs(prompts_file: Path | None, out: Path, *, edits_file: Path | N
         for c, s in zip(candidates, scores):
             c["score"] = s
     pairs = make_pairs(candidates, pairing, scores)
-    for name, rows in (("candidates.jsonl", candidates), ("pairs.jsonl", pairs)):
+    files = [("candidates.jsonl", candidates), ("pairs.jsonl", pairs)]
+    selected = None
+    if select:
+        selected = _select(pairs, candidates, out, select, int(budget), preference_model, seed, device)
+        files = [("candidates.jsonl", candidates), ("pairs_all.jsonl", pairs),
+                 ("pairs.jsonl", [p for p in pairs if p["selected"]])]
+    for name, rows in files:
         with open(out / name, "w", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
     counted = {"prompts": len(prompts)} if edits is None else {"edits": len(edits)}
-    return {**counted, "candidates": len(candidates), "pairs": len(pairs), "out": str(out)}
+    picked = {} if selected is None else {"select": select, "selected": selected}
+    return {**counted, "candidates": len(candidates), "pairs": len(pairs), **picked, "out": str(out)}
+
+
+def _check_selection(select: str | None, budget: int | None, preference_model: str | None,
+                     reward: str | None) -> None:
+    """Selection options are checked before any model loads."""
+    from .select import STRATEGIES
+
+    if select is None:
+        if budget is not None or preference_model is not None:
+            raise AnnotationError("--budget and --preference-model go with --select (random, uncertain or disagree)")
+        return
+    if select not in STRATEGIES:
+        raise AnnotationError(f"unknown --select {select!r}; choose from {', '.join(STRATEGIES)}")
+    if budget is None or budget < 1:
+        raise AnnotationError(f"--select {select} needs --budget N (N >= 1 pairs to send to the raters)")
+    if select in ("uncertain", "disagree"):
+        if not preference_model:
+            raise AnnotationError(f"--select {select} needs --preference-model PATH (a trained preference model: "
+                                  f"python -m rewards.preference_model train)")
+        if not (Path(preference_model).expanduser() / "preference_model.json").is_file():
+            raise AnnotationError(f"--preference-model {preference_model} is not a trained preference model "
+                                  f"(no preference_model.json in it)")
+    if select == "disagree" and not reward:
+        raise AnnotationError("--select disagree needs --reward NAME: the automatic reward to disagree with")
+
+
+def _select(pairs: list[dict], candidates: list[dict], out: Path, strategy: str, budget: int,
+            preference_model: str | None, seed: int, device: str | None) -> int:
+    """Mark each pair ``selected`` (and give it the model's ``p_a`` and its ``selection_score``); returns the count."""
+    import math
+
+    from .select import select_pairs, selection_scores
+
+    probs = margins = None
+    if strategy != "random":
+        from qwen_image.errors import UserError
+        from rewards.preference_model import PreferenceModel  # lazy: the backbone (torch, transformers)
+
+        try:
+            pm = PreferenceModel.load(preference_model, device=device or "cpu")
+        except UserError as err:   # e.g. the backbone it names has moved
+            raise AnnotationError(str(err)) from None
+        by_image = dict(zip((c["image"] for c in candidates),
+                            pm.scores([c["prompt"] for c in candidates], [out / c["image"] for c in candidates])))
+        # sigmoid(r_a - r_b) written with tanh: no overflow for a very confident model
+        probs = [0.5 + 0.5 * math.tanh((by_image[p["image_a"]] - by_image[p["image_b"]]) / 2) for p in pairs]
+        reward_of = {c["image"]: c.get("score") for c in candidates}
+        margins = []
+        for p in pairs:
+            a, b = reward_of[p["image_a"]], reward_of[p["image_b"]]
+            usable = a is not None and b is not None and math.isfinite(a) and math.isfinite(b)
+            margins.append(a - b if usable else 0.0)   # no score on one side: the reward has no opinion
+    keep = set(select_pairs(pairs, budget, strategy, probs=probs, reward_margins=margins if strategy == "disagree"
+                            else None, seed=seed))
+    scores = selection_scores(strategy, probs, margins) if strategy != "random" else None
+    for i, p in enumerate(pairs):
+        p["selected"] = i in keep
+        if probs is not None:
+            p["p_a"] = round(probs[i], 6)
+            p["selection_score"] = round(scores[i], 6)
+    return len(keep)

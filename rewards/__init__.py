@@ -16,6 +16,7 @@ from .edit import EditTextReward, SourceConsistency, requested_text
 from .images import to_pil, to_pil_list
 from .models import AestheticScore, ClipScore, HPSv2, PickScore, load_clip, load_linear_head
 from .ocr import OcrReward, get_ocr_engine, ocr_boxes, ocr_reward, recognize_text, sort_reading_order
+from .preference_model import PreferenceModel, PreferenceModelReward, train_preference_model
 from .registry import RewardFn, available_rewards, get_reward, register_reward, reward_name
 from .simple import brightness, jpeg_compressibility
 from .text import extract_quoted_text, levenshtein, normalize_text, target_text, text_accuracy
@@ -27,6 +28,7 @@ __all__ = [
     "OcrReward", "ocr_reward", "recognize_text", "ocr_boxes", "sort_reading_order", "get_ocr_engine",
     "ClipScore", "PickScore", "HPSv2", "AestheticScore", "load_clip", "load_linear_head",
     "VLMJudge", "parse_score",
+    "PreferenceModel", "PreferenceModelReward", "train_preference_model",
     "jpeg_compressibility", "brightness",
     "EditTextReward", "SourceConsistency", "requested_text",
     "extract_quoted_text", "target_text", "normalize_text", "levenshtein", "text_accuracy",

@@ -1,0 +1,7 @@
+"""``python -m rewards.preference_model train ...``."""
+
+import sys
+
+from .train import main
+
+sys.exit(main())
