@@ -23,6 +23,8 @@ from annotation_helpers import signup, start_server  # noqa: E402
 
 from annotation.cli import main  # noqa: E402
 
+pytestmark = pytest.mark.slow  # processes / long runs: `-m "not slow"` skips them
+
 VIEWPORT = {"width": 1280, "height": 800}
 PASSWORD = "Qwen-Image-2026!"
 INSTRUCTIONS = "<b>Better</b> means the slogan is spelled right and easy to read."

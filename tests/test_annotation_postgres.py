@@ -32,6 +32,8 @@ from annotation.server import LabelStudioServer, free_port  # noqa: E402
 RATERS, TASKS = 6, 12
 
 
+pytestmark = pytest.mark.slow  # processes / long runs: `-m "not slow"` skips them
+
 def require_postgres() -> None:
     try:
         postgres_bin("initdb")

@@ -11,6 +11,8 @@ from PIL import Image
 from align.demo import main as demo_main
 from align.workflows.config import load_workflow_config
 
+pytestmark = pytest.mark.slow  # processes / long runs: `-m "not slow"` skips them
+
 STAGES = ("data", "base_model", "eval_before", "sft", "eval_sft", "pairs", "dpo_grpo", "eval_aligned", "adapter")
 
 

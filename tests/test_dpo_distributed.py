@@ -22,6 +22,8 @@ from safetensors.torch import load_file
 from align.data.preference import write_synthetic_pairs
 from qwen_image.tiny import tiny_transformer
 
+pytestmark = pytest.mark.slow  # processes / long runs: `-m "not slow"` skips them
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

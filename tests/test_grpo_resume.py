@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 
 from align.data.preference import write_synthetic_pairs
 
+pytestmark = pytest.mark.slow  # processes / long runs: `-m "not slow"` skips them
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
 COMMON = ["--finetune", "lora", "--lora_rank", "4", "--lora_alpha", "4", "--max_steps", "5", "--save_strategy", "steps",

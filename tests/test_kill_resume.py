@@ -11,9 +11,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow  # processes / long runs: `-m "not slow"` skips them
 
 ROOT = Path(__file__).resolve().parents[1]
 
