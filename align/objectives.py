@@ -127,6 +127,11 @@ def dpo_memory(config: Any) -> MemoryTerms:
     return MemoryTerms("dpo", (pairs,), reference=True)
 
 
+def kto_memory(config: Any) -> MemoryTerms:
+    # One graph of the batch's images; the reference forward (and the mismatched estimate's forwards) have none.
+    return MemoryTerms("kto", (config.per_device_train_batch_size,), reference=True)
+
+
 def grpo_memory(config: Any) -> MemoryTerms:
     return MemoryTerms("grpo", (config.rollout_batch_size,), reference=config.beta > 0, decodes=True)
 
@@ -142,3 +147,7 @@ DPO = register_objective(Objective(
 GRPO = register_objective(Objective(
     "grpo", "align.configs.grpo:GRPOConfig", "align.grpo:load_data", "align.grpo:build_trainer", grpo_memory,
     script=str(_ALIGN / "grpo.py"), description="Flow-GRPO online RL on SDE rollouts (clip / guard / dppo)"))
+KTO = register_objective(Objective(
+    "kto", "align.configs.kto:KTOConfig", "align.kto:load_data", "align.kto:build_trainer", kto_memory,
+    script=str(_ALIGN / "kto.py"),
+    description="Diffusion-KTO on per-image ratings (desirable / undesirable images of a rating project)"))
