@@ -67,7 +67,9 @@ class KTOConfig(RatingLabelArguments, QwenImageTrainingConfig):
         metadata={"help": "KTO temperature on the implicit reward (errors are means over latent dims). The paper's "
                           "default is 1000 (on SD's eps errors); velocity errors are of a similar scale."},
     )
+    shared_noise: bool = field(default=False, metadata={"help": "Train every image of a batch at the same noise and sigma (the paper: one draw per image). Shared draws cancel the draw's share of the implicit reward between the images of a batch: less gradient noise when desirable and undesirable images differ subtly."})
     eval_fraction: float = field(default=0.0, metadata={"help": "Hold out this fraction of each class to report the held-out implicit accuracy."})
+    eval_noise_draws: int = field(default=4, metadata={"help": "Held-out implicit rewards: mean over this many (noise, sigma) draws, the same draws for every held-out image."})
     reference_offload: bool = field(default=False, metadata={"help": "Full fine-tune: keep the frozen copy on CPU between uses (single process / DDP)."})
 
     def __post_init__(self):
@@ -81,5 +83,7 @@ class KTOConfig(RatingLabelArguments, QwenImageTrainingConfig):
             raise UserError("caption_dropout is an SFT option; KTO compares policy and reference on the image's own prompt.")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise UserError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.eval_noise_draws < 1:
+            raise UserError(f"eval_noise_draws must be >= 1, got {self.eval_noise_draws}")
         if self.kl_estimate == "mismatched" and self.per_device_train_batch_size < 2:
             raise UserError("kl_estimate mismatched pairs each image with another row's prompt: per_device_train_batch_size must be >= 2")

@@ -127,15 +127,17 @@ def label_by_ratings(dataset: Dataset, args: RatingLabelArguments) -> tuple[Data
     return out.add_column(LABEL_COLUMN, labels).add_column(SCORE_COLUMN, scores), report
 
 
-def load_kto_rows(config: Any) -> tuple[Dataset, RowReport]:
-    """Read, label and check the rated rows (edit models: with their control images). No model needed."""
-    check_pull(config.dataset_name, config.min_raters)
+def load_kto_rows(config: Any, dataset_name: str | None = None) -> tuple[Dataset, RowReport]:
+    """Read, label and check the rated rows of ``dataset_name`` (default ``config.dataset_name``; edit models: with
+    their control images). No model needed."""
+    name = dataset_name or config.dataset_name
+    check_pull(name, config.min_raters)
     edit = uses_edit_model(config)
     if edit:
-        raw = load_edit_dataset(config.dataset_name, config.dataset_split, config.image_column,
-                                config.control_columns, config.control_images_column)
+        raw = load_edit_dataset(name, config.dataset_split, config.image_column, config.control_columns,
+                                config.control_images_column)
     else:
-        raw = load_image_dataset(config.dataset_name, config.dataset_split, config.image_column)
+        raw = load_image_dataset(name, config.dataset_split, config.image_column)
     if config.prompt_column != "prompt" and config.prompt_column in raw.column_names:
         raw = raw.rename_column(config.prompt_column, "prompt")
     labelled, labels = label_by_ratings(raw, config)
@@ -216,7 +218,7 @@ def write_synthetic_ratings(folder: str | Path, n: int = 24, size: int = 32, see
     rng = np.random.default_rng(seed)
     lines = []
     for i in range(n):
-        texture = rng.integers(0, 60, (size, size, 3)) + rng.integers(0, 40, 3)
+        texture = rng.integers(0, 30, (size, size, 3)) + rng.integers(0, 10, 3)
         if middle_every and i % middle_every == middle_every - 1:
             offset, ratings = 90, [3, 3, 4]
         elif (i - i // middle_every if middle_every else i) % 2 == 0:  # the two classes alternate: balanced

@@ -53,17 +53,20 @@ class KTOTerm:
     def _mean_over_processes(self, value: torch.Tensor) -> torch.Tensor:
         return self.trainer.accelerator.reduce(value, reduction="mean")
 
-    def __call__(self, model, inputs: dict, generator: torch.Generator | None = None
+    def __call__(self, model, inputs: dict, generator: torch.Generator | None = None, shared_noise: bool = False
                  ) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
-        """(loss, metrics, implicit reward g (B,) detached, labels (B,) bool)."""
+        """(loss, metrics, implicit reward g (B,) detached, labels (B,) bool). ``shared_noise``: every image of the
+        batch at the same noise and sigma (otherwise one draw per image)."""
         trainer, args = self.trainer, self.trainer.args
         x0 = inputs[latent_column(args)].float()
         batch, seq_len, device = x0.shape[0], x0.shape[1], x0.device
         desirable = torch.as_tensor(inputs[LABEL_COLUMN], dtype=torch.bool, device=device).view(batch)
-        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device)
-        sigma = sample_sigmas(batch, args.timestep_sampling, image_seq_len=seq_len, logit_mean=args.logit_mean,
+        draws = 1 if shared_noise else batch
+        noise = torch.randn((draws, *x0.shape[1:]), generator=generator, dtype=torch.float32).to(device)
+        sigma = sample_sigmas(draws, args.timestep_sampling, image_seq_len=seq_len, logit_mean=args.logit_mean,
                               logit_std=args.logit_std, mode_scale=args.mode_scale, scheduler=trainer.qwen.scheduler,
                               generator=generator, device=device)
+        noise, sigma = noise.expand_as(x0), sigma.expand(batch)
         noisy, target = make_noisy(x0, noise, sigma)
         embeds, mask = inputs["prompt_embeds"], inputs.get("prompt_mask")
         h, w = int(inputs["height"]), int(inputs["width"])
@@ -119,28 +122,29 @@ class KTOTrainer(QwenImageTrainer):
         self.kto = KTOTerm(self, self.reference, args.beta, args.desirable_weight, args.undesirable_weight,
                            args.kl_estimate)
         self.metric_log = MetricLog(self.accelerator)
-        self._eval_generator: torch.Generator | None = None
         self._eval_rewards: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
-        generator = self._eval_generator if mode == "eval" else None
-        loss, metrics, reward, desirable = self.kto(model, inputs, generator=generator)
-        if mode == "eval":
-            self._eval_rewards.append((reward.float().cpu(), desirable.cpu()))
+        if mode == "train":
+            loss, metrics, _, _ = self.kto(model, inputs, shared_noise=self.args.shared_noise)
+        else:
+            # Every held-out image at the same eval_noise_draws (noise, sigma) draws, the same at every
+            # evaluation: the held-out rewards then differ by image, not by draw, and compare across steps.
+            generator = torch.Generator().manual_seed(self.args.seed)
+            rewards = []
+            for _ in range(self.args.eval_noise_draws):
+                loss, metrics, reward, desirable = self.kto(model, inputs, generator=generator, shared_noise=True)
+                rewards.append(reward)
+            self._eval_rewards.append((torch.stack(rewards).mean(0).float().cpu(), desirable.cpu()))
         metrics["loss/kto"] = loss
         self.metric_log.add({k: float(v.detach()) if torch.is_tensor(v) else v for k, v in metrics.items()}, mode)
         return (loss, {}) if return_outputs else loss
 
     # ------------------------------------------------------------------ evaluation: held-out implicit accuracy
     def evaluate(self, *args, **kwargs):
-        # Same noise and sigmas at every evaluation, so eval metrics compare across steps.
-        self._eval_generator = torch.Generator().manual_seed(self.args.seed)
         self._eval_rewards = []
-        try:
-            return super().evaluate(*args, **kwargs)
-        finally:
-            self._eval_generator = None
+        return super().evaluate(*args, **kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
