@@ -134,7 +134,8 @@ def test_implicit_rewards_are_zero_before_any_update(finetune, dtype, rated, tmp
 
     data, cache = rated
     config = _config(tmp_path, "--dataset_name", str(data), "--cache_dir", str(cache), "--finetune", finetune,
-                     "--model_dtype", dtype, "--eval_fraction", "0", "--per_device_train_batch_size", "8")
+                     "--model_dtype", dtype, "--eval_fraction", "0", "--eval_strategy", "no",
+                     "--per_device_train_batch_size", "8")
     qwen = load_qwen_image(config)
     train, _ = build_kto_datasets(config, qwen)
     trainer = KTOTrainer(qwen, config, train_dataset=train)
