@@ -52,6 +52,18 @@ def _rows(folder: Path, rows: list[dict], summary: dict | None = None) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ labels
+@pytest.mark.parametrize("recipe", ["kto_lora.yaml", "tiny/kto_lora.yaml"])
+def test_recipes_parse_and_kto_is_an_objective(recipe, tmp_path):
+    from align.objectives import get_objective, memory_terms
+
+    config = parse_config(KTOConfig, ["--config", str(ROOT / "recipes" / recipe), "--output_dir", str(tmp_path),
+                                      "--bf16", "false", "--report_to", "none"])
+    assert config.beta == 1000.0 and config.desirable_threshold == 4.5 and config.undesirable_threshold == 2.0
+    assert get_objective("kto").resolved("config_class") is KTOConfig
+    terms = memory_terms(config)
+    assert terms.label == "kto" and terms.graphs == (config.per_device_train_batch_size,) and terms.reference
+
+
 def test_labels_thresholds_middle_band_and_rater_filter(tmp_path):
     from datasets import Dataset
 
