@@ -12,6 +12,7 @@ if __package__ in (None, ""):
 from align.configs.combined import DPOGRPOConfig  # noqa: E402
 from align.data.dpo import build_datasets, read_pairs  # noqa: E402
 from align.data.grpo import load_grpo_prompts  # noqa: E402
+from align.data.kto import encode_kto_rows, load_kto_rows  # noqa: E402
 from align.launch import run, train_main  # noqa: E402
 from align.rl.rewards import build_reward  # noqa: E402
 from align.trainers.combined import DPOGRPOTrainer  # noqa: E402
@@ -19,18 +20,23 @@ from align.trainers.dpo import FlowDPOTrainer  # noqa: E402
 
 
 def load_data(config: DPOGRPOConfig):
-    # Pairs (and the GRPO prompts and reward names) are read and checked before the model loads.
+    # Pairs (the GRPO prompts and reward names, the KTO term's rated images) are read and checked before the model.
+    rated = load_kto_rows(config, config.kto_dataset_name)[0] if config.w_kto > 0 else None
     if config.w_grpo == 0:
-        return read_pairs(config), None
+        return read_pairs(config), None, rated
     build_reward(config)  # an unknown reward name fails here, not after the model loaded
-    return read_pairs(config), load_grpo_prompts(config)
+    return read_pairs(config), load_grpo_prompts(config), rated
 
 
 def build_trainer(config: DPOGRPOConfig, qwen, data):
-    pairs, prompts = data
+    pairs, prompts, rated = data
     train_ds, eval_ds = build_datasets(config, qwen, pairs)
-    if config.w_grpo > 0:
-        return DPOGRPOTrainer(qwen, config, train_dataset=train_ds, eval_dataset=eval_ds, grpo_prompts=prompts)
+    if config.w_grpo > 0 or config.w_kto > 0:
+        if rated is not None:
+            with config.main_process_first(desc="rated images"):
+                rated = encode_kto_rows(config, qwen, rated)
+        return DPOGRPOTrainer(qwen, config, train_dataset=train_ds, eval_dataset=eval_ds, grpo_prompts=prompts,
+                              rated=rated)
     return FlowDPOTrainer(qwen, config, train_dataset=train_ds, eval_dataset=eval_ds)  # trains on cached embeddings
 
 

@@ -122,9 +122,17 @@ def sft_memory(config: Any) -> MemoryTerms:
 
 def dpo_memory(config: Any) -> MemoryTerms:
     pairs = 2 * config.per_device_train_batch_size  # chosen + rejected in one forward
+    # The KTO term's rated images: a graph back-propagated together with the DPO one.
+    kto = (config.kto_images_per_step,) if getattr(config, "w_kto", 0) > 0 else ()
+    label = "+kto" if kto else ""
     if config.w_grpo > 0:
-        return MemoryTerms("dpo+grpo", (pairs, config.rollout_batch_size), reference=True, decodes=True)
-    return MemoryTerms("dpo", (pairs,), reference=True)
+        return MemoryTerms(f"dpo{label}+grpo", (pairs, *kto, config.rollout_batch_size), reference=True, decodes=True)
+    return MemoryTerms(f"dpo{label}", (pairs, *kto), reference=True)
+
+
+def kto_memory(config: Any) -> MemoryTerms:
+    # One graph of the batch's images; the reference forward (and the mismatched estimate's forwards) have none.
+    return MemoryTerms("kto", (config.per_device_train_batch_size,), reference=True)
 
 
 def grpo_memory(config: Any) -> MemoryTerms:
@@ -138,7 +146,11 @@ SFT = register_objective(Objective(
 DPO = register_objective(Objective(
     "dpo", "align.configs.combined:DPOGRPOConfig", "align.dpo:load_data", "align.dpo:build_trainer", dpo_memory,
     script=str(_ALIGN / "dpo.py"),
-    description="Flow-DPO on preference pairs; with w_grpo > 0 the combined objective with an online term"))
+    description="Flow-DPO on preference pairs; with w_grpo / w_kto > 0 the combined objective (online term, KTO on ratings)"))
 GRPO = register_objective(Objective(
     "grpo", "align.configs.grpo:GRPOConfig", "align.grpo:load_data", "align.grpo:build_trainer", grpo_memory,
     script=str(_ALIGN / "grpo.py"), description="Flow-GRPO online RL on SDE rollouts (clip / guard / dppo)"))
+KTO = register_objective(Objective(
+    "kto", "align.configs.kto:KTOConfig", "align.kto:load_data", "align.kto:build_trainer", kto_memory,
+    script=str(_ALIGN / "kto.py"),
+    description="Diffusion-KTO on per-image ratings (desirable / undesirable images of a rating project)"))

@@ -9,6 +9,10 @@ frozen reference serves DPO and both KL terms. Each term is logged apart (``loss
 A micro-step back-propagates the DPO terms once (skipped when their weights are all 0), then the GRPO term one
 trained timestep at a time. ``w_grpo = 0`` is plain Flow-DPO; ``w_dpo = beta_kl = w_sft = 0`` is plain Flow-GRPO on
 the rollouts.
+
+With ``w_kto > 0`` a Diffusion-KTO term on rated images (``kto_dataset_name``) joins the offline terms: its
+batches come from a :class:`~align.trainers.kto.RatedBatchSource` (its position saved in checkpoints), the same
+reference serves it, and it is back-propagated with the DPO terms (``loss/kto``; its statistics under ``kto/``).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from ..rl.source import RolloutSource
 from .dpo import FlowDPOTrainer
 from .grpo import log_rollout_images
 from .grpo_objective import GRPOObjective
+from .kto import KTOTerm, RatedBatchSource, rated_collator
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +47,7 @@ class DPOGRPOTrainer(MonitoredEvaluationMixin, FlowDPOTrainer):
     training_reward_key = "grpo/reward"
 
     def __init__(self, qwen, args: DPOGRPOConfig, train_dataset=None, grpo_prompts=None, reward_fn=None,
-                 monitor_prompts=None, **kwargs):
+                 monitor_prompts=None, rated=None, **kwargs):
         if monitor_prompts is None and args.has_monitor:
             monitor_prompts = load_monitor_prompts(args)
         self.parent_evaluates = kwargs.get("eval_dataset") is not None  # held-out pairs: implicit accuracy
@@ -64,18 +69,48 @@ class DPOGRPOTrainer(MonitoredEvaluationMixin, FlowDPOTrainer):
             self.monitor, self.guard = build_monitor(qwen, args, monitor_prompts, self.accelerator, self.model,
                                                      self.reference)
             self.keeps_text_encoder = not args.release_text_encoder  # rollouts encode their prompts as they come
-        precompute_prompts_and_release(qwen, args, grpo_prompts, monitor_prompts, self.accelerator.device)
+            precompute_prompts_and_release(qwen, args, grpo_prompts, monitor_prompts, self.accelerator.device)
+        self.kto: KTOTerm | None = None
+        self.rated: RatedBatchSource | None = None
+        if args.w_kto > 0:
+            if rated is None:
+                raise ValueError("w_kto > 0 needs the encoded rated images (align.data.kto.encode_kto_rows)")
+            self.kto = KTOTerm(self, self.reference, args.kto_beta, args.desirable_weight, args.undesirable_weight,
+                               args.kl_estimate)
+            self.rated = RatedBatchSource(rated, args.kto_images_per_step, rated_collator(qwen.edit_model, args),
+                                          args.seed, self.accelerator.process_index, self.accelerator.num_processes)
+            self.checkpoint_states["kto"] = self.rated
+
+    @property
+    def dpo_weights_active(self) -> bool:
+        return super().dpo_weights_active or self.kto is not None
+
+    def kto_terms(self, model) -> tuple[dict, dict]:
+        """The KTO term on the next batch of rated images (training only)."""
+        if self.kto is None or not model.training:
+            return {}, {}
+        loss, metrics, _, _ = self.kto(model, self._prepare_inputs(self.rated.next_batch()))
+        return {"kto": (self.args.w_kto, loss)}, {f"kto/{k}": v for k, v in metrics.items()}
+
+    def offline_terms(self, model, inputs: dict) -> tuple[dict, dict]:
+        """The terms on offline data: DPO's on the pairs (when weighted) and KTO's on the rated images."""
+        terms, metrics = self.dpo_terms(model, inputs) if FlowDPOTrainer.dpo_weights_active.fget(self) else ({}, {})
+        kto, kto_metrics = self.kto_terms(model)
+        return {**terms, **kto}, {**metrics, **kto_metrics}
 
     def extra_loss_terms(self, model, inputs: dict) -> tuple[dict, dict]:
         """The GRPO term as one graph over its trained timesteps (``compute_loss``; DeepSpeed trains this way)."""
-        if self.grpo is None or not model.training:
+        if not model.training:
             return {}, {}
+        terms, metrics = self.kto_terms(model)
+        if self.grpo is None:
+            return terms, metrics
         batch = self.rollouts.batch(self.accelerator.unwrap_model(model))
         policy_loss, kl = self.grpo.loss(model, batch, micro_step=self.rollouts.micro_step)
-        terms: dict[str, tuple[float, torch.Tensor]] = {"grpo": (self.args.w_grpo, policy_loss)}
+        terms["grpo"] = (self.args.w_grpo, policy_loss)
         if kl is not None:
             terms["kl_rollout"] = (self.args.beta_kl, kl)
-        return terms, {}
+        return terms, metrics
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.grpo is None:
@@ -92,7 +127,7 @@ class DPOGRPOTrainer(MonitoredEvaluationMixin, FlowDPOTrainer):
         if self.dpo_weights_active:
             inputs = self._prepare_inputs(inputs)
             with self.accelerator.no_sync(model):  # the last GRPO timestep reduces the summed gradient
-                loss = self.weighted_loss(*self.dpo_terms(model, inputs), mode="train")
+                loss = self.weighted_loss(*self.offline_terms(model, inputs), mode="train")
                 self.accelerator.backward(loss * scale)
             total += float(loss.detach())
         total += self.grpo.micro_step(self.rollouts, model, policy_weight=self.args.w_grpo,
