@@ -52,3 +52,32 @@ def label_pairs(folder: Path, raters: int = 3, noise: float = 0.05, seed: int = 
     unanimous = sum(1 for r in rows if r["agreement"] == 1.0)
     return {"labelled_pairs": len(rows), "ties_dropped": ties, "unanimous": unanimous,
             "preferences": str(folder / "metadata.jsonl")}
+
+
+def simulated_ratings(score: float, rng: random.Random, raters: int = 3, noise: float = 0.05) -> list[int]:
+    """1-5 ratings of one image from ``raters`` simulated raters: each sees the reward (in [0, 1]) plus Gaussian
+    noise and maps it linearly onto the five stars (0 -> 1 star, 1 -> 5 stars)."""
+    return [min(5, max(1, round(1 + 4 * (score + rng.gauss(0.0, noise))))) for _ in range(raters)]
+
+
+def rate_candidates(folder: Path, out: Path, raters: int = 3, noise: float = 0.05, seed: int = 0) -> dict:
+    """The rating round: every candidate of ``candidates.jsonl`` rated by the simulated panel, written as a rating
+    project's pull would be (an imagefolder whose ``metadata.jsonl`` rows carry ``prompt`` and ``ratings``), for
+    Diffusion-KTO (``w_kto`` with ``kto_dataset_name``). Its own random stream: the pair labels do not change."""
+    import shutil
+
+    rng = random.Random(f"ratings-{seed}")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for line in (folder / "candidates.jsonl").read_text(encoding="utf-8").splitlines():
+        cand = json.loads(line)
+        name = Path(cand["image"]).name
+        shutil.copyfile(folder / cand["image"], out / name)
+        rows.append({"file_name": name, "prompt": cand["prompt"],
+                     "ratings": simulated_ratings(float(cand.get("score", 0.0)), rng, raters, noise)})
+    with open(out / "metadata.jsonl", "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    means = [sum(r["ratings"]) / len(r["ratings"]) for r in rows]
+    return {"rated_images": len(rows), "rated_high": sum(m >= 4.5 for m in means),
+            "rated_low": sum(m <= 2.0 for m in means), "ratings": str(out)}

@@ -100,7 +100,7 @@ def stage_pairs(cfg: dict, out: Path) -> dict:
     """Candidates from the SFT model, paired per prompt and labelled by the reward (standing in for annotators)."""
     from annotation.generate import generate_pairs
 
-    from .auto_label import label_pairs
+    from .auto_label import label_pairs, rate_candidates
 
     pcfg, folder = cfg["pairs"], out / "pairs"
     (folder / "prompts.txt").write_text("\n".join(r["prompt"] for r in _prompts(out)) + "\n", encoding="utf-8")
@@ -112,12 +112,15 @@ def stage_pairs(cfg: dict, out: Path) -> dict:
                              cfg=float(pcfg.get("true_cfg_scale", 1.0)), device="cpu", dtype="float32")
     labelled = label_pairs(folder, raters=int(pcfg.get("raters", 3)), noise=float(pcfg.get("rater_noise", 0.05)),
                            seed=int(cfg.get("seed", 0)), tie_margin=float(pcfg.get("tie_margin", 0.1)))
+    # The rating round: the same panel also rates every candidate 1-5 (what a rating project gives; used by KTO).
+    rated = rate_candidates(folder, out / "ratings", raters=int(pcfg.get("raters", 3)),
+                            noise=float(pcfg.get("rater_noise", 0.05)), seed=int(cfg.get("seed", 0)))
     command = (f"qwen-image-annotation generate-pairs --prompts {folder / 'prompts.txt'} --out {folder} "
                f"--checkpoint {out / 'base_model' / 'model'} --adapter {out / 'sft'} "
                f"--num-candidates {pcfg.get('num_candidates', 4)} --reward {pcfg.get('reward', 'ocr')} "
                f"--height {cfg['size']} --width {cfg['size']} --steps {pcfg.get('num_inference_steps', 8)} "
                f"--cfg {pcfg.get('true_cfg_scale', 1.0)} --dtype float32")
-    return {**summary, **labelled, "command": command}
+    return {**summary, **labelled, **rated, "command": command}
 
 
 def stage_dpo_grpo(cfg: dict, out: Path) -> dict:
@@ -133,6 +136,9 @@ def stage_dpo_grpo(cfg: dict, out: Path) -> dict:
         # reference and diversity every eval_steps, next to the rollouts' reward (docs/grpo.md).
         overrides.update(monitor_dataset_name=held, eval_strategy="steps", eval_steps=int(monitor["eval_steps"]),
                          monitor_seeds=int(monitor.get("seeds", 2)))
+    kto = cfg["dpo_grpo"].get("kto") or {}
+    if float(kto.get("weight", 0)) > 0:  # Diffusion-KTO on the rating round's images, beside DPO on the pairs
+        overrides.update(w_kto=float(kto["weight"]), kto_dataset_name=out / "ratings")
     overrides.update(cfg["dpo_grpo"].get("args") or {})
     cmd = accelerate_command(ALIGN_DIR / "dpo.py", resolve_path(cfg["dpo_grpo"]["recipe"]), overrides)
     run_logged(cmd, out / "dpo_grpo" / "train.log", env=_train_env(cfg, out))
