@@ -78,6 +78,20 @@ def test_family_declares_21_targets_block_architecture_and_sizes():
         family.is_edit(SimpleNamespace(model_name_or_path=None, tiny_variant="edit-2511"))
 
 
+def test_qwen_image_2512_recipe_loads_a_checkpoint_through_the_qwen_image_family(tiny_checkpoint):
+    from align.configs.sft import SFTConfig
+    from align.launch import parse_config
+    from qwen_image import QwenImage
+
+    config = parse_config(SFTConfig, ["--config", str(ROOT / "recipes/qwen_image_2512/sft_lora.yaml"), "--output_dir",
+                                      "/tmp/unused-2512", "--bf16", "false", "--use_cpu", "true",
+                                      "--model_name_or_path", str(tiny_checkpoint)])
+    family = family_of(config)
+    assert family.name == "qwen-image" and not family.is_edit(config)
+    qwen = family.load(config, torch.float32, load_text_encoder=False, load_vae=False)
+    assert type(qwen) is QwenImage and qwen.transformer.config.num_layers >= 1
+
+
 # --------------------------------------------------------------------------- SFT + the adapter in diffusers
 def test_sft_lora_bf16_adapter_loads_in_the_pipeline_and_our_sampler_equals_it(tmp_path):
     from align.sft import main
