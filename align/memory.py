@@ -13,7 +13,8 @@ What a training step holds on the GPU (all of it is counted):
   still holds in backward).
 - LoRA parameters (fp32), their gradients (fp32) and AdamW's two states (fp32; 8-bit optimizers: 1 B each).
 - activations: a block saves ``ACT_WIDTHS_PER_TOKEN`` tensors of width ``inner_dim`` per token (image + text) for
-  backward (measured: benchmarks/memory.py), plus, when its weights are torchao fp8/int8, a full-precision
+  backward (measured: benchmarks/memory.py; a family's architecture may carry its own, e.g. Qwen-Image-2.1's
+  42.17 from benchmarks/qwen_image_21_block.py), plus, when its weights are torchao fp8/int8, a full-precision
   de-quantised copy of each Linear weight its backward needs (trap: without checkpointing that is an unquantised
   model's worth; bitsandbytes nf4 keeps the packed weight and de-quantises again in backward).
   With block checkpointing only each block's two input streams stay, plus one block's worth during its recompute.
