@@ -13,7 +13,8 @@ What a training step holds on the GPU (all of it is counted):
   still holds in backward).
 - LoRA parameters (fp32), their gradients (fp32) and AdamW's two states (fp32; 8-bit optimizers: 1 B each).
 - activations: a block saves ``ACT_WIDTHS_PER_TOKEN`` tensors of width ``inner_dim`` per token (image + text) for
-  backward (measured: benchmarks/memory.py), plus, when its weights are torchao fp8/int8, a full-precision
+  backward (measured: benchmarks/memory.py; a family's architecture may carry its own, e.g. Qwen-Image-2.1's
+  42.17 from benchmarks/qwen_image_21_block.py), plus, when its weights are torchao fp8/int8, a full-precision
   de-quantised copy of each Linear weight its backward needs (trap: without checkpointing that is an unquantised
   model's worth; bitsandbytes nf4 keeps the packed weight and de-quantises again in backward).
   With block checkpointing only each block's two input streams stay, plus one block's worth during its recompute.
@@ -189,7 +190,7 @@ def _activation_bytes(arch: Architecture, o: Options, images: int, quantised: bo
     """(bytes held by the graph of ``images`` samples, bytes of one block's recompute + backward working set)."""
     tokens = (o.resolution // 16) ** 2 + o.text_tokens
     width = arch.inner_dim * o.dtype_bytes
-    per_block = images * tokens * ACT_WIDTHS_PER_TOKEN * width
+    per_block = images * tokens * (arch.act_widths_per_token or ACT_WIDTHS_PER_TOKEN) * width
     # torchao's weight-only matmul keeps the de-quantised weight for backward; bitsandbytes' 4-bit matmul keeps the
     # packed weight and de-quantises again in backward (measured: benchmarks/memory.py).
     dequantised = arch.grad_weight_params * o.dtype_bytes if quantised and o.base_storage != "nf4" else 0
@@ -231,11 +232,13 @@ def estimate(o: Options, arch: Architecture | None = None) -> Estimate:
         h, t = _activation_bytes(arch, o, images, quantised)
         held, transient = held + h, max(transient, t)
     est.parts["activations"] = (held + transient) / GIB
+    vae_params = arch.vae_params or VAE_PARAMS
     if o.decodes_rollouts:
-        est.parts["VAE"] = VAE_PARAMS * db / GIB  # decodes rollouts for the rewards
+        est.parts["VAE"] = vae_params * db / GIB  # decodes rollouts for the rewards
     est.parts["context"] = CONTEXT_GIB
     te_bytes = 1 if o.text_encoder_storage in ("fp8", "int8") else db
-    est.caching = {"text encoder": TEXT_ENCODER_PARAMS * te_bytes / GIB, "VAE": VAE_PARAMS * db / GIB,
+    est.caching = {"text encoder": (arch.text_encoder_params or TEXT_ENCODER_PARAMS) * te_bytes / GIB,
+                   "VAE": vae_params * db / GIB,
                    "encoding": 1.0, "context": CONTEXT_GIB}
     return est
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -46,6 +46,7 @@ class ReferenceModel:
         module: nn.Module | None = None,
         policy_adapter: str = "default",
         offload: bool = False,
+        velocity_fn: Callable = predict_velocity,
     ):
         if mode not in REFERENCE_MODES:
             raise ValueError(f"reference mode must be one of {REFERENCE_MODES}, got {mode!r}")
@@ -61,6 +62,7 @@ class ReferenceModel:
         self.policy_adapter = policy_adapter
         self.offload = offload and mode == "copy"
         self.device: torch.device | None = None
+        self.velocity_fn = velocity_fn  # the bundle's predict_velocity (the model family's velocity call)
 
     # ----------------------------------------------------------------------------------------------- building
     @classmethod
@@ -70,6 +72,7 @@ class ReferenceModel:
         finetune: str,
         init_adapter: str | None = None,
         offload: bool = False,
+        velocity_fn: Callable = predict_velocity,
     ) -> "ReferenceModel":
         """The reference for a policy set up by ``align.modeling.prepare_transformer`` (same ``finetune`` and
         ``init_adapter``). Must run before the model is wrapped or partitioned."""
@@ -78,13 +81,13 @@ class ReferenceModel:
                 raise ValueError("finetune='lora' but the transformer has no LoRA adapter; call prepare_transformer first.")
             if init_adapter:
                 _load_frozen_adapter(transformer, init_adapter, REF_ADAPTER_NAME)
-                return cls(transformer, "adapter_switch", offload=offload)
-            return cls(transformer, "adapter_off", offload=offload)
+                return cls(transformer, "adapter_switch", offload=offload, velocity_fn=velocity_fn)
+            return cls(transformer, "adapter_off", offload=offload, velocity_fn=velocity_fn)
         if finetune != "full":
             raise ValueError(f"finetune must be 'lora' or 'full', got {finetune!r}")
         if any(hasattr(p, "ds_id") for p in transformer.parameters()):
             raise ValueError("the policy is already ZeRO-3 partitioned; build the reference before the trainer prepares the model.")
-        return cls(transformer, "copy", module=_frozen_copy(transformer), offload=offload)
+        return cls(transformer, "copy", module=_frozen_copy(transformer), offload=offload, velocity_fn=velocity_fn)
 
     def prepare(self, accelerator=None, fsdp_mesh=None, mp_policy=None) -> "ReferenceModel":
         """Place a ``copy`` reference for the policy's backend (no-op for the adapter modes).
@@ -156,7 +159,7 @@ class ReferenceModel:
     ) -> torch.Tensor:
         """Reference velocity with the same call as ``qwen_image.sampling.predict_velocity`` (for DPO and KL terms)."""
         with self.active() as module:
-            v = predict_velocity(module, latents, sigma, cond, img_shapes, negative, true_cfg_scale)
+            v = self.velocity_fn(module, latents, sigma, cond, img_shapes, negative, true_cfg_scale)
         return v.detach()
 
     def _reshard(self) -> None:

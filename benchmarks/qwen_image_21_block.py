@@ -21,7 +21,10 @@ Printed:
   CPU and GPU attention kernels keep no score matrix);
 - the extrapolation to 32 blocks with and without gradient checkpointing (the shared modulation, input and output
   projections counted from the real config in bf16; text encoder and VAE not loaded, as when training on cached
-  embeddings and latents). Not included: the backward working set and the CUDA context.
+  embeddings and latents). Not included: the backward working set and the CUDA context;
+- beside it, the estimate of ``align/memory.py`` for the same run (``model_family: qwen-image-2.1``: its
+  architecture and activation width), less the two terms the extrapolation leaves out, and the relative difference
+  (the estimator must stay within 15 % of the measurement).
 
 The block runs the way the full model runs it in training: the joint sequence (text tokens, then the target's
 tokens), block-causal attention by ``QwenImage21AttnProcessor`` (one call for the text segment, one for the image),
@@ -161,9 +164,33 @@ def main(argv=None) -> None:
     print(f"  no checkpointing:    + activations {m['saved'] * n / GIB:.2f} GiB = {full / GIB:.2f} GiB")
     print(f"  block checkpointing: + block inputs {block_input * n / GIB:.2f} GiB + one block's "
           f"{m['saved'] / GIB:.2f} GiB = {ckpt / GIB:.2f} GiB")
+    compare_with_estimator(arch, args, m, {False: full, True: ckpt})
     print(f"  (when loaded: text encoder {arch.text_encoder_params / 1e9:.2f} B params = "
           f"{arch.text_encoder_params * 2 / GIB:.1f} GiB bf16, VAE {arch.vae_params / 1e6:.0f} M = "
           f"{arch.vae_params * 2 / GIB:.2f} GiB)")
+
+
+def compare_with_estimator(arch, args, m: dict, measured: dict[bool, float]) -> None:
+    """The estimator's training step for this run (LoRA, fp32 AdamW, batch 1) beside the measured extrapolation."""
+    from align import memory
+    from align.models.qwen_image_21 import architecture_from_21
+    from qwen_image.qwen_image_21 import LORA_TARGETS_21
+
+    est_arch = architecture_from_21(arch)
+    widths = m["saved"] / (m["tokens"] * arch.inner_dim * 2)
+    print(f"\nactivation widths per token: measured {widths:.2f}, estimator (qwen-image-2.1) "
+          f"{est_arch.act_widths_per_token:.2f} (Qwen-Image: {memory.ACT_WIDTHS_PER_TOKEN})")
+    # Terms the extrapolation does not have: the CUDA context and the backward working set.
+    backward = m["tokens"] * memory.BACKWARD_WIDTHS_PER_TOKEN * arch.inner_dim * 2
+    for checkpointing, value in measured.items():
+        options = memory.Options(lora_rank=args.rank, lora_targets=LORA_TARGETS_21, resolution=args.side,
+                                 text_tokens=args.text_tokens, gradient_checkpointing=checkpointing)
+        est = memory.estimate(options, est_arch)
+        comparable = est.training_gib * GIB - memory.CONTEXT_GIB * GIB - backward
+        diff = comparable / value - 1
+        print(f"  {'block checkpointing' if checkpointing else 'no checkpointing':<20} estimator {comparable / GIB:.2f} "
+              f"GiB vs measured {value / GIB:.2f} GiB ({diff:+.1%}; {'within' if abs(diff) <= 0.15 else 'OUTSIDE'} "
+              f"15 %); the estimator's whole step {est.training_gib:.2f} GiB")
 
 
 if __name__ == "__main__":

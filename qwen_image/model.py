@@ -24,7 +24,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 from . import latents as latent_ops
 from .edit import CONDITION_SIDE_FRACTION, EditEncoder, normalize_references
 from .errors import QwenImageInputError
-from .sampling import Conditioning, SampleOutput, sample, sde_noise_generators
+from .sampling import Conditioning, SampleOutput, predict_velocity, sample, sde_noise_generators
 from .scheduler import inference_sigmas, make_scheduler
 from .text import PromptEncoder, validate_prompts
 from .tiny import tiny_text_encoder, tiny_transformer, tiny_vae
@@ -79,7 +79,23 @@ class QwenImage:
 
     Components are the diffusers / transformers classes themselves, so anything that takes a
     ``QwenImagePipeline`` (LoRA loading, offload, attention backends) works on them.
+
+    What differs between model families is reached through the bundle (training code never imports a family's
+    module functions): the velocity call ``predict_velocity`` (the signature of
+    :func:`qwen_image.sampling.predict_velocity`), the size rules ``check_size`` / ``image_seq_len`` /
+    ``img_shapes``, the token layout ``pack`` / ``unpack`` / ``latent_channels`` and ``inference_sigmas``.
+    :class:`qwen_image.qwen_image_21.QwenImage21` has the same surface.
     """
+
+    family = "qwen-image"
+    latent_channels = 64  # width of a packed token: 16 VAE channels x 2x2
+    size_multiple = latent_ops.SIZE_MULTIPLE
+    predict_velocity = staticmethod(predict_velocity)
+    check_size = staticmethod(latent_ops.check_size)
+    image_seq_len = staticmethod(latent_ops.image_seq_len)
+    img_shapes = staticmethod(latent_ops.img_shapes)
+    pack = staticmethod(latent_ops.pack)
+    unpack = staticmethod(latent_ops.unpack)
 
     def __init__(
         self,
@@ -228,6 +244,10 @@ class QwenImage:
 
         load_lora_file(self.transformer, path, adapter_name)
         self.transformer.set_adapters([adapter_name], [scale])
+
+    def inference_sigmas(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
+        """The sigmas the pipeline walks through for a ``height`` x ``width`` image, terminal 0 appended."""
+        return inference_sigmas(self.scheduler, num_inference_steps, latent_ops.image_seq_len(height, width))
 
     # ------------------------------------------------------------------ building blocks
     def _require(self, name: str):

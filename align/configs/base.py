@@ -26,7 +26,8 @@ class QwenImageTrainingConfig(TrainingArguments):
     # --- model
     model_family: str = field(
         default="qwen-image",
-        metadata={"help": "Model family (align/models): qwen-image (Qwen-Image, 2512, Edit-2509/2511); plugins add more."},
+        metadata={"help": "Model family (align/models): qwen-image (Qwen-Image, 2512, Edit-2509/2511), qwen-image-2.1, "
+                          "qwen-image-2.1-edit (2.1 with reference images); plugins add more."},
     )
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Local diffusers-format Qwen-Image folder. Empty: the tiny random model (CPU demo/tests)."}

@@ -27,7 +27,7 @@ from datasets import Dataset, List
 from datasets import Image as ImageFeature
 from PIL import Image
 
-from qwen_image import QwenImage, References, pack
+from qwen_image import QwenImage, References
 from qwen_image.edit import MAX_REFERENCES
 from qwen_image.errors import UserError
 from qwen_image.images import to_rgb
@@ -196,7 +196,7 @@ def encode_edit_dataset(
             h, w = sizes[i]
             for column in image_columns:
                 target = center_crop_resize(batch[column][i], h, w)
-                out[f"{column}_latents"].append(pack(model.encode_images([target], h, w)).float().cpu().numpy()[0].ravel())
+                out[f"{column}_latents"].append(model.pack(model.encode_images([target], h, w)).float().cpu().numpy()[0].ravel())
             out["height"].append(h)
             out["width"].append(w)
         return dict(out)

@@ -13,7 +13,7 @@ import torch
 from datasets import Dataset, List, Value
 from PIL import Image
 
-from qwen_image import QwenImage, pack
+from qwen_image import QwenImage
 from qwen_image.images import to_rgb
 from qwen_image.latents import image_seq_len
 
@@ -88,7 +88,7 @@ def encode_dataset(
             latents: list = [None] * len(prepared)
             # One VAE call per image size in the batch (~4x faster than one call per image on CPU).
             for (h, w), rows in by_size.items():
-                packed = pack(model.encode_images([prepared[i] for i in rows], h, w)).float().cpu().numpy()
+                packed = model.pack(model.encode_images([prepared[i] for i in rows], h, w)).float().cpu().numpy()
                 for i, lat in zip(rows, packed):
                     latents[i] = lat.ravel()
             out[f"{column}_latents"] = latents

@@ -105,7 +105,8 @@ def family_of(config: Any) -> ModelFamily:
     return get_model_family(getattr(config, "model_family", None))
 
 
-from .qwen_image import QwenImageFamily  # noqa: E402  (registers the built-in family)
+from .qwen_image import QwenImageFamily  # noqa: E402  (registers the built-in families)
+from .qwen_image_21 import QwenImage21EditFamily, QwenImage21Family  # noqa: E402
 
-__all__ = ["DEFAULT_FAMILY", "ModelFamily", "QwenImageFamily", "available_model_families", "family_of",
-           "get_model_family", "register_model_family"]
+__all__ = ["DEFAULT_FAMILY", "ModelFamily", "QwenImage21EditFamily", "QwenImage21Family", "QwenImageFamily",
+           "available_model_families", "family_of", "get_model_family", "register_model_family"]

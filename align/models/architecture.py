@@ -26,6 +26,11 @@ class Architecture:
     block_other_params: int  # norms inside a block
     non_block_params: int
     grad_weight_params: int  # Linear weights whose input needs grad (their backward uses the weight)
+    # Per family (None: the estimator's Qwen-Image numbers): tensors of width inner_dim one block saves for backward
+    # per token (measured on a real-size block), and the text encoder's / VAE's parameters (the caching phase).
+    act_widths_per_token: float | None = None
+    text_encoder_params: float | None = None
+    vae_params: float | None = None
 
     @property
     def block_params(self) -> int:

@@ -25,9 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qwen_image.latents import image_seq_len, img_shapes
 from qwen_image.sampling import sample
-from qwen_image.scheduler import inference_sigmas
 
 from ..data.grpo import reference_area
 from .rollouts import RolloutBatch, rollout_conditioning, score_images
@@ -85,7 +83,7 @@ class HeldOutMonitor:
         mine = self.items[rank::world]
         size = args.resolution
         steps = args.monitor_num_inference_steps or args.num_inference_steps
-        sigmas = inference_sigmas(self.qwen.scheduler, steps, image_seq_len(size, size))
+        sigmas = self.qwen.inference_sigmas(steps, size, size)
         results = []
         for start in range(0, len(mine), args.rollout_batch_size):
             chunk = mine[start:start + args.rollout_batch_size]
@@ -95,8 +93,9 @@ class HeldOutMonitor:
             cond, negative = rollout_conditioning(self.qwen, prompts, columns, args.true_cfg_scale,
                                                   args.negative_prompt, reference_area(args), device)
             latents = self.qwen.initial_noise(len(chunk), size, size, [s for _, s in chunk]).to(device)
-            shapes = img_shapes(len(chunk), size, size)
-            out = sample(policy, latents, sigmas, cond, shapes, negative=negative, true_cfg_scale=args.true_cfg_scale)
+            shapes = self.qwen.img_shapes(len(chunk), size, size)
+            out = sample(policy, latents, sigmas, cond, shapes, negative=negative, true_cfg_scale=args.true_cfg_scale,
+                         velocity_fn=self.qwen.predict_velocity)
             images = self.qwen.decode_latents(out.latents, size, size)
             totals, per = score_images(self.reward_fn, prompts, images, columns)
             kl = self._kl_ref(policy, out.latents, cond, shapes, [s for _, s in chunk])
@@ -114,9 +113,7 @@ class HeldOutMonitor:
         noise = torch.randn(x0.shape, generator=g, dtype=torch.float32).to(x0.device)
         sigma = 0.5
         noisy = ((1 - sigma) * x0.float() + sigma * noise).to(x0.dtype)
-        from qwen_image.sampling import predict_velocity
-
-        v = predict_velocity(policy, noisy, torch.tensor(sigma), cond, shapes)
+        v = self.qwen.predict_velocity(policy, noisy, torch.tensor(sigma), cond, shapes)
         v_ref = self.reference.velocity(noisy, torch.tensor(sigma), cond, shapes)
         diff2 = (v.float() - v_ref.float()) ** 2
         return diff2.mean(dim=tuple(range(1, diff2.dim()))).cpu()
@@ -147,7 +144,7 @@ def build_monitor(qwen, args: Any, prompts, accelerator, policy, reference=None)
     if prompts is None:
         return None, None
     if reference is None and args.finetune == "lora":
-        reference = ReferenceModel.from_policy(policy, "lora", args.init_adapter)
+        reference = ReferenceModel.from_policy(policy, "lora", args.init_adapter, velocity_fn=qwen.predict_velocity)
     reward = build_reward(args, args.monitor_reward_funcs) if args.monitor_reward_funcs else build_reward(args)
     return (HeldOutMonitor(qwen, args, prompts, reward, accelerator, reference),
             OverOptimizationGuard(args.early_stop_patience))

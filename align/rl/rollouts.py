@@ -22,9 +22,8 @@ from PIL import Image
 
 from qwen_image import QwenImage
 from qwen_image.errors import UserError
-from qwen_image.latents import check_size, image_seq_len, img_shapes
+from qwen_image.latents import img_shapes
 from qwen_image.sampling import Conditioning, SDEStep, predict_velocity, sample, sde_noise_generators, sde_std, sde_step
-from qwen_image.scheduler import inference_sigmas
 
 from ..data.edit import CONTROLS, open_control
 
@@ -58,6 +57,7 @@ class RolloutBatch:
 
     @property
     def img_shapes(self) -> list:
+        # The target's grid: one token per 16x16 px in every family (Qwen-Image 8x VAE + 2x2 packing, 2.1 16x VAE).
         return img_shapes(len(self), self.height, self.width)
 
     def to(self, device: torch.device | str) -> "RolloutBatch":
@@ -155,16 +155,17 @@ def generate_rollouts(
     """
     if noise_level <= 0:
         raise ValueError(f"noise_level must be > 0 for GRPO rollouts (0 is the deterministic ODE), got {noise_level}")
-    check_size(height, width)
+    qwen.check_size(height, width)
     device = next(transformer.parameters()).device
     cond, negative = rollout_conditioning(qwen, prompts, columns, true_cfg_scale, negative_prompt, reference_area, device)
     latents = qwen.initial_noise(len(prompts), height, width, list(seeds)).to(device)
     if generator is None:
         generator = sde_noise_generators(seeds)
-    sigmas = inference_sigmas(qwen.scheduler, num_inference_steps, image_seq_len(height, width))
-    out = sample(transformer, latents, sigmas, cond, img_shapes(len(prompts), height, width), negative=negative,
+    sigmas = qwen.inference_sigmas(num_inference_steps, height, width)
+    # The bundle's velocity call without 2.1's condition KV cache: training recomputes log-probs with full forwards.
+    out = sample(transformer, latents, sigmas, cond, qwen.img_shapes(len(prompts), height, width), negative=negative,
                  true_cfg_scale=true_cfg_scale, noise_level=noise_level, sde_window=sde_window, generator=generator,
-                 record=True)
+                 record=True, velocity_fn=qwen.predict_velocity)
     images = qwen.decode_latents(out.latents, height, width) if decode else []
     return RolloutBatch(
         prompts=list(prompts), columns={k: list(v) for k, v in (columns or {}).items()}, cond=cond, negative=negative,
@@ -181,8 +182,10 @@ def recompute_log_prob(
     batch: RolloutBatch,
     step_index: int,
     attention_kwargs: dict | None = None,
+    velocity_fn: Callable = predict_velocity,
 ) -> SDEStep:
     """Score the stored transition x_j -> x_{j+1} under ``transformer`` (grad flows through the conditional branch).
+    ``velocity_fn``: the bundle's ``predict_velocity`` (the model family's velocity call).
 
     Returns the SDEStep: ``log_prob`` (B,), ``mean`` (B, L, C) fp32 and ``std`` (the per-element std).
     """
@@ -190,8 +193,8 @@ def recompute_log_prob(
     if j not in batch.sde_steps:
         raise ValueError(f"step {j} was an ODE step in this rollout (SDE steps: {batch.sde_steps}); it has no log-prob.")
     x = batch.x(j)
-    v = predict_velocity(transformer, x, batch.sigmas[j], batch.cond, batch.img_shapes, batch.negative,
-                         batch.true_cfg_scale, attention_kwargs)
+    v = velocity_fn(transformer, x, batch.sigmas[j], batch.cond, batch.img_shapes, batch.negative,
+                    batch.true_cfg_scale, attention_kwargs)
     return sde_step(x, v, float(batch.sigmas[j]), float(batch.sigmas[j + 1]), batch.noise_level, batch.sigma_max,
                     prev_sample=batch.x(j + 1))
 

@@ -20,9 +20,7 @@ from transformers.trainer_utils import TrainOutput, rotate_checkpoints
 
 from qwen_image import QwenImage
 from qwen_image.errors import UserError
-from qwen_image.latents import img_shapes
-from qwen_image.sampling import Conditioning, References, predict_velocity, sample
-from qwen_image.scheduler import inference_sigmas
+from qwen_image.sampling import Conditioning, References, sample
 
 from ..configs import QwenImageTrainingConfig
 from ..export import LORA_WEIGHT_NAME, save_full, save_lora
@@ -122,17 +120,20 @@ class QwenImageTrainer(Trainer):
         width: int,
         attention_kwargs: dict | None = None,
         references: References | None = None,
+        img_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The transformer's velocity v = eps - x0 on packed latents at per-sample noise level ``sigma``
-        (edit models: of the target tokens, with ``references`` appended as the conditioning seam does)."""
+        (edit models: of the target tokens, with ``references`` appended as the conditioning seam does), through
+        the bundle's velocity call (the model family's). ``img_mask``: the image slots of 2.1 edit embeddings."""
         if self._model_dtype is None:  # looked up once, after the backend prepared the model: ``.dtype`` walks it
             self._model_dtype = self.qwen.transformer.dtype
         dtype = self._model_dtype
         if references is not None:
             references = references.to(noisy.device, dtype)
-        cond = Conditioning.from_padded(prompt_embeds.to(dtype), prompt_mask, references)
-        return predict_velocity(model, noisy.to(dtype), sigma, cond, img_shapes(noisy.shape[0], height, width),
-                                attention_kwargs=attention_kwargs)
+        cond = Conditioning.from_padded(prompt_embeds.to(dtype), prompt_mask, references, img_mask)
+        return self.qwen.predict_velocity(model, noisy.to(dtype), sigma, cond,
+                                          self.qwen.img_shapes(noisy.shape[0], height, width),
+                                          attention_kwargs=attention_kwargs)
 
     def _clip_grad_norm(self, model: torch.nn.Module):
         """Trainer clips ``model.parameters()``: a walk over every module and frozen weight each step (a few % of a
@@ -267,9 +268,9 @@ class QwenImageTrainer(Trainer):
         device = self.accelerator.device
         cond, negative = cond.to(device), negative.to(device)
         latents = self.qwen.initial_noise(n, size, size, seed=seed).to(device)
-        sigmas = inference_sigmas(self.qwen.scheduler, self.args.validation_num_inference_steps, latents.shape[1])
-        out = sample(model, latents, sigmas, cond, img_shapes(n, size, size), negative=negative,
-                     true_cfg_scale=self.args.validation_true_cfg_scale)
+        sigmas = self.qwen.inference_sigmas(self.args.validation_num_inference_steps, size, size)
+        out = sample(model, latents, sigmas, cond, self.qwen.img_shapes(n, size, size), negative=negative,
+                     true_cfg_scale=self.args.validation_true_cfg_scale, velocity_fn=self.qwen.predict_velocity)
         self.qwen.vae.to(device)
         images = self.qwen.decode_latents(out.latents, size, size)
         model.train(was_training)

@@ -42,7 +42,8 @@ class FlowDPOTrainer(QwenImageTrainer):
         super().__init__(qwen, args, train_dataset=train_dataset, **kwargs)
         # self.model is still the bare transformer here (wrapping happens in train()): build the reference now.
         self.reference = ReferenceModel.from_policy(
-            self.model, args.finetune, init_adapter=args.init_adapter, offload=args.reference_offload
+            self.model, args.finetune, init_adapter=args.init_adapter, offload=args.reference_offload,
+            velocity_fn=qwen.predict_velocity,
         ).prepare(self.accelerator)
         if args.w_grpo > 0 and type(self).extra_loss_terms is FlowDPOTrainer.extra_loss_terms:
             raise UserError("w_grpo > 0 needs the GRPO term: launch align/dpo.py (the combined trainer).")

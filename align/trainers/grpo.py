@@ -73,7 +73,9 @@ class GRPOTrainer(MonitoredEvaluationMixin, QwenImageTrainer):
         super().__init__(qwen, args, train_dataset=MicroSteps(len(train_dataset), args),
                          data_collator=_collate_micro_steps, eval_dataset=monitor_prompts, **kwargs)
         policy = self.model  # not wrapped yet: the reference must see the bare transformer
-        reference = ReferenceModel.from_policy(policy, args.finetune, args.init_adapter).prepare(self.accelerator) if args.beta > 0 else None
+        reference = (ReferenceModel.from_policy(policy, args.finetune, args.init_adapter,
+                                                velocity_fn=qwen.predict_velocity).prepare(self.accelerator)
+                     if args.beta > 0 else None)
         self.grpo = GRPOObjective(qwen, args, reward_fn or build_reward(args), self.accelerator, reference, need_kl=args.beta > 0)
         self.rollouts = RolloutSource(self.grpo.rollout, train_dataset, args, self.accelerator.process_index, RolloutBatch)
         self.checkpoint_states["rollout"] = self.rollouts

@@ -183,7 +183,7 @@ class GRPOObjective:
     def step_terms(self, model: torch.nn.Module, batch: RolloutBatch, j: int) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
         """Policy loss, KL (or None) and ratio statistics of trained step ``j`` (``batch`` already on the device)."""
         args = self.args
-        step = recompute_log_prob(model, batch, j)
+        step = recompute_log_prob(model, batch, j, velocity_fn=self.qwen.predict_velocity)
         old = batch.log_probs[:, j]
         if args.policy_loss == "clip":
             policy_loss, stats = grpo_clip_loss(step.log_prob, old, batch.advantages, args.epsilon)
