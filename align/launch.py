@@ -147,6 +147,10 @@ def parse_config(config_class, argv: Sequence[str] | None = None, return_remaini
         raise
     except (ValueError, TypeError) as err:  # a __post_init__ check of the config: the user's values are wrong
         raise UserError(str(err)) from None
+    if hasattr(config, "model_family"):  # an unknown family (or a plugin that fails to import): one line, now
+        from .models import get_model_family
+
+        get_model_family(config.model_family)
     if return_remaining:
         return config, remaining
     if remaining:

@@ -170,7 +170,8 @@ def test_new_objective_and_family_through_the_cli(sft_data, tmp_path):
     assert _lora_moved(out) > 0
     bad = subprocess.run([*cli, "toy-l1", "--model_family", "nope", "--dataset_name", str(sft_data), *_common(out)],
                          env=env, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "tiny-renamed" in bad.stderr
+    last = bad.stderr.strip().splitlines()[-1]
+    assert bad.returncode == 2 and last.startswith("error:") and "tiny-renamed" in last, bad.stderr[-2000:]
     assert "Traceback" not in bad.stderr
 
 
