@@ -1,4 +1,4 @@
-"""Flow-DPO (+ the GRPO term when ``w_grpo > 0``): ``accelerate launch [--config_file recipes/accelerate/X.yaml]
+"""Flow-DPO (+ the online term, ``online: grpo | nft | awm | dgpo`` with ``w_online > 0``): ``accelerate launch [--config_file recipes/accelerate/X.yaml]
 align/dpo.py --config recipes/dpo_lora.yaml`` (or ``qwen-image-align dpo --config ...``). The run skeleton is
 ``align.launch.train_main``; this file says what DPO reads and builds."""
 
@@ -19,7 +19,7 @@ from align.trainers.dpo import FlowDPOTrainer  # noqa: E402
 
 
 def load_data(config: DPOGRPOConfig):
-    # Pairs (and the GRPO prompts and reward names) are read and checked before the model loads.
+    # Pairs (and the online term's prompts and reward names) are read and checked before the model loads.
     if config.w_grpo == 0:
         return read_pairs(config), None
     build_reward(config)  # an unknown reward name fails here, not after the model loaded
