@@ -249,12 +249,13 @@ class ForwardObjective(GroupScoring):
             if key in ("policy_loss", "kl"):
                 continue
             values = [s[key] for s in stats]
-            if key.endswith("_min"):
-                m[key[:-4] + "/min"] = min(values)
-            elif key.endswith("_max"):
-                m[key[:-4] + "/max"] = max(values)
+            name = "ratio/" + key[len("ratio_"):] if key.startswith("ratio_") else key  # GRPO's names
+            if name.endswith(("_min", "/min")):
+                m[name[:-4] + "/min"] = min(values)
+            elif name.endswith(("_max", "/max")):
+                m[name[:-4] + "/max"] = max(values)
             else:
-                m[key] = sum(values) / len(values)
+                m[name] = sum(values) / len(values)
         if kl is not None:
             m["kl"] = kl
         self.metrics.add(m)
