@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_helpers import lora_b_off_zero
 
 from align.configs.combined import DPOGRPOConfig
 from align.configs.forward import AWMConfig, DGPOConfig, NFTConfig
@@ -18,8 +19,6 @@ from align.memory import Options, estimate
 from align.objectives import get_objective
 from qwen_image import QwenImage
 from qwen_image.errors import UserError
-
-from .lora_helpers import lora_b_off_zero
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {m: str(ROOT / f"recipes/tiny/{m}_brightness.yaml") for m in ("nft", "awm", "dgpo")}
