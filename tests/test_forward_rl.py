@@ -229,3 +229,22 @@ def test_estimate_counts_the_old_adapter_and_the_x0_buffer(tmp_path):
     combined = parse_config(DPOGRPOConfig, ["--config", str(ROOT / "recipes/tiny/dpo_nft.yaml"), "--output_dir",
                                             str(tmp_path), "--use_cpu", "true"])
     assert Options.from_config(combined).objective == "dpo+nft" and Options.from_config(combined).extra_adapters == 1
+
+
+# ------------------------------------------------------------------------------------------------ edit models
+@pytest.mark.parametrize("variant", ["edit-2509", "edit-2511"])
+def test_nft_on_edit_models_raises_the_held_out_reward(variant, tmp_path):
+    from align.data.edit import write_synthetic_edit_prompts
+    from align.launch import train_main
+
+    prompts = write_synthetic_edit_prompts(tmp_path / "edit_prompts", n=4, size=32)
+    trainer = train_main("nft", ["--config", str(ROOT / "recipes/tiny/edit_nft_lora.yaml"), "--tiny_variant", variant,
+                                 "--dataset_name", str(prompts), "--output_dir", str(tmp_path / "o"),
+                                 "--monitor_dataset_name", str(prompts), "--monitor_seeds", "2",
+                                 "--eval_strategy", "steps", "--eval_steps", "12", "--eval_on_start", "true",
+                                 "--disable_tqdm", "true"])
+    assert trainer.qwen.edit_model
+    assert trainer.rollouts.buffer[0].cond.references is not None  # the control images ride in the conditioning
+    evals = [h["eval_reward"] for h in trainer.state.log_history if "eval_reward" in h]
+    print(f"{variant} held-out brightness:", [round(r, 4) for r in evals])
+    assert len(evals) == 2 and evals[-1] > evals[0] + 0.005
