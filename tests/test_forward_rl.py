@@ -248,3 +248,26 @@ def test_nft_on_edit_models_raises_the_held_out_reward(variant, tmp_path):
     evals = [h["eval_reward"] for h in trainer.state.log_history if "eval_reward" in h]
     print(f"{variant} held-out brightness:", [round(r, 4) for r in evals])
     assert len(evals) == 2 and evals[-1] > evals[0] + 0.005
+
+
+@pytest.mark.slow
+def test_dgpo_group_spanning_two_processes_gets_one_score(tmp_path):
+    # 1 prompt x 4 images per generation batch, 2 per process: the group spans both processes. One trained timestep
+    # (4 steps x 0.25) per micro-step, one micro-step per step: at step 2 (policy != reference, so the score is not
+    # 0) the group score's min and max over the processes agree only if its sums were all-reduced (each half alone
+    # scores differently).
+    import json
+    import os
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "align/dgpo.py",
+           "--config", TINY["dgpo"], "--output_dir", str(tmp_path), "--per_device_train_batch_size", "2",
+           "--gradient_accumulation_steps", "1", "--timestep_fraction", "0.25", "--max_steps", "2",
+           "--beta", "0.01", "--disable_tqdm", "true"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = [h for h in json.loads((tmp_path / "trainer_state.json").read_text())["log_history"] if "reward" in h]
+    assert first["kl"] == 0.0 and first["group_score/min"] == first["group_score/max"] == 0.0  # policy == reference
+    assert second["kl"] > 0.0 and second["ratio/mean"] == 1.0
+    assert second["group_score/min"] == second["group_score/max"] != 0.0
