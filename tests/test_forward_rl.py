@@ -271,3 +271,20 @@ def test_dgpo_group_spanning_two_processes_gets_one_score(tmp_path):
     assert first["kl"] == 0.0 and first["group_score/min"] == first["group_score/max"] == 0.0  # policy == reference
     assert second["kl"] > 0.0 and second["ratio/mean"] == 1.0
     assert second["group_score/min"] == second["group_score/max"] != 0.0
+
+
+def test_configs_and_trainers_build_programmatically(tmp_path):
+    from align.data.prompts import load_prompt_dataset
+    from align.trainers.forward import ForwardRLTrainer
+    from rewards import combine
+
+    common = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True, num_generations=2,
+                  per_device_train_batch_size=2, resolution=32, num_inference_steps=4, lora_rank=2, lora_alpha=2)
+    with pytest.raises(UserError, match="DiffusionNFT keeps an 'old' LoRA adapter"):
+        NFTConfig(finetune="full", **common)
+    for cls, extra in ((NFTConfig, {}), (AWMConfig, {"awm_num_timesteps": 2, "timestep_fraction": 1.0}), (DGPOConfig, {})):
+        config = cls(**common, **extra)
+        assert config.true_cfg_scale == 1.0 and config.method in ("nft", "awm", "dgpo")
+        trainer = ForwardRLTrainer(QwenImage.tiny(seed=0), config, load_prompt_dataset(prompts=["a", "b"]),
+                                   reward_fn=combine(["brightness"]))
+        assert type(trainer.objective).method == config.method

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -54,7 +55,9 @@ class ShadowAdapter:
         self.updates = 0  # how many times update() ran (the EMA schedules' step)
         flags = [(p, p.requires_grad) for p in transformer.parameters()]
         config = transformer.peft_config[trained]
-        transformer.add_adapter(copy.deepcopy(config), adapter_name=name)
+        with warnings.catch_warnings():  # PEFT warns that a second adapter joins the first: that is the point
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            transformer.add_adapter(copy.deepcopy(config), adapter_name=name)
         transformer.set_adapter(trained)
         for p, flag in flags:
             p.requires_grad_(flag)
