@@ -32,7 +32,9 @@ def _config(method: str, tmp_path, *options: str):
 
 @pytest.mark.parametrize("recipe,cls", [("tiny/nft_brightness.yaml", NFTConfig), ("tiny/awm_brightness.yaml", AWMConfig),
                                         ("tiny/dgpo_brightness.yaml", DGPOConfig), ("nft_ocr.yaml", NFTConfig),
-                                        ("low_vram/nft_24gb.yaml", NFTConfig), ("tiny/dpo_nft.yaml", DPOGRPOConfig)])
+                                        ("low_vram/nft_24gb.yaml", NFTConfig), ("tiny/dpo_nft.yaml", DPOGRPOConfig),
+                                        ("awm_ocr.yaml", AWMConfig), ("dgpo_ocr.yaml", DGPOConfig),
+                                        ("tiny/edit_nft_lora.yaml", NFTConfig)])
 def test_recipes_parse(recipe, cls, tmp_path):
     config = parse_config(cls, ["--config", str(ROOT / "recipes" / recipe), "--output_dir", str(tmp_path),
                                 "--bf16", "false", "--report_to", "none", "--use_cpu", "true"])
