@@ -1,4 +1,4 @@
-"""Flow-DPO (+ the GRPO term when ``w_grpo > 0``): ``accelerate launch [--config_file recipes/accelerate/X.yaml]
+"""Flow-DPO (+ the online term, ``online: grpo | nft | awm | dgpo`` with ``w_online > 0``): ``accelerate launch [--config_file recipes/accelerate/X.yaml]
 align/dpo.py --config recipes/dpo_lora.yaml`` (or ``qwen-image-align dpo --config ...``). The run skeleton is
 ``align.launch.train_main``; this file says what DPO reads and builds."""
 
@@ -20,7 +20,8 @@ from align.trainers.dpo import FlowDPOTrainer  # noqa: E402
 
 
 def load_data(config: DPOGRPOConfig):
-    # Pairs (the GRPO prompts and reward names, the KTO term's rated images) are read and checked before the model.
+    # Pairs, the online term's prompts and reward names, the KTO term's rated images: read and checked before the
+    # model loads.
     rated = load_kto_rows(config, config.kto_dataset_name)[0] if config.w_kto > 0 else None
     if config.w_grpo == 0:
         return read_pairs(config), None, rated

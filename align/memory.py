@@ -20,7 +20,9 @@ What a training step holds on the GPU (all of it is counted):
   With block checkpointing only each block's two input streams stay, plus one block's worth during its recompute.
 - per objective: SFT one image per sample; Flow-DPO chosen + rejected in one forward (2 images per pair; the
   reference forward has no graph); GRPO one trained timestep per backward (the CFG uncond branch and the rollouts
-  run without graph), plus the VAE for decoding rollouts; DPO+GRPO both graphs at once.
+  run without graph), plus the VAE for decoding rollouts; DPO+GRPO both graphs at once; the forward-process
+  objectives (NFT / AWM / DGPO) one trained timestep per backward too, plus their extra LoRA adapters (NFT's old,
+  fp32, no grads or optimizer state) and the x0 buffer of a generation batch.
 - ``CONTEXT_GIB`` for the CUDA context and allocator slack.
 
 The caching phase (text encoder + VAE, before training) is estimated too; the peak is the larger of the two.
@@ -106,6 +108,7 @@ class Options:
     graphs: tuple[int, ...] = ()
     decodes: bool | None = None
     extra_adapters: int = 0
+    buffer_images: int = 0
 
     @classmethod
     def from_config(cls, config) -> "Options":
@@ -137,6 +140,7 @@ class Options:
             graphs=terms.graphs,
             decodes=terms.decodes,
             extra_adapters=terms.extra_adapters,
+            buffer_images=terms.buffer_images,
         )
 
     def step_graphs(self) -> tuple[int, ...]:
@@ -233,6 +237,8 @@ def estimate(o: Options, arch: Architecture | None = None) -> Estimate:
         held, transient = held + h, max(transient, t)
     est.parts["activations"] = (held + transient) / GIB
     vae_params = arch.vae_params or VAE_PARAMS
+    if o.buffer_images:  # x0 of a forward-process objective's rollout buffer (packed latents, 64 channels)
+        est.parts["x0 buffer"] = o.buffer_images * (o.resolution // 16) ** 2 * 64 * db / GIB
     if o.decodes_rollouts:
         est.parts["VAE"] = vae_params * db / GIB  # decodes rollouts for the rewards
     est.parts["context"] = CONTEXT_GIB

@@ -37,13 +37,15 @@ class MemoryTerms:
     term: one trained timestep of its rollout micro-batch); ``reference``: a frozen reference is kept (a full copy
     when fine-tuning all weights); ``decodes``: the VAE stays on the device to decode rollouts for the rewards;
     ``extra_adapters``: further LoRA adapters of the LoRA's size kept beside the trained one (e.g. an old policy);
-    ``label``: the name printed in the estimate line."""
+    ``buffer_images``: rollouts whose final latents a forward-process objective keeps between its rollout and its
+    updates (x0 only, counted at the latents' size); ``label``: the name printed in the estimate line."""
 
     label: str
     graphs: tuple[int, ...]
     reference: bool = False
     decodes: bool = False
     extra_adapters: int = 0
+    buffer_images: int = 0
 
 
 def _resolve(ref: Any) -> Any:
@@ -124,10 +126,15 @@ def dpo_memory(config: Any) -> MemoryTerms:
     pairs = 2 * config.per_device_train_batch_size  # chosen + rejected in one forward
     # The KTO term's rated images: a graph back-propagated together with the DPO one.
     kto = (config.kto_images_per_step,) if getattr(config, "w_kto", 0) > 0 else ()
-    label = "+kto" if kto else ""
-    if config.w_grpo > 0:
-        return MemoryTerms(f"dpo{label}+grpo", (pairs, *kto, config.rollout_batch_size), reference=True, decodes=True)
-    return MemoryTerms(f"dpo{label}", (pairs, *kto), reference=True)
+    label = "dpo" + ("+kto" if kto else "")
+    method = config.online_method
+    if method == "grpo":
+        return MemoryTerms(f"{label}+grpo", (pairs, *kto, config.rollout_batch_size), reference=True, decodes=True)
+    if method is not None:
+        online = forward_memory(config, method)
+        return MemoryTerms(f"{label}+{method}", (pairs, *kto, config.rollout_batch_size), reference=True,
+                           decodes=True, extra_adapters=online.extra_adapters, buffer_images=online.buffer_images)
+    return MemoryTerms(label, (pairs, *kto), reference=True)
 
 
 def kto_memory(config: Any) -> MemoryTerms:
@@ -139,6 +146,20 @@ def grpo_memory(config: Any) -> MemoryTerms:
     return MemoryTerms("grpo", (config.rollout_batch_size,), reference=config.beta > 0, decodes=True)
 
 
+def forward_memory(config: Any, method: str | None = None) -> MemoryTerms:
+    """DiffusionNFT / AWM / DGPO: one trained timestep of the rollout micro-batch per graph, the VAE for the
+    rewards, the extra LoRA adapters (NFT's old; AWM's EMA; a sampling snapshot when a buffer is reused) and the
+    x0 buffer of a generation batch."""
+    from .configs.forward import extra_adapter_count
+
+    method = method or config.method
+    # standalone: a reference for the KL or DGPO's score; combined: the DPO term's reference is there anyway
+    reference = (config.beta > 0 or method == "dgpo") if hasattr(config, "method") else True
+    return MemoryTerms(method, (config.rollout_batch_size,), reference=reference, decodes=True,
+                       extra_adapters=extra_adapter_count(method, config),
+                       buffer_images=config.rollout_batch_size * config.steps_per_generation)
+
+
 _ALIGN = Path(__file__).resolve().parent
 SFT = register_objective(Objective(
     "sft", "align.configs.sft:SFTConfig", "align.sft:load_data", "align.sft:build_trainer", sft_memory,
@@ -146,10 +167,21 @@ SFT = register_objective(Objective(
 DPO = register_objective(Objective(
     "dpo", "align.configs.combined:DPOGRPOConfig", "align.dpo:load_data", "align.dpo:build_trainer", dpo_memory,
     script=str(_ALIGN / "dpo.py"),
-    description="Flow-DPO on preference pairs; with w_grpo / w_kto > 0 the combined objective (online term, KTO on ratings)"))
+    description="Flow-DPO on preference pairs; with an online term (online: grpo|nft|awm|dgpo, w_online > 0) and/or "
+                "a KTO term on ratings (w_kto > 0) the combined objective"))
 GRPO = register_objective(Objective(
     "grpo", "align.configs.grpo:GRPOConfig", "align.grpo:load_data", "align.grpo:build_trainer", grpo_memory,
     script=str(_ALIGN / "grpo.py"), description="Flow-GRPO online RL on SDE rollouts (clip / guard / dppo)"))
+NFT = register_objective(Objective(
+    "nft", "align.configs.forward:NFTConfig", "align.nft:load_data", "align.nft:build_trainer", forward_memory,
+    script=str(_ALIGN / "nft.py"),
+    description="DiffusionNFT online RL on CFG-free ODE rollouts (trained + old LoRA adapters)"))
+AWM = register_objective(Objective(
+    "awm", "align.configs.forward:AWMConfig", "align.awm:load_data", "align.awm:build_trainer", forward_memory,
+    script=str(_ALIGN / "awm.py"), description="AWM: advantage-weighted flow matching on on-policy ODE rollouts"))
+DGPO = register_objective(Objective(
+    "dgpo", "align.configs.forward:DGPOConfig", "align.dgpo:load_data", "align.dgpo:build_trainer", forward_memory,
+    script=str(_ALIGN / "dgpo.py"), description="DGPO: group-level preference optimisation on ODE rollouts"))
 KTO = register_objective(Objective(
     "kto", "align.configs.kto:KTOConfig", "align.kto:load_data", "align.kto:build_trainer", kto_memory,
     script=str(_ALIGN / "kto.py"),

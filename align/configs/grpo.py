@@ -1,5 +1,6 @@
-"""Flow-GRPO options: ``GRPOArguments`` (the GRPO fields as a mixin, shared by the GRPO and the combined trainer's
-configs) and ``GRPOConfig`` (GRPOTrainer's config)."""
+"""Online-RL options: ``OnlineArguments`` (what every online objective shares: prompts, groups, rewards, rollout
+batching, the held-out monitor), ``GRPOArguments`` (Flow-GRPO's own fields on top; both are mixins shared by the
+standalone and the combined trainers' configs) and ``GRPOConfig`` (GRPOTrainer's config)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,14 @@ from .base import QwenImageTrainingConfig
 
 SCALE_REWARDS = ("group", "batch", "none", "true", "false")
 
+
 @dataclass
-class GRPOArguments:
-    """GRPO fields (TRL's names where the idea is the same; defaults from flow_grpo). Mixed into trainer configs."""
+class OnlineArguments:
+    """Fields every online objective shares (prompts, groups, rewards, rollout batching, the held-out monitor; TRL's
+    names where the idea is the same; defaults from flow_grpo). Mixed into trainer configs; ``grpo_batch_size`` is
+    the number of rollouts per process per micro-step whatever the online method."""
 
     num_generations: int = field(default=8, metadata={"help": "Images per prompt (the group for advantages); flow_grpo: 16-24."})
-    epsilon: float = field(default=1e-4, metadata={"help": "Clip range of the ratio; tiny because log-probs are per-element means (flow_grpo 1e-4; 1e-5 for Fast). dppo: the per-step KL trust region eps_D (1e-5 in the paper)."})
-    policy_loss: str = field(default="clip", metadata={"help": "clip (Flow-GRPO's clipped ratio) | guard (GRPO-Guard: normalised ratio, 1/|dt| step weights) | dppo (Flow-DPPO: exact per-step KL trust region instead of the clip). guard/dppo keep each step's rollout mean (more rollout memory)."})
-    guard_reweight: bool = field(default=True, metadata={"help": "guard: weight each step's loss by 1/|dt| (the paper's reweighting)."})
     scale_rewards: str = field(default="group", metadata={"help": "group: divide by the group std; batch: by the batch std; none: only centre."})
     adv_clip_max: float = field(default=5.0, metadata={"help": "Advantages are clipped to [-adv_clip_max, adv_clip_max]."})
     num_iterations: int = field(default=1, metadata={"help": "Optimisation passes over each rollout buffer (PPO epochs)."})
@@ -27,13 +28,8 @@ class GRPOArguments:
     reward_weights: list[float] | None = field(default=None, metadata={"help": "One weight per reward (default 1 each)."})
     reward_kwargs: dict | str | None = field(default=None, metadata={"help": "Options per reward, e.g. {\"clip\": {\"model_path\": \"/models/clip\"}} (a dict or JSON)."})
     train_prompts: list[str] = field(default_factory=list, metadata={"help": "Inline prompts (instead of dataset_name)."})
-    trust_region_form: str = field(default="paper", metadata={"help": "dppo: how the per-step trust region D_t is measured. paper: mean((mu-mu_old)^2) / (2 sigma_t^2 |dt|), the form the paper's eps_D = 1e-5 refers to; flow_grpo: without |dt| (|dt| times smaller, so 10-50x looser at the same eps); exact: summed over dims. Separate from kl_form (the reference KL)."})
-    kl_form: str = field(default="flow_grpo", metadata={"help": "flow_grpo: mean((mu-mu_ref)^2)/(2 sigma_t^2), the form published betas assume; exact: ||mu-mu_ref||^2/(2 sigma_t^2 |dt|)."})
-    noise_level: float = field(default=0.7, metadata={"help": "SDE noise level a (sigma_t = a sqrt(s/(1-s))); flow_grpo 0.7 (Qwen-Image 1.2 with a window)."})
     num_inference_steps: int = field(default=10, metadata={"help": "Sampler steps of a rollout (flow_grpo trains with 10, evaluates with 40-50)."})
     timestep_fraction: float = field(default=0.99, metadata={"help": "Fraction of the SDE steps trained per batch: int(T * fraction), a random subset."})
-    sde_window_size: int = field(default=0, metadata={"help": "Flow-GRPO-Fast: SDE (and training) only on this many steps; 0 = every step."})
-    sde_window_range: list[int] | None = field(default=None, metadata={"help": "[lo, hi): where the window may start (default [0, steps/2))."})
     true_cfg_scale: float = field(default=4.0, metadata={"help": "True CFG at rollout and training (1 = no CFG: faster, acts as CFG distillation)."})
     negative_prompt: str = field(default=" ", metadata={"help": "Negative prompt for true CFG."})
     release_text_encoder: bool = field(default=True, metadata={"help": "Encode every training prompt and the negative prompt once (kept on CPU), then free the text encoder (8 B params on the real model) before training."})
@@ -75,21 +71,11 @@ class GRPOArguments:
                 self.save_strategy = "steps"
                 self.save_steps = self.eval_steps or self.logging_steps  # type: ignore[attr-defined]
 
-    def _validate_grpo(self) -> None:
+    def _validate_online(self) -> None:
         if self.num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (advantages compare images of the same prompt), got {self.num_generations}")
         if str(self.scale_rewards).lower() not in SCALE_REWARDS:
             raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS[:3]}, got {self.scale_rewards!r}")
-        if self.policy_loss not in POLICY_LOSSES:
-            raise ValueError(f"policy_loss must be one of {POLICY_LOSSES}, got {self.policy_loss!r}")
-        if self.trust_region_form not in TRUST_REGION_FORMS:
-            raise ValueError(f"trust_region_form must be one of {TRUST_REGION_FORMS}, got {self.trust_region_form!r}")
-        if self.kl_form not in KL_FORMS:
-            raise ValueError(f"kl_form must be one of {KL_FORMS}, got {self.kl_form!r}")
-        if self.noise_level <= 0:
-            raise ValueError(f"noise_level must be > 0 for GRPO rollouts, got {self.noise_level}")
-        if self.epsilon <= 0:
-            raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
         if not 0 < self.timestep_fraction <= 1:
@@ -101,8 +87,6 @@ class GRPOArguments:
                 self.reward_kwargs = json.loads(self.reward_kwargs) if self.reward_kwargs.strip() else None
             except json.JSONDecodeError as err:
                 raise ValueError(f"reward_kwargs is not valid JSON: {err}") from None
-        if self.sde_window_size:
-            sde_window_for(self.num_inference_steps, self.sde_window_size, self.sde_window_range)
         if self.grpo_batch_size is not None and self.grpo_batch_size < 1:
             raise ValueError(f"grpo_batch_size must be >= 1, got {self.grpo_batch_size}")
         if self.steps_per_generation is None:
@@ -129,6 +113,35 @@ class GRPOArguments:
     @property
     def scale_mode(self) -> str:
         return {"true": "group", "false": "none"}.get(str(self.scale_rewards).lower(), str(self.scale_rewards).lower())
+
+
+@dataclass
+class GRPOArguments(OnlineArguments):
+    """Flow-GRPO's own fields (SDE rollouts, the ratio's clip / guard / trust region) on top of the shared ones."""
+
+    epsilon: float = field(default=1e-4, metadata={"help": "Clip range of the ratio; tiny because log-probs are per-element means (flow_grpo 1e-4; 1e-5 for Fast). dppo: the per-step KL trust region eps_D (1e-5 in the paper)."})
+    policy_loss: str = field(default="clip", metadata={"help": "clip (Flow-GRPO's clipped ratio) | guard (GRPO-Guard: normalised ratio, 1/|dt| step weights) | dppo (Flow-DPPO: exact per-step KL trust region instead of the clip). guard/dppo keep each step's rollout mean (more rollout memory)."})
+    guard_reweight: bool = field(default=True, metadata={"help": "guard: weight each step's loss by 1/|dt| (the paper's reweighting)."})
+    trust_region_form: str = field(default="paper", metadata={"help": "dppo: how the per-step trust region D_t is measured. paper: mean((mu-mu_old)^2) / (2 sigma_t^2 |dt|), the form the paper's eps_D = 1e-5 refers to; flow_grpo: without |dt| (|dt| times smaller, so 10-50x looser at the same eps); exact: summed over dims. Separate from kl_form (the reference KL)."})
+    kl_form: str = field(default="flow_grpo", metadata={"help": "flow_grpo: mean((mu-mu_ref)^2)/(2 sigma_t^2), the form published betas assume; exact: ||mu-mu_ref||^2/(2 sigma_t^2 |dt|)."})
+    noise_level: float = field(default=0.7, metadata={"help": "SDE noise level a (sigma_t = a sqrt(s/(1-s))); flow_grpo 0.7 (Qwen-Image 1.2 with a window)."})
+    sde_window_size: int = field(default=0, metadata={"help": "Flow-GRPO-Fast: SDE (and training) only on this many steps; 0 = every step."})
+    sde_window_range: list[int] | None = field(default=None, metadata={"help": "[lo, hi): where the window may start (default [0, steps/2))."})
+
+    def _validate_grpo(self) -> None:
+        self._validate_online()
+        if self.policy_loss not in POLICY_LOSSES:
+            raise ValueError(f"policy_loss must be one of {POLICY_LOSSES}, got {self.policy_loss!r}")
+        if self.trust_region_form not in TRUST_REGION_FORMS:
+            raise ValueError(f"trust_region_form must be one of {TRUST_REGION_FORMS}, got {self.trust_region_form!r}")
+        if self.kl_form not in KL_FORMS:
+            raise ValueError(f"kl_form must be one of {KL_FORMS}, got {self.kl_form!r}")
+        if self.noise_level <= 0:
+            raise ValueError(f"noise_level must be > 0 for GRPO rollouts, got {self.noise_level}")
+        if self.epsilon <= 0:
+            raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
+        if self.sde_window_size:
+            sde_window_for(self.num_inference_steps, self.sde_window_size, self.sde_window_range)
 
 
 @dataclass

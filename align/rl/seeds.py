@@ -11,6 +11,8 @@ import torch
 
 # "purpose" tags: one stream each
 SEEDS, WINDOW, TRAIN_STEPS = 1, 2, 3
+# forward-process objectives: the fresh noise of x_t and the trained timesteps
+FORWARD_NOISE, FORWARD_STEPS = 4, 5
 
 
 def derived_generator(*indices: int) -> torch.Generator:

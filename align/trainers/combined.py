@@ -1,14 +1,16 @@
-"""The combined objective ``L = w_dpo * L_DPO + w_grpo * L_GRPO + beta_kl * KL (+ w_sft * L_FM)``.
+"""The combined objective ``L = w_dpo * L_DPO + w_online * L_online + w_kto * L_KTO + beta_kl * KL (+ w_sft * L_FM)``.
 
 The DPO term (and its velocity-form KL, and SFT) runs on offline preference pairs exactly as ``FlowDPOTrainer``
-does; the GRPO term runs on online SDE rollouts of a separate prompt set (``RolloutSource``, the same component
-``GRPOTrainer`` uses), with its KL in closed form per step (``kl_rollout``, weighted by the same ``beta_kl``). One
-frozen reference serves DPO and both KL terms. Each term is logged apart (``loss/dpo``, ``loss/grpo``,
-``loss/kl``, ``loss/kl_rollout``; GRPO statistics under ``grpo/``).
+does; the online term (``online``: Flow-GRPO on SDE rollouts, or DiffusionNFT / AWM / DGPO on ODE rollouts) runs on
+a separate prompt set (``RolloutSource``, the same component the standalone trainers use), with its own KL to the
+reference (``kl_rollout``, weighted by the same ``beta_kl``: GRPO's closed form per step, the forward methods'
+mean((v - v_ref)^2)). One frozen reference serves DPO, both KL terms and DGPO's group score. Each term is logged
+apart (``loss/dpo``, ``loss/<method>``, ``loss/kl``, ``loss/kl_rollout``; the method's statistics under
+``<method>/``). The forward methods' extra adapters (NFT's old, ...) are checkpoint states like the rollout buffer.
 
-A micro-step back-propagates the DPO terms once (skipped when their weights are all 0), then the GRPO term one
-trained timestep at a time. ``w_grpo = 0`` is plain Flow-DPO; ``w_dpo = beta_kl = w_sft = 0`` is plain Flow-GRPO on
-the rollouts.
+A micro-step back-propagates the offline terms once (skipped when their weights are all 0), then the online term
+one trained timestep at a time. ``w_online = 0`` is plain Flow-DPO; ``w_dpo = beta_kl = w_sft = 0`` is the online
+method alone on the rollouts.
 
 With ``w_kto > 0`` a Diffusion-KTO term on rated images (``kto_dataset_name``) joins the offline terms: its
 batches come from a :class:`~align.trainers.kto.RatedBatchSource` (its position saved in checkpoints), the same
@@ -27,12 +29,15 @@ from qwen_image.errors import UserError
 
 from ..configs.combined import DPOGRPOConfig
 from ..data.grpo import load_monitor_prompts
+from ..rl.forward import ForwardRolloutBatch
 from ..rl.monitor import MonitoredEvaluationMixin, build_monitor
 from ..rl.prompts import precompute_prompts_and_release
 from ..rl.rewards import build_reward
 from ..rl.rollouts import RolloutBatch
 from ..rl.source import RolloutSource
 from .dpo import FlowDPOTrainer
+from .forward import AfterOptimizerStep
+from .forward_objective import ForwardObjective, build_forward_objective
 from .grpo import log_rollout_images
 from .grpo_objective import GRPOObjective
 from .kto import KTOTerm, RatedBatchSource, rated_collator
@@ -41,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 
 class DPOGRPOTrainer(MonitoredEvaluationMixin, FlowDPOTrainer):
-    """Flow-DPO on pairs + Flow-GRPO on rollouts of ``grpo_prompts``, one frozen reference; held-out
+    """Flow-DPO on pairs + the online term on rollouts of ``grpo_prompts``, one frozen reference; held-out
     ``monitor_prompts`` feed the over-optimisation monitors every ``eval_steps`` (next to the held-out pairs)."""
 
     training_reward_key = "grpo/reward"
@@ -54,17 +59,28 @@ class DPOGRPOTrainer(MonitoredEvaluationMixin, FlowDPOTrainer):
         if not self.parent_evaluates and monitor_prompts is not None:
             kwargs["eval_dataset"] = monitor_prompts  # the Trainer wants an eval set for its schedule
         super().__init__(qwen, args, train_dataset=train_dataset, **kwargs)
-        self.grpo: GRPOObjective | None = None
+        # The online objective (named ``grpo`` for the recipes and tools that read it; ``online`` is the same).
+        self.grpo: GRPOObjective | ForwardObjective | None = None
         self.rollouts: RolloutSource | None = None
-        if args.w_grpo > 0:
+        self.method = args.online_method
+        if self.method is not None:
             if grpo_prompts is None:
-                raise UserError("w_grpo > 0 needs GRPO prompts: set grpo_dataset_name or train_prompts.")
+                raise UserError(f"the online term ({self.method}) needs prompts: set grpo_dataset_name or train_prompts.")
             if qwen.text_encoder is None or qwen.vae is None:
-                raise ValueError("the GRPO term needs the text encoder (prompts) and the VAE (images for the rewards).")
-            self.grpo = GRPOObjective(qwen, args, reward_fn or build_reward(args), self.accelerator, self.reference,
-                                      need_kl=args.beta_kl > 0)
+                raise ValueError("the online term needs the text encoder (prompts) and the VAE (images for the rewards).")
+            reward = reward_fn or build_reward(args)
+            if self.method == "grpo":
+                self.grpo = GRPOObjective(qwen, args, reward, self.accelerator, self.reference, need_kl=args.beta_kl > 0)
+                batch_type = RolloutBatch
+            else:  # self.model is still the bare transformer: the extra adapters go onto it
+                self.grpo = build_forward_objective(self.method, qwen, args, reward, self.accelerator, self.model,
+                                                    self.reference, need_kl=args.beta_kl > 0)
+                self.checkpoint_states.update(self.grpo.checkpoint_states)
+                self.add_callback(AfterOptimizerStep(self.grpo))
+                batch_type = ForwardRolloutBatch
+            self.training_reward_key = f"{self.method}/reward"
             self.rollouts = RolloutSource(self.grpo.rollout, grpo_prompts, args, self.accelerator.process_index,
-                                          RolloutBatch)
+                                          batch_type)
             self.checkpoint_states["rollout"] = self.rollouts
             self.monitor, self.guard = build_monitor(qwen, args, monitor_prompts, self.accelerator, self.model,
                                                      self.reference)
@@ -107,7 +123,7 @@ class DPOGRPOTrainer(MonitoredEvaluationMixin, FlowDPOTrainer):
             return terms, metrics
         batch = self.rollouts.batch(self.accelerator.unwrap_model(model))
         policy_loss, kl = self.grpo.loss(model, batch, micro_step=self.rollouts.micro_step)
-        terms["grpo"] = (self.args.w_grpo, policy_loss)
+        terms[self.method] = (self.args.w_online, policy_loss)
         if kl is not None:
             terms["kl_rollout"] = (self.args.beta_kl, kl)
         return terms, metrics
@@ -130,18 +146,22 @@ class DPOGRPOTrainer(MonitoredEvaluationMixin, FlowDPOTrainer):
                 loss = self.weighted_loss(*self.offline_terms(model, inputs), mode="train")
                 self.accelerator.backward(loss * scale)
             total += float(loss.detach())
-        total += self.grpo.micro_step(self.rollouts, model, policy_weight=self.args.w_grpo,
+        total += self.grpo.micro_step(self.rollouts, model, policy_weight=self.args.w_online,
                                       kl_weight=self.args.beta_kl, scale=scale,
                                       no_sync=partial(self.accelerator.no_sync, model))
         return torch.tensor(total * scale, device=self.accelerator.device)
 
+    @property
+    def online(self) -> GRPOObjective | ForwardObjective | None:
+        return self.grpo
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.grpo is not None:
-            grpo = self.grpo.pop_metrics()
+            online = self.grpo.pop_metrics()
             for name in ("policy_loss", self.grpo.kl_metric):
-                if name in grpo:  # the GRPO terms under the same names as the DPO terms
-                    logs["loss/grpo" if name == "policy_loss" else "loss/kl_rollout"] = grpo[name]
-            logs.update({f"grpo/{k}": v for k, v in grpo.items()})
+                if name in online:  # the online terms under the same names as the DPO terms
+                    logs[f"loss/{self.method}" if name == "policy_loss" else "loss/kl_rollout"] = online[name]
+            logs.update({f"{self.method}/{k}": v for k, v in online.items()})
         super().log(logs, start_time)
         if self.grpo is not None:
             log_rollout_images(self.args, self.grpo, self.state.global_step, self.accelerator.is_main_process)

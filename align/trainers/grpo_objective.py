@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from typing import Any, Callable
 
@@ -27,7 +26,6 @@ from ..data.grpo import reference_area
 from ..losses.grpo import (
     dppo_loss,
     gaussian_kl,
-    group_advantages,
     grpo_clip_loss,
     grpo_guard_loss,
     num_train_timesteps,
@@ -36,13 +34,14 @@ from ..losses.grpo import (
 )
 from ..rl.monitor import group_diversity
 from ..rl.rollouts import RolloutBatch, generate_rollouts, recompute_log_prob, score_images
+from ..rl.scoring import GroupScoring
 from ..rl.seeds import TRAIN_STEPS, WINDOW, derived_generator, sample_seeds
 from .base import MetricLog
 
 logger = logging.getLogger(__name__)
 
 
-class GRPOObjective:
+class GRPOObjective(GroupScoring):
     """Rollouts + Flow-GRPO loss for one policy.
 
     ``rollout(policy, prompts, columns, index)`` samples the local prompts in micro-batches of
@@ -124,52 +123,6 @@ class GRPOObjective:
                           "sde_window_start": None if window is None else float(window[0])})
         self._keep_images(chunks)
         return chunks
-
-    def _set_advantages(self, chunks: list[RolloutBatch], local_totals: list, local_per: dict[str, list]) -> None:
-        from accelerate.utils import gather_object
-
-        # Groups can straddle processes (RepeatSampler lays them out consecutively over the global batch): gather
-        # every process's rewards in rank order, compute the advantages globally, keep this process's slice.
-        all_totals = gather_object(list(local_totals))
-        rewards = rewards_tensor(all_totals)
-        adv = group_advantages(rewards, self.args.num_generations, self.args.scale_mode, self.args.adv_clip_max)
-        rank, n = self.accelerator.process_index, len(local_totals)
-        local_adv = adv[rank * n:(rank + 1) * n]
-        offset = 0
-        for batch in chunks:
-            batch.advantages = local_adv[offset:offset + len(batch)].clone()
-            offset += len(batch)
-        self._log_rewards(rewards, adv, {k: gather_object(list(v)) for k, v in local_per.items()})
-
-    def _log_rewards(self, rewards: torch.Tensor, adv: torch.Tensor, per: dict[str, list]) -> None:
-        """Statistics of the GLOBAL generation batch (identical on every rank)."""
-        def stats(t: torch.Tensor) -> tuple[float, float]:
-            t = t[~torch.isnan(t)]
-            return (float(t.mean()) if t.numel() else math.nan,
-                    float(t.std(unbiased=False)) if t.numel() > 1 else math.nan)
-
-        m: dict[str, float] = {}
-        m["reward"], m["reward_std"] = stats(rewards)
-        for name, vals in per.items():
-            m[f"rewards/{name}/mean"], m[f"rewards/{name}/std"] = stats(rewards_tensor(vals))
-        groups = rewards.view(-1, self.args.num_generations)
-        zero_std = [(g[~torch.isnan(g)].std(unbiased=False) if (~torch.isnan(g)).sum() > 1 else torch.tensor(0.0)) < 1e-8
-                    for g in groups]
-        m["frac_reward_zero_std"] = float(sum(bool(z) for z in zero_std)) / len(zero_std)
-        m["advantages/abs_mean"] = float(adv.abs().mean())
-        m["advantages/max"] = float(adv.max())
-        m["advantages/min"] = float(adv.min())
-        self.metrics.add(m)
-
-    def _keep_images(self, chunks: list[RolloutBatch]) -> None:
-        if not self.args.num_images_to_log or not self.accelerator.is_main_process:
-            return
-        images = []
-        for batch in chunks:
-            for i, (im, p) in enumerate(zip(batch.images, batch.prompts)):
-                r = float(batch.rewards[i])
-                images.append((im, f"{p[:60]} | r={r:.3f} | A={float(batch.advantages[i]):+.2f}"))
-        self.logged_images = images[: self.args.num_images_to_log]
 
     # ------------------------------------------------------------------ loss
     def train_steps(self, batch: RolloutBatch, micro_step: int = 0) -> list[int]:

@@ -1,0 +1,23 @@
+"""AWM: ``accelerate launch align/awm.py --config recipes/tiny/awm_brightness.yaml [--key value ...]`` (or
+``qwen-image-align awm --config ...``). The run skeleton is ``align.launch.train_main``; the trainer is
+``align.trainers.forward.ForwardRLTrainer`` (docs/online-rl.md)."""
+
+import os
+import sys
+
+if __package__ in (None, ""):
+    # Run as a file: put the repository root (not align/) first so `align` and `qwen_image` import as packages.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from align.configs.forward import AWMConfig  # noqa: E402, F401  (the config this script parses)
+from align.launch import run, train_main  # noqa: E402
+from align.trainers.forward import build_forward_trainer as build_trainer  # noqa: E402, F401
+from align.trainers.forward import load_forward_data as load_data  # noqa: E402, F401
+
+
+def main(argv=None):
+    return train_main("awm", argv)
+
+
+if __name__ == "__main__":
+    run(main)

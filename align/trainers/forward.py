@@ -1,0 +1,133 @@
+"""The trainer of the forward-process online objectives (DiffusionNFT, AWM, DGPO) as a ``transformers.Trainer``,
+batching like ``GRPOTrainer``: a generation batch of prompts is rolled out with the ODE sampler every
+``steps_per_generation * num_iterations`` micro-steps, scored and buffered (``RolloutSource``; x0 and the grid
+only); each micro-step back-propagates one trained timestep at a time. The rollout source, the RNG-free counters
+and every extra adapter (NFT's ``old``, AWM's EMA, a sampling snapshot) go into every checkpoint, so
+``--resume_from_checkpoint`` continues exactly.
+
+Launch: ``accelerate launch align/nft.py --config recipes/nft_ocr.yaml`` (``awm.py``, ``dgpo.py`` likewise), or
+``qwen-image-align nft|awm|dgpo``. Programmatically: ``ForwardRLTrainer(qwen, NFTConfig(...), prompts, reward_fn)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+import torch
+from accelerate.utils import DistributedType
+from transformers import TrainerCallback
+
+from qwen_image import QwenImage
+
+from ..data.grpo import load_monitor_prompts
+from ..reference import ReferenceModel
+from ..rl.forward import ForwardRolloutBatch
+from ..rl.monitor import MonitoredEvaluationMixin, build_monitor
+from ..rl.prompts import precompute_prompts_and_release
+from ..rl.rewards import build_reward
+from ..rl.source import RolloutSource
+from .base import QwenImageTrainer
+from .forward_objective import ForwardObjective, build_forward_objective
+from .grpo import MicroSteps, _collate_micro_steps, log_rollout_images
+
+logger = logging.getLogger(__name__)
+
+
+class AfterOptimizerStep(TrainerCallback):
+    """Tells the objective that an optimizer step happened (EMA adapters move), before any checkpoint of that step
+    is written (the Trainer saves after ``on_step_end``)."""
+
+    def __init__(self, objective: ForwardObjective):
+        self.objective = objective
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.objective.after_optimizer_step(state.global_step)
+
+
+def online_reference(policy: torch.nn.Module, args, accelerator, needed: bool) -> ReferenceModel | None:
+    """The frozen reference of an online term (adapters off for LoRA), built on the bare transformer."""
+    if not needed:
+        return None
+    return ReferenceModel.from_policy(policy, args.finetune, args.init_adapter).prepare(accelerator)
+
+
+class ForwardRLTrainer(MonitoredEvaluationMixin, QwenImageTrainer):
+    """DiffusionNFT / AWM / DGPO (``args.method``) on a Qwen-Image bundle; ``train_dataset`` rows hold ``prompt``
+    plus the columns the rewards read (edit models: the control images); ``monitor_prompts`` feed the held-out
+    monitor every ``eval_steps``."""
+
+    def __init__(self, qwen: QwenImage, args, train_dataset, reward_fn=None, monitor_prompts=None, **kwargs):
+        if qwen.text_encoder is None or qwen.vae is None:
+            raise ValueError(f"{args.method} needs the text encoder (new prompts) and the VAE (images for the rewards).")
+        if train_dataset is None:
+            raise ValueError(f"{args.method} needs a prompt set: set dataset_name or train_prompts.")
+        self.prompt_dataset = train_dataset
+        if monitor_prompts is None and args.has_monitor:
+            monitor_prompts = load_monitor_prompts(args)
+        super().__init__(qwen, args, train_dataset=MicroSteps(len(train_dataset), args),
+                         data_collator=_collate_micro_steps, eval_dataset=monitor_prompts, **kwargs)
+        policy = self.model  # not wrapped yet: the reference and the extra adapters must see the bare transformer
+        needs_reference = args.beta > 0 or args.method == "dgpo"
+        reference = online_reference(policy, args, self.accelerator, needs_reference)
+        self.objective = build_forward_objective(args.method, qwen, args, reward_fn or build_reward(args),
+                                                 self.accelerator, policy, reference, need_kl=args.beta > 0)
+        self.rollouts = RolloutSource(self.objective.rollout, train_dataset, args, self.accelerator.process_index,
+                                      ForwardRolloutBatch)
+        self.checkpoint_states["rollout"] = self.rollouts
+        self.checkpoint_states.update(self.objective.checkpoint_states)
+        self.add_callback(AfterOptimizerStep(self.objective))
+        self.monitor, self.guard = build_monitor(qwen, args, monitor_prompts, self.accelerator, policy, reference)
+        qwen.vae.to(self.accelerator.device)
+        self.keeps_text_encoder = not args.release_text_encoder
+        precompute_prompts_and_release(qwen, args, train_dataset, monitor_prompts, self.accelerator.device)
+
+    def get_train_dataloader(self):
+        # one (empty) item per micro-step and process; batch size 1 so the Trainer's step count is the micro-step count
+        return self._get_dataloader(dataset=self.train_dataset, description="Training", batch_size=1,
+                                    sampler_fn=torch.utils.data.SequentialSampler, is_training=True)
+
+    def _prepare_inputs(self, inputs):
+        if not self.model.training:
+            raise ValueError(f"{self.args.method} evaluates through its held-out monitor only (monitor_prompts).")
+        return inputs
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        scale = 1.0 / self.current_gradient_accumulation_steps
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            loss = self.compute_loss(model, inputs)
+            self.accelerator.backward(loss, scale_wrt_gas=False)
+            self.rollouts.advance()
+            return loss.detach() * scale
+        kl_weight = self.args.beta if self.objective.need_kl else 0.0
+        total = self.objective.micro_step(self.rollouts, model, policy_weight=1.0, kl_weight=kl_weight, scale=scale,
+                                          no_sync=partial(self.accelerator.no_sync, model))
+        return torch.tensor(total * scale, device=self.accelerator.device)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The micro-step's loss as one graph (DeepSpeed: one backward per micro-step)."""
+        batch = self.rollouts.batch(self.accelerator.unwrap_model(model))
+        policy_loss, kl = self.objective.loss(model, batch, micro_step=self.rollouts.micro_step)
+        loss = policy_loss if kl is None else policy_loss + self.args.beta * kl
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        logs.update(self.objective.pop_metrics())
+        super().log(logs, start_time)
+        log_rollout_images(self.args, self.objective, self.state.global_step, self.accelerator.is_main_process)
+
+
+# ------------------------------------------------------------------------------------------------ launch hooks
+def load_forward_data(config):
+    """Prompts, held-out prompts and the reward (a bad name fails here) before the model loads."""
+    from ..data.grpo import load_grpo_prompts
+
+    return load_grpo_prompts(config), load_monitor_prompts(config), build_reward(config)
+
+
+def build_forward_trainer(config, qwen, data) -> ForwardRLTrainer:
+    prompts, held_out, reward = data
+    return ForwardRLTrainer(qwen, config, train_dataset=prompts, reward_fn=reward, monitor_prompts=held_out)
