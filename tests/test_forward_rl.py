@@ -217,6 +217,19 @@ def test_dpo_plus_nft_trains_with_both_terms(tmp_path):
     assert "old_adapter" in trainer.checkpoint_states
 
 
+@pytest.mark.parametrize("method", ["awm", "dgpo"])
+def test_dpo_plus_awm_or_dgpo_trains_a_step(method, tmp_path):
+    from align.data.preference import write_synthetic_pairs
+    from align.dpo import main
+
+    data = write_synthetic_pairs(tmp_path / "pairs", n=8, size=32)
+    trainer = main(["--config", str(ROOT / "recipes/tiny/dpo_nft.yaml"), "--online", method, "--dataset_name",
+                    str(data), "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "o"),
+                    "--awm_num_timesteps", "2", "--max_steps", "1", "--logging_steps", "1", "--disable_tqdm", "true"])
+    (log,) = [h for h in trainer.state.log_history if f"loss/{method}" in h]
+    assert "loss/dpo" in log and log[f"{method}/ratio/mean"] == 1.0 and f"{method}/reward" in log
+
+
 # ------------------------------------------------------------------------------------------------ memory
 def test_estimate_counts_the_old_adapter_and_the_x0_buffer(tmp_path):
     config = parse_config(NFTConfig, ["--config", str(ROOT / "recipes/low_vram/nft_24gb.yaml"), "--output_dir",
