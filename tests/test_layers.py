@@ -17,7 +17,7 @@ ALIGN_LAYERS = [
     ["align.data", "align.datatools", "align.evaluation"],  # reading, checking, caching data; evaluations
     ["align.rl"],  # objective-neutral online RL
     ["align.trainers"],  # one Trainer per objective
-    ["align.launch", "align.cli", "align.sft", "align.dpo", "align.grpo", "align.nft", "align.awm", "align.dgpo",
+    ["align.launch", "align.cli", "align.sft", "align.dpo", "align.grpo", "align.nft", "align.awm", "align.dgpo", "align.kto",
      "align.train"],  # launch
     ["align.workflows", "align.demo", "align"],  # the brand-adapter workflow and the demo
 ]
