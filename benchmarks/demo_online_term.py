@@ -47,13 +47,13 @@ def _demo(out: Path, seed: int, config: Path) -> float:
 
 
 def off_config(config: Path, weight_option: str, dest: Path) -> Path:
+    """The workflow config with only the alignment stage changed: the online weight 0 and no held-out monitor (it
+    evaluates the online term; it does not change the training trajectory). Every other stage keeps its inputs, so
+    the copied run re-uses them."""
     cfg = yaml.safe_load(config.read_text())
     stage = cfg["dpo_grpo"]
-    stage["recipe"] = str((ROOT / stage["recipe"]).resolve()) if not Path(stage["recipe"]).is_absolute() else stage["recipe"]
     stage["args"] = {**(stage.get("args") or {}), weight_option: 0.0}
-    for key in ("sft",):
-        if not Path(cfg[key]["recipe"]).is_absolute():
-            cfg[key]["recipe"] = str((ROOT / cfg[key]["recipe"]).resolve())
+    stage["monitor"] = {}
     dest.write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False))
     return dest
 

@@ -51,6 +51,9 @@ class DPOGRPOConfig(GRPOArguments, NFTArguments, AWMArguments, DGPOArguments, Ra
         self._resolve_online()
         self._validate_kto_term()
         method = self.online_method
+        if method is None and self.has_monitor:
+            raise UserError("monitor_prompts / monitor_dataset_name evaluate the online term, which is off "
+                            "(w_online 0): unset them (and eval_strategy), or give the online term a weight")
         if method is None:
             return
         if method == "grpo":
