@@ -32,6 +32,14 @@ COMMON_TRAINING_ARGS = (
 )
 
 
+HELP_OVERRIDES = {
+    "resume_from_checkpoint": (
+        "resume a run: 'last' (or true) = the newest complete checkpoint-N in output_dir, or a new run when "
+        "output_dir holds none yet; or a checkpoint-N folder. A checkpoint resumes only a run of the same "
+        "objective, model, finetune mode and lora_rank (set save_strategy / save_steps to write checkpoints)"),
+}
+
+
 # ---------------------------------------------------------------------------------------------------- parsing
 def _raise_user_error(message: str) -> None:
     raise UserError(message)
@@ -43,6 +51,9 @@ def _make_parser(config_class):
     # allow_abbrev=False: `--learning_rat` must be an error, not a silent abbreviation of --learning_rate.
     parser = TrlParser((config_class,), allow_abbrev=False)
     parser.error = _raise_user_error  # argparse errors (bad value, missing argument) become one line
+    for action in parser._actions:  # transformers' text does not know our `last`
+        if action.dest in HELP_OVERRIDES:
+            action.help = HELP_OVERRIDES[action.dest]
     return parser
 
 
@@ -88,7 +99,7 @@ def _short_help(parser, config_class, prog: str) -> str:
     def describe(f) -> str:
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        text = " ".join(str(f.metadata.get("help", "")).split())
+        text = HELP_OVERRIDES.get(f.name) or " ".join(str(f.metadata.get("help", "")).split())
         return f"  --{f.name} (default {default!r})" + (f"\n        {text}" if text else "")
 
     lines.append(f"{config_class.__name__} options:")
@@ -147,6 +158,7 @@ def parse_config(config_class, argv: Sequence[str] | None = None, return_remaini
         raise
     except (ValueError, TypeError) as err:  # a __post_init__ check of the config: the user's values are wrong
         raise UserError(str(err)) from None
+    check_training_values(config)
     if return_remaining:
         return config, remaining
     if remaining:
@@ -154,6 +166,34 @@ def parse_config(config_class, argv: Sequence[str] | None = None, return_remaini
         raise UserError(f"unknown option {flag!r}{_suggest(flag.lstrip('-').split('=')[0].replace('-', '_'), valid)}; "
                         f"see --help")
     return config
+
+
+def check_training_values(config: Any) -> None:
+    """Values transformers checks only when the optimizer or scheduler is built (after the data is cached and the
+    weights loaded), or never: one line each, before anything runs."""
+    def value(name):
+        return getattr(config, name, None)
+
+    checks = [
+        ("learning_rate", lambda v: v is not None and not v >= 0, "must be >= 0"),
+        ("weight_decay", lambda v: v is not None and not v >= 0, "must be >= 0"),
+        ("max_grad_norm", lambda v: v is not None and not v >= 0, "must be >= 0 (0 switches clipping off)"),
+        ("warmup_steps", lambda v: v is not None and v < 0, "must be >= 0"),
+        ("warmup_ratio", lambda v: v is not None and not 0 <= v <= 1, "must be in [0, 1]"),
+        ("num_train_epochs", lambda v: v is not None and not v > 0, "must be > 0"),
+        ("per_device_train_batch_size", lambda v: v is not None and v < 1, "must be >= 1"),
+        ("gradient_accumulation_steps", lambda v: v is not None and v < 1, "must be >= 1"),
+        ("logging_steps", lambda v: v is not None and not v > 0, "must be > 0"),
+        ("save_total_limit", lambda v: v is not None and v < 1, "must be >= 1 (or unset to keep every checkpoint)"),
+        ("max_steps", lambda v: v is not None and v < -1, "must be > 0, or -1 to train num_train_epochs"),
+        ("dataloader_num_workers", lambda v: v is not None and v < 0, "must be >= 0"),
+    ]
+    for name, bad, rule in checks:
+        if bad(value(name)):
+            raise UserError(f"--{name} {value(name)}: {rule}")
+    if value("save_strategy") is not None and str(getattr(value("save_strategy"), "value", value("save_strategy"))) == "steps":
+        if value("save_steps") is not None and not value("save_steps") > 0:
+            raise UserError(f"--save_steps {value('save_steps')}: must be > 0 with save_strategy steps")
 
 
 # ---------------------------------------------------------------------------------------------------- runs
@@ -173,13 +213,18 @@ def _checkpoint_step(path: Path) -> int | None:
         return None
 
 
-def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest ``checkpoint-N`` whose trainer state is readable. Incomplete ones (a run killed while an old,
-    non-atomic save was writing) are skipped with a warning rather than resumed from."""
+def last_complete_checkpoint(output_dir: str | Path, warn: bool = True) -> Path | None:
+    """The newest complete ``checkpoint-N`` (its manifest lists every file a resume reads, all present: see
+    :mod:`align.checkpoints`). Incomplete ones (a file removed or truncated, a save that did not finish, a
+    checkpoint of an older version) are skipped with a warning rather than resumed from."""
+    from .checkpoints import incompleteness
+
     for _step, path in reversed(_checkpoints(Path(output_dir))):
-        if _checkpoint_step(path) is not None:
+        problem = incompleteness(path)
+        if problem is None and _checkpoint_step(path) is not None:
             return path
-        logger.warning("skipping %s: incomplete checkpoint (no readable trainer_state.json)", path)
+        if warn:
+            logger.warning("skipping %s: incomplete checkpoint (%s)", path, problem or "no readable trainer_state.json")
     return None
 
 
@@ -193,13 +238,28 @@ def previous_run_outputs(output_dir: str | Path) -> list[str]:
     return found
 
 
+def _check_resumable(ckpt: Path, config: Any, option: str) -> None:
+    from .checkpoints import foreign_reason, incompleteness
+
+    problem = incompleteness(ckpt)
+    if problem is None and _checkpoint_step(ckpt) is None:
+        problem = "no readable trainer_state.json"
+    if problem is not None:
+        raise UserError(f"{option}: {ckpt} is not a complete checkpoint ({problem}); resume from an earlier "
+                        f"checkpoint-N or with --resume_from_checkpoint last")
+    reason = foreign_reason(ckpt, config)
+    if reason is not None:
+        raise UserError(f"{option}: refusing {ckpt}: {reason}; or choose another --output_dir")
+
+
 def prepare_run(config: Any) -> str | None:
     """Checks every launcher runs before loading the model; returns (and stores in the config) the checkpoint to
     resume from.
 
     - ``max_steps 0`` trains nothing: an error (``-1`` means "train num_train_epochs").
     - ``resume_from_checkpoint``: a checkpoint folder, or ``last``/``true`` = the newest complete
-      ``checkpoint-N`` in output_dir. A checkpoint past ``max_steps`` belongs to another run: an error.
+      ``checkpoint-N`` in output_dir (a new run when output_dir holds no run yet). A checkpoint that is incomplete,
+      written by another objective / model kind / LoRA rank, or past ``max_steps`` is refused in one line.
     - an output_dir that holds a previous run (checkpoints, adapter, trainer state) is refused unless resuming
       or ``--overwrite_output_dir``, which also removes the old ``checkpoint-*`` folders so ``last`` can never
       pick them up later.
@@ -208,20 +268,29 @@ def prepare_run(config: Any) -> str | None:
         raise UserError("max_steps 0 trains nothing: set max_steps > 0 (or -1 to train num_train_epochs)")
     out = Path(config.output_dir)
     ckpt = config.resume_from_checkpoint
+    overwrite = getattr(config, "overwrite_output_dir", False)
     if ckpt in (None, "", "false", "False", "none", "None"):
         ckpt = None
     elif str(ckpt).lower() in ("last", "true"):
-        found = last_complete_checkpoint(out)
-        if found is None:
-            raise UserError(f"--resume_from_checkpoint {ckpt}: no complete checkpoint-* folder in {out}; "
-                            f"drop the option to start a new run")
-        ckpt = str(found)
+        option = f"--resume_from_checkpoint {ckpt}"
+        found = None if overwrite else last_complete_checkpoint(out)
+        if found is not None:
+            _check_resumable(found, config, option)
+            ckpt = str(found)
+        else:
+            previous = previous_run_outputs(out)
+            if previous and not overwrite:
+                shown = ", ".join(previous[:3]) + (", ..." if len(previous) > 3 else "")
+                raise UserError(f"{option}: {out} holds a run ({shown}) but no complete checkpoint to resume "
+                                f"(save_strategy 'no', or each checkpoint incomplete): pass --overwrite_output_dir "
+                                f"to start it over, or choose another --output_dir")
+            if not previous:
+                logger.info("%s: no run in %s yet, starting a new one", option, out)
+            ckpt = None
     else:
         if not Path(ckpt).is_dir():
             raise UserError(f"--resume_from_checkpoint {ckpt}: no such checkpoint folder")
-        if _checkpoint_step(Path(ckpt)) is None:
-            raise UserError(f"--resume_from_checkpoint {ckpt}: not a complete checkpoint (no readable "
-                            f"trainer_state.json)")
+        _check_resumable(Path(ckpt), config, f"--resume_from_checkpoint {ckpt}")
     if ckpt is not None:
         step = _checkpoint_step(Path(ckpt))
         if config.max_steps > 0 and step is not None and step > config.max_steps:
@@ -230,10 +299,12 @@ def prepare_run(config: Any) -> str | None:
         logger.info("resuming from %s", ckpt)
     else:
         previous = previous_run_outputs(out)
-        if previous and not getattr(config, "overwrite_output_dir", False):
+        if previous and not overwrite:
             shown = ", ".join(previous[:3]) + (", ..." if len(previous) > 3 else "")
-            raise UserError(f"output_dir {out} already holds a run ({shown}): pass --resume_from_checkpoint last "
-                            f"to continue it, --overwrite_output_dir to replace it, or choose another --output_dir")
+            resumable = last_complete_checkpoint(out, warn=False) is not None
+            todo = "pass --resume_from_checkpoint last to continue it, " if resumable else ""
+            raise UserError(f"output_dir {out} already holds a run ({shown}): {todo}--overwrite_output_dir to "
+                            f"replace it, or choose another --output_dir")
         if previous and config.process_index == 0:
             for _, path in _checkpoints(out):
                 shutil.rmtree(path)

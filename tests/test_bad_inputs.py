@@ -111,12 +111,18 @@ def data(tmp_path_factory) -> dict[str, Path]:
     prev = root / "previous_run"
     (prev / "checkpoint-3").mkdir(parents=True)
     (prev / "checkpoint-3" / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    _manifest(prev / "checkpoint-3", "sft")
     (prev / "pytorch_lora_weights.safetensors").write_bytes(b"the user's adapter")
     d["previous_run"] = prev
     far = root / "far_run"
     (far / "checkpoint-20").mkdir(parents=True)
     (far / "checkpoint-20" / "trainer_state.json").write_text(json.dumps({"global_step": 20}))
+    _manifest(far / "checkpoint-20", "sft")
     d["far_run"] = far
+    finished = root / "finished_run"  # save_strategy no: an adapter, no checkpoint to resume
+    finished.mkdir()
+    (finished / "pytorch_lora_weights.safetensors").write_bytes(b"the user's adapter")
+    d["finished_run"] = finished
     half = root / "half_written"
     (half / "checkpoint-5").mkdir(parents=True)
     (half / "checkpoint-5" / "optimizer.pt").write_bytes(b"")
@@ -128,6 +134,17 @@ def data(tmp_path_factory) -> dict[str, Path]:
     d["dt_out"] = dt
     (root / "accelerate_missing.yaml").unlink(missing_ok=True)
     return d
+
+
+def _manifest(folder: Path, objective: str, *overrides: str) -> None:
+    """The manifest a real save writes last (align.checkpoints), for the run a tiny recipe of ``objective`` makes."""
+    from align.checkpoints import run_identity, write_manifest
+    from align.launch import parse_config
+    from align.objectives import get_objective
+
+    recipe = {"sft": SFT, "dpo": DPO, "grpo": GRPO}[objective]
+    config = parse_config(get_objective(objective).resolved("config_class"), ["--config", recipe, *overrides])
+    write_manifest(folder, run_identity(config))
 
 
 def _snapshot(root: Path) -> dict[str, str]:
@@ -190,11 +207,15 @@ CASES = [
     # ---- SFT: output_dir and resume
     ("sft-previous-run", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{previous_run}"],
      "already holds a run (checkpoint-3, pytorch_lora_weights.safetensors): pass --resume_from_checkpoint last"),
-    ("sft-resume-nothing", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
-                                   "--resume_from_checkpoint", "last"], "no complete checkpoint-* folder in"),
+    ("sft-resume-finished-run", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir",
+                                        "{finished_run}", "--resume_from_checkpoint", "last"],
+     "holds a run (pytorch_lora_weights.safetensors) but no complete checkpoint to resume"),
+    ("sft-finished-run-no-circle", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir",
+                                           "{finished_run}"], "already holds a run (pytorch_lora_weights.safetensors): "
+                                                              "--overwrite_output_dir to replace it"),
     ("sft-resume-only-incomplete", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir",
                                            "{half_written}", "--resume_from_checkpoint", "last"],
-     "no complete checkpoint-* folder in"),
+     "but no complete checkpoint to resume"),
     ("sft-resume-incomplete-path", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
                                            "--resume_from_checkpoint", "{half_written}/checkpoint-5"],
      "not a complete checkpoint"),
@@ -242,8 +263,9 @@ CASES = [
      "max_steps 0 trains nothing"),
     ("dpo-previous-run", "dpo", ["--config", DPO, "--dataset_name", "{pairs}", "--output_dir", "{previous_run}"],
      "already holds a run"),
-    ("dpo-resume-nothing", "dpo", ["--config", DPO, "--dataset_name", "{pairs}", "--output_dir", "{out}",
-                                   "--resume_from_checkpoint", "last"], "no complete checkpoint-* folder"),
+    ("dpo-resume-finished-run", "dpo", ["--config", DPO, "--dataset_name", "{pairs}", "--output_dir",
+                                        "{finished_run}", "--resume_from_checkpoint", "last"],
+     "but no complete checkpoint to resume"),
     ("dpo-min-agreement-range", "dpo", ["--config", DPO, "--dataset_name", "{pairs}", "--output_dir", "{out}",
                                         "--min_agreement", "1.5"], "min_agreement must be in [0, 1]"),
     ("dpo-missing-rejected", "dpo", ["--config", DPO, "--dataset_name", "{pairs_no_rejected}", "--output_dir", "{out}"],
