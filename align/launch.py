@@ -324,9 +324,54 @@ def _finish_tracking() -> None:
         pass
 
 
+# The run being trained in this process (set by train_main once its options are parsed), for the Ctrl-C line.
+_ACTIVE: dict[str, Any] = {}
+# The command the user typed, as a JSON list, set by ``qwen-image-align`` for the training processes it starts.
+COMMAND_ENV = "QWEN_IMAGE_ALIGN_COMMAND"
+INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
+
+
+def _resume_command() -> list[str]:
+    import json
+
+    try:
+        command = json.loads(os.environ[COMMAND_ENV])
+    except (KeyError, ValueError):
+        command = ["qwen-image-align", _ACTIVE.get("objective", "sft"), *_ACTIVE.get("argv", [])]
+    kept: list[str] = []
+    i = 0
+    while i < len(command):  # drop the options a resume must not repeat (an overwrite would start over)
+        name = command[i].split("=", 1)[0]
+        i += 1
+        if name in ("--resume_from_checkpoint", "--overwrite_output_dir"):
+            if "=" not in command[i - 1] and i < len(command) and not command[i].startswith("--"):
+                i += 1  # its value
+            continue
+        kept.append(command[i - 1])
+    return [*kept, "--resume_from_checkpoint", "last"]
+
+
+def interrupted_message() -> str:
+    """The one line printed at Ctrl-C: what is saved and the command that continues the run."""
+    import shlex
+
+    config = _ACTIVE.get("config")
+    if config is None:
+        return "interrupted (Ctrl-C) before training started: nothing was saved"
+    out = Path(config.output_dir)
+    ckpt = last_complete_checkpoint(out, warn=False)
+    command = _resume_command()
+    if ckpt is None:
+        return (f"interrupted (Ctrl-C): no checkpoint in {out} yet, nothing to resume (set --save_steps to save "
+                f"during training); start again with: {shlex.join(command[:-2])}")
+    return (f"interrupted (Ctrl-C): saved up to step {_checkpoint_step(ckpt)} ({ckpt}); resume with: "
+            f"{shlex.join(command)}")
+
+
 def run_main(main_fn: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
     """Call a launch script's ``main`` and return its exit code: 0 done, 2 a :class:`UserError` (one
-    ``error: ...`` line on stderr), the SystemExit code (``--help``: 0), 1 anything else (with its traceback:
+    ``error: ...`` line on stderr), the SystemExit code (``--help``: 0), 130 at Ctrl-C (one line: what was saved,
+    the command that resumes), 1 anything else (with its traceback:
     that is a bug, not a user mistake)."""
     try:
         main_fn(argv)
@@ -339,6 +384,11 @@ def run_main(main_fn: Callable[[Sequence[str] | None], object], argv: Sequence[s
             return err.code or 0
         print(f"error: {err.code}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Nothing half-written is ever resumed (checkpoints are staged): say what is kept and how to go on, once.
+        if os.environ.get("RANK", "0") == "0":
+            print(interrupted_message(), file=sys.stderr)
+        return INTERRUPTED
     except BaseException:
         import traceback
 
@@ -384,6 +434,7 @@ def train_main(objective: Any, argv: Sequence[str] | None = None) -> Any:
     if isinstance(objective, str):
         objective = get_objective(objective)
     config = parse_config(objective.resolved("config_class"), argv)
+    _ACTIVE.update(config=config, objective=objective.name, argv=list(sys.argv[1:] if argv is None else argv))
     if getattr(config, "estimate_only", False):  # the memory estimate needs neither data nor weights: print, exit
         from .memory import report_estimate
 
