@@ -387,7 +387,8 @@ def run_main(main_fn: Callable[[Sequence[str] | None], object], argv: Sequence[s
     except KeyboardInterrupt:
         # Nothing half-written is ever resumed (checkpoints are staged): say what is kept and how to go on, once.
         if os.environ.get("RANK", "0") == "0":
-            print(interrupted_message(), file=sys.stderr)
+            # On a line of its own: a progress bar leaves the cursor at the end of its line.
+            print(("\n" if "config" in _ACTIVE else "") + interrupted_message(), file=sys.stderr)
         return INTERRUPTED
     except BaseException:
         import traceback
