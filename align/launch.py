@@ -138,6 +138,7 @@ def parse_config(config_class, argv: Sequence[str] | None = None, return_remaini
             del args[i]
             break
     valid = _option_names(parser)
+    values: dict = {}
     if config_path is not None:
         values = _read_yaml_config(config_path)
         env = values.pop("env", None) or {}
@@ -151,6 +152,9 @@ def parse_config(config_class, argv: Sequence[str] | None = None, return_remaini
         for key, value in env.items():
             os.environ[key] = str(value)
         parser.set_defaults_with_config(**values)
+    if _wants_estimate_only(args, values) and not _has_accelerator():
+        # Planning a GPU on a laptop: the estimate needs no device, and TrainingArguments would refuse bf16 here.
+        args = [*args, "--use_cpu", "true"]
     try:
         config, remaining = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True,
                                                                look_for_args_file=False)
@@ -166,6 +170,24 @@ def parse_config(config_class, argv: Sequence[str] | None = None, return_remaini
         raise UserError(f"unknown option {flag!r}{_suggest(flag.lstrip('-').split('=')[0].replace('-', '_'), valid)}; "
                         f"see --help")
     return config
+
+
+def _wants_estimate_only(args: Sequence[str], values: dict) -> bool:
+    truthy = ("true", "1", "yes", "y")
+    for i, arg in enumerate(args):
+        if arg == "--estimate_only":
+            following = args[i + 1] if i + 1 < len(args) else "--"
+            return following.startswith("--") or following.lower() in truthy
+        if arg.startswith("--estimate_only="):
+            return arg.split("=", 1)[1].lower() in truthy
+    return str(values.get("estimate_only", "false")).lower() in truthy
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or \
+        torch.backends.mps.is_available()
 
 
 def check_training_values(config: Any) -> None:
@@ -438,7 +460,9 @@ def train_main(objective: Any, argv: Sequence[str] | None = None) -> Any:
     _ACTIVE.update(config=config, objective=objective.name, argv=list(sys.argv[1:] if argv is None else argv))
     if getattr(config, "estimate_only", False):  # the memory estimate needs neither data nor weights: print, exit
         from .memory import report_estimate
+        from .modeling import estimate_subject
 
+        print(estimate_subject(config), flush=True)
         report_estimate(config)
     checkpoint = prepare_run(config)
     set_seed(config.seed)  # before the model: the LoRA init draws from the global RNG

@@ -396,13 +396,28 @@ def test_the_table_is_large_and_covers_every_cli():
 @pytest.mark.parametrize("which", ["sft", "dpo", "grpo"])
 def test_help_exits_0_and_lists_the_projects_options_first(which, capsys):
     assert _run_trainer(which, ["--help"]) == 0
-    out = capsys.readouterr().out
+    # (wandb's one-time "[INFO] Running in WANDB offline mode" may come first, in whichever test imports it)
+    out = "\n".join(line for line in capsys.readouterr().out.splitlines() if not line.startswith("[INFO]"))
     assert out.startswith("usage:") and "--config RECIPE.yaml" in out and "--help-all" in out
     own = {"sft": "--min_raters", "dpo": "--loss_type", "grpo": "--num_generations"}[which]
     assert own in out and out.index(own) < out.index("--learning_rate")
     assert len(out.splitlines()) < 250  # not transformers' ~600 lines
     assert _run_trainer(which, ["--help-all"]) == 0
     assert "--adam_beta1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("recipe, subject", [
+    ("sft_lora.yaml", "memory estimate for the real qwen-image model (20.4 B; /models/Qwen-Image has no"),
+    ("tiny/sft_lora.yaml", "not for this run's tiny random model"),
+])
+def test_estimate_only_needs_no_gpu_and_says_which_model_it_is_for(recipe, subject, capsys):
+    """The newcomer planning which GPU to rent, on a laptop: no --use_cpu needed, and the figure names its model."""
+    import torch
+
+    assert not torch.cuda.is_available()  # what this test is about (the CI machine has no GPU)
+    assert _run_trainer("sft", ["--config", str(ROOT / "recipes" / recipe), "--estimate_only"]) == 0
+    out = capsys.readouterr().out
+    assert subject in out and "estimated peak GPU memory" in out
 
 
 def test_a_bug_keeps_its_traceback(capsys):
