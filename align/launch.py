@@ -450,6 +450,7 @@ def train_main(objective: Any, argv: Sequence[str] | None = None) -> Any:
     return the trainer."""
     from transformers import set_seed
 
+    from .adapters import check_init_adapter
     from .modeling import load_qwen_image
     from .models import family_of
     from .objectives import get_objective
@@ -465,6 +466,7 @@ def train_main(objective: Any, argv: Sequence[str] | None = None) -> Any:
         print(estimate_subject(config), flush=True)
         report_estimate(config)
     checkpoint = prepare_run(config)
+    check_init_adapter(config)  # a missing / truncated file or another rank: one line before the weights load
     set_seed(config.seed)  # before the model: the LoRA init draws from the global RNG
     data = objective.resolved("load_data")(config)
     qwen = load_qwen_image(config)

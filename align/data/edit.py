@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Sequence
@@ -29,6 +30,7 @@ from PIL import Image
 
 from qwen_image import QwenImage, References, pack
 from qwen_image.edit import MAX_REFERENCES
+from qwen_image.errors import UserError
 from qwen_image.images import to_rgb
 
 from .encoding import center_crop_resize, collate_encoded, encoding_fingerprint
@@ -37,6 +39,8 @@ from .sources import metadata_path
 
 CONTROL_COLUMNS = ("control_image", "control_image_1", "control_image_2")
 CONTROL_LIST_COLUMN = "control_images"
+# Column names that look like control images (control_image, control_image_3, control_images, controls...).
+CONTROL_LIKE = re.compile(r"^control_?images?(_\d+)?$|^controls?$")
 # The one column every loader below produces: a list of {"path", "bytes"} cells, in reference order.
 CONTROLS = "control_images"
 REFERENCE_LATENTS = "reference_latents"  # (L_1 + ... + L_n, 64): the references' packed latents, concatenated
@@ -87,11 +91,15 @@ def with_control_list(
     A missing numbered cell inside the list stays as an empty cell so :func:`control_problem` can name it."""
     numbered = [c for c in control_columns if c in dataset.column_names and c != list_column]
     has_list = list_column in dataset.column_names
+    extra = [c for c in dataset.column_names if CONTROL_LIKE.match(c) and c not in (*control_columns, list_column)]
+    if extra:  # a fourth reference would be silently dropped
+        raise UserError(f"column {extra[0]!r}: the control images are {', '.join(control_columns)} (or one list "
+                        f"{list_column!r}); Edit-2509/2511 take 1 to {MAX_REFERENCES}: drop or rename that column")
     if not numbered and not has_list:
-        raise ValueError(f"the dataset has no control image column: expected {list(control_columns)} or a list "
+        raise UserError(f"the dataset has no control image column: expected {list(control_columns)} or a list "
                          f"column {list_column!r} (columns: {dataset.column_names})")
     if numbered and has_list:
-        raise ValueError(f"the dataset has both {numbered} and {list_column!r}: keep one way of listing control images")
+        raise UserError(f"the dataset has both {numbered} and {list_column!r}: keep one way of listing control images")
     columns = [list_column] if has_list else numbered
     view = dataset.select_columns(columns)
     view = view.cast(view.features.__class__({c: _undecoded(view.features[c]) for c in columns}))
@@ -127,6 +135,15 @@ def load_edit_dataset(
     path = Path(name).expanduser()
     meta = metadata_path(path, split) if path.is_dir() else None
     return with_control_list(dataset, meta.parent if meta else None, control_columns, list_column)
+
+
+def check_no_control_columns(columns: Sequence[str], dataset_name: str, option: str = "--dataset_name") -> None:
+    """A text-to-image run on edit data would train on the targets and silently ignore the control images."""
+    controls = [c for c in columns if CONTROL_LIKE.match(c)]
+    if controls:
+        raise UserError(f"{option} {dataset_name}: edit data (column {controls[0]!r}) for a text-to-image model, which "
+                        f"would ignore the control images: use an edit checkpoint (--model_name_or_path an "
+                        f"Edit-2509/2511 folder, or --tiny_variant edit-2509), or a dataset without control images")
 
 
 def control_problem(row: dict, expected: int = 0) -> str | None:
