@@ -390,6 +390,35 @@ def interrupted_message() -> str:
             f"{shlex.join(command)}")
 
 
+_OWN_PACKAGES = tuple(os.sep + name + os.sep for name in ("align", "qwen_image", "rewards", "annotation"))
+
+
+def wrapped_user_error(err: BaseException) -> UserError | None:
+    """The UserError a library raised ours inside of: the explicit cause chain (``raise X from err``), and the
+    implicit context when the outer exception was raised by library code (a bug in our own handler keeps its
+    traceback)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, UserError):
+            return current
+        nxt = current.__cause__
+        if nxt is None and not current.__suppress_context__ and _raised_by_library(current):
+            nxt = current.__context__
+        current = nxt
+    return None
+
+
+def _raised_by_library(err: BaseException) -> bool:
+    tb = err.__traceback__
+    last = None
+    while tb is not None:
+        last = tb.tb_frame.f_code.co_filename
+        tb = tb.tb_next
+    return last is not None and not any(part in last for part in _OWN_PACKAGES)
+
+
 def run_main(main_fn: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
     """Call a launch script's ``main`` and return its exit code: 0 done, 2 a :class:`UserError` (one
     ``error: ...`` line on stderr), the SystemExit code (``--help``: 0), 130 at Ctrl-C (one line: what was saved,
@@ -412,7 +441,11 @@ def run_main(main_fn: Callable[[Sequence[str] | None], object], argv: Sequence[s
             # On a line of its own: a progress bar leaves the cursor at the end of its line.
             print(("\n" if "config" in _ACTIVE else "") + interrupted_message(), file=sys.stderr)
         return INTERRUPTED
-    except BaseException:
+    except BaseException as err:
+        wrapped = wrapped_user_error(err)
+        if wrapped is not None:  # a library wrapped our one-line error (a datasets.map worker, a callback, ...)
+            print(f"error: {wrapped}", file=sys.stderr)
+            return 2
         import traceback
 
         traceback.print_exc()

@@ -33,7 +33,7 @@ from qwen_image.edit import MAX_REFERENCES
 from qwen_image.errors import UserError
 from qwen_image.images import to_rgb
 
-from .encoding import center_crop_resize, collate_encoded, encoding_fingerprint
+from .encoding import center_crop_resize, collate_encoded, encoding_fingerprint, naming_rows
 from .loading import image_problem, load_image_dataset
 from .sources import metadata_path
 
@@ -196,18 +196,21 @@ def encode_edit_dataset(
     encoder = model.edit_encoder
 
     @torch.no_grad()
-    def encode_batch(batch: dict) -> dict:
+    def encode_batch(batch: dict, indices: list[int]) -> dict:
         out: dict = defaultdict(list)
         sizes = [size_fn(img) if size_fn else (resolution, resolution) for img in batch[image_columns[0]]]
         for i, prompt in enumerate(batch[prompt_column]):
-            controls = [open_control(c) for c in batch[CONTROLS][i]]
-            embeds, _ = encoder.encode_prompts([prompt], [controls])
+            # The image processor refuses some control images (e.g. elongated past its aspect-ratio limit) with a
+            # ValueError: the row's data, not a bug.
+            with naming_rows(batch, indices, row=i, convert=(ValueError, OSError)):
+                controls = [open_control(c) for c in batch[CONTROLS][i]]
+                embeds, _ = encoder.encode_prompts([prompt], [controls])
+                latents = encoder.encode_reference_latents(controls, reference_area)
+                shapes = [encoder.reference_size(c, reference_area) for c in controls]
             # stored flat like the T2I cache (align.data.encoding): collate_encoded restores (L, D) from the length
             out["prompt_embeds"].append(embeds[0].float().cpu().numpy().ravel())
             out["prompt_length"].append(int(embeds.shape[1]))
-            latents = encoder.encode_reference_latents(controls, reference_area)
             out[REFERENCE_LATENTS].append(torch.cat(latents).float().cpu().numpy())
-            shapes = [encoder.reference_size(c, reference_area) for c in controls]
             out[REFERENCE_SHAPES].append([[1, h // 16, w // 16] for h, w in shapes])
             h, w = sizes[i]
             for column in image_columns:
@@ -218,7 +221,7 @@ def encode_edit_dataset(
         return dict(out)
 
     encoded = dataset.map(
-        encode_batch, batched=True, batch_size=batch_size, remove_columns=[*image_columns, CONTROLS],
+        encode_batch, with_indices=True, batched=True, batch_size=batch_size, remove_columns=[*image_columns, CONTROLS],
         new_fingerprint=fingerprint, cache_file_name=os.path.join(cache_dir, f"encoded-edit-{fingerprint}.arrow"),
         desc="Caching edit embeddings and latents",
     )
