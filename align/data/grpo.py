@@ -78,8 +78,9 @@ def load_grpo_prompts(args: GRPOArguments):
     edit = edit_prompt_columns(args)
     prompts = load_prompt_dataset(name, args.train_prompts, split, args.prompt_column,  # type: ignore[attr-defined]
                                   edit=edit)
-    if edit is None and name:  # a text-to-image model would roll out the edit prompts without their images
-        check_no_control_columns(prompts.column_names, name, "--grpo_dataset_name" if combined else "--dataset_name")
+    if edit is None:  # a text-to-image model would roll out the edit prompts without their images
+        option = ("--grpo_dataset_name" if combined else "--dataset_name") if name else "--train_prompts"
+        check_no_control_columns(prompts.column_names, name or " ".join(args.train_prompts or []), option)
     return prompts
 
 

@@ -146,8 +146,8 @@ def build_reward(args: Any, funcs: list[str] | None = None, weights: list[float]
     _import_reward_modules(funcs)
     try:
         reward = combine(funcs, weights, reward_kwargs={k: v for k, v in kwargs.items() if k in funcs})
-    except KeyError as err:
-        raise UserError(str(err).strip("'\"")) from None
+    except KeyError as err:  # UnknownNameError: its message is the first argument (str() of a KeyError quotes it)
+        raise UserError(str(err.args[0]) if err.args else str(err)) from None
     except TypeError as err:  # a reward class whose constructor rejects the reward_kwargs
         raise UserError(f"reward_funcs {funcs}: {err}") from None
     reward.fns = [checked(name, fn) for name, fn in zip(reward.names, reward.fns)]
