@@ -672,3 +672,15 @@ def test_qwen_image_align_passes_the_scripts_one_line_error_through_accelerate(d
     assert "Traceback" not in proc.stderr and "CalledProcessError" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "rating 'five' is not a number" in errors[0]
+
+
+def test_raw_accelerate_launch_quiet_ends_with_the_scripts_one_line(data, tmp_path):
+    """``accelerate launch`` itself raises CalledProcessError for any failed child (its launcher's rule, which a
+    child cannot change); with ``--quiet`` (docs/distributed.md) the user sees only the script's line."""
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--num_processes", "1",
+                           str(ROOT / "align/sft.py"), "--config", SFT, "--dataset_name", str(data["sft_five"]),
+                           "--output_dir", str(tmp_path / "o")],
+                          capture_output=True, text=True, env=_env(), timeout=300, cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "rating 'five' is not a number" in errors[0]
