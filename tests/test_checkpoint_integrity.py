@@ -157,3 +157,19 @@ def test_a_complete_checkpoint_of_the_same_run_resumes(runs, tmp_path, capsys):
     code, err = _run("sft", [*_with_output_dir(runs["sft"], tmp_path / "o"), *COMMON[:2], "--resume_from_checkpoint",
                              "last"], capsys)
     assert code == 0, err
+
+
+def test_init_adapter_logs_what_it_loads_and_trains_it(runs, tmp_path, capsys, caplog):
+    """``--init_adapter`` of a matching rank trains on: one log line with the path, layout, rank / alpha and that
+    the reference is the base model + the adapter."""
+    import logging
+
+    adapter = _output_dir(runs["dpo"]) / "pytorch_lora_weights.safetensors"
+    with caplog.at_level(logging.INFO, logger="align"):
+        code, err = _run("sft", [*_with_output_dir(runs["sft"], tmp_path / "o"), "--max_steps", "1",
+                                 "--init_adapter", str(adapter)], capsys)
+    assert code == 0, err
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("init_adapter:")]
+    assert len(lines) == 1, [r.getMessage() for r in caplog.records]
+    assert str(adapter) in lines[0] and "diffusers layout" in lines[0] and "rank 4, alpha 4" in lines[0]
+    assert "the base model + this adapter" in lines[0]
