@@ -661,6 +661,56 @@ def test_estimate_only_needs_no_gpu_and_says_which_model_it_is_for(recipe, subje
     assert subject in out and "estimated peak GPU memory" in out
 
 
+def test_a_user_error_wrapped_by_a_library_is_still_one_line(capsys):
+    """datasets.map workers, callbacks and other wrappers re-raise our UserError inside their own exception: the
+    cause chain (``raise ... from``) and the context of an exception a library raised both surface as the one line."""
+    import datasets
+
+    from align.launch import run_main
+    from qwen_image.errors import UserError
+
+    def in_map(argv):
+        def encode(row):
+            raise UserError("row 3 (file_name='a.png'): prompt is 2000 tokens")
+        try:
+            datasets.Dataset.from_dict({"x": [1]}).map(encode)
+        except UserError as err:
+            raise RuntimeError("One of the subprocesses has abruptly died during map operation") from err
+
+    def library_raises_while_handling(argv):
+        try:
+            raise UserError("--init_adapter x.safetensors: truncated")
+        except UserError:
+            json.loads("{")  # a library failing in the handler (e.g. while cleaning up)
+
+    for fn, line in ((in_map, "row 3 (file_name='a.png'): prompt is 2000 tokens"),
+                     (library_raises_while_handling, "--init_adapter x.safetensors: truncated")):
+        assert run_main(fn, []) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and [x for x in err.splitlines() if "error" in x] == [f"error: {line}"], err
+
+
+def test_ctrl_c_before_any_checkpoint_says_nothing_was_saved_and_how_to_start_again(tmp_path, capsys, monkeypatch):
+    from align import launch
+
+    config = launch.parse_config(__import__("align.configs.sft", fromlist=["SFTConfig"]).SFTConfig,
+                                 ["--config", SFT, "--output_dir", str(tmp_path / "o")])
+    monkeypatch.setattr(launch, "_ACTIVE", {"config": config, "objective": "sft",
+                                            "argv": ["--config", SFT, "--overwrite_output_dir"]})
+    monkeypatch.delenv(launch.COMMAND_ENV, raising=False)
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    assert launch.run_main(interrupted, []) == 130
+    stderr = capsys.readouterr().err
+    lines = [x for x in stderr.splitlines() if x.startswith("interrupted")]
+    assert "Traceback" not in stderr and len(lines) == 1, stderr
+    err = lines[0]
+    assert err.startswith("interrupted (Ctrl-C): no checkpoint in") and err.endswith(
+        f"start again with: qwen-image-align sft --config {SFT}"), err
+
+
 def test_a_bug_keeps_its_traceback(capsys):
     from align.launch import run_main
 
