@@ -69,6 +69,8 @@ class SignalWatch:
         self.recent: list[list[float | None]] = []
 
     def __getattr__(self, name: str) -> Any:  # names, weights, reward_name of the combination
+        if name == "reward":  # not set yet (copy / unpickle build the object without __init__)
+            raise AttributeError(name)
         return getattr(self.reward, name)
 
     def compute(self, prompts, images, **columns):
