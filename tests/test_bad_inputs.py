@@ -7,6 +7,7 @@ them fail before a model loads, so the table is cheap; a few subprocess cases ch
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -206,16 +207,20 @@ def infinite(prompts, images, **kw): return [math.inf] * len(prompts)
 """
 
 
+@functools.lru_cache(maxsize=1)
+def _tiny_width() -> int:
+    from qwen_image import QwenImage
+
+    return QwenImage.tiny(seed=0).transformer.transformer_blocks[0].attn.to_q.in_features
+
+
 def _lora(path: Path, rank: int, width: int | None) -> None:
     """A diffusers-layout LoRA on one attention projection of the tiny model (``width``: another model's)."""
     import torch
     from safetensors.torch import save_file
 
-    from qwen_image import QwenImage
-
     if width is None:
-        layer = QwenImage.tiny(seed=0).transformer.transformer_blocks[0].attn.to_q
-        width = layer.in_features
+        width = _tiny_width()
     prefix = "transformer.transformer_blocks.0.attn.to_q"
     save_file({f"{prefix}.lora_A.weight": torch.zeros(rank, width), f"{prefix}.lora_B.weight": torch.zeros(width, rank)},
               path)
@@ -515,6 +520,7 @@ CASES = [
     ("dpo-grpo-reward-nan", "dpo", ["--config", DPO_GRPO, "--dataset_name", "{pairs}", "--output_dir", "{out}",
                                     "--reward_funcs", "bad_rewards.nan", "--num_generations", "2",
                                     "--train_prompts", "a cat", "a dog", "--num_inference_steps", "2",
+                                    "--per_device_train_batch_size", "2",
                                     "--eval_fraction", "0", "--eval_strategy", "no"],
      "reward 'bad_rewards.nan' scored every image None / NaN"),
     # ---- qwen-image-align (checked before accelerate starts anything)
