@@ -209,6 +209,7 @@ def check_training_values(config: Any) -> None:
         ("save_total_limit", lambda v: v is not None and v < 1, "must be >= 1 (or unset to keep every checkpoint)"),
         ("max_steps", lambda v: v is not None and v < -1, "must be > 0, or -1 to train num_train_epochs"),
         ("dataloader_num_workers", lambda v: v is not None and v < 0, "must be >= 0"),
+        ("reward_no_signal_limit", lambda v: v is not None and v < 0, "must be >= 0 (0 switches the check off)"),
     ]
     for name, bad, rule in checks:
         if bad(value(name)):

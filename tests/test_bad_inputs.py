@@ -417,6 +417,8 @@ CASES = [
     ("dpo-negative-lr", "dpo", ["--config", DPO, "--learning_rate", "-1"], "--learning_rate -1.0: must be >= 0"),
     ("dpo-negative-warmup", "dpo", ["--config", DPO, "--warmup_steps", "-1"], "warmup_steps >= 0"),
     ("grpo-negative-lr", "grpo", ["--config", GRPO, "--learning_rate=-1e-3"], "--learning_rate -0.001: must be >= 0"),
+    ("grpo-no-signal-limit", "grpo", ["--config", GRPO, "--reward_no_signal_limit", "-1"],
+     "--reward_no_signal_limit -1: must be >= 0"),
     ("grpo-batch-0", "grpo", ["--config", GRPO, "--per_device_train_batch_size", "0"], "must be >= 1"),
     # ---- round 3: resume refuses incomplete and foreign checkpoints before the weights load
     ("sft-resume-dpo-checkpoint", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir",

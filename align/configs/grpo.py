@@ -26,6 +26,7 @@ class GRPOArguments:
     reward_funcs: list[str] = field(default_factory=lambda: ["ocr"], metadata={"help": "Reward names from the rewards registry (rewards.available_rewards())."})
     reward_weights: list[float] | None = field(default=None, metadata={"help": "One weight per reward (default 1 each)."})
     reward_kwargs: dict | str | None = field(default=None, metadata={"help": "Options per reward, e.g. {\"clip\": {\"model_path\": \"/models/clip\"}} (a dict or JSON)."})
+    reward_no_signal_limit: int = field(default=3, metadata={"help": "Stop the run when the reward gives no signal (every image None/NaN, or one score for all) for this many rollout batches in a row; 0: never."})
     train_prompts: list[str] = field(default_factory=list, metadata={"help": "Inline prompts (instead of dataset_name)."})
     trust_region_form: str = field(default="paper", metadata={"help": "dppo: how the per-step trust region D_t is measured. paper: mean((mu-mu_old)^2) / (2 sigma_t^2 |dt|), the form the paper's eps_D = 1e-5 refers to; flow_grpo: without |dt| (|dt| times smaller, so 10-50x looser at the same eps); exact: summed over dims. Separate from kl_form (the reference KL)."})
     kl_form: str = field(default="flow_grpo", metadata={"help": "flow_grpo: mean((mu-mu_ref)^2)/(2 sigma_t^2), the form published betas assume; exact: ||mu-mu_ref||^2/(2 sigma_t^2 |dt|)."})

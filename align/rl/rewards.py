@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 from qwen_image.errors import UserError
 
-# Scorings (rollout batches) in a row without any signal before an online run stops. Overridable per run with a
-# ``reward_no_signal_limit`` attribute on the config (0 switches the check off).
+# Scorings (rollout batches) in a row without any signal before an online run stops; a run sets its own with
+# ``--reward_no_signal_limit`` (0 switches the check off).
 NO_SIGNAL_LIMIT = 3
 
 
