@@ -121,14 +121,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     objective = get_objective(command)
     launch_args = launch_command_parser().parse_args([*launch, str(objective.script_path),
                                                       *objective.script_arguments(), *script])
+    import json
+    import os
+
+    from .launch import COMMAND_ENV, INTERRUPTED
+
+    # The training processes print the command that resumes them at Ctrl-C: the one typed here.
+    os.environ[COMMAND_ENV] = json.dumps(["qwen-image-align", *args])
     try:
         launch_command(launch_args)
     except subprocess.CalledProcessError as err:
         # The script already printed its one `error:` line (or its traceback): keep its exit code, add nothing.
+        if err.returncode < 0 and -err.returncode == 2:  # the script died of SIGINT itself
+            return INTERRUPTED
         return err.returncode if err.returncode > 0 else 1
     except KeyboardInterrupt:
-        return 130
+        # Ctrl-C reached the training processes too: let them print their line (what was saved, the resume
+        # command) before this process leaves, so the shell prompt comes after it.
+        _wait_for_children()
+        return INTERRUPTED
     return 0
+
+
+def _wait_for_children() -> None:
+    import os
+
+    while True:
+        try:
+            os.wait()
+        except ChildProcessError:
+            return
+        except KeyboardInterrupt:  # a second Ctrl-C: stop waiting
+            return
 
 
 if __name__ == "__main__":

@@ -54,22 +54,41 @@ def main(argv: list[str] | None = None) -> int:
     # (measured: the VAE fit ~10x slower on 2 busy cores); passive waiting costs little on an idle machine.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _quiet_progress_bars()
+    import yaml
+
     from .workflows.brand_adapter import run_workflow
     from .workflows.config import load_workflow_config
-    from .workflows.stages import StageError
+    from .workflows.stages import StageError, stage_done
 
     try:
         cfg = load_workflow_config(args.config, fast=args.fast)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        print(f"error: --config {args.config}: not valid YAML{where} ({problem})", file=sys.stderr)
+        return 2
+    out = Path(args.output_dir)
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        print(f"error: --output_dir {out}: {existing} is a file, not a folder: choose a folder (it is created if "
+              f"missing)", file=sys.stderr)
+        return 2
     if args.seed is not None:
         cfg["seed"] = args.seed
-    out = Path(args.output_dir)
     if args.restart and out.exists():
         shutil.rmtree(out)
     try:
         results = run_workflow(cfg, out)
+    except KeyboardInterrupt:
+        done = sorted(p.name for p in out.iterdir() if stage_done(p) is not None) if out.is_dir() else []
+        print(f"interrupted (Ctrl-C): the completed stages in {out} are kept ({', '.join(done) or 'none yet'}); "
+              f"resume with: qwen-image-demo{' --fast' if args.fast else ''} --output_dir {out} --config "
+              f"{args.config}", file=sys.stderr)
+        return 130
     except (StageError, ValueError, FileNotFoundError) as err:
         # A stage that cannot go on (a failed training command, no usable pairs...): one line, no traceback;
         # completed stages stay done, so a rerun resumes here.

@@ -32,6 +32,14 @@ COMMON_TRAINING_ARGS = (
 )
 
 
+HELP_OVERRIDES = {
+    "resume_from_checkpoint": (
+        "resume a run: 'last' (or true) = the newest complete checkpoint-N in output_dir, or a new run when "
+        "output_dir holds none yet; or a checkpoint-N folder. A checkpoint resumes only a run of the same "
+        "objective, model, finetune mode and lora_rank (set save_strategy / save_steps to write checkpoints)"),
+}
+
+
 # ---------------------------------------------------------------------------------------------------- parsing
 def _raise_user_error(message: str) -> None:
     raise UserError(message)
@@ -43,6 +51,9 @@ def _make_parser(config_class):
     # allow_abbrev=False: `--learning_rat` must be an error, not a silent abbreviation of --learning_rate.
     parser = TrlParser((config_class,), allow_abbrev=False)
     parser.error = _raise_user_error  # argparse errors (bad value, missing argument) become one line
+    for action in parser._actions:  # transformers' text does not know our `last`
+        if action.dest in HELP_OVERRIDES:
+            action.help = HELP_OVERRIDES[action.dest]
     return parser
 
 
@@ -88,7 +99,7 @@ def _short_help(parser, config_class, prog: str) -> str:
     def describe(f) -> str:
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        text = " ".join(str(f.metadata.get("help", "")).split())
+        text = HELP_OVERRIDES.get(f.name) or " ".join(str(f.metadata.get("help", "")).split())
         return f"  --{f.name} (default {default!r})" + (f"\n        {text}" if text else "")
 
     lines.append(f"{config_class.__name__} options:")
@@ -127,6 +138,7 @@ def parse_config(config_class, argv: Sequence[str] | None = None, return_remaini
             del args[i]
             break
     valid = _option_names(parser)
+    values: dict = {}
     if config_path is not None:
         values = _read_yaml_config(config_path)
         env = values.pop("env", None) or {}
@@ -140,6 +152,9 @@ def parse_config(config_class, argv: Sequence[str] | None = None, return_remaini
         for key, value in env.items():
             os.environ[key] = str(value)
         parser.set_defaults_with_config(**values)
+    if _wants_estimate_only(args, values) and not _has_accelerator():
+        # Planning a GPU on a laptop: the estimate needs no device, and TrainingArguments would refuse bf16 here.
+        args = [*args, "--use_cpu", "true"]
     try:
         config, remaining = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True,
                                                                look_for_args_file=False)
@@ -151,6 +166,7 @@ def parse_config(config_class, argv: Sequence[str] | None = None, return_remaini
         from .models import get_model_family
 
         get_model_family(config.model_family)
+    check_training_values(config)
     if return_remaining:
         return config, remaining
     if remaining:
@@ -158,6 +174,53 @@ def parse_config(config_class, argv: Sequence[str] | None = None, return_remaini
         raise UserError(f"unknown option {flag!r}{_suggest(flag.lstrip('-').split('=')[0].replace('-', '_'), valid)}; "
                         f"see --help")
     return config
+
+
+def _wants_estimate_only(args: Sequence[str], values: dict) -> bool:
+    truthy = ("true", "1", "yes", "y")
+    for i, arg in enumerate(args):
+        if arg == "--estimate_only":
+            following = args[i + 1] if i + 1 < len(args) else "--"
+            return following.startswith("--") or following.lower() in truthy
+        if arg.startswith("--estimate_only="):
+            return arg.split("=", 1)[1].lower() in truthy
+    return str(values.get("estimate_only", "false")).lower() in truthy
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or \
+        torch.backends.mps.is_available()
+
+
+def check_training_values(config: Any) -> None:
+    """Values transformers checks only when the optimizer or scheduler is built (after the data is cached and the
+    weights loaded), or never: one line each, before anything runs."""
+    def value(name):
+        return getattr(config, name, None)
+
+    checks = [
+        ("learning_rate", lambda v: v is not None and not v >= 0, "must be >= 0"),
+        ("weight_decay", lambda v: v is not None and not v >= 0, "must be >= 0"),
+        ("max_grad_norm", lambda v: v is not None and not v >= 0, "must be >= 0 (0 switches clipping off)"),
+        ("warmup_steps", lambda v: v is not None and v < 0, "must be >= 0"),
+        ("warmup_ratio", lambda v: v is not None and not 0 <= v <= 1, "must be in [0, 1]"),
+        ("num_train_epochs", lambda v: v is not None and not v > 0, "must be > 0"),
+        ("per_device_train_batch_size", lambda v: v is not None and v < 1, "must be >= 1"),
+        ("gradient_accumulation_steps", lambda v: v is not None and v < 1, "must be >= 1"),
+        ("logging_steps", lambda v: v is not None and not v > 0, "must be > 0"),
+        ("save_total_limit", lambda v: v is not None and v < 1, "must be >= 1 (or unset to keep every checkpoint)"),
+        ("max_steps", lambda v: v is not None and v < -1, "must be > 0, or -1 to train num_train_epochs"),
+        ("dataloader_num_workers", lambda v: v is not None and v < 0, "must be >= 0"),
+        ("reward_no_signal_limit", lambda v: v is not None and v < 0, "must be >= 0 (0 switches the check off)"),
+    ]
+    for name, bad, rule in checks:
+        if bad(value(name)):
+            raise UserError(f"--{name} {value(name)}: {rule}")
+    if value("save_strategy") is not None and str(getattr(value("save_strategy"), "value", value("save_strategy"))) == "steps":
+        if value("save_steps") is not None and not value("save_steps") > 0:
+            raise UserError(f"--save_steps {value('save_steps')}: must be > 0 with save_strategy steps")
 
 
 # ---------------------------------------------------------------------------------------------------- runs
@@ -177,13 +240,18 @@ def _checkpoint_step(path: Path) -> int | None:
         return None
 
 
-def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest ``checkpoint-N`` whose trainer state is readable. Incomplete ones (a run killed while an old,
-    non-atomic save was writing) are skipped with a warning rather than resumed from."""
+def last_complete_checkpoint(output_dir: str | Path, warn: bool = True) -> Path | None:
+    """The newest complete ``checkpoint-N`` (its manifest lists every file a resume reads, all present: see
+    :mod:`align.checkpoints`). Incomplete ones (a file removed or truncated, a save that did not finish, a
+    checkpoint of an older version) are skipped with a warning rather than resumed from."""
+    from .checkpoints import incompleteness
+
     for _step, path in reversed(_checkpoints(Path(output_dir))):
-        if _checkpoint_step(path) is not None:
+        problem = incompleteness(path)
+        if problem is None and _checkpoint_step(path) is not None:
             return path
-        logger.warning("skipping %s: incomplete checkpoint (no readable trainer_state.json)", path)
+        if warn:
+            logger.warning("skipping %s: incomplete checkpoint (%s)", path, problem or "no readable trainer_state.json")
     return None
 
 
@@ -197,13 +265,28 @@ def previous_run_outputs(output_dir: str | Path) -> list[str]:
     return found
 
 
+def _check_resumable(ckpt: Path, config: Any, option: str) -> None:
+    from .checkpoints import foreign_reason, incompleteness
+
+    problem = incompleteness(ckpt)
+    if problem is None and _checkpoint_step(ckpt) is None:
+        problem = "no readable trainer_state.json"
+    if problem is not None:
+        raise UserError(f"{option}: {ckpt} is not a complete checkpoint ({problem}); resume from an earlier "
+                        f"checkpoint-N or with --resume_from_checkpoint last")
+    reason = foreign_reason(ckpt, config)
+    if reason is not None:
+        raise UserError(f"{option}: refusing {ckpt}: {reason}; or choose another --output_dir")
+
+
 def prepare_run(config: Any) -> str | None:
     """Checks every launcher runs before loading the model; returns (and stores in the config) the checkpoint to
     resume from.
 
     - ``max_steps 0`` trains nothing: an error (``-1`` means "train num_train_epochs").
     - ``resume_from_checkpoint``: a checkpoint folder, or ``last``/``true`` = the newest complete
-      ``checkpoint-N`` in output_dir. A checkpoint past ``max_steps`` belongs to another run: an error.
+      ``checkpoint-N`` in output_dir (a new run when output_dir holds no run yet). A checkpoint that is incomplete,
+      written by another objective / model kind / LoRA rank, or past ``max_steps`` is refused in one line.
     - an output_dir that holds a previous run (checkpoints, adapter, trainer state) is refused unless resuming
       or ``--overwrite_output_dir``, which also removes the old ``checkpoint-*`` folders so ``last`` can never
       pick them up later.
@@ -212,20 +295,29 @@ def prepare_run(config: Any) -> str | None:
         raise UserError("max_steps 0 trains nothing: set max_steps > 0 (or -1 to train num_train_epochs)")
     out = Path(config.output_dir)
     ckpt = config.resume_from_checkpoint
+    overwrite = getattr(config, "overwrite_output_dir", False)
     if ckpt in (None, "", "false", "False", "none", "None"):
         ckpt = None
     elif str(ckpt).lower() in ("last", "true"):
-        found = last_complete_checkpoint(out)
-        if found is None:
-            raise UserError(f"--resume_from_checkpoint {ckpt}: no complete checkpoint-* folder in {out}; "
-                            f"drop the option to start a new run")
-        ckpt = str(found)
+        option = f"--resume_from_checkpoint {ckpt}"
+        found = None if overwrite else last_complete_checkpoint(out)
+        if found is not None:
+            _check_resumable(found, config, option)
+            ckpt = str(found)
+        else:
+            previous = previous_run_outputs(out)
+            if previous and not overwrite:
+                shown = ", ".join(previous[:3]) + (", ..." if len(previous) > 3 else "")
+                raise UserError(f"{option}: {out} holds a run ({shown}) but no complete checkpoint to resume "
+                                f"(save_strategy 'no', or each checkpoint incomplete): pass --overwrite_output_dir "
+                                f"to start it over, or choose another --output_dir")
+            if not previous:
+                logger.info("%s: no run in %s yet, starting a new one", option, out)
+            ckpt = None
     else:
         if not Path(ckpt).is_dir():
             raise UserError(f"--resume_from_checkpoint {ckpt}: no such checkpoint folder")
-        if _checkpoint_step(Path(ckpt)) is None:
-            raise UserError(f"--resume_from_checkpoint {ckpt}: not a complete checkpoint (no readable "
-                            f"trainer_state.json)")
+        _check_resumable(Path(ckpt), config, f"--resume_from_checkpoint {ckpt}")
     if ckpt is not None:
         step = _checkpoint_step(Path(ckpt))
         if config.max_steps > 0 and step is not None and step > config.max_steps:
@@ -234,10 +326,12 @@ def prepare_run(config: Any) -> str | None:
         logger.info("resuming from %s", ckpt)
     else:
         previous = previous_run_outputs(out)
-        if previous and not getattr(config, "overwrite_output_dir", False):
+        if previous and not overwrite:
             shown = ", ".join(previous[:3]) + (", ..." if len(previous) > 3 else "")
-            raise UserError(f"output_dir {out} already holds a run ({shown}): pass --resume_from_checkpoint last "
-                            f"to continue it, --overwrite_output_dir to replace it, or choose another --output_dir")
+            resumable = last_complete_checkpoint(out, warn=False) is not None
+            todo = "pass --resume_from_checkpoint last to continue it, " if resumable else ""
+            raise UserError(f"output_dir {out} already holds a run ({shown}): {todo}--overwrite_output_dir to "
+                            f"replace it, or choose another --output_dir")
         if previous and config.process_index == 0:
             for _, path in _checkpoints(out):
                 shutil.rmtree(path)
@@ -257,9 +351,83 @@ def _finish_tracking() -> None:
         pass
 
 
+# The run being trained in this process (set by train_main once its options are parsed), for the Ctrl-C line.
+_ACTIVE: dict[str, Any] = {}
+# The command the user typed, as a JSON list, set by ``qwen-image-align`` for the training processes it starts.
+COMMAND_ENV = "QWEN_IMAGE_ALIGN_COMMAND"
+INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
+
+
+def _resume_command() -> list[str]:
+    import json
+
+    try:
+        command = json.loads(os.environ[COMMAND_ENV])
+    except (KeyError, ValueError):
+        command = ["qwen-image-align", _ACTIVE.get("objective", "sft"), *_ACTIVE.get("argv", [])]
+    kept: list[str] = []
+    i = 0
+    while i < len(command):  # drop the options a resume must not repeat (an overwrite would start over)
+        name = command[i].split("=", 1)[0]
+        i += 1
+        if name in ("--resume_from_checkpoint", "--overwrite_output_dir"):
+            if "=" not in command[i - 1] and i < len(command) and not command[i].startswith("--"):
+                i += 1  # its value
+            continue
+        kept.append(command[i - 1])
+    return [*kept, "--resume_from_checkpoint", "last"]
+
+
+def interrupted_message() -> str:
+    """The one line printed at Ctrl-C: what is saved and the command that continues the run."""
+    import shlex
+
+    config = _ACTIVE.get("config")
+    if config is None:
+        return "interrupted (Ctrl-C) before training started: nothing was saved"
+    out = Path(config.output_dir)
+    ckpt = last_complete_checkpoint(out, warn=False)
+    command = _resume_command()
+    if ckpt is None:
+        return (f"interrupted (Ctrl-C): no checkpoint in {out} yet, nothing to resume (set --save_steps to save "
+                f"during training); start again with: {shlex.join(command[:-2])}")
+    return (f"interrupted (Ctrl-C): saved up to step {_checkpoint_step(ckpt)} ({ckpt}); resume with: "
+            f"{shlex.join(command)}")
+
+
+_OWN_PACKAGES = tuple(os.sep + name + os.sep for name in ("align", "qwen_image", "rewards", "annotation"))
+
+
+def wrapped_user_error(err: BaseException) -> UserError | None:
+    """The UserError a library raised ours inside of: the explicit cause chain (``raise X from err``), and the
+    implicit context when the outer exception was raised by library code (a bug in our own handler keeps its
+    traceback)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, UserError):
+            return current
+        nxt = current.__cause__
+        if nxt is None and not current.__suppress_context__ and _raised_by_library(current):
+            nxt = current.__context__
+        current = nxt
+    return None
+
+
+def _raised_by_library(err: BaseException) -> bool:
+    tb = err.__traceback__
+    last = None
+    while tb is not None:
+        last = tb.tb_frame.f_code.co_filename
+        tb = tb.tb_next
+    return last is not None and not any(part in last for part in _OWN_PACKAGES)
+
+
 def run_main(main_fn: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
     """Call a launch script's ``main`` and return its exit code: 0 done, 2 a :class:`UserError` (one
-    ``error: ...`` line on stderr), the SystemExit code (``--help``: 0), 1 anything else (with its traceback:
+    ``error: ...`` line on stderr), the SystemExit code (``--help``: 0), 130 at Ctrl-C (one line: what was saved,
+    the command that resumes), 1 anything else (with its traceback:
     that is a bug, not a user mistake)."""
     try:
         main_fn(argv)
@@ -272,7 +440,17 @@ def run_main(main_fn: Callable[[Sequence[str] | None], object], argv: Sequence[s
             return err.code or 0
         print(f"error: {err.code}", file=sys.stderr)
         return 2
-    except BaseException:
+    except KeyboardInterrupt:
+        # Nothing half-written is ever resumed (checkpoints are staged): say what is kept and how to go on, once.
+        if os.environ.get("RANK", "0") == "0":
+            # On a line of its own: a progress bar leaves the cursor at the end of its line.
+            print(("\n" if "config" in _ACTIVE else "") + interrupted_message(), file=sys.stderr)
+        return INTERRUPTED
+    except BaseException as err:
+        wrapped = wrapped_user_error(err)
+        if wrapped is not None:  # a library wrapped our one-line error (a datasets.map worker, a callback, ...)
+            print(f"error: {wrapped}", file=sys.stderr)
+            return 2
         import traceback
 
         traceback.print_exc()
@@ -310,6 +488,7 @@ def train_main(objective: Any, argv: Sequence[str] | None = None) -> Any:
     return the trainer."""
     from transformers import set_seed
 
+    from .adapters import check_init_adapter
     from .modeling import load_qwen_image
     from .models import family_of
     from .objectives import get_objective
@@ -317,15 +496,19 @@ def train_main(objective: Any, argv: Sequence[str] | None = None) -> Any:
     if isinstance(objective, str):
         objective = get_objective(objective)
     config = parse_config(objective.resolved("config_class"), argv)
+    _ACTIVE.update(config=config, objective=objective.name, argv=list(sys.argv[1:] if argv is None else argv))
     if getattr(config, "estimate_only", False):  # the memory estimate needs neither data nor weights: print, exit
         from .memory import report_estimate
+        from .modeling import estimate_subject
 
+        print(estimate_subject(config), flush=True)
         report_estimate(config)
     checkpoint = prepare_run(config)
     family = family_of(config)
     if getattr(config, "validation_prompts", None) and family.is_edit(config):  # known before any weights load
         raise UserError("validation images for edit models need control images, which are not supported yet; "
                         "set validation_prompts: [] for an edit checkpoint.")
+    check_init_adapter(config)  # a missing / truncated file or another rank: one line before the weights load
     set_seed(config.seed)  # before the model: the LoRA init draws from the global RNG
     data = objective.resolved("load_data")(config)
     qwen = load_qwen_image(config)

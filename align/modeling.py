@@ -35,10 +35,31 @@ def load_qwen_image(
     the memory estimate (and stops there with ``estimate_only``)."""
     from .memory import report_estimate
 
+    if getattr(config, "local_process_index", 0) == 0:
+        print(estimate_subject(config), flush=True)
     report_estimate(config)
     qwen = family_of(config).load(config, training_dtype(config), load_text_encoder, load_vae)
     apply_storage(qwen, config)
     return qwen
+
+
+def estimate_subject(config: QwenImageTrainingConfig) -> str:
+    """Which model the memory estimate that follows is for: the checkpoint's transformer config, or the real
+    model of the family when the run names none (a tiny random model needs well under 1 GiB itself)."""
+    from pathlib import Path
+
+    from .memory import architecture_of
+
+    arch = architecture_of(config)
+    size = (arch.num_blocks * arch.block_params + arch.non_block_params) / 1e9
+    path = config.model_name_or_path
+    family = family_of(config).name
+    if path and (Path(path) / "transformer" / "config.json").is_file():
+        return f"memory estimate for the checkpoint {path} ({size:.1f} B transformer parameters, its config.json):"
+    if path:
+        return f"memory estimate for the real {family} model ({size:.1f} B; {path} has no transformer/config.json):"
+    return (f"memory estimate for the real {family} model ({size:.1f} B transformer parameters), not for this run's "
+            f"tiny random model (model_name_or_path null), which needs well under 1 GiB:")
 
 
 def apply_storage(qwen: QwenImage, config: QwenImageTrainingConfig) -> None:

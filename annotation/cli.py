@@ -293,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"server": cmd_server, "generate-pairs": cmd_generate, "status": cmd_status, "pull": cmd_pull,
                 "push-pairs": lambda a: cmd_push(a, "pairs"), "push-ratings": lambda a: cmd_push(a, "ratings")}
     try:
+        out = getattr(args, "out", None)
+        existing = next((q for q in (Path(out), *Path(out).parents) if q.exists()), None) if out else None
+        if existing is not None and not existing.is_dir():  # before any work: a file where a folder must go
+            raise AnnotationError(f"--out {out}: {existing} is a file, not a folder")
         return handlers[args.command](args)
     except AnnotationError as e:
         print(f"error: {e}", file=sys.stderr)

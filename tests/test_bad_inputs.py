@@ -7,6 +7,7 @@ them fail before a model loads, so the table is cheap; a few subprocess cases ch
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -23,6 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny"
 SFT, DPO, DPO_GRPO, GRPO = (str(TINY / n) for n in ("sft_lora.yaml", "dpo_lora.yaml", "dpo_grpo.yaml",
                                                         "grpo_brightness.yaml"))
+EDIT_SFT = str(TINY / "edit_sft_lora.yaml")
+# The smallest GRPO run that scores a few rollout batches (the reward cases stop it within its first step).
+FAST_GRPO = ["--train_prompts", "a cat", "a dog", "--num_generations", "2", "--per_device_train_batch_size", "2",
+             "--num_inference_steps", "2", "--max_steps", "3"]
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
@@ -111,23 +116,125 @@ def data(tmp_path_factory) -> dict[str, Path]:
     prev = root / "previous_run"
     (prev / "checkpoint-3").mkdir(parents=True)
     (prev / "checkpoint-3" / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    _manifest(prev / "checkpoint-3", "sft")
     (prev / "pytorch_lora_weights.safetensors").write_bytes(b"the user's adapter")
     d["previous_run"] = prev
     far = root / "far_run"
     (far / "checkpoint-20").mkdir(parents=True)
     (far / "checkpoint-20" / "trainer_state.json").write_text(json.dumps({"global_step": 20}))
+    _manifest(far / "checkpoint-20", "sft")
     d["far_run"] = far
+    finished = root / "finished_run"  # save_strategy no: an adapter, no checkpoint to resume
+    finished.mkdir()
+    (finished / "pytorch_lora_weights.safetensors").write_bytes(b"the user's adapter")
+    d["finished_run"] = finished
     half = root / "half_written"
     (half / "checkpoint-5").mkdir(parents=True)
     (half / "checkpoint-5" / "optimizer.pt").write_bytes(b"")
     (half / ".incomplete-checkpoint-6" / "checkpoint-6").mkdir(parents=True)
     d["half_written"] = half
+    # ---- round 3: online rewards, checkpoints, LoRA files, model/data mismatches
+    (root / "bad_rewards.py").write_text(BAD_REWARDS, encoding="utf-8")
+    (root / "raising_rewards.py").write_text("raise RuntimeError('broken on purpose')\n", encoding="utf-8")
+    edit_rows = [{**GOOD_ROWS[0], "control_image": "b.png"}, {**GOOD_ROWS[1], "control_image": "c.png"}]
+    d["sft_edit"] = _imagefolder(root / "sft_edit", edit_rows)
+    d["edit_four"] = _imagefolder(root / "edit_four", [
+        {**r, "control_image_1": "a.png", "control_image_2": "b.png", "control_image_3": "c.png"} for r in edit_rows])
+    d["edit_missing"] = _imagefolder(root / "edit_missing", [edit_rows[0], {**edit_rows[1], "control_image": "gone.png"}])
+    d["edit_elongated"] = _imagefolder(root / "edit_elongated", [edit_rows[0], {**edit_rows[1], "control_image": "long.png"}])
+    _image(d["edit_elongated"] / "long.png", size=(3000, 8))
+    d["sft_long"] = _imagefolder(root / "sft_long", [GOOD_ROWS[0], {**GOOD_ROWS[1], "prompt": "a sign " * 3000},
+                                                     GOOD_ROWS[2]])
+    d["sft_int_prompt"] = _imagefolder(root / "sft_int_prompt", [GOOD_ROWS[0], {**GOOD_ROWS[1], "prompt": 5}])
+    d["pairs_edit"] = _pairs(root / "pairs_edit", [{**good_pair, "control_image": "c1.png"}])
+    d["pairs_long"] = _pairs(root / "pairs_long", [{**good_pair, "prompt": "a sign " * 3000},
+                                                   {**good_pair, "chosen": "c1.png", "rejected": "r1.png"}])
+    (prompts / "mixed.jsonl").write_text('{"prompt": "a cat"}\n{"prompt": ["a", "dog"]}\n', encoding="utf-8")
+    (prompts / "edit.jsonl").write_text('{"prompt": "add a hat", "control_image": "src.png"}\n' * 2, encoding="utf-8")
+    (recipes / "demo_list.yaml").write_text("- slogans\n", encoding="utf-8")
+    adapters = root / "adapters"
+    adapters.mkdir()
+    _lora(adapters / "r4.safetensors", rank=4, width=None)
+    whole = (adapters / "r4.safetensors").read_bytes()
+    (adapters / "truncated.safetensors").write_bytes(whole[: len(whole) // 2])
+    _lora(adapters / "r8.safetensors", rank=8, width=None)
+    _lora(adapters / "other_size.safetensors", rank=4, width=3072)  # the real model's width, not the tiny one's
+    (adapters / "lora.bin").write_bytes(b"a pickled state dict")
+    (adapters / "two").mkdir()
+    _lora(adapters / "two" / "a.safetensors", rank=4, width=None)
+    _lora(adapters / "two" / "b.safetensors", rank=4, width=None)
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"foo.weight": torch.zeros(2, 2)}, adapters / "no_lora.safetensors")
+    save_file({"lora_unet_transformer_blocks_0_attn_to_q.lokr_w1": torch.zeros(2, 2),
+               "lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight": torch.zeros(4, 8)},
+              adapters / "lycoris.safetensors")
+    d["adapters"] = adapters
+    runs = root / "runs"  # output_dirs holding one checkpoint each (a manifest as a real save writes it)
+    for name, objective, overrides in (("dpo_ckpt", "dpo", ()), ("rank8_ckpt", "sft", ("--lora_rank", "8")),
+                                       ("edit_ckpt", "sft", ("--tiny_variant", "edit-2509")),
+                                       ("sft_ckpt", "sft", ()), ("full_ckpt", "sft", ("--finetune", "full"))):
+        ckpt = runs / name / "checkpoint-2"
+        ckpt.mkdir(parents=True)
+        (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+        (ckpt / "optimizer.pt").write_bytes(b"optimizer state")
+        _manifest(ckpt, objective, *overrides)
+    (runs / "sft_ckpt_no_optimizer").mkdir()
+    ckpt = runs / "sft_ckpt_no_optimizer" / "checkpoint-2"
+    import shutil
+
+    shutil.copytree(runs / "sft_ckpt" / "checkpoint-2", ckpt)
+    (ckpt / "optimizer.pt").unlink()
+    d["runs"] = runs
     dt = root / "dt_out"
     dt.mkdir()
     (dt / "metadata.jsonl").write_text('{"file_name": "x.png"}\n')
     d["dt_out"] = dt
     (root / "accelerate_missing.yaml").unlink(missing_ok=True)
     return d
+
+
+BAD_REWARDS = """
+import math
+def nan(prompts, images, **kw): return [math.nan] * len(prompts)
+def none(prompts, images, **kw): return [None] * len(prompts)
+def constant(prompts, images, **kw): return [0.5] * len(prompts)
+def short(prompts, images, **kw): return [0.5]
+def text(prompts, images, **kw): return ["good"] * len(prompts)
+def scalar(prompts, images, **kw): return 0.5
+def infinite(prompts, images, **kw): return [math.inf] * len(prompts)
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def _tiny_width() -> int:
+    from qwen_image import QwenImage
+
+    return QwenImage.tiny(seed=0).transformer.transformer_blocks[0].attn.to_q.in_features
+
+
+def _lora(path: Path, rank: int, width: int | None) -> None:
+    """A diffusers-layout LoRA on one attention projection of the tiny model (``width``: another model's)."""
+    import torch
+    from safetensors.torch import save_file
+
+    if width is None:
+        width = _tiny_width()
+    prefix = "transformer.transformer_blocks.0.attn.to_q"
+    save_file({f"{prefix}.lora_A.weight": torch.zeros(rank, width), f"{prefix}.lora_B.weight": torch.zeros(width, rank)},
+              path)
+
+
+def _manifest(folder: Path, objective: str, *overrides: str) -> None:
+    """The manifest a real save writes last (align.checkpoints), for the run a tiny recipe of ``objective`` makes."""
+    from align.checkpoints import run_identity, write_manifest
+    from align.launch import parse_config
+    from align.objectives import get_objective
+
+    recipe = {"sft": SFT, "dpo": DPO, "grpo": GRPO}[objective]
+    config = parse_config(get_objective(objective).resolved("config_class"), ["--config", recipe, *overrides])
+    write_manifest(folder, run_identity(config))
 
 
 def _snapshot(root: Path) -> dict[str, str]:
@@ -190,11 +297,15 @@ CASES = [
     # ---- SFT: output_dir and resume
     ("sft-previous-run", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{previous_run}"],
      "already holds a run (checkpoint-3, pytorch_lora_weights.safetensors): pass --resume_from_checkpoint last"),
-    ("sft-resume-nothing", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
-                                   "--resume_from_checkpoint", "last"], "no complete checkpoint-* folder in"),
+    ("sft-resume-finished-run", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir",
+                                        "{finished_run}", "--resume_from_checkpoint", "last"],
+     "holds a run (pytorch_lora_weights.safetensors) but no complete checkpoint to resume"),
+    ("sft-finished-run-no-circle", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir",
+                                           "{finished_run}"], "already holds a run (pytorch_lora_weights.safetensors): "
+                                                              "--overwrite_output_dir to replace it"),
     ("sft-resume-only-incomplete", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir",
                                            "{half_written}", "--resume_from_checkpoint", "last"],
-     "no complete checkpoint-* folder in"),
+     "but no complete checkpoint to resume"),
     ("sft-resume-incomplete-path", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
                                            "--resume_from_checkpoint", "{half_written}/checkpoint-5"],
      "not a complete checkpoint"),
@@ -242,8 +353,9 @@ CASES = [
      "max_steps 0 trains nothing"),
     ("dpo-previous-run", "dpo", ["--config", DPO, "--dataset_name", "{pairs}", "--output_dir", "{previous_run}"],
      "already holds a run"),
-    ("dpo-resume-nothing", "dpo", ["--config", DPO, "--dataset_name", "{pairs}", "--output_dir", "{out}",
-                                   "--resume_from_checkpoint", "last"], "no complete checkpoint-* folder"),
+    ("dpo-resume-finished-run", "dpo", ["--config", DPO, "--dataset_name", "{pairs}", "--output_dir",
+                                        "{finished_run}", "--resume_from_checkpoint", "last"],
+     "but no complete checkpoint to resume"),
     ("dpo-min-agreement-range", "dpo", ["--config", DPO, "--dataset_name", "{pairs}", "--output_dir", "{out}",
                                         "--min_agreement", "1.5"], "min_agreement must be in [0, 1]"),
     ("dpo-missing-rejected", "dpo", ["--config", DPO, "--dataset_name", "{pairs_no_rejected}", "--output_dir", "{out}"],
@@ -287,6 +399,132 @@ CASES = [
                                     "--output_dir", "{out}"], "cannot read prompts from 'prompts.xml'"),
     ("grpo-prompt-dataset-missing", "grpo", ["--config", GRPO, "--train_prompts", "a", "b", "--dataset_name",
                                              "{root}/nope", "--output_dir", "{out}"], "both a prompt dataset"),
+    # ---- round 3: values checked before caching (transformers checks them only when it builds the optimizer)
+    ("sft-negative-lr", "sft", ["--config", SFT, "--learning_rate=-1e-3"], "--learning_rate -0.001: must be >= 0"),
+    ("sft-negative-weight-decay", "sft", ["--config", SFT, "--weight_decay", "-1"], "--weight_decay -1.0: must be >= 0"),
+    ("sft-epochs-0", "sft", ["--config", SFT, "--num_train_epochs", "0"], "--num_train_epochs 0.0: must be > 0"),
+    ("sft-grad-accum-0", "sft", ["--config", SFT, "--gradient_accumulation_steps", "0"],
+     "--gradient_accumulation_steps 0: must be >= 1"),
+    ("sft-batch-0", "sft", ["--config", SFT, "--per_device_train_batch_size", "0"],
+     "--per_device_train_batch_size 0: must be >= 1"),
+    ("sft-negative-grad-norm", "sft", ["--config", SFT, "--max_grad_norm", "-1"], "--max_grad_norm -1.0: must be >= 0"),
+    ("sft-save-steps-0", "sft", ["--config", SFT, "--save_strategy", "steps", "--save_steps", "0"],
+     "--save_steps 0"),
+    ("sft-save-total-limit-0", "sft", ["--config", SFT, "--save_total_limit", "0"], "--save_total_limit 0: must be >= 1"),
+    ("sft-max-steps-negative", "sft", ["--config", SFT, "--max_steps", "-5"], "--max_steps -5: must be > 0, or -1"),
+    ("sft-workers-negative", "sft", ["--config", SFT, "--dataloader_num_workers", "-1"],
+     "--dataloader_num_workers -1: must be >= 0"),
+    ("dpo-negative-lr", "dpo", ["--config", DPO, "--learning_rate", "-1"], "--learning_rate -1.0: must be >= 0"),
+    ("dpo-negative-warmup", "dpo", ["--config", DPO, "--warmup_steps", "-1"], "warmup_steps >= 0"),
+    ("grpo-negative-lr", "grpo", ["--config", GRPO, "--learning_rate=-1e-3"], "--learning_rate -0.001: must be >= 0"),
+    ("grpo-no-signal-limit", "grpo", ["--config", GRPO, "--reward_no_signal_limit", "-1"],
+     "--reward_no_signal_limit -1: must be >= 0"),
+    ("grpo-batch-0", "grpo", ["--config", GRPO, "--per_device_train_batch_size", "0"], "must be >= 1"),
+    # ---- round 3: resume refuses incomplete and foreign checkpoints before the weights load
+    ("sft-resume-dpo-checkpoint", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir",
+                                          "{runs}/dpo_ckpt", "--resume_from_checkpoint", "last"],
+     "it is a dpo checkpoint and this is a sft run"),
+    ("sft-resume-dpo-checkpoint-path", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
+                                               "--resume_from_checkpoint", "{runs}/dpo_ckpt/checkpoint-2"],
+     "it is a dpo checkpoint and this is a sft run"),
+    ("dpo-resume-sft-checkpoint", "dpo", ["--config", DPO, "--dataset_name", "{pairs}", "--output_dir",
+                                          "{runs}/sft_ckpt", "--resume_from_checkpoint", "last"],
+     "it is a sft checkpoint and this is a dpo run"),
+    ("grpo-resume-sft-checkpoint", "grpo", ["--config", GRPO, "--output_dir", "{runs}/sft_ckpt",
+                                            "--resume_from_checkpoint", "last"], "it is a sft checkpoint and this is a grpo run"),
+    ("sft-resume-other-rank", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{runs}/rank8_ckpt",
+                                      "--resume_from_checkpoint", "last"],
+     "trained with lora_rank 8, this run has --lora_rank 4: resume with --lora_rank 8"),
+    ("sft-resume-edit-checkpoint", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir",
+                                           "{runs}/edit_ckpt", "--resume_from_checkpoint", "last"],
+     "trained on an edit model, this run's model is a text-to-image model"),
+    ("sft-resume-full-checkpoint", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir",
+                                           "{runs}/full_ckpt", "--resume_from_checkpoint", "last"],
+     "its finetune is 'full', this run's is 'lora'"),
+    ("sft-resume-missing-optimizer", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
+                                             "--resume_from_checkpoint", "{runs}/sft_ckpt_no_optimizer/checkpoint-2"],
+     "is not a complete checkpoint (optimizer.pt is missing)"),
+    ("sft-last-skips-missing-optimizer", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir",
+                                                 "{runs}/sft_ckpt_no_optimizer", "--resume_from_checkpoint", "last"],
+     "but no complete checkpoint to resume"),
+    # ---- round 3: LoRA files (--init_adapter): one line naming the file and the option
+    ("sft-init-adapter-missing", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
+                                         "--init_adapter", "{adapters}/nope.safetensors"], "does not exist"),
+    ("sft-init-adapter-truncated", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
+                                           "--init_adapter", "{adapters}/truncated.safetensors"],
+     "truncated.safetensors: not a readable .safetensors file"),
+    ("sft-init-adapter-rank", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
+                                      "--init_adapter", "{adapters}/r8.safetensors"],
+     "r8.safetensors has rank 8 (alpha 8), --lora_rank is 4"),
+    ("sft-init-adapter-bin", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
+                                     "--init_adapter", "{adapters}/lora.bin"], "only .safetensors LoRA files are read"),
+    ("sft-init-adapter-two-files", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
+                                           "--init_adapter", "{adapters}/two"], "exactly one .safetensors file"),
+    ("sft-init-adapter-no-lora", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
+                                         "--init_adapter", "{adapters}/no_lora.safetensors"], "holds no LoRA weights"),
+    ("sft-init-adapter-other-size", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
+                                            "--init_adapter", "{adapters}/other_size.safetensors"],
+     "a LoRA for another model size (transformer_blocks.0.attn.to_q has input width"),
+    ("sft-init-adapter-lycoris", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
+                                         "--init_adapter", "{adapters}/lycoris.safetensors"], "LyCORIS"),
+    ("dpo-init-adapter-rank", "dpo", ["--config", DPO, "--dataset_name", "{pairs}", "--output_dir", "{out}",
+                                      "--init_adapter", "{adapters}/r8.safetensors"], "has rank 8 (alpha 8)"),
+    ("grpo-init-adapter-truncated", "grpo", ["--config", GRPO, "--finetune", "lora", "--lora_rank", "4",
+                                             "--output_dir", "{out}", "--init_adapter",
+                                             "{adapters}/truncated.safetensors"], "not a readable .safetensors file"),
+    # ---- round 3: model / data mismatches
+    ("sft-t2i-on-edit-data", "sft", ["--config", SFT, "--dataset_name", "{sft_edit}", "--output_dir", "{out}"],
+     "edit data (column 'control_image') for a text-to-image model"),
+    ("dpo-t2i-on-edit-pairs", "dpo", ["--config", DPO, "--dataset_name", "{pairs_edit}", "--output_dir", "{out}"],
+     "edit data (column 'control_image') for a text-to-image model"),
+    ("grpo-t2i-on-edit-prompts", "grpo", ["--config", GRPO, "--train_prompts", "{prompts}/edit.jsonl",
+                                          "--output_dir", "{out}"],
+     "edit data (column 'control_image') for a text-to-image model"),
+    ("sft-edit-recipe-on-t2i-model", "sft", ["--config", EDIT_SFT, "--tiny_variant", "t2i", "--dataset_name",
+                                             "{sft_edit}", "--output_dir", "{out}"],
+     "edit data (column 'control_image') for a text-to-image model"),
+    ("dpo-edit-recipe-on-t2i-model", "dpo", ["--config", str(TINY / "edit_dpo_lora.yaml"), "--tiny_variant", "t2i",
+                                             "--dataset_name", "{pairs_edit}", "--output_dir", "{out}"],
+     "edit data (column 'control_image') for a text-to-image model"),
+    ("sft-edit-fourth-control", "sft", ["--config", EDIT_SFT, "--dataset_name", "{edit_four}", "--output_dir", "{out}"],
+     "column 'control_image_3'"),
+    ("sft-edit-missing-control", "sft", ["--config", EDIT_SFT, "--dataset_name", "{edit_missing}", "--output_dir",
+                                         "{out}"], "row 1 (file_name='b.png'): control image 1: image not found"),
+    ("sft-edit-elongated-control", "sft", ["--config", EDIT_SFT, "--dataset_name", "{edit_elongated}",
+                                           "--output_dir", "{out}"], "row 1 (file_name='b.png'): a 3000x8 reference is too elongated"),
+    ("sft-long-prompt", "sft", ["--config", SFT, "--dataset_name", "{sft_long}", "--output_dir", "{out}"],
+     "row 1 (file_name='b.png'): prompt is 6006 tokens; Qwen-Image reads at most 1024"),
+    ("sft-prompt-not-text", "sft", ["--config", SFT, "--dataset_name", "{sft_int_prompt}", "--output_dir", "{out}",
+                                    "--min_raters", "0"], "row 1 (file_name='b.png'): 'prompt' is 5 (a number) where row 0 "
+                                                          "has text"),
+    ("grpo-prompt-not-text", "grpo", ["--config", GRPO, "--train_prompts", "{prompts}/mixed.jsonl", "--output_dir",
+                                      "{out}"], "row 1: 'prompt' is ['a', 'dog'] (a list) where row 0 has text"),
+    ("dpo-long-prompt", "dpo", ["--config", DPO, "--dataset_name", "{pairs_long}", "--output_dir", "{out}",
+                                "--eval_fraction", "0", "--eval_strategy", "no"], "prompt is 6006 tokens"),
+    # ---- round 3: online rewards (the run stops with one line naming the reward)
+    *[(f"grpo-reward-{name}", "grpo", ["--config", GRPO, *FAST_GRPO, "--reward_funcs", f"bad_rewards.{name}",
+                                       "--output_dir", "{out}"], expected)
+      for name, expected in (
+          ("nan", "reward 'bad_rewards.nan' scored every image None / NaN for 3 rollout batches in a row"),
+          ("none", "reward 'bad_rewards.none' scored every image None / NaN"),
+          ("constant", "reward 'bad_rewards.constant' gave every image the same score (0.5)"),
+          ("short", "reward 'bad_rewards.short' returned 1 values for 2 images"),
+          ("text", "reward 'bad_rewards.text' returned 'good' (str) for image 0"),
+          ("scalar", "reward 'bad_rewards.scalar' returned a float, not a list of 2 scores"),
+          ("infinite", "reward 'bad_rewards.infinite' returned inf for image 0"))],
+    ("grpo-reward-module-raises", "grpo", ["--config", GRPO, "--reward_funcs", "raising_rewards.fn", "--output_dir",
+                                           "{out}"], "importing 'raising_rewards' raised RuntimeError: broken on purpose"),
+    ("grpo-reward-attr-missing", "grpo", ["--config", GRPO, "--reward_funcs", "bad_rewards.nope", "--output_dir",
+                                          "{out}"], "reward 'bad_rewards.nope': 'bad_rewards' has no callable 'nope'"),
+    ("grpo-reward-one-of-two-short", "grpo", ["--config", GRPO, *FAST_GRPO, "--reward_funcs", "brightness",
+                                              "bad_rewards.short", "--output_dir", "{out}"],
+     "reward 'bad_rewards.short' returned 1 values"),
+    ("dpo-grpo-reward-nan", "dpo", ["--config", DPO_GRPO, "--dataset_name", "{pairs}", "--output_dir", "{out}",
+                                    "--reward_funcs", "bad_rewards.nan", "--num_generations", "2",
+                                    "--train_prompts", "a cat", "a dog", "--num_inference_steps", "2",
+                                    "--per_device_train_batch_size", "2",
+                                    "--eval_fraction", "0", "--eval_strategy", "no"],
+     "reward 'bad_rewards.nan' scored every image None / NaN"),
     # ---- qwen-image-align (checked before accelerate starts anything)
     ("align-unknown-command", "align", ["train", "--config", SFT], "unknown command 'train'"),
     ("align-config-missing", "align", ["sft", "--config", "{root}/nope.yaml"], "no such file"),
@@ -300,6 +538,10 @@ CASES = [
      "--accelerate_config needs a file"),
     ("align-bad-value", "align", ["dpo", "--config", DPO, "--loss_type", "kto"], "loss_type must be one of"),
     ("align-yaml-syntax", "align", ["sft", "--config", "{recipes}/syntax.yaml"], "not valid YAML"),
+    ("align-negative-lr", "align", ["sft", "--config", SFT, "--learning_rate=-1e-3"], "--learning_rate -0.001"),
+    ("align-dpo-weight-decay", "align", ["dpo", "--config", DPO, "--weight_decay", "-1"], "--weight_decay -1.0"),
+    ("align-grpo-grad-norm", "align", ["grpo", "--config", GRPO, "--max_grad_norm", "-2"], "--max_grad_norm -2.0"),
+    ("align-no-command-value", "align", ["sft", "--config", SFT, "--num_processes"], "--num_processes"),
     # ---- python -m align.datatools
     ("dt-missing-folder", "datatools", ["filter", "--data-dir", "{root}/nope", "--out", "{out}"], "no such folder"),
     ("dt-out-is-input", "datatools", ["filter", "--data-dir", "{sft}", "--out", "{sft}"], "--out must differ from --data-dir"),
@@ -316,6 +558,20 @@ CASES = [
     ("dt-abbreviation", "datatools", ["filter", "--data-dir", "{sft}", "--out", "{out}", "--min-si", "3"],
      "unrecognized arguments: --min-si"),
     ("dt-no-command", "datatools", [], "the following arguments are required"),
+    ("dt-synth-bad-mode", "datatools", ["synth", "--texts", "OPEN", "--modes", "bogus", "--out", "{out}"],
+     "invalid choice: 'bogus'"),
+    ("dt-synth-three-sizes", "datatools", ["synth", "--texts", "OPEN", "--size", "16", "32", "64", "--out", "{out}"],
+     "--size must be W or W H"),
+    ("dt-synth-empty-texts-file", "datatools", ["synth", "--texts-file", "{prompts}/empty.txt", "--out", "{out}"],
+     "no texts to render"),
+    ("dt-rare-lengths", "datatools", ["rare", "--corpus", "{prompts}/ok.jsonl", "--min-len", "5", "--max-len", "2"],
+     "need 1 <= min-len <= max-len"),
+    ("dt-filter-aspect", "datatools", ["filter", "--data-dir", "{sft}", "--out", "{out}", "--max-aspect", "0"],
+     "--max-aspect 0.0: the long side over the short one, so >= 1"),
+    ("dt-filter-dup-distance", "datatools", ["filter", "--data-dir", "{sft}", "--out", "{out}", "--dup-distance", "-1"],
+     "--dup-distance -1: a Hamming distance"),
+    ("dt-filter-data-is-file", "datatools", ["filter", "--data-dir", "{sft}/metadata.jsonl", "--out", "{out}"],
+     "no such folder"),
     # ---- qwen-image-annotation (no server needed)
     ("ann-no-token", "annotation", ["status", "--project-id", "1"], "no API token"),
     ("ann-token-file-missing", "annotation", ["status", "--project-id", "1", "--token-file", "{root}/nope"],
@@ -333,11 +589,24 @@ CASES = [
      "missing.jsonl:1: source image 1"),
     ("ann-edit-four-sources", "annotation", ["generate-pairs", "--edits", "{edits}/four.jsonl", "--out", "{out}"],
      "four.jsonl:1: 4 source images; Edit-2509/2511 take 1 to 3"),
+    ("ann-out-is-file", "annotation", ["generate-pairs", "--prompts", "{prompts}/ok.jsonl", "--out",
+                                       "{sft}/metadata.jsonl"], "is a file, not a folder"),
+    ("ann-empty-prompts", "annotation", ["generate-pairs", "--prompts", "{prompts}/empty.txt", "--out", "{out}"],
+     "no prompts in"),
+    ("ann-pull-out-under-file", "annotation", ["pull", "--project-id", "1", "--token-file", "{sft}/metadata.jsonl",
+                                               "--out", "{sft}/metadata.jsonl/pairs"], "is a file, not a folder"),
     ("ann-prompts-and-edits", "annotation", ["generate-pairs", "--prompts", "{prompts}/ok.jsonl", "--edits",
                                              "{edits}/four.jsonl", "--out", "{out}"], "not allowed with argument"),
     # ---- qwen-image-demo
     ("demo-config-missing", "demo", ["--config", "{root}/nope.yaml", "--output_dir", "{out}"], "nope.yaml"),
     ("demo-unknown-option", "demo", ["--fastt"], "unrecognized arguments: --fastt"),
+    ("demo-yaml-syntax", "demo", ["--config", "{recipes}/syntax.yaml", "--output_dir", "{out}"],
+     "syntax.yaml: not valid YAML at line 3"),
+    ("demo-output-is-file", "demo", ["--output_dir", "{sft}/metadata.jsonl"], "is a file, not a folder"),
+    ("demo-output-under-file", "demo", ["--output_dir", "{sft}/metadata.jsonl/demo"], "is a file, not a folder"),
+    ("demo-config-list", "demo", ["--config", "{recipes}/demo_list.yaml", "--output_dir", "{out}"],
+     "expected a mapping at the top level"),
+    ("demo-bad-seed", "demo", ["--seed", "x"], "invalid int value: 'x'"),
 ]
 
 
@@ -352,6 +621,7 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(case_id, cli, argv, ex
                                                           monkeypatch):
     monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
     monkeypatch.chdir(tmp_path)  # relative paths (outputs/, data/) resolve in an empty folder
+    monkeypatch.syspath_prepend(str(data["root"]))  # the user's reward modules (bad_rewards.py, ...)
     paths = {k: str(v) for k, v in data.items()} | {"out": str(tmp_path / "out")}
     args = [_fill(a, paths) for a in argv]
     before = _snapshot(data["root"])
@@ -367,20 +637,86 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(case_id, cli, argv, ex
 
 
 def test_the_table_is_large_and_covers_every_cli():
-    assert len(CASES) >= 60 and len({c[0] for c in CASES}) == len(CASES)
+    assert len(CASES) >= 150 and len({c[0] for c in CASES}) == len(CASES)
     assert {c[1] for c in CASES} == {"sft", "dpo", "grpo", "align", "datatools", "annotation", "demo"}
 
 
 @pytest.mark.parametrize("which", ["sft", "dpo", "grpo"])
 def test_help_exits_0_and_lists_the_projects_options_first(which, capsys):
     assert _run_trainer(which, ["--help"]) == 0
-    out = capsys.readouterr().out
+    # (wandb's one-time "[INFO] Running in WANDB offline mode" may come first, in whichever test imports it)
+    out = "\n".join(line for line in capsys.readouterr().out.splitlines() if not line.startswith("[INFO]"))
     assert out.startswith("usage:") and "--config RECIPE.yaml" in out and "--help-all" in out
     own = {"sft": "--min_raters", "dpo": "--loss_type", "grpo": "--num_generations"}[which]
     assert own in out and out.index(own) < out.index("--learning_rate")
+    assert "'last'" in out[out.index("--resume_from_checkpoint"):]  # the short help explains `last`
     assert len(out.splitlines()) < 250  # not transformers' ~600 lines
     assert _run_trainer(which, ["--help-all"]) == 0
     assert "--adam_beta1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("recipe, subject", [
+    ("sft_lora.yaml", "memory estimate for the real qwen-image model (20.4 B; /models/Qwen-Image has no"),
+    ("tiny/sft_lora.yaml", "not for this run's tiny random model"),
+])
+def test_estimate_only_needs_no_gpu_and_says_which_model_it_is_for(recipe, subject, capsys):
+    """The newcomer planning which GPU to rent, on a laptop: no --use_cpu needed, and the figure names its model."""
+    import torch
+
+    assert not torch.cuda.is_available()  # what this test is about (the CI machine has no GPU)
+    assert _run_trainer("sft", ["--config", str(ROOT / "recipes" / recipe), "--estimate_only"]) == 0
+    out = capsys.readouterr().out
+    assert subject in out and "estimated peak GPU memory" in out
+
+
+def test_a_user_error_wrapped_by_a_library_is_still_one_line(capsys):
+    """datasets.map workers, callbacks and other wrappers re-raise our UserError inside their own exception: the
+    cause chain (``raise ... from``) and the context of an exception a library raised both surface as the one line."""
+    import datasets
+
+    from align.launch import run_main
+    from qwen_image.errors import UserError
+
+    def in_map(argv):
+        def encode(row):
+            raise UserError("row 3 (file_name='a.png'): prompt is 2000 tokens")
+        try:
+            datasets.Dataset.from_dict({"x": [1]}).map(encode)
+        except UserError as err:
+            raise RuntimeError("One of the subprocesses has abruptly died during map operation") from err
+
+    def library_raises_while_handling(argv):
+        try:
+            raise UserError("--init_adapter x.safetensors: truncated")
+        except UserError:
+            json.loads("{")  # a library failing in the handler (e.g. while cleaning up)
+
+    for fn, line in ((in_map, "row 3 (file_name='a.png'): prompt is 2000 tokens"),
+                     (library_raises_while_handling, "--init_adapter x.safetensors: truncated")):
+        assert run_main(fn, []) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and [x for x in err.splitlines() if "error" in x] == [f"error: {line}"], err
+
+
+def test_ctrl_c_before_any_checkpoint_says_nothing_was_saved_and_how_to_start_again(tmp_path, capsys, monkeypatch):
+    from align import launch
+
+    config = launch.parse_config(__import__("align.configs.sft", fromlist=["SFTConfig"]).SFTConfig,
+                                 ["--config", SFT, "--output_dir", str(tmp_path / "o")])
+    monkeypatch.setattr(launch, "_ACTIVE", {"config": config, "objective": "sft",
+                                            "argv": ["--config", SFT, "--overwrite_output_dir"]})
+    monkeypatch.delenv(launch.COMMAND_ENV, raising=False)
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    assert launch.run_main(interrupted, []) == 130
+    stderr = capsys.readouterr().err
+    lines = [x for x in stderr.splitlines() if x.startswith("interrupted")]
+    assert "Traceback" not in stderr and len(lines) == 1, stderr
+    err = lines[0]
+    assert err.startswith("interrupted (Ctrl-C): no checkpoint in") and err.endswith(
+        f"start again with: qwen-image-align sft --config {SFT}"), err
 
 
 def test_a_bug_keeps_its_traceback(capsys):
@@ -418,5 +754,17 @@ def test_qwen_image_align_passes_the_scripts_one_line_error_through_accelerate(d
                           capture_output=True, text=True, env=_env(), timeout=300, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "CalledProcessError" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "rating 'five' is not a number" in errors[0]
+
+
+def test_raw_accelerate_launch_quiet_ends_with_the_scripts_one_line(data, tmp_path):
+    """``accelerate launch`` itself raises CalledProcessError for any failed child (its launcher's rule, which a
+    child cannot change); with ``--quiet`` (docs/distributed.md) the user sees only the script's line."""
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--num_processes", "1",
+                           str(ROOT / "align/sft.py"), "--config", SFT, "--dataset_name", str(data["sft_five"]),
+                           "--output_dir", str(tmp_path / "o")],
+                          capture_output=True, text=True, env=_env(), timeout=300, cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "rating 'five' is not a number" in errors[0]

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..configs.dpo import DPOConfig
 from ..modeling import model_identity, uses_edit_model
-from .edit import encode_edit_dataset, load_edit_preference_dataset
+from .edit import check_no_control_columns, encode_edit_dataset, load_edit_preference_dataset
 from .encoding import encode_dataset
 from .preference import IMAGE_COLUMNS, load_preference_dataset
 
@@ -54,4 +54,5 @@ def read_pairs(config: DPOConfig):
         return None
     pairs, _ = load_preference_dataset(config.dataset_name, config.dataset_split, config.prompt_column,
                                        config.min_agreement)
+    check_no_control_columns(pairs.column_names, config.dataset_name)
     return pairs

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Sequence
@@ -32,12 +33,14 @@ from qwen_image.edit import MAX_REFERENCES
 from qwen_image.errors import UserError
 from qwen_image.images import to_rgb
 
-from .encoding import center_crop_resize, collate_encoded, encoding_fingerprint
+from .encoding import center_crop_resize, collate_encoded, encoding_fingerprint, naming_rows
 from .loading import image_problem, load_image_dataset
 from .sources import metadata_path
 
 CONTROL_COLUMNS = ("control_image", "control_image_1", "control_image_2")
 CONTROL_LIST_COLUMN = "control_images"
+# Column names that look like control images (control_image, control_image_3, control_images, controls...).
+CONTROL_LIKE = re.compile(r"^control_?images?(_\d+)?$|^controls?$")
 # The one column every loader below produces: a list of {"path", "bytes"} cells, in reference order.
 CONTROLS = "control_images"
 REFERENCE_LATENTS = "reference_latents"  # (L_1 + ... + L_n, 64): the references' packed latents, concatenated
@@ -88,6 +91,10 @@ def with_control_list(
     A missing numbered cell inside the list stays as an empty cell so :func:`control_problem` can name it."""
     numbered = [c for c in control_columns if c in dataset.column_names and c != list_column]
     has_list = list_column in dataset.column_names
+    extra = [c for c in dataset.column_names if CONTROL_LIKE.match(c) and c not in (*control_columns, list_column)]
+    if extra:  # a fourth reference would be silently dropped
+        raise UserError(f"column {extra[0]!r}: the control images are {', '.join(control_columns)} (or one list "
+                        f"{list_column!r}); Edit-2509/2511 take 1 to {MAX_REFERENCES}: drop or rename that column")
     if not numbered and not has_list:
         raise UserError(f"the dataset has no control image column: expected {list(control_columns)} or a list "
                          f"column {list_column!r} (columns: {dataset.column_names})")
@@ -128,6 +135,15 @@ def load_edit_dataset(
     path = Path(name).expanduser()
     meta = metadata_path(path, split) if path.is_dir() else None
     return with_control_list(dataset, meta.parent if meta else None, control_columns, list_column)
+
+
+def check_no_control_columns(columns: Sequence[str], dataset_name: str, option: str = "--dataset_name") -> None:
+    """A text-to-image run on edit data would train on the targets and silently ignore the control images."""
+    controls = [c for c in columns if CONTROL_LIKE.match(c)]
+    if controls:
+        raise UserError(f"{option} {dataset_name}: edit data (column {controls[0]!r}) for a text-to-image model, which "
+                        f"would ignore the control images: use an edit checkpoint (--model_name_or_path an "
+                        f"Edit-2509/2511 folder, or --tiny_variant edit-2509), or a dataset without control images")
 
 
 def control_problem(row: dict, expected: int = 0) -> str | None:
@@ -180,18 +196,21 @@ def encode_edit_dataset(
     encoder = model.edit_encoder
 
     @torch.no_grad()
-    def encode_batch(batch: dict) -> dict:
+    def encode_batch(batch: dict, indices: list[int]) -> dict:
         out: dict = defaultdict(list)
         sizes = [size_fn(img) if size_fn else (resolution, resolution) for img in batch[image_columns[0]]]
         for i, prompt in enumerate(batch[prompt_column]):
-            controls = [open_control(c) for c in batch[CONTROLS][i]]
-            embeds, _ = encoder.encode_prompts([prompt], [controls])
+            # The image processor refuses some control images (e.g. elongated past its aspect-ratio limit) with a
+            # ValueError: the row's data, not a bug.
+            with naming_rows(batch, indices, row=i, convert=(ValueError, OSError)):
+                controls = [open_control(c) for c in batch[CONTROLS][i]]
+                embeds, _ = encoder.encode_prompts([prompt], [controls])
+                latents = encoder.encode_reference_latents(controls, reference_area)
+                shapes = [encoder.reference_size(c, reference_area) for c in controls]
             # stored flat like the T2I cache (align.data.encoding): collate_encoded restores (L, D) from the length
             out["prompt_embeds"].append(embeds[0].float().cpu().numpy().ravel())
             out["prompt_length"].append(int(embeds.shape[1]))
-            latents = encoder.encode_reference_latents(controls, reference_area)
             out[REFERENCE_LATENTS].append(torch.cat(latents).float().cpu().numpy())
-            shapes = [encoder.reference_size(c, reference_area) for c in controls]
             out[REFERENCE_SHAPES].append([[1, h // 16, w // 16] for h, w in shapes])
             h, w = sizes[i]
             for column in image_columns:
@@ -202,7 +221,7 @@ def encode_edit_dataset(
         return dict(out)
 
     encoded = dataset.map(
-        encode_batch, batched=True, batch_size=batch_size, remove_columns=[*image_columns, CONTROLS],
+        encode_batch, with_indices=True, batched=True, batch_size=batch_size, remove_columns=[*image_columns, CONTROLS],
         new_fingerprint=fingerprint, cache_file_name=os.path.join(cache_dir, f"encoded-edit-{fingerprint}.arrow"),
         desc="Caching edit embeddings and latents",
     )

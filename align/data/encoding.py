@@ -3,9 +3,11 @@ and the VAE can leave the GPU before the transformer trains: what makes 20B trai
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 from typing import Callable, Sequence
 
 import numpy as np
@@ -14,6 +16,7 @@ from datasets import Dataset, List, Value
 from PIL import Image
 
 from qwen_image import QwenImage
+from qwen_image.errors import UserError
 from qwen_image.images import to_rgb
 from qwen_image.latents import image_seq_len
 
@@ -40,6 +43,33 @@ def encoding_fingerprint(dataset: Dataset, model_id: str, **settings) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
+_BATCH_REFERENCE = re.compile(r"^(prompt|instruction) #(\d+) ")
+
+
+@contextlib.contextmanager
+def naming_rows(batch: dict, indices: Sequence[int], row: int | None = None,
+                convert: tuple[type[BaseException], ...] = ()):
+    """A UserError raised while encoding a batch names the dataset row it is about, not its place in the batch
+    (``prompt #1 is 6006 tokens`` -> ``row 7 (file_name='a.png'): prompt is 6006 tokens``). ``row``: the batch
+    position every error is about (per-row encoding); ``convert``: further exception types that are the data's
+    fault there (e.g. the image processor's ValueError for an elongated control image)."""
+    from .ratings import describe_row
+
+    try:
+        yield
+    except (UserError, *convert) as err:
+        message = str(err)
+        position = row
+        found = _BATCH_REFERENCE.match(message)
+        if found and position is None:
+            position = int(found.group(2))
+            message = f"{found.group(1)} " + message[found.end():]
+        if position is None or position >= len(indices):
+            raise
+        cells = {k: batch[k][position] for k in ("file_name", "id", "image_path") if k in batch}
+        raise UserError(f"{describe_row(int(indices[position]), cells)}: {message}") from None
+
+
 def encode_dataset(
     dataset: Dataset,
     model: QwenImage,
@@ -63,9 +93,10 @@ def encode_dataset(
     os.makedirs(cache_dir, exist_ok=True)
 
     @torch.no_grad()
-    def encode_batch(batch: dict) -> dict:
+    def encode_batch(batch: dict, indices: list[int]) -> dict:
         out: dict = {}
-        embeds, mask = model.encode_prompt(list(batch[prompt_column]))
+        with naming_rows(batch, indices):
+            embeds, mask = model.encode_prompt(list(batch[prompt_column]))
         lengths = mask.sum(1).tolist()
         out["prompt_embeds"] = [e[:n].float().cpu().numpy().ravel() for e, n in zip(embeds, lengths)]
         out["prompt_length"] = [int(n) for n in lengths]
@@ -101,6 +132,7 @@ def encode_dataset(
                      "width": Value("int64"), **{f"{c}_latents": TENSOR_FEATURE for c in image_columns}})
     encoded = dataset.map(
         encode_batch,
+        with_indices=True,
         batched=True,
         batch_size=batch_size,
         remove_columns=list(image_columns),

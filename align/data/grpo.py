@@ -13,7 +13,7 @@ from qwen_image.errors import UserError
 
 from ..configs.grpo import GRPOArguments
 from ..modeling import uses_edit_model
-from .edit import CONTROLS
+from .edit import CONTROLS, check_no_control_columns
 from .prompts import EditPromptColumns, load_prompt_dataset
 
 
@@ -75,8 +75,12 @@ def load_grpo_prompts(args: GRPOArguments):
     combined = hasattr(args, "grpo_dataset_name")
     name = args.grpo_dataset_name if combined else args.dataset_name  # type: ignore[attr-defined]
     split = "train" if combined else args.dataset_split  # type: ignore[attr-defined]
+    edit = edit_prompt_columns(args)
     prompts = load_prompt_dataset(name, args.train_prompts, split, args.prompt_column,  # type: ignore[attr-defined]
-                                  edit=edit_prompt_columns(args))
+                                  edit=edit)
+    if edit is None:  # a text-to-image model would roll out the edit prompts without their images
+        option = ("--grpo_dataset_name" if combined else "--dataset_name") if name else "--train_prompts"
+        check_no_control_columns(prompts.column_names, name or " ".join(args.train_prompts or []), option)
     unique = args.generation_batch_size // args.num_generations
     if len(prompts) < unique:  # checked here, before any weights load
         raise UserError(f"the prompt set has {len(prompts)} prompts; a generation batch needs {unique} distinct ones "

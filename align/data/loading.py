@@ -84,10 +84,41 @@ def read_imagefolder(meta: Path, image_column: str = "image") -> Dataset:
     columns["_image_signature"] = signature
     try:
         ds = Dataset.from_dict(columns)
-    except Exception as err:  # pyarrow type clash: name the column instead of a pyarrow traceback
-        raise UserError(f"{meta}: a column has values of mixed types ({err})") from None
+    except Exception as err:  # pyarrow type clash: name the row and column instead of a pyarrow traceback
+        raise UserError(f"{meta}: {mixed_types(rows) or f'a column has values of mixed types ({err})'}") from None
     # Dropping the signature keeps it in the fingerprint (a transform's fingerprint hashes its input's).
     return ds.remove_columns("_image_signature")
+
+
+def _kind(value) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return "a mapping" if isinstance(value, dict) else type(value).__name__
+
+
+def mixed_types(rows: list[dict]) -> str | None:
+    """The first row whose value of some key is of another kind than that key's first value (what pyarrow refuses
+    as a column), said as ``row 3 (file_name='a.png'): 'prompt' is 5 (a number) where row 0 has text``."""
+    from .ratings import describe_row
+
+    first: dict[str, tuple[int, str]] = {}
+    for i, row in enumerate(rows):
+        for key, value in row.items():
+            if value is None:
+                continue
+            kind = _kind(value)
+            if key not in first:
+                first[key] = (i, kind)
+            elif first[key][1] != kind and {kind, first[key][1]} != {"a number"}:
+                return (f"{describe_row(i, row)}: {key!r} is {value!r} ({kind}) where row {first[key][0]} has "
+                        f"{first[key][1]}: every row's {key!r} must be of one kind")
+    return None
 
 
 def load_image_dataset(name: str, split: str = "train", image_column: str = "image") -> Dataset:

@@ -26,7 +26,7 @@ from datasets import Dataset, load_dataset
 from qwen_image.errors import UserError
 
 from .edit import CONTROL_COLUMNS, CONTROL_LIST_COLUMN, CONTROLS, control_problem, with_control_list
-from .loading import read_jsonl_rows
+from .loading import mixed_types, read_jsonl_rows
 from .sources import load_source, metadata_path
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def _read_jsonl(path: Path) -> Dataset:
     try:
         return Dataset.from_dict({k: [r.get(k) for r in rows] for k in keys})
     except Exception as err:  # pyarrow type clash: name the file instead of a pyarrow traceback
-        raise UserError(f"{path}: a column has values of mixed types ({type(err).__name__})") from None
+        raise UserError(f"{path}: {mixed_types(rows) or f'a column has values of mixed types ({type(err).__name__})'}") from None
 
 
 def _read_prompt_file(path: Path) -> Dataset:

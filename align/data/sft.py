@@ -27,7 +27,7 @@ from qwen_image.errors import UserError
 from ..configs.sft import SFTConfig
 from ..modeling import model_identity
 from .buckets import BucketSizeFn
-from .edit import control_problem, edit_pools, encode_edit_dataset, load_edit_dataset
+from .edit import check_no_control_columns, control_problem, edit_pools, encode_edit_dataset, load_edit_dataset
 from .encoding import encode_dataset, tensor_format
 from .loading import load_image_dataset, validate_rows
 from .ratings import filter_by_ratings
@@ -54,6 +54,7 @@ def _is_synthetic(value, synthetic_values: Sequence[str]) -> bool:
 def load_sft_rows(config: SFTConfig) -> tuple[Dataset, RowReport]:
     """Load, rater-filter and check the training rows (no model needed: data mistakes surface before it loads)."""
     raw = load_image_dataset(config.dataset_name, config.dataset_split, config.image_column)
+    check_no_control_columns(raw.column_names, config.dataset_name)
     raw, rated = filter_by_ratings(raw, config.min_score, config.min_raters, config.rating_aggregate,
                                    config.rating_scale, config.ratings_column, config.skip_bad_rows)
     if len(raw) == 0:  # every row filtered out by the ratings: say so before the row checks touch the images

@@ -43,7 +43,7 @@ def _main(argv: list[str] | None) -> int:
     s.add_argument("--texts", nargs="*", default=[], help="texts to render")
     s.add_argument("--texts-file", help="a file with one text per line")
     s.add_argument("--out", required=True)
-    s.add_argument("--modes", nargs="+", default=["plain", "scene", "template"])
+    s.add_argument("--modes", nargs="+", default=["plain", "scene", "template"], choices=["plain", "scene", "template"])
     s.add_argument("--size", type=int, nargs="+", default=[512], help="W [H]")
     s.add_argument("--per-text", type=int, default=1)
     s.add_argument("--seed", type=int, default=0)
@@ -98,6 +98,8 @@ def _main(argv: list[str] | None) -> int:
 
         if not Path(args.corpus).is_file():
             raise UserError(f"--corpus {args.corpus}: no such file")
+        if not 1 <= args.min_len <= args.max_len:
+            raise UserError(f"--min-len {args.min_len} / --max-len {args.max_len}: need 1 <= min-len <= max-len")
         corpus = Path(args.corpus).read_text(encoding="utf-8")
         cands = cjk_characters() if args.all_cjk else None
         chars = rare_characters(corpus, candidates=cands, max_count=args.max_count)
@@ -118,6 +120,11 @@ def _main(argv: list[str] | None) -> int:
             raise UserError(f"--data-dir {data_dir}: no such folder")
         if out.resolve() == data_dir.resolve():
             raise UserError("--out must differ from --data-dir (the input would be overwritten)")
+        if args.max_aspect < 1:
+            raise UserError(f"--max-aspect {args.max_aspect}: the long side over the short one, so >= 1 (1 = square "
+                            f"only)")
+        if args.dup_distance < 0:
+            raise UserError(f"--dup-distance {args.dup_distance}: a Hamming distance, so >= 0 (0 = exact duplicates)")
         _check_out(out, args.overwrite)
         try:
             ds = datasets.load_dataset("imagefolder", data_dir=str(data_dir), split="train")

@@ -145,7 +145,7 @@ def build_monitor(qwen, args: Any, prompts, accelerator, policy, reference=None)
         return None, None
     if reference is None and args.finetune == "lora":
         reference = ReferenceModel.from_policy(policy, "lora", args.init_adapter, velocity_fn=qwen.predict_velocity)
-    reward = build_reward(args, args.monitor_reward_funcs) if args.monitor_reward_funcs else build_reward(args)
+    reward = build_reward(args, args.monitor_reward_funcs or None, watch_signal=False)
     return (HeldOutMonitor(qwen, args, prompts, reward, accelerator, reference),
             OverOptimizationGuard(args.early_stop_patience))
 

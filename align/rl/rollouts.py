@@ -13,7 +13,6 @@ with batch size, so keep the training batch equal to the sampling batch).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Sequence
 
@@ -205,17 +204,19 @@ RewardCall = Callable[..., list]
 def score_images(
     reward_fn: RewardCall, prompts: list[str], images: list[Image.Image], columns: dict[str, list] | None = None
 ) -> tuple[list[float | None], dict[str, list[float | None]]]:
-    """Run a reward (or a ``rewards.CombinedReward``) -> (totals, per-reward lists for logging). NaN becomes None."""
+    """Run a reward (or a ``rewards.CombinedReward``) -> (totals, per-reward lists for logging). NaN becomes None;
+    a reward returning anything but one number (or None) per image is a UserError naming it."""
+    from rewards import reward_name
+
+    from .rewards import check_reward_values
+
     columns = columns or {}
     if hasattr(reward_fn, "compute"):
         res = reward_fn.compute(prompts, images, **columns)
         total, per = list(res.total), {k: list(v) for k, v in res.per_reward.items()}
+        name = getattr(reward_fn, "reward_name", "combined")
     else:
-        total = list(reward_fn(prompts, images, **columns))
-        from rewards import reward_name
-
-        per = {reward_name(reward_fn): list(total)}
-    if len(total) != len(prompts):
-        raise ValueError(f"the reward returned {len(total)} values for {len(prompts)} images.")
-    clean = [None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v) for v in total]
-    return clean, per
+        name = reward_name(reward_fn)
+        total = check_reward_values(name, reward_fn(prompts, images, **columns), len(prompts))
+        per = {name: list(total)}
+    return check_reward_values(name, total, len(prompts)), per

@@ -22,6 +22,7 @@ from qwen_image import QwenImage
 from qwen_image.errors import UserError
 from qwen_image.sampling import Conditioning, References, sample
 
+from ..checkpoints import run_identity, write_manifest
 from ..configs import QwenImageTrainingConfig
 from ..export import LORA_WEIGHT_NAME, save_full, save_lora
 from ..modeling import ADAPTER_NAME, prepare_transformer
@@ -197,6 +198,9 @@ class QwenImageTrainer(Trainer):
             del self._get_output_dir
         self.accelerator.wait_for_everyone()  # every rank's shards / RNG states are in
         if self.args.should_save:
+            # Last file of the checkpoint: what it holds and which run wrote it (align/checkpoints.py); a resume
+            # checks both before any weights load.
+            write_manifest(os.path.join(staging_root, name), run_identity(self.args))
             if os.path.isdir(final):
                 shutil.rmtree(final)
             os.replace(os.path.join(staging_root, name), final)
