@@ -53,7 +53,7 @@ METHODS: dict[str, tuple[str, list[str]]] = {
 # The forward-process objectives, where registered (align/objectives.py): same budget, their published knobs.
 FORWARD = {
     "nft": ("nft", ["--timestep_fraction", "1.0", "--beta", "1e-4"]),
-    "awm": ("awm", []),
+    "awm": ("awm", ["--awm_num_timesteps", "3", "--timestep_fraction", "1.0"]),  # 3 of the 3 trainable steps
     "dgpo": ("dgpo", []),
 }
 
@@ -131,22 +131,28 @@ def interval(values: list[float]) -> str:
 
 
 def table(curves: dict[str, dict[int, list[dict]]], reference: str = "grpo-clip") -> list[str]:
-    rows = ["| method | held-out reward at start | at the end, mean [95 %] | images to reach Flow-GRPO's final "
-            "(per seed) | x fewer than Flow-GRPO | seconds to reach (per seed) |", "|---|---|---|---|---|---|"]
+    """One row per method. "to reach Flow-GRPO's final" is per seed and only where Flow-GRPO ended above its
+    start (a target at or below the start is reached by doing nothing: shown as "-")."""
+    rows = ["| method | held-out gain (end - start), mean [95 %] | at the end, mean [95 %] | images to reach "
+            "Flow-GRPO's final (per seed) | x fewer images than Flow-GRPO | seconds to reach (per seed) |",
+            "|---|---|---|---|---|---|"]
     ref = curves.get(reference, {})
     for method, by_seed in curves.items():
-        start = interval([c[0]["reward"] for c in by_seed.values()])
+        gain = interval([c[-1]["reward"] - c[0]["reward"] for c in by_seed.values()])
         end = interval([c[-1]["reward"] for c in by_seed.values()])
         imgs, secs, ratios = [], [], []
         for seed, curve in by_seed.items():
-            if seed not in ref:
+            if seed not in ref or ref[seed][-1]["reward"] <= ref[seed][0]["reward"]:
+                imgs.append("-")
+                secs.append("-")
+                ratios.append("-")
                 continue
             target = ref[seed][-1]["reward"]
             n, s = reach(curve, target, "images"), reach(curve, target, "seconds")
             imgs.append("never" if math.isinf(n) else str(int(n)))
             secs.append("never" if math.isinf(s) else f"{s:.0f}")
             ratios.append("-" if math.isinf(n) or n == 0 else f"{reach(ref[seed], target, 'images') / n:.1f}")
-        rows.append(f"| {method} | {start} | {end} | {' / '.join(imgs)} | {' / '.join(ratios)} | {' / '.join(secs)} |")
+        rows.append(f"| {method} | {gain} | {end} | {' / '.join(imgs)} | {' / '.join(ratios)} | {' / '.join(secs)} |")
     return rows
 
 
