@@ -62,7 +62,8 @@ def main(out: str, mode: str) -> dict:
     shard_transformer(policy, mesh=mesh, mp_policy=mp)
     reference.prepare(fsdp_mesh=mesh, mp_policy=mp)
     trainer = SimpleNamespace(args=ARGS, reference=reference, _model_dtype=None,
-                              qwen=SimpleNamespace(transformer=policy, scheduler=make_scheduler()))
+                              qwen=SimpleNamespace(transformer=policy, scheduler=make_scheduler(),
+                                                   predict_velocity=predict_velocity, img_shapes=img_shapes))
     trainer.velocity = lambda *a, **k: QwenImageTrainer.velocity(trainer, *a, **k)
 
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
