@@ -650,7 +650,7 @@ def test_help_exits_0_and_lists_the_projects_options_first(which, capsys):
     own = {"sft": "--min_raters", "dpo": "--loss_type", "grpo": "--num_generations"}[which]
     assert own in out and out.index(own) < out.index("--learning_rate")
     assert "'last'" in out[out.index("--resume_from_checkpoint"):]  # the short help explains `last`
-    assert len(out.splitlines()) < 250  # not transformers' ~600 lines
+    assert len(out.splitlines()) < 400  # not transformers' ~600-line help (the combined objective lists its online and KTO terms)
     assert _run_trainer(which, ["--help-all"]) == 0
     assert "--adam_beta1" in capsys.readouterr().out
 
