@@ -88,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted (Ctrl-C): the completed stages in {out} are kept ({', '.join(done) or 'none yet'}); "
               f"resume with: qwen-image-demo{' --fast' if args.fast else ''} --output_dir {out} --config "
               f"{args.config}", file=sys.stderr)
-        return 130
+        # Leave now: a Ctrl-C that reaches the interpreter's shutdown (threads of the libraries, a second signal to
+        # the process group) would turn exit 130 into death by SIGINT; every completed stage is on disk already.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     except (StageError, ValueError, FileNotFoundError) as err:
         # A stage that cannot go on (a failed training command, no usable pairs...): one line, no traceback;
         # completed stages stay done, so a rerun resumes here.
