@@ -13,7 +13,8 @@ OURS = ("qwen_image", "rewards", "annotation", "align")
 ALIGN_LAYERS = [
     ["align.plugins", "align.losses", "align.adapters", "align.lowvram"],  # pure functions and storage helpers
     ["align.configs", "align.objectives"],  # options, and the registry of objectives (lazy references only)
-    ["align.models", "align.modeling", "align.memory", "align.reference", "align.export"],  # model families, set-up
+    ["align.models", "align.modeling", "align.memory", "align.reference", "align.export",
+     "align.checkpoints"],  # model families, set-up, checkpoint manifests
     ["align.data", "align.datatools", "align.evaluation"],  # reading, checking, caching data; evaluations
     ["align.rl"],  # objective-neutral online RL
     ["align.trainers"],  # one Trainer per objective
