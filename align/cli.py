@@ -121,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     objective = get_objective(command)
     launch_args = launch_command_parser().parse_args([*launch, str(objective.script_path),
                                                       *objective.script_arguments(), *script])
+    _fill_launch_defaults(launch_args)
     import json
     import os
 
@@ -128,8 +129,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # The training processes print the command that resumes them at Ctrl-C: the one typed here.
     os.environ[COMMAND_ENV] = json.dumps(["qwen-image-align", *args])
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    _quiet_elastic_agent()
     try:
         launch_command(launch_args)
+    except ChildFailedError as err:
+        # Several processes (torchrun): each already printed its line (or its traceback); keep the first failure's
+        # exit code instead of torch's failure report, and say which signal killed a process (nothing else will).
+        rank, failure = err.get_first_failure()
+        return _exit_code(failure.exitcode, rank)
     except subprocess.CalledProcessError as err:
         # The script already printed its one `error:` line (or its traceback): keep its exit code, add nothing.
         if err.returncode < 0 and -err.returncode == 2:  # the script died of SIGINT itself
@@ -141,6 +150,61 @@ def main(argv: Sequence[str] | None = None) -> int:
         _wait_for_children()
         return INTERRUPTED
     return 0
+
+
+def _exit_code(code: int, rank: int) -> int:
+    import signal
+
+    if code >= 0:
+        return code if code else 1
+    if -code == signal.SIGINT:
+        from .launch import INTERRUPTED
+
+        return INTERRUPTED
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    hint = " (out of memory?)" if -code == signal.SIGKILL else ""
+    print(f"error: training process {rank} was killed by {name}{hint}", file=sys.stderr)
+    return 128 - code
+
+
+def _quiet_elastic_agent() -> None:
+    """torchrun's agent logs, after any process fails, that it stops the others and which one failed with which
+    code: the failed process has said why itself (its one line, or its traceback), so only these two records are
+    dropped, here in the launcher."""
+    import logging
+    import re
+
+    noise = re.compile(r"Sending process \d+ closing signal SIGTERM|failed \(exitcode: -?\d+\) local_rank: \d+")
+
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not noise.search(record.getMessage())
+
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_Drop())
+
+
+def _fill_launch_defaults(launch_args) -> None:
+    """Without an accelerate config (``--config_file`` or ``accelerate config``'s default file), accelerate fills
+    the values nobody gave with its defaults and prints a five-line warning listing them on every run. Give it those
+    same defaults here so the warning stays for what a user should hear about: on a machine with accelerators the
+    process count is left to accelerate (one per device, and its note when it turns multi-GPU on)."""
+    import os
+
+    from accelerate.commands.config import default_config_file
+
+    from .launch import _has_accelerator
+
+    if launch_args.config_file is not None or os.path.isfile(default_config_file):
+        return
+    defaults = {"num_machines": 1, "mixed_precision": "no", "dynamo_backend": "no"}
+    if not _has_accelerator():
+        defaults["num_processes"] = 1  # accelerate's own default counts CUDA devices: 0 on a CPU-only machine
+    for name, value in defaults.items():
+        if getattr(launch_args, name, None) is None:
+            setattr(launch_args, name, value)
 
 
 def _wait_for_children() -> None:

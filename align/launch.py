@@ -433,7 +433,9 @@ def run_main(main_fn: Callable[[Sequence[str] | None], object], argv: Sequence[s
         main_fn(argv)
         return 0
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        # An error every process of the run raises at the same point (a shared verdict) is said once, by the first.
+        if not getattr(err, "same_on_every_process", False) or os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr)
         return 2
     except SystemExit as err:
         if err.code is None or isinstance(err.code, int):

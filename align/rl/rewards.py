@@ -58,15 +58,39 @@ def checked(name: str, fn: Callable) -> Callable:
     return call
 
 
+def _gather(payload: Any) -> list[Any]:
+    """``payload`` of every process, in rank order (``[payload]`` in a single-process run)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [payload]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, payload)
+    return gathered
+
+
+def stop_everywhere(message: str) -> UserError:
+    """A UserError that every process raises at the same point: only the first process prints its line
+    (``align.launch.run_main``), so a 2-process run says it once."""
+    err = UserError(message)
+    err.same_on_every_process = True  # type: ignore[attr-defined]
+    return err
+
+
 class SignalWatch:
     """A ``rewards.CombinedReward`` that stops the run after ``limit`` scorings in a row with no signal: every
-    total None, or every total the same value (zero spread over those scorings together, so a batch of one image
-    is judged over several)."""
+    total None (on any one process: its reward is broken there), or every total the same value (zero spread over
+    those scorings of all processes together, so a batch of one image is judged over several).
+
+    The verdict is the same on every process: each scoring exchanges every process's totals (and any error its
+    reward checks raised) with all the others (``torch.distributed.all_gather_object``, once per rollout batch), so
+    a reward that fails on one process only stops every process at the same scoring, with one line, instead of
+    leaving the others waiting for it in their next collective."""
 
     def __init__(self, reward: Any, limit: int = NO_SIGNAL_LIMIT):
         self.reward = reward
         self.limit = limit
-        self.recent: list[list[float | None]] = []
+        self.recent: list[list[list[float | None]]] = []  # per scoring: every process's totals, in rank order
 
     def __getattr__(self, name: str) -> Any:  # names, weights, reward_name of the combination
         if name == "reward":  # not set yet (copy / unpickle build the object without __init__)
@@ -74,8 +98,19 @@ class SignalWatch:
         return getattr(self.reward, name)
 
     def compute(self, prompts, images, **columns):
-        result = self.reward.compute(prompts, images, **columns)
-        self._watch(list(result.total), result.per_reward)
+        result, error = None, None
+        try:
+            result = self.reward.compute(prompts, images, **columns)
+        except UserError as err:  # the reward's output failed its checks here: every process must hear of it
+            error = str(err)
+        totals = None if result is None else list(result.total)
+        silent = [] if result is None else [k for k, v in result.per_reward.items() if all(x is None for x in v)]
+        everyone = _gather({"totals": totals, "silent": silent, "error": error})
+        failed = [(rank, p["error"]) for rank, p in enumerate(everyone) if p["error"] is not None]
+        if failed:
+            rank, message = failed[0]
+            raise stop_everywhere(message + _where(rank, len(failed), len(everyone)))
+        self._watch([p["totals"] for p in everyone], [p["silent"] for p in everyone])
         return result
 
     def __call__(self, prompts, images, **columns):
@@ -85,25 +120,40 @@ class SignalWatch:
         names = list(getattr(self.reward, "names", []))
         return repr(names[0]) if len(names) == 1 else f"combination {names}"
 
-    def _watch(self, totals: list[float | None], per: dict[str, list]) -> None:
+    def _watch(self, totals: list[list[float | None]], silent: list[list[str]]) -> None:
+        """``totals``/``silent``: every process's totals of this scoring and the rewards that were None for all of
+        its images (in rank order; the same on every process, so every process decides the same)."""
         if self.limit <= 0:
             return
         self.recent = [*self.recent, totals][-self.limit:]
         if len(self.recent) < self.limit:
             return
-        values = [v for batch in self.recent for v in batch if v is not None]
-        n = sum(len(batch) for batch in self.recent)
-        if not values:
-            silent = [k for k, v in per.items() if all(x is None for x in v)]
-            raise UserError(f"reward {self._describe()} scored every image None / NaN for {self.limit} rollout batches "
-                            f"in a row ({n} images{'; ' + ', '.join(silent) + ' always None' if silent else ''}): "
-                            f"the run has nothing to learn from; check the reward and the prompts it needs (e.g. "
-                            f"quoted text for ocr)")
+        world = len(totals)
+        empty = [rank for rank in range(world) if all(v is None for batch in self.recent for v in batch[rank])]
+        if empty:
+            rank = empty[0]
+            n = sum(len(batch[rank]) for batch in self.recent)
+            names = silent[rank]
+            raise stop_everywhere(
+                f"reward {self._describe()} scored every image None / NaN for {self.limit} rollout batches in a row "
+                f"({n} images{'; ' + ', '.join(names) + ' always None' if names else ''}"
+                f"{_where(rank, len(empty), world, inside=True)}): the run has nothing to learn from; check the "
+                f"reward and the prompts it needs (e.g. quoted text for ocr)")
+        values = [v for batch in self.recent for per_rank in batch for v in per_rank if v is not None]
+        n = sum(len(per_rank) for batch in self.recent for per_rank in batch)
         if len(values) > 1 and max(values) == min(values):
-            raise UserError(f"reward {self._describe()} gave every image the same score ({values[0]:g}) for "
-                            f"{self.limit} rollout batches in a row ({n} images): zero spread means zero advantages "
-                            f"and no learning; check the reward")
-        return
+            raise stop_everywhere(
+                f"reward {self._describe()} gave every image the same score ({values[0]:g}) for {self.limit} rollout "
+                f"batches in a row ({n} images{' over ' + str(world) + ' processes' if world > 1 else ''}): zero "
+                f"spread means zero advantages and no learning; check the reward")
+
+
+def _where(rank: int, count: int, world: int, inside: bool = False) -> str:
+    """Which process a problem came from, when not every process of a multi-process run had it."""
+    if world == 1 or count == world:
+        return ""
+    text = f"on process {rank} of {world}" + (f" and {count - 1} more" if count > 1 else "") + ", not the others"
+    return f"; {text}" if inside else f" ({text})"
 
 
 def _import_reward_modules(funcs: list[str]) -> None:
