@@ -25,6 +25,7 @@ TINY = ROOT / "recipes" / "tiny"
 SFT, DPO, DPO_GRPO, GRPO = (str(TINY / n) for n in ("sft_lora.yaml", "dpo_lora.yaml", "dpo_grpo.yaml",
                                                         "grpo_brightness.yaml"))
 EDIT_SFT = str(TINY / "edit_sft_lora.yaml")
+KTO = str(TINY / "kto_lora.yaml")
 # The smallest GRPO run that scores a few rollout batches (the reward cases stop it within its first step).
 FAST_GRPO = ["--train_prompts", "a cat", "a dog", "--num_generations", "2", "--per_device_train_batch_size", "2",
              "--num_inference_steps", "2", "--max_steps", "3"]
@@ -192,6 +193,16 @@ def data(tmp_path_factory) -> dict[str, Path]:
     (dt / "metadata.jsonl").write_text('{"file_name": "x.png"}\n')
     d["dt_out"] = dt
     (root / "accelerate_missing.yaml").unlink(missing_ok=True)
+    # ---- KTO (issue 23): rating pulls and what is not one
+    d["kto_pairs_pull"] = _pairs(root / "kto_pairs_pull", [good_pair])
+    (d["kto_pairs_pull"] / "summary.json").write_text(json.dumps({"kind": "pairs", "votes_per_rater": {"a": 1}}))
+    d["kto_middle"] = _imagefolder(root / "kto_middle", [{**r, "ratings": [3, 3, 4]} for r in GOOD_ROWS])
+    d["kto_one_rating"] = _imagefolder(root / "kto_one_rating", [{**r, "ratings": r["ratings"][:1]} for r in GOOD_ROWS])
+    d["kto_one_rater_pull"] = _imagefolder(root / "kto_one_rater_pull", [{**r, "ratings": r["ratings"][:1]}
+                                                                         for r in GOOD_ROWS])
+    (d["kto_one_rater_pull"] / "summary.json").write_text(json.dumps({"kind": "ratings",
+                                                                      "votes_per_rater": {"ann1": 3}}))
+    d["kto_only_good"] = _imagefolder(root / "kto_only_good", [{**r, "ratings": [5, 5, 5]} for r in GOOD_ROWS])
     return d
 
 
@@ -250,6 +261,8 @@ def _run_trainer(which: str, argv: list[str]) -> int:
         from align.sft import main
     elif which == "dpo":
         from align.dpo import main
+    elif which == "kto":
+        from align.kto import main
     else:
         from align.grpo import main
     return run_main(main, argv)
@@ -257,7 +270,7 @@ def _run_trainer(which: str, argv: list[str]) -> int:
 
 def _run_cli(which: str, argv: list[str]) -> int:
     try:
-        if which in ("sft", "dpo", "grpo"):
+        if which in ("sft", "dpo", "grpo", "kto"):
             return _run_trainer(which, argv)
         if which == "align":
             from align.cli import main
@@ -525,6 +538,46 @@ CASES = [
                                     "--per_device_train_batch_size", "2",
                                     "--eval_fraction", "0", "--eval_strategy", "no"],
      "reward 'bad_rewards.nan' scored every image None / NaN"),
+    # ---- KTO (issue 23): what is not a rating project, ratings the labels cannot use, thresholds that cannot label
+    ("kto-pairs-pull", "kto", ["--config", KTO, "--dataset_name", "{kto_pairs_pull}", "--output_dir", "{out}"],
+     "is the pull of a 'pairs' project, not a rating project: KTO learns from per-image ratings"),
+    ("kto-pairs-data", "kto", ["--config", KTO, "--dataset_name", "{pairs}", "--output_dir", "{out}"],
+     "the dataset holds preference pairs (chosen / rejected), not rated images"),
+    ("kto-no-dataset", "kto", ["--output_dir", "{out}"], "dataset_name is required: a rating project's pull"),
+    ("kto-dataset-missing", "kto", ["--config", KTO, "--dataset_name", "{root}/no_ratings", "--output_dir", "{out}"],
+     "no_ratings' not found"),
+    ("kto-no-ratings-column", "kto", ["--config", KTO, "--dataset_name", "{sft_unrated}", "--output_dir", "{out}"],
+     "the dataset has no 'ratings' column"),
+    ("kto-rating-outside-scale", "kto", ["--config", KTO, "--dataset_name", "{sft_scale}", "--output_dir", "{out}"],
+     "row 0 (file_name='a.png'): rating 7 is outside the rating scale [1, 5]"),
+    ("kto-rating-not-a-number", "kto", ["--config", KTO, "--dataset_name", "{sft_five}", "--output_dir", "{out}"],
+     "row 0 (file_name='a.png'): rating 'five' is not a number"),
+    ("kto-all-middle-band", "kto", ["--config", KTO, "--dataset_name", "{kto_middle}", "--output_dir", "{out}"],
+     "all 3 rated images fall between the thresholds (mean between 2 and 4.5)"),
+    ("kto-pull-one-rater", "kto", ["--config", KTO, "--dataset_name", "{kto_one_rater_pull}", "--output_dir",
+                                   "{out}"], "the rating project was rated by 1 rater(s) but min_raters is 3"),
+    ("kto-rows-one-rating", "kto", ["--config", KTO, "--dataset_name", "{kto_one_rating}", "--output_dir", "{out}"],
+     "no image has 3 ratings (at most 1 per image)"),
+    ("kto-only-desirable", "kto", ["--config", KTO, "--dataset_name", "{kto_only_good}", "--output_dir", "{out}"],
+     "only desirable images (3; none dropped): KTO needs undesirable ones too"),
+    ("kto-thresholds-inverted", "kto", ["--config", KTO, "--desirable_threshold", "2", "--undesirable_threshold", "4"],
+     "undesirable_threshold (4) must be below desirable_threshold (2)"),
+    ("kto-thresholds-equal", "kto", ["--config", KTO, "--desirable_threshold", "3", "--undesirable_threshold", "3"],
+     "undesirable_threshold (3) must be below desirable_threshold (3)"),
+    ("kto-threshold-outside-scale", "kto", ["--config", KTO, "--desirable_threshold", "6"],
+     "desirable_threshold 6 is outside the rating scale [1, 5]"),
+    ("kto-scale-inverted", "kto", ["--config", KTO, "--rating_scale", "5", "1"],
+     "rating_scale must be two numbers [low, high] with low < high"),
+    ("kto-min-raters-0", "kto", ["--config", KTO, "--min_raters", "0"], "min_raters must be >= 1 for KTO"),
+    ("kto-weights-both-0", "kto", ["--config", KTO, "--desirable_weight", "0", "--undesirable_weight", "0"],
+     "must be >= 0 and not both 0"),
+    ("kto-kl-estimate", "kto", ["--config", KTO, "--kl_estimate", "paper"], "kl_estimate must be one of"),
+    ("kto-mismatched-batch-1", "kto", ["--config", KTO, "--kl_estimate", "mismatched", "--per_device_train_batch_size",
+                                       "1"], "per_device_train_batch_size must be >= 2"),
+    ("kto-previous-run", "kto", ["--config", KTO, "--dataset_name", "{sft}", "--output_dir", "{previous_run}"],
+     "already holds a run"),
+    ("align-kto-thresholds-inverted", "align", ["kto", "--config", KTO, "--desirable_threshold", "2",
+                                                "--undesirable_threshold", "4"], "must be below desirable_threshold"),
     # ---- qwen-image-align (checked before accelerate starts anything)
     ("align-unknown-command", "align", ["train", "--config", SFT], "unknown command 'train'"),
     ("align-config-missing", "align", ["sft", "--config", "{root}/nope.yaml"], "no such file"),
@@ -616,6 +669,10 @@ def _fill(arg: str, paths: dict[str, str]) -> str:
     return arg
 
 
+def _no_model_expected(config):
+    raise AssertionError("the model was loaded before the mistake was found")
+
+
 @pytest.mark.parametrize("case_id, cli, argv, expected", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_touches_nothing(case_id, cli, argv, expected, data, tmp_path, capsys,
                                                           monkeypatch):
@@ -624,6 +681,8 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(case_id, cli, argv, ex
     monkeypatch.syspath_prepend(str(data["root"]))  # the user's reward modules (bad_rewards.py, ...)
     paths = {k: str(v) for k, v in data.items()} | {"out": str(tmp_path / "out")}
     args = [_fill(a, paths) for a in argv]
+    if cli == "kto":  # these are all found before the weights load: loading them would be the bug
+        monkeypatch.setattr("align.modeling.load_qwen_image", _no_model_expected)
     before = _snapshot(data["root"])
     code = _run_cli(cli, args)
     err = capsys.readouterr().err
@@ -638,7 +697,7 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(case_id, cli, argv, ex
 
 def test_the_table_is_large_and_covers_every_cli():
     assert len(CASES) >= 150 and len({c[0] for c in CASES}) == len(CASES)
-    assert {c[1] for c in CASES} == {"sft", "dpo", "grpo", "align", "datatools", "annotation", "demo"}
+    assert {c[1] for c in CASES} == {"sft", "dpo", "grpo", "kto", "align", "datatools", "annotation", "demo"}
 
 
 @pytest.mark.parametrize("which", ["sft", "dpo", "grpo"])

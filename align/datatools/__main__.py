@@ -1,4 +1,4 @@
-"""Command line: ``python -m align.datatools synth|filter|rare ...`` (see docs/data-tools.md)."""
+"""Command line: ``python -m align.datatools synth|filter|rare|tiny-data ...`` (see docs/data-tools.md)."""
 
 from __future__ import annotations
 
@@ -70,7 +70,18 @@ def _main(argv: list[str] | None) -> int:
     f.add_argument("--dup-distance", type=int, default=4)
     f.add_argument("--ocr", type=float, default=None, help="drop text images with OCR agreement below this")
     f.add_argument("--overwrite", action="store_true", help="write into a non-empty --out (replaces its metadata.jsonl)")
-    for sp in (s, r, f):
+    t = sub.add_parser("tiny-data", help="write the synthetic data a tiny recipe reads (recipes/tiny/*.yaml)")
+    t.add_argument("kind", choices=["edit_sft", "pairs", "edit_pairs", "edit_prompts", "ratings"],  # tiny_data.KINDS
+                   help="edit_sft: data/tiny_edit (edit_sft_lora.yaml); pairs: data/tiny_pairs (dpo_*.yaml); "
+                        "edit_pairs: data/tiny_edit_pairs; edit_prompts: data/tiny_edit_prompts; "
+                        "ratings: data/tiny_ratings (kto_lora.yaml)")
+    t.add_argument("--out", help="the folder to write (default: the one the tiny recipes read, under the current "
+                                 "folder)")
+    t.add_argument("-n", type=int, default=None, help="rows (default: the recipe's usual amount)")
+    t.add_argument("--size", type=int, default=None, help="image side in px (default 32; 64 for pairs)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--overwrite", action="store_true")
+    for sp in (s, r, f, t):
         sp.error = _raise  # type: ignore[method-assign]
         sp.allow_abbrev = False
     args = p.parse_args(argv)
@@ -93,6 +104,15 @@ def _main(argv: list[str] | None) -> int:
         print(f"wrote {n} images to {out}" + (f"; skipped {len(skipped)} texts with missing glyphs" if skipped else ""))
         for t, m in skipped:
             print(f"  skipped {t!r}: no glyph for {''.join(m)!r}", file=sys.stderr)
+    elif args.cmd == "tiny-data":
+        from .tiny_data import default_out, write_tiny_data
+
+        if args.n is not None and args.n < 1 or args.size is not None and (args.size < 16 or args.size % 16):
+            raise UserError(f"-n {args.n} / --size {args.size}: need n >= 1 and a size that is a multiple of 16")
+        out = Path(args.out or default_out(args.kind))
+        _check_out(out, args.overwrite)
+        folder = write_tiny_data(args.kind, out, n=args.n, size=args.size, seed=args.seed)
+        print(f"wrote {args.kind} data to {folder}")
     elif args.cmd == "rare":
         from .rare_chars import cjk_characters, rare_characters, rare_strings
 
