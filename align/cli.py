@@ -5,7 +5,8 @@ TRL's ``trl sft|dpo --config`` convention: the recipe and ``--key value`` overri
 mistake is one ``error:`` line, exit 2, before any process starts), every option the trainer does not know is
 handed to ``accelerate launch`` (``--num_processes 2``, ``--config_file recipes/accelerate/fsdp2.yaml``, ...;
 ``--accelerate_config X`` is an alias of ``--config_file``), and the training script's exit code is passed through
-without accelerate's CalledProcessError traceback. ``accelerate launch align/sft.py ...`` keeps working.
+without accelerate's CalledProcessError traceback (or torchrun's ChildFailedError report with several processes).
+``accelerate launch align/sft.py ...`` keeps working.
 """
 
 from __future__ import annotations

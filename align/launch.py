@@ -389,8 +389,11 @@ def interrupted_message() -> str:
     ckpt = last_complete_checkpoint(out, warn=False)
     command = _resume_command()
     if ckpt is None:
-        return (f"interrupted (Ctrl-C): no checkpoint in {out} yet, nothing to resume (set --save_steps to save "
-                f"during training); start again with: {shlex.join(command[:-2])}")
+        strategy = str(getattr(config.save_strategy, "value", config.save_strategy))
+        why = (f"the first is saved at step {config.save_steps}" if strategy == "steps" else
+               f"save_strategy is {strategy!r}: set --save_strategy steps --save_steps N to save during training")
+        return (f"interrupted (Ctrl-C): no checkpoint in {out} yet, nothing to resume ({why}); start again with: "
+                f"{shlex.join(command[:-2])}")
     return (f"interrupted (Ctrl-C): saved up to step {_checkpoint_step(ckpt)} ({ckpt}); resume with: "
             f"{shlex.join(command)}")
 
