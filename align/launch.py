@@ -342,9 +342,10 @@ def prepare_run(config: Any) -> str | None:
 
 # ---------------------------------------------------------------------------------------------------- exit
 def _finish_tracking() -> None:
+    wandb = sys.modules.get("wandb")  # never imported: no run to finish (importing it only to check costs ~1 s)
+    if wandb is None:
+        return
     try:
-        import wandb
-
         if wandb.run is not None:
             wandb.finish()
     except Exception:  # tracking must never turn a finished run into a failure

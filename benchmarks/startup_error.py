@@ -1,6 +1,7 @@
 """Seconds from typing a command to its one-line error, for mistakes found before the model loads, and the library
-warning lines printed on the way. Run under ``nice -n 19`` on a shared machine; the numbers are wall seconds, the
-median of ``--repeat`` runs.
+warning lines printed on the way. Run under ``nice -n 19`` on a shared machine; the numbers are the median of
+``--repeat`` runs: wall seconds, and CPU seconds (user + sys of every process the command started), which a busy
+machine inflates much less than the wall time.
 
     python benchmarks/startup_error.py [--repo PATH] [--repeat 3]
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -61,17 +63,20 @@ def main() -> None:
             "import align.configs.sft only":
                 [sys.executable, "-c", "import align.configs.sft"],
         }
-        print(f"repo {repo}; median of {args.repeat} runs (wall s); noise = stderr lines other than the error")
+        print(f"repo {repo}; median of {args.repeat} runs; noise = stderr lines other than the error")
         for name, command in cases.items():
-            times, noise = [], 0
+            times, cpu, noise = [], [], 0
             for _ in range(args.repeat):
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 start = time.perf_counter()
                 proc = subprocess.run(command, env=env, cwd=tmp, capture_output=True, text=True, timeout=600)
                 times.append(time.perf_counter() - start)
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
                 lines = [x for x in proc.stderr.splitlines() if x.strip() and not x.startswith("error:")]
                 noise = max(noise, len(lines))
-            print(f"  {statistics.median(times):6.1f} s  (min {min(times):5.1f})  noise lines {noise:3d}  {name}",
-                  flush=True)
+            print(f"  wall {statistics.median(times):6.1f} s  cpu {statistics.median(cpu):6.1f} s  noise lines "
+                  f"{noise:3d}  {name}", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OURS = ("qwen_image", "rewards", "annotation", "align")
 # align/, lowest layer first: a module may import its own layer and the ones below.
 ALIGN_LAYERS = [
-    ["align.plugins", "align.losses", "align.adapters", "align.lowvram"],  # pure functions and storage helpers
+    ["align.plugins", "align.losses", "align.adapters", "align.lowvram",
+     "align.quiet"],  # pure functions and storage helpers; the library-noise filters
     ["align.configs", "align.objectives"],  # options, and the registry of objectives (lazy references only)
     ["align.models", "align.modeling", "align.memory", "align.reference", "align.export",
      "align.checkpoints"],  # model families, set-up, checkpoint manifests
