@@ -878,3 +878,51 @@ def test_help_and_a_one_line_error_print_no_library_warnings(tmp_path):
     assert bad.returncode == 2 and _noise(bad.stderr) == [], bad.stderr[-2000:]
     assert bad.stderr.strip().splitlines() == ["error: argument --learning_rate/--learning-rate: invalid float value: "
                                                "'fast'"], bad.stderr[-2000:]
+
+
+def test_the_no_signal_verdict_is_shared_by_every_process(monkeypatch, capsys):
+    """The verdict over every process's totals (what each process holds after the per-scoring exchange): a process
+    whose reward gave nothing stops the run, zero spread counts over all processes, and a reward error on one
+    process reaches the others. Every process raises; only process 0 prints."""
+    from align.launch import run_main
+    from align.rl import rewards
+    from qwen_image.errors import UserError
+
+    class Fixed:
+        names = ["r"]
+
+        def __init__(self, totals):
+            self.totals = totals
+
+        def compute(self, prompts, images, **columns):
+            return type("Result", (), {"total": self.totals, "per_reward": {"r": self.totals}})()
+
+    def run(per_process: list[list], limit: int = 2):
+        watch = rewards.SignalWatch(Fixed(per_process[0]), limit)
+        monkeypatch.setattr(rewards, "_gather", lambda payload: [payload, *[
+            {"totals": t, "silent": ["r"] if all(v is None for v in t) else [], "error": None} for t in per_process[1:]]])
+        for _ in range(limit):
+            watch.compute(["a"] * len(per_process[0]), [None] * len(per_process[0]))
+
+    with pytest.raises(UserError, match=r"scored every image None / NaN .*on process 1 of 2, not the others") as err:
+        run([[0.1, 0.2], [None, None]])
+    assert err.value.same_on_every_process
+    run([[0.5], [0.7]])  # each process alone has one value, together they have spread: the run goes on
+    with pytest.raises(UserError, match=r"gave every image the same score \(0.5\) .* over 2 processes"):
+        run([[0.5], [0.5]])
+
+    def short_on_process_1(payload):
+        return [payload, {"totals": None, "silent": [], "error": "reward 'r' returned 1 values for 2 images"}]
+
+    monkeypatch.setattr(rewards, "_gather", short_on_process_1)
+    watch = rewards.SignalWatch(Fixed([0.1, 0.2]), 3)
+    with pytest.raises(UserError, match=r"returned 1 values for 2 images \(on process 1 of 2, not the others\)") as err:
+        watch.compute(["a", "b"], [None, None])
+
+    def stop(argv):
+        raise err.value
+
+    for rank, printed in (("1", []), ("0", [f"error: {err.value}"])):
+        monkeypatch.setenv("RANK", rank)
+        assert run_main(stop, []) == 2
+        assert capsys.readouterr().err.splitlines() == printed

@@ -129,10 +129,11 @@ class SignalWatch:
         if len(self.recent) < self.limit:
             return
         world = len(totals)
-        empty = [rank for rank in range(world) if all(v is None for batch in self.recent for v in batch[rank])]
+        scored = [[v for batch in self.recent for v in batch[rank]] for rank in range(world)]
+        empty = [rank for rank in range(world) if scored[rank] and all(v is None for v in scored[rank])]
         if empty:
             rank = empty[0]
-            n = sum(len(batch[rank]) for batch in self.recent)
+            n = len(scored[rank])
             names = silent[rank]
             raise stop_everywhere(
                 f"reward {self._describe()} scored every image None / NaN for {self.limit} rollout batches in a row "
