@@ -393,8 +393,11 @@ def interrupted_message() -> str:
         strategy = str(getattr(config.save_strategy, "value", config.save_strategy))
         why = (f"the first is saved at step {config.save_steps}" if strategy == "steps" else
                f"save_strategy is {strategy!r}: set --save_strategy steps --save_steps N to save during training")
+        again = command[:-2]
+        if previous_run_outputs(out):  # an older run this one was replacing: starting again must replace it too
+            again.append("--overwrite_output_dir")
         return (f"interrupted (Ctrl-C): no checkpoint in {out} yet, nothing to resume ({why}); start again with: "
-                f"{shlex.join(command[:-2])}")
+                f"{shlex.join(again)}")
     return (f"interrupted (Ctrl-C): saved up to step {_checkpoint_step(ckpt)} ({ckpt}); resume with: "
             f"{shlex.join(command)}")
 

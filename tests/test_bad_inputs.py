@@ -926,3 +926,29 @@ def test_the_no_signal_verdict_is_shared_by_every_process(monkeypatch, capsys):
         monkeypatch.setenv("RANK", rank)
         assert run_main(stop, []) == 2
         assert capsys.readouterr().err.splitlines() == printed
+
+
+def test_ctrl_c_before_the_first_checkpoint_of_a_replacing_run_says_to_replace_again(data, tmp_path, monkeypatch,
+                                                                                      capsys):
+    """The run was replacing an older one (--overwrite_output_dir; the old adapter is still there until the new save):
+    the command to start again keeps --overwrite_output_dir, or it would be refused with "already holds a run"."""
+    import shutil
+
+    from align import launch
+    from align.configs.sft import SFTConfig
+
+    out = tmp_path / "o"
+    shutil.copytree(data["finished_run"], out)
+    argv = ["--config", SFT, "--output_dir", str(out), "--overwrite_output_dir"]
+    config = launch.parse_config(SFTConfig, argv)
+    monkeypatch.setattr(launch, "_ACTIVE", {"config": config, "objective": "sft", "argv": argv})
+    monkeypatch.delenv(launch.COMMAND_ENV, raising=False)
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    assert launch.run_main(interrupted, []) == 130
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("interrupted")][0]
+    assert "the first is saved at step 5" in line  # the tiny recipe saves every 5 steps
+    assert line.endswith(f"start again with: qwen-image-align sft --config {SFT} --output_dir {out} "
+                         f"--overwrite_output_dir"), line
