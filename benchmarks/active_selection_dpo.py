@@ -177,8 +177,9 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict]:
     if any(s != "random" for s in args.strategies):
         probs, margins, head_pairs = uncertainty_inputs(seed_dir, pool, labels, candidates, seed_set, seed)
     records, by_key = [], {}
-    for strategy in args.strategies:
-        for budget in args.budgets:
+    # Budgets outer, in the order given: a cut-short run still has every strategy at the budgets it reached.
+    for budget in args.budgets:
+        for strategy in args.strategies:
             more = min(budget, len(pool)) - n_seed
             picked = []
             if more > 0:
@@ -272,7 +273,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", default="outputs/active_selection_dpo", help="work folder; a rerun skips finished runs")
     ap.add_argument("--config", default="recipes/demo/brand_adapter.yaml", help="the demo's workflow YAML")
     ap.add_argument("--fast", action="store_true", help="the workflow's --fast settings (plumbing check, tests)")
-    ap.add_argument("--seeds", type=int, default=3, help="workflow seeds 0 .. N-1")
+    ap.add_argument("--seeds", type=int, default=3, help="how many workflow seeds: first_seed .. first_seed + N - 1")
+    ap.add_argument("--first_seed", type=int, default=0, help="(several processes, one seed each, share --out)")
     ap.add_argument("--budgets", type=int, nargs="+", default=[16, 32, 64], help="pairs sent to the raters")
     ap.add_argument("--seed_set", type=int, default=8, help="random pairs every strategy starts from (the "
                     "preference head's training set)")
@@ -286,7 +288,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.seed_set < 1 or min(args.budgets) < 1:
         ap.error("--seed_set and every budget must be at least 1")
-    args.budgets = sorted(set(args.budgets))
+    args.budgets = list(dict.fromkeys(args.budgets))
     return args
 
 
@@ -296,8 +298,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     _quiet_progress_bars()
     t0 = time.time()
-    records = [r for seed in range(args.seeds) for r in run_seed(args, seed)]
-    summary = summarise(records, args.strategies, args.budgets)
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    records = [r for seed in seeds for r in run_seed(args, seed)]
+    summary = summarise(records, args.strategies, sorted(args.budgets))
     table = markdown(summary, args.strategies)
     result = {"settings": {k: v for k, v in vars(args).items() if k != "json"}, "runs": records, **summary,
               "markdown": table, "wall_seconds": round(time.time() - t0, 1)}
