@@ -160,7 +160,8 @@ def gains(sft_eval: dict, after: dict | None) -> dict:
     return out
 
 
-def run_seed(args: argparse.Namespace, seed: int) -> list[dict]:
+def run_seed(args: argparse.Namespace, seed: int) -> tuple[list[dict], dict | None]:
+    """Every (budget, strategy) run of one workflow seed (finished ones skipped), and the preference head's record."""
     from align.workflows.brand_adapter import run_workflow
     from annotation.select import select_pairs
 
@@ -172,10 +173,19 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict]:
     n_seed = min(args.seed_set, min(args.budgets))
     seed_set = select_pairs(pool, n_seed, "random", seed=seed)
     rest = [i for i in range(len(pool)) if i not in set(seed_set)]
-    probs = margins = None
+    probs = margins = head = None
     head_pairs = 0
     if any(s != "random" for s in args.strategies):
         probs, margins, head_pairs = uncertainty_inputs(seed_dir, pool, labels, candidates, seed_set, seed)
+        # How good the chooser is: agreement with the raters on the labelled pool pairs it was not trained on.
+        held = [i for i, p in enumerate(pool) if p["pair_id"] in labels and i not in set(seed_set)]
+        agree = [(probs[i] > 0.5) == (labels[pool[i]["pair_id"]]["chosen"] == pool[i]["image_a"]) for i in held]
+        head_accuracy = sum(agree) / len(agree) if agree else None
+        print(f"seed {seed}: preference head on {head_pairs} labelled seed pairs agrees with the raters on "
+              f"{head_accuracy if head_accuracy is None else round(head_accuracy, 3)} of {len(held)} other labelled "
+              f"pool pairs", flush=True)
+        head = {"trained_on": head_pairs, "pool_accuracy": head_accuracy, "pool_pairs": len(pool),
+                       "labelled_pool_pairs": len(labels)}
     records, by_key = [], {}
     # Budgets outer, in the order given: a cut-short run still has every strategy at the budgets it reached.
     for budget in args.budgets:
@@ -222,7 +232,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict]:
                   f"({rec['seconds']:.0f} s)", flush=True)
             records.append(rec)
             by_key.setdefault(key, {"gain": rec["gain"], "run": run_dir.name})
-    return records
+    return records, head
 
 
 def summarise(records: list[dict], strategies: list[str], budgets: list[int]) -> dict:
@@ -255,7 +265,7 @@ def summarise(records: list[dict], strategies: list[str], budgets: list[int]) ->
 
 def markdown(summary: dict, strategies: list[str]) -> str:
     active = [s for s in strategies if s != "random"] if "random" in strategies else []
-    head = ["labelled pairs (sent)", "prompts"] + [f"{s}: gain (labelled)" for s in strategies]
+    head = ["pairs sent", "prompts"] + [f"{s}: gain (labelled)" for s in strategies]
     head += [f"{s} - random" for s in active]
     lines = ["| " + " | ".join(head) + " |", "|---:|---|" + "---:|" * (len(head) - 2)]
     for row in summary["table"]:
@@ -299,10 +309,14 @@ def main(argv: list[str] | None = None) -> dict:
     _quiet_progress_bars()
     t0 = time.time()
     seeds = range(args.first_seed, args.first_seed + args.seeds)
-    records = [r for seed in seeds for r in run_seed(args, seed)]
+    records, heads = [], {}
+    for seed in seeds:
+        seed_records, heads[str(seed)] = run_seed(args, seed)
+        records += seed_records
     summary = summarise(records, args.strategies, sorted(args.budgets))
     table = markdown(summary, args.strategies)
     result = {"settings": {k: v for k, v in vars(args).items() if k != "json"}, "runs": records, **summary,
+              "preference_heads": heads,
               "markdown": table, "wall_seconds": round(time.time() - t0, 1)}
     json_path = Path(args.json or Path(args.out) / "results.json")
     json_path.parent.mkdir(parents=True, exist_ok=True)

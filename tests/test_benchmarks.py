@@ -51,6 +51,8 @@ def test_active_selection_dpo_smallest_setting_writes_the_table_and_json(tmp_pat
     assert saved["table"] == result["table"]
     assert [(r["strategy"], r["budget"], r["seed"]) for r in saved["runs"]] == [("random", 1, 0), ("uncertain", 1, 0)]
     assert saved["runs"][1]["same_run_as"] == "random_n1"
+    head = saved["preference_heads"]["0"]  # the chooser's record: trained on the labelled seed pair
+    assert head["trained_on"] <= 1 and head["pool_pairs"] >= head["labelled_pool_pairs"]
     rows = saved["table"]
     assert [(r["budget"], r["prompts"]) for r in rows] == [(1, "train"), (1, "heldout")]
     for row in rows:
