@@ -3,6 +3,9 @@ with the pairs sent to the raters chosen at random or by the preference model's 
 workflow and its simulated rater panel.
 
     python benchmarks/active_selection_dpo.py [--seeds 3] [--budgets 16 32 64] [--seed_set 8] [--dpo_steps 60]
+    python benchmarks/active_selection_dpo.py --no_heldout_prompts --first_seed 1 --seeds 1   # one seed per process
+
+docs/annotation.md (section 8) has the table measured with ``--no_heldout_prompts`` and what it says.
 
 Per workflow seed (0, 1, ...), the demo's own stages (``align.workflows.brand_adapter.run_workflow``, resumable)
 give the brand data, the tiny model with its fitted VAE, the SFT adapter, its evaluation on the held-out seeds and
