@@ -66,3 +66,15 @@ def test_active_selection_dpo_smallest_setting_writes_the_table_and_json(tmp_pat
                         "--dpo_steps", "1"])
     assert "done before, skipped" in capsys.readouterr().out
     assert again["table"] == result["table"]
+
+
+def test_workflow_subset_for_benchmarks_names_a_missing_or_unknown_stage(tmp_path):
+    from align.workflows.brand_adapter import run_workflow
+    from align.workflows.config import load_workflow_config
+
+    cfg = load_workflow_config("recipes/demo/brand_adapter.yaml", fast=True)
+    with pytest.raises(ValueError, match="'sft' reads stage 'data'"):
+        run_workflow(cfg, tmp_path / "a", only=("sft",))
+    with pytest.raises(ValueError, match="no workflow stage named 'nope'"):
+        run_workflow(cfg, tmp_path / "b", only=("data", "nope"))
+    assert not any(p.is_dir() for p in (tmp_path / "a").iterdir())  # refused before any stage ran

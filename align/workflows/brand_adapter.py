@@ -209,6 +209,9 @@ def run_workflow(cfg: dict[str, Any], output_dir: str | Path, only: Sequence[str
         if unknown:
             raise ValueError(f"no workflow stage named {unknown[0]!r}")
         plan = [stage for stage in plan if stage[1] in only]
+        missing = [(name, u) for _, name, _, _, upstream in plan for u in upstream if u not in only]
+        if missing:
+            raise ValueError(f"stage {missing[0][0]!r} reads stage {missing[0][1]!r}: add it to the stages to run")
         total = len(plan)
     for i, (title, name, fn, cfg_keys, upstream) in enumerate(plan, 1):
         reads = {k: cfg.get(k) for k in cfg_keys}
