@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .config import resolve_path
 from .stages import accelerate_command, display, run_logged, run_stage, stage_key
@@ -171,8 +171,12 @@ def stage_report(cfg: dict, out: Path, results: dict[str, dict]) -> dict:
 
 
 # ---------------------------------------------------------------- driver
-def run_workflow(cfg: dict[str, Any], output_dir: str | Path) -> dict[str, dict]:
-    """Run (or resume) every stage into ``output_dir``; returns each stage's record."""
+def run_workflow(cfg: dict[str, Any], output_dir: str | Path, only: Sequence[str] | None = None) -> dict[str, dict]:
+    """Run (or resume) every stage into ``output_dir``; returns each stage's record.
+
+    ``only``: run just these stages (by folder name, e.g. ``("data", "base_model", "sft", "pairs")``) and skip the
+    report; the stages they read from must be among them. Benchmarks reuse the workflow's upstream stages this way.
+    """
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "workflow_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -200,6 +204,15 @@ def run_workflow(cfg: dict[str, Any], output_dir: str | Path) -> dict[str, dict]
     total = len(plan) + 1
     start = time.time()
     results: dict[str, dict] = {}
+    if only is not None:
+        unknown = sorted(set(only) - {name for _, name, *_ in plan})
+        if unknown:
+            raise ValueError(f"no workflow stage named {unknown[0]!r}")
+        plan = [stage for stage in plan if stage[1] in only]
+        missing = [(name, u) for _, name, _, _, upstream in plan for u in upstream if u not in only]
+        if missing:
+            raise ValueError(f"stage {missing[0][0]!r} reads stage {missing[0][1]!r}: add it to the stages to run")
+        total = len(plan)
     for i, (title, name, fn, cfg_keys, upstream) in enumerate(plan, 1):
         reads = {k: cfg.get(k) for k in cfg_keys}
         for k in ("sft", "dpo_grpo"):  # the recipe a training stage launches is an input too, not only its path
@@ -207,6 +220,8 @@ def run_workflow(cfg: dict[str, Any], output_dir: str | Path) -> dict[str, dict]
                 reads[f"{k}_recipe_text"] = resolve_path(cfg[k]["recipe"]).read_text(encoding="utf-8")
         key = stage_key(reads, [results[u]["inputs_key"] for u in upstream])
         results[name] = run_stage(i, total, title, out / name, fn, key=key)
+    if only is not None:
+        return results
     # The report is always rewritten: it is cheap and reflects every stage, skipped or not.
     print(f"[{total}/{total}] report ...", flush=True)
     results["report"] = stage_report(cfg, out, results)
