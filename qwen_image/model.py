@@ -259,6 +259,20 @@ class QwenImage:
         (prompts precomputed with ``prompt_encoder.precompute`` still encode after the text encoder is released)."""
         return self.prompt_encoder.encode(prompts, device=self.device, dtype=self.dtype)
 
+    def reference_size(self, image: Image.Image, area: int | None = None) -> tuple[int, int]:
+        """(height, width) an edit's reference image is encoded at by the VAE (``area``: None = the model's)."""
+        return self.edit_encoder.reference_size(image, area)
+
+    def precompute_conditioning(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]] | None = None,
+                                reference_area: int | None = None) -> int:
+        """Encode every row (a prompt, with its reference images for an edit model) once and keep it on CPU, so
+        :meth:`conditioning` still serves these rows after the text encoder is released. Returns distinct rows.
+        (``reference_area`` only sizes the VAE side here, which is not cached: accepted for the 2.1 bundle's
+        signature, whose text encoder reads the images at that size.)"""
+        if images is None:
+            return self.prompt_encoder.precompute(prompts, progress=True)
+        return self.edit_encoder.precompute(prompts, images)
+
     def conditioning(self, prompts: str | list[str], images=None, references: bool = True,
                      reference_area: int | None = None) -> Conditioning:
         """What conditions the transformer: the prompts alone (text-to-image), or with ``images`` (edit models: 1-3

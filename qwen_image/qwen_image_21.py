@@ -802,6 +802,18 @@ class QwenImage21:
         refs = self.references(images, len(prompts), reference_area) if references else None
         return Conditioning.from_padded(embeds, mask, refs, slots)
 
+    def precompute_conditioning(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]] | None = None,
+                                reference_area: int | None = None) -> int:
+        """Encode every row (a prompt, with its condition images for an edit) once and keep it on CPU, so
+        :meth:`conditioning` still serves these rows (at the same ``reference_area``: the text encoder reads the
+        images at that size) after the text encoder is released. Returns distinct rows."""
+        prompts = validate_prompts(list(prompts))
+        if images is None:
+            return self.prompt_encoder.precompute(prompts, progress=True)
+        # Row by row: rows of other aspect ratios may not share one batch of condition images.
+        resized = [self.condition_images([row], 1, reference_area)[0][0] for row in images]
+        return self.prompt_encoder.precompute(prompts, resized, progress=True)
+
     # ------------------------------------------------------------------ latents
     def encode_images(self, images: Sequence[Image.Image], height: int, width: int) -> torch.Tensor:
         """PIL images (RGB get an opaque alpha) -> normalised VAE latents (B, 64, 1, H/16, W/16)."""
