@@ -13,15 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lora_helpers import lora_b_off_zero
 from PIL import Image
 from safetensors.torch import load_file
 from test_forward_resume import check_kill_and_resume
-from test_forward_rl import CONFIGS, TINY
+from test_forward_rl import TINY, _bf16_trainer, check_nft_implicit_velocities, check_ratios_exactly_one
 from test_qwen_image_21_training import Q21, _data, _lora_b_moved
 
-from align.launch import parse_config, train_main
-from align.models import family_of
+from align.launch import train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 Q21_EDIT = ["--model_family", "qwen-image-2.1-edit", "--model_dtype", "bfloat16"]
@@ -184,58 +182,19 @@ def test_dpo_plus_nft_bf16_trains_both_terms(tmp_path):
     assert _lora_b_moved(load_file(out / "pytorch_lora_weights.safetensors")) > 0
 
 
-def _bf16_trainer(method: str, tmp_path, *options: str):
-    """A forward-RL trainer on the tiny 2.1 loaded by its family, adapters moved off zero (on != off), the extra
-    adapters copied from the trained one: the state before the first update."""
-    from align.data.prompts import load_prompt_dataset
-    from align.trainers.forward import ForwardRLTrainer
-
-    config = parse_config(CONFIGS[method], ["--config", TINY[method], "--output_dir", str(tmp_path), *Q21,
-                                            "--train_prompts", *PROMPTS, "--beta", "0.01", *options])
-    torch.manual_seed(0)
-    qwen = family_of(config).load(config, torch.bfloat16)
-    trainer = ForwardRLTrainer(qwen, config, train_dataset=load_prompt_dataset(prompts=config.train_prompts))
-    lora_b_off_zero(trainer.model, seed=3)
-    if trainer.objective.sampler is not None:
-        trainer.objective.sampler.copy_from_trained()
-    if method == "nft":
-        trainer.objective.old.copy_from_trained()
-    return trainer
-
-
+# The Qwen-Image checks of test_forward_rl.py on the 2.1 family: adapters moved off zero (on != off), the extra
+# adapters copied from the trained one, i.e. the state before the first update.
 def test_nft_implicit_velocities_equal_the_trained_one_before_any_update_bf16(tmp_path):
-    trainer = _bf16_trainer("nft", tmp_path)
-    objective, model = trainer.objective, trainer.model
-    assert type(trainer.qwen).__name__ == "QwenImage21" and model.dtype == torch.bfloat16
-    batch = trainer.rollouts.batch(model)
-    for t, noise in objective.plan(batch, 0)[:2]:
-        v, v_pos, v_neg = objective.implicit_velocities(model, batch, t, noise)
-        assert v.dtype == torch.bfloat16 and v.requires_grad
-        assert torch.equal(v_pos, v) and torch.equal(v_neg, v)
-        v_ref = objective.reference_velocity(batch.to("cpu"), objective.noised(batch, t, noise), t)
-        assert not torch.equal(v_ref, v.detach())  # adapters off differ: the equality above is not vacuous
-    objective.loss(model, batch, micro_step=0)
-    stats = objective.pop_metrics()
-    assert stats["old_deviation"] == 0.0 and stats["loss_pos"] == stats["loss_neg"]
+    trainer = _bf16_trainer("nft", tmp_path, *Q21, "--train_prompts", *PROMPTS)
+    assert type(trainer.qwen).__name__ == "QwenImage21"
+    check_nft_implicit_velocities(trainer)
 
 
 @pytest.mark.parametrize("method", ["awm", "dgpo"])
 def test_ratios_are_exactly_one_before_any_update_bf16(method, tmp_path):
-    # num_iterations 2: a snapshot adapter is the sampling policy, so the ratio compares two separate forwards.
-    trainer = _bf16_trainer(method, tmp_path, "--num_iterations", "2")
-    objective, model = trainer.objective, trainer.model
-    assert objective.sampler is not None and not objective.on_policy
-    batch = trainer.rollouts.batch(model)
-    objective.loss(model, batch, micro_step=0)
-    stats = objective.pop_metrics()
-    assert stats["ratio/mean"] == stats["ratio/min"] == stats["ratio/max"] == 1.0 and stats["clip_fraction"] == 0.0
-    with torch.no_grad():  # a moved trained adapter moves the ratio: the check can fail
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    objective.loss(model, batch, micro_step=0)
-    moved = objective.pop_metrics()
-    assert moved["ratio/min"] != 1.0 or moved["ratio/max"] != 1.0
+    trainer = _bf16_trainer(method, tmp_path, *Q21, "--train_prompts", *PROMPTS, "--num_iterations", "2")
+    assert type(trainer.qwen).__name__ == "QwenImage21"
+    check_ratios_exactly_one(trainer)
 
 
 # --------------------------------------------------------------------------- kill -9 + resume
