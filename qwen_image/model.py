@@ -112,6 +112,16 @@ class ModelComponents:
             raise QwenImageInputError(f"this {type(self).__name__} was loaded without its {name}; load it to use "
                                       "this method.")
 
+    def frozen(self, device: str | torch.device | None = None) -> Self:
+        """Every loaded component without gradients (training adds its own adapters), on ``device`` if given: how
+        ``from_pretrained`` hands a checkpoint over."""
+        for module in (self.transformer, self.vae, self.text_encoder):
+            if module is not None:
+                module.requires_grad_(False)
+        if device is not None:
+            self.to(device)
+        return self
+
 
 class QwenImage(ModelComponents):
     """Qwen-Image as one object: encode prompts, encode/decode latents, sample (ODE or SDE), generate, edit, inpaint.
@@ -221,15 +231,10 @@ class QwenImage(ModelComponents):
         tokenizer = Qwen2Tokenizer.from_pretrained(path / "tokenizer")
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
         processor = load_processor(str(path / "processor"), tokenizer) if (path / "processor").is_dir() else make_processor(tokenizer)
-        default_size = _default_size(path)
+        default_size = default_size_of(path)
         model = cls(transformer, vae, text_encoder, tokenizer, scheduler, processor, default_size,
                     edit_model=is_edit_checkpoint(path))
-        for module in (transformer, vae, text_encoder):
-            if module is not None:
-                module.requires_grad_(False)
-        if device is not None:
-            model.to(device)
-        return model
+        return model.frozen(device)
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write the diffusers layout (model_index.json + subfolders) that ``QwenImagePipeline.from_pretrained`` loads."""
@@ -462,7 +467,8 @@ def is_edit_checkpoint(path: str | os.PathLike) -> bool:
     return name == QwenImageEditPlusPipeline.__name__
 
 
-def _default_size(path: Path) -> int:
+def default_size_of(path: Path) -> int:
+    """The default image side a checkpoint folder was saved with (this toolkit's marker file), else 1024."""
     marker = path / "qwen_image_align.json"
     if marker.is_file():
         return int(json.loads(marker.read_text()).get("default_size", 1024))

@@ -50,7 +50,7 @@ from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from . import latents as latent_ops
 from .errors import QwenImageInputError
 from .images import to_rgba
-from .model import ModelComponents, resolve_dtype, resolve_seeds
+from .model import ModelComponents, default_size_of, resolve_dtype, resolve_seeds
 from .sampling import Conditioning, References, SampleOutput, sample, sde_noise_generators
 from .scheduler import make_scheduler, shift_mu
 from .text import pad_embeddings, validate_prompts
@@ -626,16 +626,9 @@ class QwenImage21(ModelComponents):
         processor = load_qwen3vl_processor(str(path / "processor"))
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
         index = json.loads((path / "model_index.json").read_text())
-        marker = path / "qwen_image_align.json"
-        default_size = int(json.loads(marker.read_text()).get("default_size", 1024)) if marker.is_file() else 1024
-        model = cls(transformer, vae, text_encoder, processor, scheduler, default_size,
+        model = cls(transformer, vae, text_encoder, processor, scheduler, default_size_of(path),
                     sample_sigmas=index.get("sample_sigmas"), edit_model=edit_model)
-        for module in (transformer, vae, text_encoder):
-            if module is not None:
-                module.requires_grad_(False)
-        if device is not None:
-            model.to(device)
-        return model
+        return model.frozen(device)
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write the diffusers layout that ``QwenImage21Pipeline.from_pretrained`` and :meth:`from_pretrained` load

@@ -71,7 +71,7 @@ def test_edit_lora_sft_bf16_caches_what_the_21_edit_forward_reads(tmp_path):
 
     data = _edit_rows(tmp_path / "data")
     out = tmp_path / "out"
-    run = main(["--config", str(ROOT / "recipes/tiny/edit_sft_lora.yaml"), *Q21_EDIT, "--dataset_name", str(data),
+    run = main(["--config", str(ROOT / "recipes/tiny/q21_edit_sft_lora.yaml"), "--dataset_name", str(data),
                 "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out), "--max_steps", "2",
                 "--per_device_train_batch_size", "1", "--learning_rate", "1e-2", "--logging_steps", "1",
                 "--resolution", "64", "--aspect_ratio_buckets", "true"])
@@ -115,6 +115,21 @@ def test_edit_dpo_lora_bf16_trains_on_batches_carrying_img_mask(tmp_path):
     assert batch["img_mask"].sum(1).tolist() == [4, 4]  # one slot per 2x2 of the 16 reference tokens
     assert len(_losses(run)) == 2 and all(np.isfinite(_losses(run)))
     assert _lora_b_moved(load_file(out / "pytorch_lora_weights.safetensors")) > 0
+
+
+def test_edit_nft_bf16_rolls_out_with_the_control_images(tmp_path):
+    from align.data.edit import write_synthetic_edit_prompts
+
+    prompts = write_synthetic_edit_prompts(tmp_path / "prompts", n=2, size=32)
+    out = tmp_path / "out"
+    run = train_main("nft", ["--config", str(ROOT / "recipes/tiny/edit_nft_lora.yaml"), *Q21_EDIT, "--dataset_name",
+                             str(prompts), "--output_dir", str(out), "--max_steps", "1",
+                             "--gradient_accumulation_steps", "1", "--disable_tqdm", "true"])
+    assert type(run.qwen).__name__ == "QwenImage21" and run.qwen.edit_model
+    assert run.qwen.text_encoder is None  # every row was encoded once with its control image, then released
+    cond = run.rollouts.buffer[0].cond
+    assert cond.references.shapes == [(1, 4, 4)] and cond.img_mask.sum(1).tolist() == [4] * 4
+    assert np.isfinite(_losses(run)[0]) and _lora_b_moved(load_file(out / "pytorch_lora_weights.safetensors")) > 0
 
 
 # --------------------------------------------------------------------------- offline objectives
