@@ -1,4 +1,4 @@
-"""Edit data (Qwen-Image-Edit-2509 / 2511): rows of an instruction, a target image and 1-3 control (reference)
+"""Edit data (Qwen-Image-Edit-2509 / 2511, Qwen-Image-2.1 edit jobs): rows of an instruction, a target image and 1-3 control (reference)
 images, checked, cached and batched for the edit trainers.
 
 Row formats (the forms musubi-tuner, ai-toolkit and DiffSynth users already have, mapped to ``datasets`` columns):
@@ -8,9 +8,10 @@ Row formats (the forms musubi-tuner, ai-toolkit and DiffSynth users already have
   paths are relative to the metadata file. ``ratings`` as in T2I SFT.
 * any ``datasets`` dataset with the same columns (Image features, or a list of images in ``control_images``).
 
-Everything the trainer needs is cached once per (data, model, sizes): the edit-template text embeddings (which
-read the control images, so the cache key holds them), the target's VAE latents, and the references' packed VAE
-latents with their grids. Batches never mix target sizes nor reference sizes (bucket key = both).
+Everything the trainer needs is cached once per (data, model, sizes), as the bundle's ``conditioning`` builds it for
+its family: the edit-template text embeddings (which read the control images, so the cache key holds them), the
+target's VAE latents, the references' packed VAE latents with their grids, and for Qwen-Image-2.1 the image-slot
+mask of the embeddings (:data:`IMG_MASK`). Batches never mix target sizes nor reference sizes (bucket key = both).
 """
 
 from __future__ import annotations
