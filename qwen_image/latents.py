@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKLQwenImage
+from diffusers import AutoencoderKLQwenImage, AutoencoderKLQwenImage21
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import QwenImagePipeline
 from PIL import Image
 
@@ -44,7 +44,7 @@ def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return QwenImagePipeline._unpack_latents(tokens, height, width, VAE_SCALE_FACTOR)
 
 
-def _stats(vae: AutoencoderKLQwenImage, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _stats(vae: AutoencoderKLQwenImage | AutoencoderKLQwenImage21, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     shape = (1, vae.config.z_dim, 1, 1, 1)
     mean = torch.tensor(vae.config.latents_mean).view(shape).to(like.device, like.dtype)
     std = torch.tensor(vae.config.latents_std).view(shape).to(like.device, like.dtype)
@@ -71,9 +71,11 @@ def tensor_to_images(pixels: torch.Tensor) -> list[Image.Image]:
 
 
 @torch.no_grad()
-def encode(vae: AutoencoderKLQwenImage, pixels: torch.Tensor, sample: bool = False,
+def encode(vae: AutoencoderKLQwenImage | AutoencoderKLQwenImage21, pixels: torch.Tensor, sample: bool = False,
            generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, 3, 1, H, W) pixels in [-1, 1] -> normalised latents (B, 16, 1, H/8, W/8): (z - mean) / std."""
+    """(B, 3, 1, H, W) pixels in [-1, 1] -> normalised latents (B, 16, 1, H/8, W/8): (z - mean) / std (the mode
+    unless ``sample``). Any VAE with ``latents_mean`` / ``latents_std`` in its config: Qwen-Image-2.1's RGBA VAE
+    takes (B, 4, 1, H, W) and gives (B, 64, 1, H/16, W/16), the mode being how its pipeline encodes images."""
     pixels = pixels.to(vae.device, vae.dtype)
     dist = vae.encode(pixels).latent_dist
     z = dist.sample(generator) if sample else dist.mode()
@@ -82,8 +84,9 @@ def encode(vae: AutoencoderKLQwenImage, pixels: torch.Tensor, sample: bool = Fal
 
 
 @torch.no_grad()
-def decode(vae: AutoencoderKLQwenImage, latents: torch.Tensor) -> torch.Tensor:
-    """Normalised latents (B, 16, 1, h, w) -> pixels (B, 3, H, W) in [-1, 1]."""
+def decode(vae: AutoencoderKLQwenImage | AutoencoderKLQwenImage21, latents: torch.Tensor) -> torch.Tensor:
+    """Normalised latents (B, 16, 1, h, w) -> pixels (B, 3, H, W) in [-1, 1] (2.1's VAE: (B, 64, 1, h, w) -> RGBA
+    (B, 4, H, W))."""
     latents = latents.to(vae.device, vae.dtype)
     mean, std = _stats(vae, latents)
     return vae.decode(latents * std + mean, return_dict=False)[0][:, :, 0]

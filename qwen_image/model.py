@@ -7,7 +7,7 @@ import logging
 import os
 import secrets
 from pathlib import Path
-from typing import Sequence
+from typing import Self, Sequence
 
 import torch
 from diffusers import (
@@ -74,7 +74,56 @@ def check_checkpoint_dir(path: str | os.PathLike) -> Path:
     return path
 
 
-class QwenImage:
+class ModelComponents:
+    """What every bundle of this package (:class:`QwenImage`, ``qwen_image.qwen_image_21.QwenImage21``) does the
+    same way over its diffusers components: move them, report the transformer's device and dtype, load a LoRA file
+    into the transformer, and refuse a call that needs a component the bundle was loaded without."""
+
+    transformer: torch.nn.Module
+    vae: torch.nn.Module | None
+    text_encoder: torch.nn.Module | None
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Self:
+        # Only pass what is set: diffusers warns about any dtype keyword, even None.
+        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        for module in (self.transformer, self.vae, self.text_encoder):
+            if module is not None and kwargs:
+                module.to(**kwargs)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    def load_lora(self, path: str | os.PathLike, adapter_name: str = "default", scale: float = 1.0) -> None:
+        """Load a LoRA (diffusers, ComfyUI, ai-toolkit, kohya/musubi or DiffSynth keys: :mod:`qwen_image.lora`) into
+        the transformer, with each module's rank and alpha as in the file, active at ``scale``."""
+        from .lora import load_lora_file
+
+        load_lora_file(self.transformer, path, adapter_name)
+        self.transformer.set_adapters([adapter_name], [scale])
+
+    def _require(self, name: str):
+        if getattr(self, name) is None:
+            raise QwenImageInputError(f"this {type(self).__name__} was loaded without its {name}; load it to use "
+                                      "this method.")
+
+    def frozen(self, device: str | torch.device | None = None) -> Self:
+        """Every loaded component without gradients (training adds its own adapters), on ``device`` if given: how
+        ``from_pretrained`` hands a checkpoint over."""
+        for module in (self.transformer, self.vae, self.text_encoder):
+            if module is not None:
+                module.requires_grad_(False)
+        if device is not None:
+            self.to(device)
+        return self
+
+
+class QwenImage(ModelComponents):
     """Qwen-Image as one object: encode prompts, encode/decode latents, sample (ODE or SDE), generate, edit, inpaint.
 
     Components are the diffusers / transformers classes themselves, so anything that takes a
@@ -182,15 +231,10 @@ class QwenImage:
         tokenizer = Qwen2Tokenizer.from_pretrained(path / "tokenizer")
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
         processor = load_processor(str(path / "processor"), tokenizer) if (path / "processor").is_dir() else make_processor(tokenizer)
-        default_size = _default_size(path)
+        default_size = default_size_of(path)
         model = cls(transformer, vae, text_encoder, tokenizer, scheduler, processor, default_size,
                     edit_model=is_edit_checkpoint(path))
-        for module in (transformer, vae, text_encoder):
-            if module is not None:
-                module.requires_grad_(False)
-        if device is not None:
-            model.to(device)
-        return model
+        return model.frozen(device)
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write the diffusers layout (model_index.json + subfolders) that ``QwenImagePipeline.from_pretrained`` loads."""
@@ -208,22 +252,6 @@ class QwenImage:
             json.dump({"default_size": self.default_size}, f)
         return path
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "QwenImage":
-        # Only pass what is set: diffusers warns about any dtype keyword, even None.
-        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-        for module in (self.transformer, self.vae, self.text_encoder):
-            if module is not None and kwargs:
-                module.to(**kwargs)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
-
     # ------------------------------------------------------------------ pipelines (diffusers)
     def pipeline(self, kind: str = "t2i"):
         """A diffusers pipeline over the same components: 't2i', 'edit' (Edit-2509 style), 'inpaint'."""
@@ -237,27 +265,29 @@ class QwenImage:
             return QwenImageEditPlusPipeline(**common, processor=self.processor)
         raise QwenImageInputError(f"unknown pipeline kind {kind!r}; use 't2i', 'edit' or 'inpaint'.")
 
-    def load_lora(self, path: str | os.PathLike, adapter_name: str = "default", scale: float = 1.0) -> None:
-        """Load a LoRA (diffusers, ComfyUI, ai-toolkit, kohya/musubi or DiffSynth keys: :mod:`qwen_image.lora`) into
-        the transformer, with each module's rank and alpha as in the file, active at ``scale``."""
-        from .lora import load_lora_file
-
-        load_lora_file(self.transformer, path, adapter_name)
-        self.transformer.set_adapters([adapter_name], [scale])
-
     def inference_sigmas(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
         """The sigmas the pipeline walks through for a ``height`` x ``width`` image, terminal 0 appended."""
         return inference_sigmas(self.scheduler, num_inference_steps, latent_ops.image_seq_len(height, width))
 
     # ------------------------------------------------------------------ building blocks
-    def _require(self, name: str):
-        if getattr(self, name) is None:
-            raise QwenImageInputError(f"this QwenImage was loaded without its {name}; load it to use this method.")
-
     def encode_prompt(self, prompts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings (B, L, 3584) and a 0/1 mask (B, L) with Qwen-Image's T2I template; cached per prompt
         (prompts precomputed with ``prompt_encoder.precompute`` still encode after the text encoder is released)."""
         return self.prompt_encoder.encode(prompts, device=self.device, dtype=self.dtype)
+
+    def reference_size(self, image: Image.Image, area: int | None = None) -> tuple[int, int]:
+        """(height, width) an edit's reference image is encoded at by the VAE (``area``: None = the model's)."""
+        return self.edit_encoder.reference_size(image, area)
+
+    def precompute_conditioning(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]] | None = None,
+                                reference_area: int | None = None) -> int:
+        """Encode every row (a prompt, with its reference images for an edit model) once and keep it on CPU, so
+        :meth:`conditioning` still serves these rows after the text encoder is released. Returns distinct rows.
+        (``reference_area`` only sizes the VAE side here, which is not cached: accepted for the 2.1 bundle's
+        signature, whose text encoder reads the images at that size.)"""
+        if images is None:
+            return self.prompt_encoder.precompute(prompts, progress=True)
+        return self.edit_encoder.precompute(prompts, images)
 
     def conditioning(self, prompts: str | list[str], images=None, references: bool = True,
                      reference_area: int | None = None) -> Conditioning:
@@ -437,7 +467,8 @@ def is_edit_checkpoint(path: str | os.PathLike) -> bool:
     return name == QwenImageEditPlusPipeline.__name__
 
 
-def _default_size(path: Path) -> int:
+def default_size_of(path: Path) -> int:
+    """The default image side a checkpoint folder was saved with (this toolkit's marker file), else 1024."""
     marker = path / "qwen_image_align.json"
     if marker.is_file():
         return int(json.loads(marker.read_text()).get("default_size", 1024))

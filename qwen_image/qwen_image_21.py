@@ -13,8 +13,9 @@ Qwen-Image-2.1 is a different network from Qwen-Image (1.x, 2512, Edit-2509/2511
 * text-to-image and editing (1+ condition images) in one model; CFG off by default (``true_cfg_scale`` 1.0, no
   norm rescale when on), 40 steps.
 
-This module holds what differs: prompt encoding (:class:`PromptEncoder21`), latents (:func:`encode_pixels`,
-:func:`decode_to_pixels`, :func:`pack`, :func:`unpack`), the velocity call (:func:`predict_velocity_21`, with the
+This module holds what differs: prompt encoding (:class:`PromptEncoder21`), RGBA pixels and the token layout
+(:func:`images_to_pixels`, :func:`pixels_to_images`, :func:`pack`, :func:`unpack`; the VAE's normalised encode /
+decode are :mod:`qwen_image.latents`' own), the velocity call (:func:`predict_velocity_21`, with the
 condition KV cache of :class:`ConditionKVCache`), sigmas, LoRA targets/export, the architecture numbers, and the
 bundle :class:`QwenImage21`. The ODE/SDE loop, SDE step and :class:`Conditioning` are the shared ones of
 :mod:`qwen_image.sampling`.
@@ -46,9 +47,10 @@ from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import calculate_dimen
 from PIL import Image
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
+from . import latents as latent_ops
 from .errors import QwenImageInputError
 from .images import to_rgba
-from .model import resolve_dtype, resolve_seeds
+from .model import ModelComponents, default_size_of, resolve_dtype, resolve_seeds
 from .sampling import Conditioning, References, SampleOutput, sample, sde_noise_generators
 from .scheduler import make_scheduler, shift_mu
 from .text import pad_embeddings, validate_prompts
@@ -144,13 +146,6 @@ def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return QwenImage21Pipeline._unpack_latents(tokens, height, width, VAE_SCALE_FACTOR)
 
 
-def _stats(vae: AutoencoderKLQwenImage21, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    shape = (1, vae.config.z_dim, 1, 1, 1)
-    mean = torch.tensor(vae.config.latents_mean).view(shape).to(like.device, like.dtype)
-    std = torch.tensor(vae.config.latents_std).view(shape).to(like.device, like.dtype)
-    return mean, std
-
-
 def image_processor() -> VaeImageProcessor:
     """The pipeline's image processor: lanczos resize, [-1, 1] tensors, channels kept (RGBA stays 4-channel)."""
     return VaeImageProcessor(vae_scale_factor=VAE_SCALE_FACTOR, vae_latent_channels=64)
@@ -160,24 +155,6 @@ def images_to_pixels(images: Sequence[Image.Image], height: int, width: int) -> 
     """PIL images -> (B, 4, 1, H, W) RGBA in [-1, 1]; images without alpha get an opaque one."""
     processor = image_processor()
     return torch.cat([processor.preprocess(to_rgba(im), height=height, width=width) for im in images]).unsqueeze(2)
-
-
-@torch.no_grad()
-def encode_pixels(vae: AutoencoderKLQwenImage21, pixels: torch.Tensor) -> torch.Tensor:
-    """(B, 4, 1, H, W) RGBA in [-1, 1] -> normalised latents (B, 64, 1, H/16, W/16): (mode - mean) / std, as the
-    pipeline encodes condition images."""
-    pixels = pixels.to(vae.device, vae.dtype)
-    z = vae.encode(pixels).latent_dist.mode()
-    mean, std = _stats(vae, z)
-    return (z - mean) / std
-
-
-@torch.no_grad()
-def decode_to_pixels(vae: AutoencoderKLQwenImage21, latents: torch.Tensor) -> torch.Tensor:
-    """Normalised latents (B, 64, 1, h, w) -> RGBA pixels (B, 4, H, W) in [-1, 1]."""
-    latents = latents.to(vae.device, vae.dtype)
-    mean, std = _stats(vae, latents)
-    return vae.decode(latents * std + mean, return_dict=False)[0][:, :, 0]
 
 
 def pixels_to_images(pixels: torch.Tensor, mode: str = "RGB", background: tuple[int, int, int] = (255, 255, 255)
@@ -561,7 +538,7 @@ def _check_checkpoint_dir(path: str | os.PathLike) -> Path:
     return path
 
 
-class QwenImage21:
+class QwenImage21(ModelComponents):
     """Qwen-Image-2.1 as one object: encode prompts (with condition images), encode/decode RGBA latents, sample
     (ODE or SDE, text-to-image or edit), generate, edit, load LoRAs.
 
@@ -649,16 +626,9 @@ class QwenImage21:
         processor = load_qwen3vl_processor(str(path / "processor"))
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
         index = json.loads((path / "model_index.json").read_text())
-        marker = path / "qwen_image_align.json"
-        default_size = int(json.loads(marker.read_text()).get("default_size", 1024)) if marker.is_file() else 1024
-        model = cls(transformer, vae, text_encoder, processor, scheduler, default_size,
+        model = cls(transformer, vae, text_encoder, processor, scheduler, default_size_of(path),
                     sample_sigmas=index.get("sample_sigmas"), edit_model=edit_model)
-        for module in (transformer, vae, text_encoder):
-            if module is not None:
-                module.requires_grad_(False)
-        if device is not None:
-            model.to(device)
-        return model
+        return model.frozen(device)
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write the diffusers layout that ``QwenImage21Pipeline.from_pretrained`` and :meth:`from_pretrained` load
@@ -678,33 +648,6 @@ class QwenImage21:
         return QwenImage21Pipeline(scheduler=self.scheduler, vae=self.vae, text_encoder=self.text_encoder,
                                    processor=self.processor, transformer=self.transformer,
                                    sample_sigmas=self.sample_sigmas)
-
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "QwenImage21":
-        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-        for module in (self.transformer, self.vae, self.text_encoder):
-            if module is not None and kwargs:
-                module.to(**kwargs)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
-
-    def load_lora(self, path: str | os.PathLike, adapter_name: str = "default", scale: float = 1.0) -> None:
-        """Load a LoRA file (diffusers/PEFT, ComfyUI, kohya/musubi or DiffSynth keys: :mod:`qwen_image.lora`) into
-        the transformer with each module's rank and alpha as in the file, active at ``scale``."""
-        from .lora import load_lora_file
-
-        load_lora_file(self.transformer, path, adapter_name)
-        self.transformer.set_adapters([adapter_name], [scale])
-
-    def _require(self, name: str):
-        if getattr(self, name) is None:
-            raise QwenImageInputError(f"this QwenImage21 was loaded without its {name}; load it to use this method.")
 
     # ------------------------------------------------------------------ sizes (2.1's rules)
     check_size = staticmethod(check_size)
@@ -781,7 +724,7 @@ class QwenImage21:
                 key = f"{h}x{w}{image_digest(im)}"
                 if key not in cache:
                     pixels = self.image_processor.preprocess(im, height=h, width=w).unsqueeze(2)
-                    cache[key] = pack(encode_pixels(self.vae, pixels))[0]
+                    cache[key] = pack(latent_ops.encode(self.vae, pixels))[0]
                 lat.append(cache[key])
             per_row.append(torch.cat(lat))
         shapes = [(1, h // VAE_SCALE_FACTOR, w // VAE_SCALE_FACTOR) for h, w in sizes]
@@ -802,12 +745,24 @@ class QwenImage21:
         refs = self.references(images, len(prompts), reference_area) if references else None
         return Conditioning.from_padded(embeds, mask, refs, slots)
 
+    def precompute_conditioning(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]] | None = None,
+                                reference_area: int | None = None) -> int:
+        """Encode every row (a prompt, with its condition images for an edit) once and keep it on CPU, so
+        :meth:`conditioning` still serves these rows (at the same ``reference_area``: the text encoder reads the
+        images at that size) after the text encoder is released. Returns distinct rows."""
+        prompts = validate_prompts(list(prompts))
+        if images is None:
+            return self.prompt_encoder.precompute(prompts, progress=True)
+        # Row by row: rows of other aspect ratios may not share one batch of condition images.
+        resized = [self.condition_images([row], 1, reference_area)[0][0] for row in images]
+        return self.prompt_encoder.precompute(prompts, resized, progress=True)
+
     # ------------------------------------------------------------------ latents
     def encode_images(self, images: Sequence[Image.Image], height: int, width: int) -> torch.Tensor:
         """PIL images (RGB get an opaque alpha) -> normalised VAE latents (B, 64, 1, H/16, W/16)."""
         self._require("vae")
         check_size(height, width)
-        return encode_pixels(self.vae, images_to_pixels(list(images), height, width))
+        return latent_ops.encode(self.vae, images_to_pixels(list(images), height, width))
 
     def decode_latents(self, latents: torch.Tensor, height: int | None = None, width: int | None = None,
                        mode: str = "RGB") -> list[Image.Image]:
@@ -819,7 +774,7 @@ class QwenImage21:
             if height is None or width is None:
                 raise QwenImageInputError("packed latents need height and width to unpack.")
             latents = unpack(latents, height, width)
-        return pixels_to_images(decode_to_pixels(self.vae, latents), mode)
+        return pixels_to_images(latent_ops.decode(self.vae, latents), mode)
 
     def initial_noise(self, batch: int, height: int, width: int, seed: int | Sequence[int] | None = 0
                       ) -> torch.Tensor:

@@ -27,12 +27,12 @@ ADAPTER_STATE = {"nft": "old_adapter_state_0.pt", "combined": "old_adapter_state
                  "dgpo": "sampler_adapter_state_0.pt"}
 
 
-def _command(kind: str, out: Path, data: Path) -> list[str]:
+def _command(kind: str, out: Path, data: Path, extra: tuple[str, ...] = ()) -> list[str]:
     if kind == "combined":
         return [sys.executable, "align/dpo.py", "--config", "recipes/tiny/dpo_nft.yaml", "--dataset_name", str(data),
-                "--cache_dir", str(data.parent / "cache"), "--output_dir", str(out), *COMMON]
+                "--cache_dir", str(data.parent / "cache"), "--output_dir", str(out), *COMMON, *extra]
     return [sys.executable, f"align/{kind}.py", "--config", f"recipes/tiny/{kind}_brightness.yaml", "--beta", "0.01",
-            "--output_dir", str(out), *COMMON]
+            "--output_dir", str(out), *COMMON, *extra]
 
 
 def _complete_checkpoints(out: Path) -> list[Path]:
@@ -48,15 +48,20 @@ def _run(cmd: list[str]) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["nft", "combined", "dgpo"])
 def test_kill_and_resume_is_exact(kind, tmp_path):
+    check_kill_and_resume(kind, tmp_path)
+
+
+def check_kill_and_resume(kind: str, tmp_path: Path, extra: tuple[str, ...] = ()) -> None:
+    """The whole check for one ``kind``; ``extra`` options go to every run (another model family, say)."""
     rng = random.Random(kind)
     data = write_synthetic_pairs(tmp_path / "pairs", n=8, size=32) if kind == "combined" else tmp_path
     full, killed = tmp_path / "full", tmp_path / "killed"
-    _run(_command(kind, full, data))
+    _run(_command(kind, full, data, extra))
 
     # kill once this checkpoint is complete, a random moment later; at least two steps before the end, so a fast
     # (quiet) machine cannot finish the run in between
     after = rng.choice([1, 2])
-    proc = subprocess.Popen(_command(kind, killed, data), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_command(kind, killed, data, extra), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
@@ -70,7 +75,7 @@ def test_kill_and_resume_is_exact(kind, tmp_path):
     assert not (killed / "pytorch_lora_weights.safetensors").exists()
     resume_from = _complete_checkpoints(killed)[-1]
     assert int(resume_from.name.split("-")[1]) < 5
-    _run(_command(kind, killed, data) + ["--resume_from_checkpoint", "last"])
+    _run(_command(kind, killed, data, extra) + ["--resume_from_checkpoint", "last"])
 
     a = load_file(full / "pytorch_lora_weights.safetensors")
     b = load_file(killed / "pytorch_lora_weights.safetensors")

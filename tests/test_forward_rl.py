@@ -16,6 +16,7 @@ from align.configs.combined import DPOGRPOConfig
 from align.configs.forward import AWMConfig, DGPOConfig, NFTConfig
 from align.launch import parse_config
 from align.memory import Options, estimate
+from align.models import family_of
 from align.objectives import get_objective
 from qwen_image import QwenImage
 from qwen_image.errors import UserError
@@ -104,7 +105,7 @@ def _bf16_trainer(method: str, tmp_path, *options: str):
 
     config = _config(method, tmp_path, "--model_dtype", "bfloat16", "--beta", "0.01", *options)
     torch.manual_seed(0)
-    qwen = QwenImage.tiny(seed=0, dtype=torch.bfloat16)
+    qwen = family_of(config).load(config, torch.bfloat16)  # the tiny model of the config's family
     trainer = ForwardRLTrainer(qwen, config, train_dataset=load_prompt_dataset(prompts=config.train_prompts))
     lora_b_off_zero(trainer.model, seed=3)  # adapters on != off: the trained adapter matters
     if trainer.objective.sampler is not None:
@@ -115,7 +116,10 @@ def _bf16_trainer(method: str, tmp_path, *options: str):
 
 
 def test_nft_implicit_velocities_equal_the_trained_one_before_any_update_bf16(tmp_path):
-    trainer = _bf16_trainer("nft", tmp_path)
+    check_nft_implicit_velocities(_bf16_trainer("nft", tmp_path))
+
+
+def check_nft_implicit_velocities(trainer) -> None:
     objective, model = trainer.objective, trainer.model
     assert model.dtype == torch.bfloat16
     batch = trainer.rollouts.batch(model)  # rolled out by the old adapter
@@ -137,7 +141,10 @@ def test_nft_implicit_velocities_equal_the_trained_one_before_any_update_bf16(tm
 def test_ratios_are_exactly_one_before_any_update_bf16(method, tmp_path):
     # num_iterations 2: the buffer is trained twice, so the sampling policy is a snapshot adapter (not the current
     # weights): the ratio compares two forwards, and before any update they are bit-identical in bf16.
-    trainer = _bf16_trainer(method, tmp_path, "--num_iterations", "2")
+    check_ratios_exactly_one(_bf16_trainer(method, tmp_path, "--num_iterations", "2"))
+
+
+def check_ratios_exactly_one(trainer) -> None:
     objective, model = trainer.objective, trainer.model
     assert objective.sampler is not None and not objective.on_policy
     batch = trainer.rollouts.batch(model)

@@ -1,7 +1,7 @@
 """Aspect-ratio buckets and a batch sampler whose batches never mix image sizes.
 
-Each image is encoded at the bucket size (about ``resolution**2`` pixels, sides multiples of 16) nearest to its
-aspect ratio, so nothing is squashed and little is cropped. The sampler draws batches from one bucket at a time,
+Each image is encoded at the bucket size (about ``resolution**2`` pixels, sides multiples of the model's size step:
+16 px for Qwen-Image, 32 px for Qwen-Image-2.1) nearest to its aspect ratio, so nothing is squashed and little is cropped. The sampler draws batches from one bucket at a time,
 deterministically from (seed, batch number): the same run, or a resumed one, sees the same batches.
 """
 
@@ -22,18 +22,23 @@ from ..configs.sft import DEFAULT_ASPECT_RATIOS
 Units = Sequence[Sequence[int]]  # a unit = one image; its variants (e.g. flipped) are alternative row indices
 
 
-def _round16(x: float) -> int:
-    return max(16, int(round(x / 16)) * 16)
+DEFAULT_MULTIPLE = 16  # Qwen-Image: 8x VAE x 2x2 packing
 
 
-def bucket_sizes(resolution: int, aspect_ratios: Sequence[float] = DEFAULT_ASPECT_RATIOS) -> list[tuple[int, int]]:
-    """(height, width) per aspect ratio, with about ``resolution**2`` pixels and sides multiples of 16."""
+def _round_to(x: float, multiple: int) -> int:
+    return max(multiple, int(round(x / multiple)) * multiple)
+
+
+def bucket_sizes(resolution: int, aspect_ratios: Sequence[float] = DEFAULT_ASPECT_RATIOS,
+                 multiple: int = DEFAULT_MULTIPLE) -> list[tuple[int, int]]:
+    """(height, width) per aspect ratio, with about ``resolution**2`` pixels and sides multiples of ``multiple``
+    (the bundle's ``size_multiple``)."""
     sizes = []
     for ratio in aspect_ratios:
         if ratio <= 0:
             raise UserError(f"aspect ratios must be > 0, got {ratio}")
-        h = _round16(resolution / math.sqrt(ratio))
-        w = _round16(resolution * math.sqrt(ratio))
+        h = _round_to(resolution / math.sqrt(ratio), multiple)
+        w = _round_to(resolution * math.sqrt(ratio), multiple)
         if (h, w) not in sizes:
             sizes.append((h, w))
     return sizes
@@ -43,16 +48,20 @@ class BucketSizeFn:
     """``size_fn`` for ``encode_dataset``: the bucket nearest to an image's aspect ratio (in log space, so 2:1 and
     1:2 are equally far from 1:1). Its repr names its settings: the encoding cache fingerprint uses it."""
 
-    def __init__(self, resolution: int, aspect_ratios: Sequence[float] = DEFAULT_ASPECT_RATIOS):
+    def __init__(self, resolution: int, aspect_ratios: Sequence[float] = DEFAULT_ASPECT_RATIOS,
+                 multiple: int = DEFAULT_MULTIPLE):
         self.resolution = int(resolution)
         self.aspect_ratios = tuple(float(r) for r in aspect_ratios)
-        self.sizes = bucket_sizes(self.resolution, self.aspect_ratios)
+        self.multiple = int(multiple)
+        self.sizes = bucket_sizes(self.resolution, self.aspect_ratios, self.multiple)
 
     def __call__(self, image: Image.Image) -> tuple[int, int]:
         return nearest_bucket(image.width, image.height, self.sizes)
 
     def __repr__(self) -> str:
-        return f"BucketSizeFn({self.resolution}, {[round(r, 6) for r in self.aspect_ratios]})"
+        # The 16 px step is left out so caches written before the step was an option keep their key.
+        step = f", multiple={self.multiple}" if self.multiple != DEFAULT_MULTIPLE else ""
+        return f"BucketSizeFn({self.resolution}, {[round(r, 6) for r in self.aspect_ratios]}{step})"
 
 
 def nearest_bucket(width: int, height: int, sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""Edit data (Qwen-Image-Edit-2509 / 2511): rows of an instruction, a target image and 1-3 control (reference)
+"""Edit data (Qwen-Image-Edit-2509 / 2511, Qwen-Image-2.1 edit jobs): rows of an instruction, a target image and 1-3 control (reference)
 images, checked, cached and batched for the edit trainers.
 
 Row formats (the forms musubi-tuner, ai-toolkit and DiffSynth users already have, mapped to ``datasets`` columns):
@@ -8,9 +8,10 @@ Row formats (the forms musubi-tuner, ai-toolkit and DiffSynth users already have
   paths are relative to the metadata file. ``ratings`` as in T2I SFT.
 * any ``datasets`` dataset with the same columns (Image features, or a list of images in ``control_images``).
 
-Everything the trainer needs is cached once per (data, model, sizes): the edit-template text embeddings (which
-read the control images, so the cache key holds them), the target's VAE latents, and the references' packed VAE
-latents with their grids. Batches never mix target sizes nor reference sizes (bucket key = both).
+Everything the trainer needs is cached once per (data, model, sizes), as the bundle's ``conditioning`` builds it for
+its family: the edit-template text embeddings (which read the control images, so the cache key holds them), the
+target's VAE latents, the references' packed VAE latents with their grids, and for Qwen-Image-2.1 the image-slot
+mask of the embeddings (:data:`IMG_MASK`). Batches never mix target sizes nor reference sizes (bucket key = both).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ CONTROL_LIKE = re.compile(r"^control_?images?(_\d+)?$|^controls?$")
 CONTROLS = "control_images"
 REFERENCE_LATENTS = "reference_latents"  # (L_1 + ... + L_n, 64): the references' packed latents, concatenated
 REFERENCE_SHAPES = "reference_shapes"  # (n, 3): (1, h/16, w/16) per reference
+IMG_MASK = "img_mask"  # (L,) 0/1, Qwen-Image-2.1 only: the text encoder's image slots among the prompt embeddings
 
 
 def _undecoded(feature):
@@ -193,7 +195,6 @@ def encode_edit_dataset(
         condition_area=model.edit_condition_area,
     )
     os.makedirs(cache_dir, exist_ok=True)
-    encoder = model.edit_encoder
 
     @torch.no_grad()
     def encode_batch(batch: dict, indices: list[int]) -> dict:
@@ -204,14 +205,16 @@ def encode_edit_dataset(
             # ValueError: the row's data, not a bug.
             with naming_rows(batch, indices, row=i, convert=(ValueError, OSError)):
                 controls = [open_control(c) for c in batch[CONTROLS][i]]
-                embeds, _ = encoder.encode_prompts([prompt], [controls])
-                latents = encoder.encode_reference_latents(controls, reference_area)
-                shapes = [encoder.reference_size(c, reference_area) for c in controls]
+                # The bundle's own edit conditioning (the family's template, sizes and VAE), one row at a time so a
+                # row's embedding never depends on its neighbours.
+                cond = model.conditioning([prompt], [controls], reference_area=reference_area)
             # stored flat like the T2I cache (align.data.encoding): collate_encoded restores (L, D) from the length
-            out["prompt_embeds"].append(embeds[0].float().cpu().numpy().ravel())
-            out["prompt_length"].append(int(embeds.shape[1]))
-            out[REFERENCE_LATENTS].append(torch.cat(latents).float().cpu().numpy())
-            out[REFERENCE_SHAPES].append([[1, h // 16, w // 16] for h, w in shapes])
+            out["prompt_embeds"].append(cond.embeds[0].float().cpu().numpy().ravel())
+            out["prompt_length"].append(int(cond.embeds.shape[1]))
+            if cond.img_mask is not None:  # Qwen-Image-2.1: where the control images sit among the embeddings
+                out[IMG_MASK].append(cond.img_mask[0].cpu().numpy().astype(np.int8))
+            out[REFERENCE_LATENTS].append(cond.references.latents[0].float().cpu().numpy())
+            out[REFERENCE_SHAPES].append([list(s) for s in cond.references.shapes])
             h, w = sizes[i]
             for column in image_columns:
                 target = center_crop_resize(batch[column][i], h, w)
@@ -225,9 +228,10 @@ def encode_edit_dataset(
         new_fingerprint=fingerprint, cache_file_name=os.path.join(cache_dir, f"encoded-edit-{fingerprint}.arrow"),
         desc="Caching edit embeddings and latents",
     )
+    slots = [IMG_MASK] if IMG_MASK in encoded.column_names else []
     return encoded.with_format("torch", columns=["prompt_embeds", "prompt_length", "height", "width",
                                                  *[f"{c}_latents" for c in image_columns],
-                                                 REFERENCE_LATENTS, REFERENCE_SHAPES], output_all_columns=True)
+                                                 REFERENCE_LATENTS, REFERENCE_SHAPES, *slots], output_all_columns=True)
 
 
 def bucket_key(row_height: int, row_width: int, shapes) -> tuple:
@@ -254,6 +258,13 @@ def collate_edit(rows: list[dict], latent_columns: Sequence[str] = ("image_laten
     batch["references"] = References(latents, list(shapes.pop()))
     batch.pop(REFERENCE_LATENTS, None)
     batch.pop(REFERENCE_SHAPES, None)
+    if IMG_MASK in rows[0]:
+        # Padded like the embeddings; rows of one bucket share a layout (controls come before the instruction).
+        slots = torch.zeros(batch["prompt_embeds"].shape[:2], dtype=torch.bool)
+        for i, r in enumerate(rows):
+            row = torch.as_tensor(r[IMG_MASK]).bool()
+            slots[i, : row.shape[0]] = row
+        batch[IMG_MASK] = slots
     return batch
 
 

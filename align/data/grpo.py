@@ -56,7 +56,7 @@ def _reference_grids(qwen, args: GRPOArguments, ds) -> dict[tuple, str]:
         sizes = []
         for cell in row[CONTROLS]:
             with Image.open(cell["path"] if cell["bytes"] is None else io.BytesIO(cell["bytes"])) as im:
-                sizes.append(qwen.edit_encoder.reference_size(im, area))  # reads the header, not the pixels
+                sizes.append(qwen.reference_size(im, area))  # reads the header, not the pixels
         grids.setdefault(tuple(sizes), row["prompt"])
     return grids
 

@@ -90,7 +90,8 @@ def prepare_sft_data(config: SFTConfig, qwen: QwenImage, rows: tuple[Dataset, Ro
     resolutions = sorted({p.resolution for p in config.phase_list}) or [config.resolution]
     parts = []
     for res in resolutions:
-        size_fn = BucketSizeFn(res, config.bucket_aspect_ratios) if config.aspect_ratio_buckets else None
+        size_fn = (BucketSizeFn(res, config.bucket_aspect_ratios, qwen.size_multiple)
+                   if config.aspect_ratio_buckets else None)
         parts.append(encode_dataset(raw, qwen, model_identity(config), config.encoding_cache_dir,
                                     image_columns=[config.image_column], prompt_column=config.prompt_column,
                                     resolution=res, size_fn=size_fn, flip_column=flip_column,
@@ -158,7 +159,8 @@ def prepare_edit_sft_data(config: SFTConfig, qwen: QwenImage) -> SFTData:
     summary = rated.merge(checked)
     if len(raw) == 0:
         raise UserError(f"no training rows left after filtering.\n{summary}")
-    size_fn = BucketSizeFn(config.resolution, config.bucket_aspect_ratios) if config.aspect_ratio_buckets else None
+    size_fn = (BucketSizeFn(config.resolution, config.bucket_aspect_ratios, qwen.size_multiple)
+               if config.aspect_ratio_buckets else None)
     encoded = encode_edit_dataset(raw, qwen, model_identity(config), config.encoding_cache_dir,
                                   image_columns=[config.image_column], prompt_column=config.prompt_column,
                                   resolution=config.resolution, size_fn=size_fn,

@@ -16,9 +16,8 @@ import torch
 from PIL import Image
 
 from qwen_image import QwenImage
-from qwen_image.latents import check_size, image_seq_len, img_shapes
+from qwen_image.latents import img_shapes
 from qwen_image.sampling import Conditioning, sample
-from qwen_image.scheduler import inference_sigmas
 
 from .rollouts import rollout_conditioning
 
@@ -94,13 +93,14 @@ def generate_ode_rollouts(
     policy, already in the adapter state it should sample with) and keep x0 + the grid. ``true_cfg_scale > 1``
     samples with true CFG (only objectives that allow it ask for it); the training conditioning is the positive
     one either way."""
-    check_size(height, width)
+    qwen.check_size(height, width)
     device = next(transformer.parameters()).device
     cond, negative = rollout_conditioning(qwen, prompts, columns, true_cfg_scale, negative_prompt, reference_area, device)
     latents = qwen.initial_noise(len(prompts), height, width, list(seeds)).to(device)
-    sigmas = inference_sigmas(qwen.scheduler, num_inference_steps, image_seq_len(height, width))
-    out = sample(transformer, latents, sigmas, cond, img_shapes(len(prompts), height, width), negative=negative,
-                 true_cfg_scale=true_cfg_scale)
+    sigmas = qwen.inference_sigmas(num_inference_steps, height, width)
+    # The bundle's velocity call (the model family's), with full forwards as training recomputes them.
+    out = sample(transformer, latents, sigmas, cond, qwen.img_shapes(len(prompts), height, width), negative=negative,
+                 true_cfg_scale=true_cfg_scale, velocity_fn=qwen.predict_velocity)
     images = qwen.decode_latents(out.latents, height, width) if decode else []
     return ForwardRolloutBatch(
         prompts=list(prompts), columns={k: list(v) for k, v in (columns or {}).items()}, cond=cond,

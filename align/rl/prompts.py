@@ -10,7 +10,7 @@ from trl.trainer.utils import RepeatSampler
 
 from qwen_image.errors import UserError
 
-from ..data.grpo import check_edit_prompt_sizes
+from ..data.grpo import check_edit_prompt_sizes, reference_area
 from ..data.prompts import collate_prompts
 from ..modeling import release_text_encoder
 
@@ -37,10 +37,9 @@ def precompute_prompts_and_release(qwen, args: Any, prompts, held_out, device) -
                 texts, images = list(rows["prompt"]), control_images(qwen, rows, len(rows["prompt"]))
                 if args.true_cfg_scale > 1 and args.negative_prompt is not None:  # the negative reads the images too
                     texts, images = texts + [args.negative_prompt] * len(images), images + images
-                count += qwen.edit_encoder.precompute(texts, images)
+                count += qwen.precompute_conditioning(texts, images, reference_area(args))
     else:
-        count = qwen.prompt_encoder.precompute([p for ds in datasets for p in ds["prompt"]] + [args.negative_prompt],
-                                               progress=True)
+        count = qwen.precompute_conditioning([p for ds in datasets for p in ds["prompt"]] + [args.negative_prompt])
     release_text_encoder(qwen, args)
     logger.info("encoded %d distinct prompts once; text encoder released", count)
 

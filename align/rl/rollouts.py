@@ -119,7 +119,8 @@ def rollout_conditioning(
     cond = qwen.conditioning(prompts, images, reference_area=reference_area).to(device)
     negative = None
     if true_cfg_scale > 1 and negative_prompt is not None:
-        negative = qwen.conditioning([negative_prompt] * len(prompts), images, references=False).to(device)
+        negative = qwen.conditioning([negative_prompt] * len(prompts), images, references=False,
+                                    reference_area=reference_area).to(device)
     return cond, negative
 
 

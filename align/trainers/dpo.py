@@ -72,10 +72,11 @@ class FlowDPOTrainer(QwenImageTrainer):
         mask = inputs["prompt_mask"].repeat(2, 1) if inputs.get("prompt_mask") is not None else None
         h, w = int(inputs["height"]), int(inputs["width"])
         refs = inputs["references"].repeat(2) if inputs.get("references") is not None else None
+        slots = inputs["img_mask"].repeat(2, 1) if inputs.get("img_mask") is not None else None
         # Policy first: FSDP2's lazy init must see trainable parameters on the first forward (reference.py).
-        v_pol = self.velocity(model, noisy, sigma2, embeds, mask, h, w, references=refs)
+        v_pol = self.velocity(model, noisy, sigma2, embeds, mask, h, w, references=refs, img_mask=slots)
         with torch.no_grad(), self.reference.active() as ref_module:
-            v_ref = self.velocity(ref_module, noisy, sigma2, embeds, mask, h, w, references=refs)
+            v_ref = self.velocity(ref_module, noisy, sigma2, embeds, mask, h, w, references=refs, img_mask=slots)
         err_pol, err_ref = velocity_error(v_pol, target), velocity_error(v_ref, target)
         dpo, metrics = flow_dpo_loss(err_pol[:batch], err_pol[batch:], err_ref[:batch], err_ref[batch:],
                                      beta=args.beta, loss_type=args.loss_type)

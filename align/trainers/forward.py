@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from functools import partial
+from typing import Callable
 
 import torch
 from accelerate.utils import DistributedType
@@ -45,11 +46,14 @@ class AfterOptimizerStep(TrainerCallback):
         self.objective.after_optimizer_step(state.global_step)
 
 
-def online_reference(policy: torch.nn.Module, args, accelerator, needed: bool) -> ReferenceModel | None:
-    """The frozen reference of an online term (adapters off for LoRA), built on the bare transformer."""
+def online_reference(policy: torch.nn.Module, args, accelerator, needed: bool,
+                     velocity_fn: Callable) -> ReferenceModel | None:
+    """The frozen reference of an online term (adapters off for LoRA), built on the bare transformer;
+    ``velocity_fn``: the bundle's velocity call (the model family's)."""
     if not needed:
         return None
-    return ReferenceModel.from_policy(policy, args.finetune, args.init_adapter).prepare(accelerator)
+    return ReferenceModel.from_policy(policy, args.finetune, args.init_adapter,
+                                      velocity_fn=velocity_fn).prepare(accelerator)
 
 
 class ForwardRLTrainer(MonitoredEvaluationMixin, QwenImageTrainer):
@@ -69,7 +73,7 @@ class ForwardRLTrainer(MonitoredEvaluationMixin, QwenImageTrainer):
                          data_collator=_collate_micro_steps, eval_dataset=monitor_prompts, **kwargs)
         policy = self.model  # not wrapped yet: the reference and the extra adapters must see the bare transformer
         needs_reference = args.beta > 0 or args.method == "dgpo"
-        reference = online_reference(policy, args, self.accelerator, needs_reference)
+        reference = online_reference(policy, args, self.accelerator, needs_reference, qwen.predict_velocity)
         self.objective = build_forward_objective(args.method, qwen, args, reward_fn or build_reward(args),
                                                  self.accelerator, policy, reference, need_kl=args.beta > 0)
         self.rollouts = RolloutSource(self.objective.rollout, train_dataset, args, self.accelerator.process_index,

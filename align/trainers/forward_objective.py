@@ -31,7 +31,6 @@ from typing import Any, Callable
 import torch
 
 from qwen_image import QwenImage
-from qwen_image.sampling import predict_velocity
 
 from ..configs.forward import buffer_is_on_policy
 from ..data.grpo import reference_area
@@ -156,7 +155,7 @@ class ForwardObjective(GroupScoring):
     def velocity(self, module: torch.nn.Module, batch: ForwardRolloutBatch, x_t: torch.Tensor,
                  t: torch.Tensor) -> torch.Tensor:
         """The conditional velocity at per-sample noise levels ``t`` (edit models: the references ride in cond)."""
-        return predict_velocity(module, x_t, t, batch.cond, batch.img_shapes)
+        return self.qwen.predict_velocity(module, x_t, t, batch.cond, batch.img_shapes)
 
     @torch.no_grad()
     def shadow_velocity(self, adapter: ShadowAdapter, batch: ForwardRolloutBatch, x_t: torch.Tensor,

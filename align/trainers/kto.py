@@ -70,17 +70,17 @@ class KTOTerm:
         noisy, target = make_noisy(x0, noise, sigma)
         embeds, mask = inputs["prompt_embeds"], inputs.get("prompt_mask")
         h, w = int(inputs["height"]), int(inputs["width"])
-        refs = inputs.get("references")
+        refs, slots = inputs.get("references"), inputs.get("img_mask")
         # Policy first: FSDP2's lazy init must see trainable parameters on the first forward (align/reference.py).
-        v_pol = trainer.velocity(model, noisy, sigma, embeds, mask, h, w, references=refs)
+        v_pol = trainer.velocity(model, noisy, sigma, embeds, mask, h, w, references=refs, img_mask=slots)
         with torch.no_grad(), self.reference.active() as ref_module:
-            v_ref = trainer.velocity(ref_module, noisy, sigma, embeds, mask, h, w, references=refs)
+            v_ref = trainer.velocity(ref_module, noisy, sigma, embeds, mask, h, w, references=refs, img_mask=slots)
         err_pol, err_ref = velocity_error(v_pol, target), velocity_error(v_ref, target)
         offset = None
         if self.kl_estimate == "none":
             offset = 0.0
         elif self.kl_estimate == "mismatched":
-            offset = self._mismatched_offset(model, noisy, sigma, target, embeds, mask, h, w, refs)
+            offset = self._mismatched_offset(model, noisy, sigma, target, embeds, mask, h, w, refs, slots)
         loss, metrics = kto_loss(err_pol, err_ref, desirable, beta=self.beta, desirable_weight=self.desirable_weight,
                                  undesirable_weight=self.undesirable_weight, kl_offset=offset,
                                  all_reduce_mean=self._mean_over_processes)
@@ -89,7 +89,7 @@ class KTOTerm:
         return loss, metrics, reward, desirable
 
     @torch.no_grad()
-    def _mismatched_offset(self, model, noisy, sigma, target, embeds, mask, h, w, refs) -> torch.Tensor:
+    def _mismatched_offset(self, model, noisy, sigma, target, embeds, mask, h, w, refs, slots=None) -> torch.Tensor:
         """TRL's KL estimate: the implicit reward of each image under the NEXT row's prompt (and control images),
         averaged over the batch and the processes, clamped at 0; no gradient."""
         trainer = self.trainer
@@ -97,9 +97,10 @@ class KTOTerm:
         mask = mask.roll(1, 0) if mask is not None else None
         if refs is not None:
             refs = type(refs)(refs.latents.roll(1, 0), refs.shapes)
-        v_pol = trainer.velocity(model, noisy, sigma, embeds, mask, h, w, references=refs)
+        slots = slots.roll(1, 0) if slots is not None else None
+        v_pol = trainer.velocity(model, noisy, sigma, embeds, mask, h, w, references=refs, img_mask=slots)
         with self.reference.active() as ref_module:
-            v_ref = trainer.velocity(ref_module, noisy, sigma, embeds, mask, h, w, references=refs)
+            v_ref = trainer.velocity(ref_module, noisy, sigma, embeds, mask, h, w, references=refs, img_mask=slots)
         g = velocity_error(v_ref, target) - velocity_error(v_pol, target)
         return self._mean_over_processes(g.mean()).clamp_min(0)
 

@@ -117,7 +117,8 @@ class SFTTrainer(QwenImageTrainer):
         sigma = sigma.to(x0.device)
         noisy, target = make_noisy(x0, noise, sigma)
         pred = self.velocity(model, noisy, sigma, embeds.to(x0.device), mask.to(x0.device),
-                             int(inputs["height"]), int(inputs["width"]), references=inputs.get("references"))
+                             int(inputs["height"]), int(inputs["width"]), references=inputs.get("references"),
+                             img_mask=inputs.get("img_mask"))
         loss = flow_matching_loss(pred, target, sigma, args.loss_weighting)
         return (loss, {"velocity": pred}) if return_outputs else loss
 
