@@ -21,13 +21,12 @@ from qwen_image import QwenImage
 from ..data.grpo import load_monitor_prompts
 from ..reference import ReferenceModel
 from ..rl.forward import ForwardRolloutBatch
-from ..rl.monitor import MonitoredEvaluationMixin, add_monitor_callbacks, build_monitor
+from ..rl.monitor import add_monitor_callbacks, build_monitor
 from ..rl.prompts import precompute_prompts_and_release
 from ..rl.rewards import build_reward
 from ..rl.source import RolloutSource
-from .base import QwenImageTrainer
 from .forward_objective import ForwardObjective, build_forward_objective
-from .grpo import MicroSteps, OnlineMicroSteps, _collate_micro_steps, log_rollout_images
+from .grpo import MicroSteps, OnlineRLTrainer, _collate_micro_steps, log_rollout_images
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ def online_reference(policy: torch.nn.Module, args, accelerator, needed: bool) -
     return ReferenceModel.from_policy(policy, args.finetune, args.init_adapter).prepare(accelerator)
 
 
-class ForwardRLTrainer(OnlineMicroSteps, MonitoredEvaluationMixin, QwenImageTrainer):
+class ForwardRLTrainer(OnlineRLTrainer):
     """DiffusionNFT / AWM / DGPO (``args.method``) on a Qwen-Image bundle; ``train_dataset`` rows hold ``prompt``
     plus the columns the rewards read (edit models: the control images); ``monitor_prompts`` feed the held-out
     monitor every ``eval_steps``."""

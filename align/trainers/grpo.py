@@ -58,44 +58,46 @@ def _collate_micro_steps(items: list[dict]) -> dict:
     return {}
 
 
-class OnlineMicroSteps:
+class OnlineRLTrainer(MonitoredEvaluationMixin, QwenImageTrainer):
     """The micro-step of the standalone online trainers (``GRPOTrainer``, ``ForwardRLTrainer``): the Trainer's
     dataloader only counts micro-steps (``MicroSteps``), ``self.rollouts`` supplies each one's rollouts and
     ``self.online`` (the objective) back-propagates them one trained timestep at a time, its KL to the reference
     weighted by ``args.beta``."""
 
+    rollouts: RolloutSource
+
     def get_train_dataloader(self):
         # one (empty) item per micro-step and process; batch size 1 so the Trainer's step count is the micro-step count
-        return self._get_dataloader(dataset=self.train_dataset, description="Training", batch_size=1,  # type: ignore[attr-defined]
+        return self._get_dataloader(dataset=self.train_dataset, description="Training", batch_size=1,
                                     sampler_fn=torch.utils.data.SequentialSampler, is_training=True)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):  # type: ignore[attr-defined]
-            self.optimizer.train()  # type: ignore[attr-defined]
-        scale = 1.0 / self.current_gradient_accumulation_steps  # type: ignore[attr-defined]
-        accelerator = self.accelerator  # type: ignore[attr-defined]
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        scale = 1.0 / self.current_gradient_accumulation_steps
+        accelerator = self.accelerator
         if accelerator.distributed_type == DistributedType.DEEPSPEED:
             # DeepSpeed steps its engine inside every backward: one backward per micro-step (all timesteps at once).
             loss = self.compute_loss(model, inputs)
             accelerator.backward(loss, scale_wrt_gas=False)
-            self.rollouts.advance()  # type: ignore[attr-defined]
+            self.rollouts.advance()
             return loss.detach() * scale
-        kl_weight = self.args.beta if self.online.need_kl else 0.0  # type: ignore[attr-defined]
-        total = self.online.micro_step(self.rollouts, model, policy_weight=1.0, kl_weight=kl_weight,  # type: ignore[attr-defined]
+        kl_weight = self.args.beta if self.online.need_kl else 0.0
+        total = self.online.micro_step(self.rollouts, model, policy_weight=1.0, kl_weight=kl_weight,
                                        scale=scale, no_sync=partial(accelerator.no_sync, model))
         return torch.tensor(total * scale, device=accelerator.device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The micro-step's loss as one graph: what ``training_step`` back-propagates per timestep, and, under
         DeepSpeed (one backward per micro-step), what it back-propagates whole."""
-        batch = self.rollouts.batch(self.accelerator.unwrap_model(model))  # type: ignore[attr-defined]
-        policy_loss, kl = self.online.loss(model, batch, micro_step=self.rollouts.micro_step)  # type: ignore[attr-defined]
-        loss = policy_loss if kl is None else policy_loss + self.args.beta * kl  # type: ignore[attr-defined]
+        batch = self.rollouts.batch(self.accelerator.unwrap_model(model))
+        policy_loss, kl = self.online.loss(model, batch, micro_step=self.rollouts.micro_step)
+        loss = policy_loss if kl is None else policy_loss + self.args.beta * kl
         return (loss, None) if return_outputs else loss
 
 
-class GRPOTrainer(OnlineMicroSteps, MonitoredEvaluationMixin, QwenImageTrainer):
+class GRPOTrainer(OnlineRLTrainer):
     """Flow-GRPO on a Qwen-Image bundle; ``train_dataset`` rows hold ``prompt`` plus columns the rewards read;
     ``monitor_prompts`` (held-out, same layout) feed the over-optimisation monitors every ``eval_steps``."""
 
