@@ -23,7 +23,7 @@ def load_data(config: DPOGRPOConfig):
     # Pairs, the online term's prompts and reward names, the KTO term's rated images: read and checked before the
     # model loads.
     rated = load_kto_rows(config, config.kto_dataset_name)[0] if config.w_kto > 0 else None
-    if config.w_grpo == 0:
+    if config.online_method is None:
         return read_pairs(config), None, rated
     build_reward(config)  # an unknown reward name fails here, not after the model loaded
     return read_pairs(config), load_grpo_prompts(config), rated
@@ -32,7 +32,7 @@ def load_data(config: DPOGRPOConfig):
 def build_trainer(config: DPOGRPOConfig, qwen, data):
     pairs, prompts, rated = data
     train_ds, eval_ds = build_datasets(config, qwen, pairs)
-    if config.w_grpo > 0 or config.w_kto > 0:
+    if config.online_method is not None or config.w_kto > 0:  # the combined objective; otherwise plain Flow-DPO
         if rated is not None:
             with config.main_process_first(desc="rated images"):
                 rated = encode_kto_rows(config, qwen, rated)

@@ -62,6 +62,18 @@ def _suggest(name: str, valid: Sequence[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _unknown_hint(name: str, valid: Sequence[str], config_class) -> str:
+    """What follows "unknown option X": the objectives whose configs have X (an option of another objective, e.g.
+    a flow-matching option given to an online one), else the closest valid name."""
+    from .objectives import available_objectives, get_objective
+
+    owners = [objective for objective in available_objectives()
+              if name in getattr(get_objective(objective).resolved("config_class"), "__dataclass_fields__", {})]
+    if owners:
+        return f" (an option of {', '.join(owners)}; {config_class.__name__} does not read it)"
+    return _suggest(name, valid)
+
+
 def _read_yaml_config(path: str) -> dict:
     import yaml
 
@@ -147,7 +159,7 @@ def parse_config(config_class, argv: Sequence[str] | None = None, return_remaini
         unknown = [k for k in values if k not in valid]
         if unknown:
             key = unknown[0]
-            raise UserError(f"{config_path}: unknown option {key!r}{_suggest(key, valid)}; "
+            raise UserError(f"{config_path}: unknown option {key!r}{_unknown_hint(key, valid, config_class)}; "
                             f"see --help for the options of {config_class.__name__}")
         for key, value in env.items():
             os.environ[key] = str(value)
@@ -171,8 +183,8 @@ def parse_config(config_class, argv: Sequence[str] | None = None, return_remaini
         return config, remaining
     if remaining:
         flag = next((a for a in remaining if a.startswith("-")), remaining[0])
-        raise UserError(f"unknown option {flag!r}{_suggest(flag.lstrip('-').split('=')[0].replace('-', '_'), valid)}; "
-                        f"see --help")
+        name = flag.lstrip("-").split("=")[0].replace("-", "_")
+        raise UserError(f"unknown option {flag!r}{_unknown_hint(name, valid, config_class)}; see --help")
     return config
 
 

@@ -58,8 +58,9 @@ def write_data(root: Path) -> dict[str, list[str]]:
 
 def command(trainer: str, out: Path, steps: int, extra: list[str], cache: Path) -> list[str]:
     script, recipe = RECIPES[trainer]
-    return [sys.executable, str(ROOT / script), "--config", str(ROOT / recipe), "--output_dir", str(out),
-            "--cache_dir", str(cache), "--max_steps", str(steps), "--save_strategy", "steps", "--save_steps", "1",
+    cached = ["--cache_dir", str(cache)] if trainer != "grpo" else []  # online runs encode prompts as they go
+    return [sys.executable, str(ROOT / script), "--config", str(ROOT / recipe), "--output_dir", str(out), *cached,
+            "--max_steps", str(steps), "--save_strategy", "steps", "--save_steps", "1",
             "--logging_steps", "1", "--report_to", "none", "--seed", "0", *extra]
 
 

@@ -1,9 +1,23 @@
-"""Training configs: ``transformers.TrainingArguments`` plus the model, LoRA, data and flow-matching fields every
-trainer shares. Field names follow TRL where the idea is the same; parse with ``trl.TrlParser`` so
+"""Training configs as TRL builds them: small groups of fields (plain dataclass mixins, TRL's ``ModelConfig`` /
+``ScriptArguments`` / ``<X>Config`` split) that each objective's config composes from only the groups its trainer
+reads. Every config is still one flat dataclass (``trl.TrlParser`` parses one), so trainers read ``args.<field>``.
+
+- ``ModelArguments``: model family, checkpoint, dtype, full / LoRA fine-tuning, the starting adapter;
+- ``MemoryArguments``: how the frozen base is stored and placed, and the memory estimate;
+- ``ImageDataArguments``: the dataset, its prompt column, the training resolution, edit models' control columns;
+- ``EncodingArguments``: the cache of text embeddings and VAE latents (objectives that train on a fixed dataset);
+- ``TimestepArguments``: how flow-matching sigmas are drawn; ``FlowMatchingArguments`` adds the loss weighting
+  (objectives with a flow-matching loss on data; the online objectives train on their rollouts' own timesteps);
+- ``ValidationArguments``: fixed prompts rendered during training;
+- ``QwenImageTrainingConfig``: ``transformers.TrainingArguments`` plus the groups every objective reads (model,
+  memory, data, validation) and the run-folder / export options; each objective's config adds its own groups.
+
+Field names follow TRL where the idea is the same; parse with ``align.launch.parse_config`` so
 ``--config recipe.yaml`` plus CLI overrides work as in TRL scripts."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -22,8 +36,9 @@ DEFAULT_LORA_TARGETS = [
 
 
 @dataclass
-class QwenImageTrainingConfig(TrainingArguments):
-    # --- model
+class ModelArguments:
+    """Which model is trained and how: family, checkpoint, dtype, full or LoRA fine-tuning (align/modeling.py)."""
+
     model_family: str = field(
         default="qwen-image",
         metadata={"help": "Model family (align/models): qwen-image (Qwen-Image, 2512, Edit-2509/2511), qwen-image-2.1, "
@@ -50,9 +65,20 @@ class QwenImageTrainingConfig(TrainingArguments):
     init_adapter: str | None = field(
         default=None, metadata={"help": "Start from this LoRA (a diffusers-format folder/file, e.g. an SFT adapter)."}
     )
-    # --- memory: how the frozen base is stored and placed (consumed by align/modeling.py; docs/low-vram.md).
-    # The optimizer is TrainingArguments' own `optim`: adamw_torch (default), adamw_8bit (bitsandbytes) or
-    # adamw_torch_8bit (torchao) keep the LoRA's two Adam states in 8 bits.
+
+    def _validate_model(self) -> None:
+        if self.finetune not in ("lora", "full"):
+            raise UserError(f"finetune must be 'lora' or 'full', got {self.finetune!r}")
+        if self.finetune == "lora" and self.lora_rank < 1:
+            raise UserError(f"lora_rank must be >= 1, got {self.lora_rank}")
+
+
+@dataclass
+class MemoryArguments:
+    """How the frozen base is stored and placed (consumed by align/modeling.py; docs/low-vram.md), and the memory
+    estimate. The optimizer is TrainingArguments' own ``optim``: adamw_torch (default), adamw_8bit (bitsandbytes)
+    or adamw_torch_8bit (torchao) keep the LoRA's two Adam states in 8 bits."""
+
     base_storage: str = field(
         default="none",
         metadata={"help": "Storage of the frozen transformer blocks' Linear weights (LoRA only): none (model_dtype), "
@@ -79,7 +105,13 @@ class QwenImageTrainingConfig(TrainingArguments):
     estimate_text_tokens: int = field(
         default=256, metadata={"help": "Prompt length (tokens) the memory estimate assumes."}
     )
-    # --- data
+
+
+@dataclass
+class ImageDataArguments:
+    """The training data every objective reads (images, pairs, rated images or prompts), at one resolution; edit
+    models' rows carry their control (reference) images (docs/edit.md)."""
+
     dataset_name: str | None = field(
         default=None,
         metadata={"help": "An imagefolder with metadata.jsonl, a dataset saved with save_to_disk, or a local datasets script/folder."},
@@ -87,12 +119,7 @@ class QwenImageTrainingConfig(TrainingArguments):
     dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
     prompt_column: str = field(default="prompt", metadata={"help": "Caption column."})
     resolution: int = field(default=1024, metadata={"help": "Training resolution in px (multiple of 16); tiny recipes use 64."})
-    cache_dir: str | None = field(
-        default=None, metadata={"help": "Where cached text embeddings / VAE latents go (default: <output_dir>/cache)."}
-    )
-    encode_batch_size: int = field(default=4, metadata={"help": "Batch size when caching embeddings and latents."})
-    caption_dropout: float = field(default=0.0, metadata={"help": "Probability of training a sample on the empty prompt."})
-    # --- edit models (read when the checkpoint is an Edit-2509/2511 one; docs/edit.md)
+    # --- edit models (read when the checkpoint is an Edit-2509/2511 one)
     control_columns: list[str] = field(
         default_factory=lambda: ["control_image", "control_image_1", "control_image_2"],
         metadata={"help": "Edit: numbered control (reference) image columns, in order."},
@@ -100,19 +127,62 @@ class QwenImageTrainingConfig(TrainingArguments):
     control_images_column: str = field(default="control_images", metadata={"help": "Edit: a list column of 1-3 control images (instead of numbered columns)."})
     control_resolution: int = field(default=0, metadata={"help": "Edit: control images at about this side squared in px on the VAE side (0: the model's reference area, as at inference)."})
     num_control_images: int = field(default=0, metadata={"help": "Edit: require exactly this many control images per row (0: any of 1-3)."})
-    # --- flow matching
+
+    def _validate_data(self) -> None:
+        if self.resolution <= 0 or self.resolution % 16:
+            raise UserError(f"resolution must be a positive multiple of 16 px, got {self.resolution}")
+
+
+@dataclass
+class EncodingArguments:
+    """The cache of text embeddings and VAE latents of a fixed dataset (SFT, DPO, KTO: encoded once before
+    training; online objectives encode their prompts as they go)."""
+
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Where cached text embeddings / VAE latents go (default: <output_dir>/cache)."}
+    )
+    encode_batch_size: int = field(default=4, metadata={"help": "Batch size when caching embeddings and latents."})
+
+    @property
+    def encoding_cache_dir(self) -> str:
+        return self.cache_dir or os.path.join(self.output_dir or ".", "cache")  # type: ignore[attr-defined]
+
+
+@dataclass
+class TimestepArguments:
+    """How the sigmas of a flow-matching loss on data are drawn (align/losses/flow_matching.py)."""
+
     timestep_sampling: str = field(
         default="qwen_shift", metadata={"help": "uniform | logit_normal | mode | qwen_shift (Qwen-Image's resolution-dependent shift)."}
     )
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    mode_scale: float = 1.29
+    logit_mean: float = field(default=0.0, metadata={"help": "logit_normal: mean of the logit."})
+    logit_std: float = field(default=1.0, metadata={"help": "logit_normal: standard deviation of the logit."})
+    mode_scale: float = field(default=1.29, metadata={"help": "mode: the scale of the mode-sampling density."})
+
+
+@dataclass
+class FlowMatchingArguments(TimestepArguments):
+    """Timestep sampling plus the weighting of the flow-matching loss (SFT, and DPO's flow-matching term w_sft)."""
+
     loss_weighting: str = field(default="none", metadata={"help": "none | sigma_sqrt | cosmap."})
-    # --- validation / export
+
+
+@dataclass
+class ValidationArguments:
+    """Fixed prompts rendered with the current weights every ``validation_steps`` and at the end (every trainer)."""
+
     validation_prompts: list[str] = field(default_factory=list, metadata={"help": "Fixed prompts rendered every validation_steps."})
     validation_steps: int = field(default=0, metadata={"help": "Log validation images every N steps (0: only at the end)."})
     validation_num_inference_steps: int = field(default=20, metadata={"help": "Sampler steps for validation images."})
     validation_true_cfg_scale: float = field(default=4.0, metadata={"help": "True CFG scale for validation images."})
+
+
+@dataclass
+class QwenImageTrainingConfig(ValidationArguments, ImageDataArguments, MemoryArguments, ModelArguments,
+                              TrainingArguments):
+    """``transformers.TrainingArguments`` plus the groups every objective reads; an objective's config adds its
+    own groups and fields (``SFTConfig``, ``DPOConfig``, ``GRPOConfig``, ...)."""
+
     export_comfyui: bool = field(default=False, metadata={"help": "Also write the adapter with ComfyUI keys (diffusion_model.*)."})
     # --- run folder (transformers 5 dropped this TrainingArguments field; its meaning is kept)
     overwrite_output_dir: bool = field(
@@ -130,20 +200,8 @@ class QwenImageTrainingConfig(TrainingArguments):
         self._validate_model_fields()
 
     def _validate_model_fields(self) -> None:
-        if self.finetune not in ("lora", "full"):
-            raise UserError(f"finetune must be 'lora' or 'full', got {self.finetune!r}")
-        if self.resolution <= 0 or self.resolution % 16:
-            raise UserError(f"resolution must be a positive multiple of 16 px, got {self.resolution}")
-        if not 0.0 <= self.caption_dropout < 1.0:
-            raise UserError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
-        if self.finetune == "lora" and self.lora_rank < 1:
-            raise UserError(f"lora_rank must be >= 1, got {self.lora_rank}")
+        self._validate_model()
+        self._validate_data()
         from ..lowvram import validate_memory_options
 
         validate_memory_options(self)
-
-    @property
-    def encoding_cache_dir(self) -> str:
-        import os
-
-        return self.cache_dir or os.path.join(self.output_dir or ".", "cache")

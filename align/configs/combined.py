@@ -34,6 +34,7 @@ class DPOGRPOConfig(GRPOArguments, NFTArguments, AWMArguments, DGPOArguments, Ra
     grpo_dataset_name: str | None = field(
         default=None, metadata={"help": "Prompts for the online term (.jsonl with 'prompt' + reward columns); or train_prompts."}
     )
+    w_grpo: float = field(default=0.0, metadata={"help": "The older name of w_online: a weight > 0 without online runs Flow-GRPO as the online term."})
     online: str | None = field(default=None, metadata={"help": "The online term: grpo (Flow-GRPO, SDE rollouts) | nft (DiffusionNFT) | awm | dgpo (ODE rollouts). Unset: grpo when w_grpo > 0, else none."})
     w_online: float | None = field(default=None, metadata={"help": "Weight of the online term (w_grpo is its older name; default: w_grpo when > 0, else 1 when online is set). 0 switches the term off."})
     true_cfg_scale: float | None = field(default=None, metadata={"help": "True CFG of the rollouts (and of GRPO's training forward): unset = 4 for grpo, 1 (CFG-free) for nft / awm / dgpo, which refuse > 1 where it breaks them."})
@@ -81,6 +82,8 @@ class DPOGRPOConfig(GRPOArguments, NFTArguments, AWMArguments, DGPOArguments, Ra
     def _resolve_online(self) -> None:
         if self.online is not None and self.online not in ONLINE_METHODS:
             raise UserError(f"online must be one of {ONLINE_METHODS}, got {self.online!r}")
+        if self.w_grpo < 0:
+            raise UserError(f"w_grpo must be >= 0, got {self.w_grpo}")
         if self.w_online is not None and self.w_online < 0:
             raise UserError(f"w_online must be >= 0, got {self.w_online}")
         if self.w_online is not None and self.w_grpo > 0 and self.w_online != self.w_grpo:

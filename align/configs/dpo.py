@@ -1,4 +1,6 @@
-"""Flow-DPO options (TRL's ``beta`` / ``loss_type``) and the term weights of the combined objective."""
+"""Flow-DPO options (TRL's ``beta`` / ``loss_type``) and the weights of its terms on the pairs (DPO, the velocity-form
+KL, flow matching on the chosen images). The combined objective's online and KTO terms are
+:mod:`align.configs.combined`'s."""
 
 from __future__ import annotations
 
@@ -7,12 +9,12 @@ from dataclasses import dataclass, field
 from qwen_image.errors import UserError
 
 from ..losses import DPO_LOSS_TYPES
-from .base import QwenImageTrainingConfig
+from .base import EncodingArguments, FlowMatchingArguments, QwenImageTrainingConfig
 
 
 @dataclass
-class DPOConfig(QwenImageTrainingConfig):
-    """Flow-DPO settings (TRL's names ``beta``, ``loss_type``) plus the weights of the combined objective."""
+class DPOConfig(FlowMatchingArguments, EncodingArguments, QwenImageTrainingConfig):
+    """Flow-DPO settings (TRL's names ``beta``, ``loss_type``) plus the weights of its terms on the pairs."""
 
     beta: float = field(
         default=100.0,
@@ -24,7 +26,6 @@ class DPOConfig(QwenImageTrainingConfig):
     eval_fraction: float = field(default=0.0, metadata={"help": "Hold out this fraction of pairs to report eval implicit accuracy."})
     reference_offload: bool = field(default=False, metadata={"help": "Full fine-tune: keep the frozen copy on CPU between uses (single process / DDP)."})
     w_dpo: float = field(default=1.0, metadata={"help": "Weight of the DPO term."})
-    w_grpo: float = field(default=0.0, metadata={"help": "Weight of the GRPO term (needs a GRPO objective; combined trainer)."})
     beta_kl: float = field(default=0.0, metadata={"help": "Weight of the KL to the reference (velocity form on DPO batches); ADDED to the loss."})
     w_sft: float = field(default=0.0, metadata={"help": "Weight of flow matching on the chosen images (keeps the policy on the data)."})
 
@@ -34,10 +35,8 @@ class DPOConfig(QwenImageTrainingConfig):
             raise UserError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {self.loss_type!r}")
         if self.beta <= 0:
             raise UserError(f"beta must be > 0, got {self.beta}")
-        if self.caption_dropout > 0:
-            raise UserError("caption_dropout is an SFT option; Flow-DPO compares both images under the same prompt.")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise UserError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        for name in ("w_dpo", "w_grpo", "beta_kl", "w_sft"):
+        for name in ("w_dpo", "beta_kl", "w_sft"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")

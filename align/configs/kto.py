@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from qwen_image.errors import UserError
 
 from ..losses.kto import KTO_BETA
-from .base import QwenImageTrainingConfig
+from .base import EncodingArguments, QwenImageTrainingConfig, TimestepArguments
 from .sft import AGGREGATES
 
 # How the reference point z of the KTO loss is estimated (align/trainers/kto.py):
@@ -58,7 +58,7 @@ class RatingLabelArguments:
 
 
 @dataclass
-class KTOConfig(RatingLabelArguments, QwenImageTrainingConfig):
+class KTOConfig(RatingLabelArguments, TimestepArguments, EncodingArguments, QwenImageTrainingConfig):
     """Diffusion-KTO on rated images: ``dataset_name`` is a rating project's pull (or any imagefolder / dataset
     with a ratings list per image)."""
 
@@ -79,8 +79,6 @@ class KTOConfig(RatingLabelArguments, QwenImageTrainingConfig):
             raise UserError("dataset_name is required: a rating project's pull (or an imagefolder with a ratings list per image).")
         if self.beta <= 0:
             raise UserError(f"beta must be > 0, got {self.beta}")
-        if self.caption_dropout > 0:
-            raise UserError("caption_dropout is an SFT option; KTO compares policy and reference on the image's own prompt.")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise UserError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.eval_noise_draws < 1:

@@ -1,5 +1,6 @@
-"""SFT options: the rater filter, augmentation / bucketing and the progressive phase schedule, on top of the shared
-model / data / flow-matching fields (:class:`align.configs.base.QwenImageTrainingConfig`)."""
+"""SFT options: caption dropout, the rater filter, augmentation / bucketing and the progressive phase schedule, on
+top of the shared groups (:class:`align.configs.base.QwenImageTrainingConfig`), the encoding cache and the
+flow-matching loss's fields."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass, field
 
 from qwen_image.errors import UserError
 
-from .base import QwenImageTrainingConfig
+from .base import EncodingArguments, FlowMatchingArguments, QwenImageTrainingConfig
 from .phases import parse_phases
 
 # The option values SFT's data layer implements (align/data/buckets.py, align/data/ratings.py).
@@ -16,7 +17,8 @@ AGGREGATES = ("mean", "min", "median")
 
 
 @dataclass
-class SFTConfig(QwenImageTrainingConfig):
+class SFTConfig(FlowMatchingArguments, EncodingArguments, QwenImageTrainingConfig):
+    caption_dropout: float = field(default=0.0, metadata={"help": "Probability of training a sample on the empty prompt."})
     image_column: str = field(default="image", metadata={"help": "Image column of the dataset."})
     # --- rater filter
     ratings_column: str = field(default="ratings", metadata={"help": "Column with each row's list of ratings."})
@@ -39,6 +41,8 @@ class SFTConfig(QwenImageTrainingConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise UserError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if self.rating_aggregate not in AGGREGATES:
             raise UserError(f"rating_aggregate must be one of {AGGREGATES}, got {self.rating_aggregate!r}")
         if not self.dataset_name:

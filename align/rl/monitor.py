@@ -14,6 +14,9 @@ deterministic ODE sampler at fixed seeds and reports:
 
 With ``early_stop_patience: N`` the run stops once that count reaches N, and the checkpoint with the best held-out
 reward is loaded before the final save (``load_best_model_at_end`` on ``eval_reward``, set automatically).
+
+Both run as ``transformers.TrainerCallback``s on the Trainer's ``on_evaluate`` (:class:`HeldOutMonitorCallback`,
+:class:`OverOptimizationEarlyStopping`, added by :func:`add_monitor_callbacks`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import TrainerCallback
 
 from qwen_image.sampling import sample
 
@@ -183,39 +187,89 @@ def training_reward_since(log_history: list[dict], key: str, after_step: int) ->
     return older[-1] if older else math.nan
 
 
-class MonitoredEvaluationMixin:
-    """``evaluate`` for the online trainers: the held-out monitor (+ the parent's evaluation when it has one), the
-    over-optimisation guard and the early stop. ``self.monitor`` (HeldOutMonitor or None), ``self.guard`` and
-    ``self.training_reward_key`` are set by the trainer."""
+class HeldOutMonitorCallback(TrainerCallback):
+    """At every evaluation of the Trainer's schedule: the held-out monitor's metrics (``eval_reward``,
+    ``eval_rewards/<name>``, ``eval_diversity``, ``eval_kl_ref``) and the over-optimisation count
+    (``eval_overopt_falling``, ``eval_overopt_flag``), logged and added to the evaluation's metrics, where the
+    Trainer's best-model tracking (``metric_for_best_model: eval_reward``) and the early stop read them.
 
-    monitor: HeldOutMonitor | None = None
+    Like TRL's callbacks it holds its trainer: the policy to render, ``log`` and ``training_reward_key`` (the logged
+    rollout reward whose trend since the previous evaluation the guard compares with the held-out reward)."""
+
+    def __init__(self, trainer, monitor: HeldOutMonitor, guard: OverOptimizationGuard, prefix: str = "eval"):
+        self.trainer = trainer
+        self.monitor = monitor
+        self.guard = guard
+        self.prefix = prefix
+        self.last_eval_step = -1
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        trainer, p = self.trainer, self.prefix
+        held = self.monitor.evaluate(trainer.accelerator.unwrap_model(trainer.model))
+        held = {f"{p}_{k}": v for k, v in held.items()}
+        train_reward = training_reward_since(state.log_history, trainer.training_reward_key, self.last_eval_step)
+        self.last_eval_step = state.global_step
+        falling = self.guard.update(held[f"{p}_reward"], train_reward)
+        held[f"{p}_overopt_falling"] = float(falling)
+        held[f"{p}_overopt_flag"] = float(falling >= 1)
+        trainer.log(held)
+        if falling:
+            logger.warning("held-out reward fell %d evaluation(s) in a row (%.4f) while the training reward rose "
+                           "(%.4f): possible reward over-optimisation", falling, held[f"{p}_reward"], train_reward)
+        if metrics is not None:
+            metrics.update(held)
+
+
+class OverOptimizationEarlyStopping(TrainerCallback):
+    """Stops training once the held-out reward fell ``patience`` evaluations in a row while the training reward
+    rose (``eval_overopt_falling``, from :class:`HeldOutMonitorCallback`), as transformers' EarlyStoppingCallback
+    does on a metric; the best held-out checkpoint is then loaded before the final save (``load_best_model_at_end``,
+    set by the config)."""
+
+    def __init__(self, guard: OverOptimizationGuard, prefix: str = "eval"):
+        self.guard = guard
+        self.prefix = prefix
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        falling = (metrics or {}).get(f"{self.prefix}_overopt_falling")
+        if falling is None or not self.guard.should_stop(int(falling)):
+            return
+        logger.warning("early stop: held-out reward fell %d evaluations in a row while the training reward rose; "
+                       "the best checkpoint (held-out reward %s) is kept", int(falling), state.best_metric)
+        control.should_training_stop = True
+
+
+def add_monitor_callbacks(trainer, monitor: HeldOutMonitor | None, guard: OverOptimizationGuard | None) -> None:
+    """The held-out monitor and (``early_stop_patience > 0``) its early stop as the trainer's first callbacks, so
+    that every other callback's ``on_evaluate`` (a user's EarlyStoppingCallback on ``eval_reward``, a logger
+    keeping the best checkpoint) sees the monitor's metrics. Nothing without held-out prompts."""
+    if monitor is None:
+        return
+    callbacks = [HeldOutMonitorCallback(trainer, monitor, guard)]
+    if guard.patience > 0:
+        callbacks.append(OverOptimizationEarlyStopping(guard))
+    trainer.callback_handler.callbacks[0:0] = callbacks
+
+
+class MonitoredEvaluationMixin:
+    """``evaluate`` for the online trainers, whose held-out monitor lives in callbacks (:func:`add_monitor_callbacks`).
+
+    The override stays because the Trainer's ``evaluate`` always runs its loss loop over ``eval_dataset``: an
+    online trainer has no loss to evaluate (its ``eval_dataset`` holds the held-out prompts only so that the
+    Trainer schedules evaluations), so without a parent evaluation (the combined trainer's held-out pairs) it
+    skips the loop and only dispatches ``on_evaluate``. The metrics the callbacks add are returned, which is where
+    the Trainer's best-model tracking reads ``eval_reward``."""
+
+    monitor: HeldOutMonitor | None = None  # set by the trainer (None without held-out prompts)
     guard: OverOptimizationGuard | None = None
     training_reward_key = "reward"
     parent_evaluates = False
-    _last_eval_step = -1
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        if self.parent_evaluates:  # its on_evaluate runs the monitor's callbacks on the same metrics
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)  # type: ignore[misc]
         metrics: dict[str, float] = {}
-        if self.parent_evaluates:
-            metrics.update(super().evaluate(eval_dataset, ignore_keys, metric_key_prefix))  # type: ignore[misc]
         if self.monitor is None:
             return metrics
-        held = self.monitor.evaluate(self.accelerator.unwrap_model(self.model))  # type: ignore[attr-defined]
-        held = {f"{metric_key_prefix}_{k}": v for k, v in held.items()}
-        train_reward = training_reward_since(self.state.log_history, self.training_reward_key, self._last_eval_step)  # type: ignore[attr-defined]
-        self._last_eval_step = self.state.global_step  # type: ignore[attr-defined]
-        falling = self.guard.update(held[f"{metric_key_prefix}_reward"], train_reward)
-        held[f"{metric_key_prefix}_overopt_falling"] = float(falling)
-        held[f"{metric_key_prefix}_overopt_flag"] = float(falling >= 1)
-        self.log(held)  # type: ignore[attr-defined]
-        if falling:
-            logger.warning("held-out reward fell %d evaluation(s) in a row (%.4f) while the training reward rose "
-                           "(%.4f): possible reward over-optimisation", falling, held[f"{metric_key_prefix}_reward"],
-                           train_reward)
-        if self.guard.should_stop(falling):
-            logger.warning("early stop: held-out reward fell %d evaluations in a row while the training reward rose; "
-                           "the best checkpoint (held-out reward %s) is kept", falling, self.state.best_metric)  # type: ignore[attr-defined]
-            self.control.should_training_stop = True  # type: ignore[attr-defined]
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, held)  # type: ignore[attr-defined]
-        metrics.update(held)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)  # type: ignore[attr-defined]
         return metrics

@@ -30,7 +30,7 @@ from qwen_image.errors import UserError
 from ..configs.combined import DPOGRPOConfig
 from ..data.grpo import load_monitor_prompts
 from ..rl.forward import ForwardRolloutBatch
-from ..rl.monitor import MonitoredEvaluationMixin, build_monitor
+from ..rl.monitor import MonitoredEvaluationMixin, add_monitor_callbacks, build_monitor
 from ..rl.prompts import precompute_prompts_and_release
 from ..rl.rewards import build_reward
 from ..rl.rollouts import RolloutBatch
@@ -50,6 +50,7 @@ class DPOGRPOTrainer(MonitoredEvaluationMixin, FlowDPOTrainer):
     ``monitor_prompts`` feed the over-optimisation monitors every ``eval_steps`` (next to the held-out pairs)."""
 
     training_reward_key = "grpo/reward"
+    loss_weight_names = (*FlowDPOTrainer.loss_weight_names, "w_online", "w_kto")
 
     def __init__(self, qwen, args: DPOGRPOConfig, train_dataset=None, grpo_prompts=None, reward_fn=None,
                  monitor_prompts=None, rated=None, **kwargs):
@@ -84,6 +85,7 @@ class DPOGRPOTrainer(MonitoredEvaluationMixin, FlowDPOTrainer):
             self.checkpoint_states["rollout"] = self.rollouts
             self.monitor, self.guard = build_monitor(qwen, args, monitor_prompts, self.accelerator, self.model,
                                                      self.reference)
+            add_monitor_callbacks(self, self.monitor, self.guard)
             self.keeps_text_encoder = not args.release_text_encoder  # rollouts encode their prompts as they come
             precompute_prompts_and_release(qwen, args, grpo_prompts, monitor_prompts, self.accelerator.device)
         self.kto: KTOTerm | None = None

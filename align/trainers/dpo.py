@@ -1,11 +1,10 @@
 """Flow-DPO trainer: preference pairs, shared noise and sigma for winner and loser, a frozen reference.
 
-``compute_loss`` is a weighted sum of named terms so the combined objective can extend it:
-``L = w_dpo * L_DPO + beta_kl * KL + w_sft * L_FM + w_grpo * L_GRPO`` (+ whatever ``extra_loss_terms`` adds).
-On DPO batches KL is the velocity form ``mean ||v_theta - v_ref||^2`` (docs/math.md) and the SFT term is flow matching on the
-chosen image; both reuse the forwards DPO already made. The GRPO term comes from a subclass overriding
-``extra_loss_terms`` (the combined trainer). Every term is logged separately (``loss/<name>``): their scales differ
-by orders of magnitude.
+``compute_loss`` is a weighted sum of named terms, ``L = w_dpo * L_DPO + beta_kl * KL + w_sft * L_FM`` plus whatever
+a subclass's ``extra_loss_terms`` adds (the combined objective adds its online and KTO terms there; this trainer
+knows none of them). On DPO batches KL is the velocity form ``mean ||v_theta - v_ref||^2`` (docs/math.md) and the
+SFT term is flow matching on the chosen image; both reuse the forwards DPO already made. Every term is logged
+separately (``loss/<name>``): their scales differ by orders of magnitude.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ class FlowDPOTrainer(QwenImageTrainer):
     """Flow-DPO on cached preference pairs (``chosen_latents``, ``rejected_latents``, ``prompt_embeds``)."""
 
     evaluate_after_training = True  # held-out implicit accuracy of the final weights (eval_fraction > 0)
+    loss_weight_names: tuple[str, ...] = ("w_dpo", "beta_kl", "w_sft")  # named when every weight is 0
 
     def __init__(self, qwen, args: DPOConfig, train_dataset=None, **kwargs):
         # Edit models: batches also carry the pairs' shared ``references`` (both images edit the same sources).
@@ -45,8 +45,6 @@ class FlowDPOTrainer(QwenImageTrainer):
             self.model, args.finetune, init_adapter=args.init_adapter, offload=args.reference_offload,
             velocity_fn=qwen.predict_velocity,
         ).prepare(self.accelerator)
-        if args.w_grpo > 0 and type(self).extra_loss_terms is FlowDPOTrainer.extra_loss_terms:
-            raise UserError("w_grpo > 0 needs the GRPO term: launch align/dpo.py (the combined trainer).")
         self.metric_log = MetricLog(self.accelerator)
         self._eval_generator: torch.Generator | None = None
 
@@ -115,7 +113,7 @@ class FlowDPOTrainer(QwenImageTrainer):
         terms.update(extra_terms)
         metrics.update(extra_metrics)
         if not terms:
-            raise UserError("every loss weight is 0 (w_dpo, beta_kl, w_sft, w_grpo): nothing to train.")
+            raise UserError(f"every loss weight is 0 ({', '.join(self.loss_weight_names)}): nothing to train.")
         loss = self.weighted_loss(terms, metrics, mode)
         return (loss, {}) if return_outputs else loss
 

@@ -12,11 +12,9 @@ Launch: ``accelerate launch align/nft.py --config recipes/nft_ocr.yaml`` (``awm.
 from __future__ import annotations
 
 import logging
-from functools import partial
 from typing import Callable
 
 import torch
-from accelerate.utils import DistributedType
 from transformers import TrainerCallback
 
 from qwen_image import QwenImage
@@ -24,13 +22,12 @@ from qwen_image import QwenImage
 from ..data.grpo import load_monitor_prompts
 from ..reference import ReferenceModel
 from ..rl.forward import ForwardRolloutBatch
-from ..rl.monitor import MonitoredEvaluationMixin, build_monitor
+from ..rl.monitor import add_monitor_callbacks, build_monitor
 from ..rl.prompts import precompute_prompts_and_release
 from ..rl.rewards import build_reward
 from ..rl.source import RolloutSource
-from .base import QwenImageTrainer
 from .forward_objective import ForwardObjective, build_forward_objective
-from .grpo import MicroSteps, _collate_micro_steps, log_rollout_images
+from .grpo import MicroSteps, OnlineRLTrainer, _collate_micro_steps, log_rollout_images
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +53,7 @@ def online_reference(policy: torch.nn.Module, args, accelerator, needed: bool,
                                       velocity_fn=velocity_fn).prepare(accelerator)
 
 
-class ForwardRLTrainer(MonitoredEvaluationMixin, QwenImageTrainer):
+class ForwardRLTrainer(OnlineRLTrainer):
     """DiffusionNFT / AWM / DGPO (``args.method``) on a Qwen-Image bundle; ``train_dataset`` rows hold ``prompt``
     plus the columns the rewards read (edit models: the control images); ``monitor_prompts`` feed the held-out
     monitor every ``eval_steps``."""
@@ -82,41 +79,19 @@ class ForwardRLTrainer(MonitoredEvaluationMixin, QwenImageTrainer):
         self.checkpoint_states.update(self.objective.checkpoint_states)
         self.add_callback(AfterOptimizerStep(self.objective))
         self.monitor, self.guard = build_monitor(qwen, args, monitor_prompts, self.accelerator, policy, reference)
+        add_monitor_callbacks(self, self.monitor, self.guard)
         qwen.vae.to(self.accelerator.device)
         self.keeps_text_encoder = not args.release_text_encoder
         precompute_prompts_and_release(qwen, args, train_dataset, monitor_prompts, self.accelerator.device)
 
-    def get_train_dataloader(self):
-        # one (empty) item per micro-step and process; batch size 1 so the Trainer's step count is the micro-step count
-        return self._get_dataloader(dataset=self.train_dataset, description="Training", batch_size=1,
-                                    sampler_fn=torch.utils.data.SequentialSampler, is_training=True)
+    @property
+    def online(self) -> ForwardObjective:
+        return self.objective
 
     def _prepare_inputs(self, inputs):
         if not self.model.training:
             raise ValueError(f"{self.args.method} evaluates through its held-out monitor only (monitor_prompts).")
         return inputs
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-            self.optimizer.train()
-        scale = 1.0 / self.current_gradient_accumulation_steps
-        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
-            loss = self.compute_loss(model, inputs)
-            self.accelerator.backward(loss, scale_wrt_gas=False)
-            self.rollouts.advance()
-            return loss.detach() * scale
-        kl_weight = self.args.beta if self.objective.need_kl else 0.0
-        total = self.objective.micro_step(self.rollouts, model, policy_weight=1.0, kl_weight=kl_weight, scale=scale,
-                                          no_sync=partial(self.accelerator.no_sync, model))
-        return torch.tensor(total * scale, device=self.accelerator.device)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The micro-step's loss as one graph (DeepSpeed: one backward per micro-step)."""
-        batch = self.rollouts.batch(self.accelerator.unwrap_model(model))
-        policy_loss, kl = self.objective.loss(model, batch, micro_step=self.rollouts.micro_step)
-        loss = policy_loss if kl is None else policy_loss + self.args.beta * kl
-        return (loss, None) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         logs.update(self.objective.pop_metrics())

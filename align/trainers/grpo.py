@@ -26,7 +26,7 @@ from qwen_image.errors import UserError
 from ..configs.grpo import GRPOConfig
 from ..data.grpo import load_monitor_prompts
 from ..reference import ReferenceModel
-from ..rl.monitor import MonitoredEvaluationMixin, build_monitor
+from ..rl.monitor import MonitoredEvaluationMixin, add_monitor_callbacks, build_monitor
 from ..rl.prompts import precompute_prompts_and_release
 from ..rl.rewards import build_reward
 from ..rl.rollouts import RolloutBatch
@@ -58,7 +58,46 @@ def _collate_micro_steps(items: list[dict]) -> dict:
     return {}
 
 
-class GRPOTrainer(MonitoredEvaluationMixin, QwenImageTrainer):
+class OnlineRLTrainer(MonitoredEvaluationMixin, QwenImageTrainer):
+    """The micro-step of the standalone online trainers (``GRPOTrainer``, ``ForwardRLTrainer``): the Trainer's
+    dataloader only counts micro-steps (``MicroSteps``), ``self.rollouts`` supplies each one's rollouts and
+    ``self.online`` (the objective) back-propagates them one trained timestep at a time, its KL to the reference
+    weighted by ``args.beta``."""
+
+    rollouts: RolloutSource
+
+    def get_train_dataloader(self):
+        # one (empty) item per micro-step and process; batch size 1 so the Trainer's step count is the micro-step count
+        return self._get_dataloader(dataset=self.train_dataset, description="Training", batch_size=1,
+                                    sampler_fn=torch.utils.data.SequentialSampler, is_training=True)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        scale = 1.0 / self.current_gradient_accumulation_steps
+        accelerator = self.accelerator
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # DeepSpeed steps its engine inside every backward: one backward per micro-step (all timesteps at once).
+            loss = self.compute_loss(model, inputs)
+            accelerator.backward(loss, scale_wrt_gas=False)
+            self.rollouts.advance()
+            return loss.detach() * scale
+        kl_weight = self.args.beta if self.online.need_kl else 0.0
+        total = self.online.micro_step(self.rollouts, model, policy_weight=1.0, kl_weight=kl_weight,
+                                       scale=scale, no_sync=partial(accelerator.no_sync, model))
+        return torch.tensor(total * scale, device=accelerator.device)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The micro-step's loss as one graph: what ``training_step`` back-propagates per timestep, and, under
+        DeepSpeed (one backward per micro-step), what it back-propagates whole."""
+        batch = self.rollouts.batch(self.accelerator.unwrap_model(model))
+        policy_loss, kl = self.online.loss(model, batch, micro_step=self.rollouts.micro_step)
+        loss = policy_loss if kl is None else policy_loss + self.args.beta * kl
+        return (loss, None) if return_outputs else loss
+
+
+class GRPOTrainer(OnlineRLTrainer):
     """Flow-GRPO on a Qwen-Image bundle; ``train_dataset`` rows hold ``prompt`` plus columns the rewards read;
     ``monitor_prompts`` (held-out, same layout) feed the over-optimisation monitors every ``eval_steps``."""
 
@@ -80,46 +119,19 @@ class GRPOTrainer(MonitoredEvaluationMixin, QwenImageTrainer):
         self.rollouts = RolloutSource(self.grpo.rollout, train_dataset, args, self.accelerator.process_index, RolloutBatch)
         self.checkpoint_states["rollout"] = self.rollouts
         self.monitor, self.guard = build_monitor(qwen, args, monitor_prompts, self.accelerator, policy, reference)
+        add_monitor_callbacks(self, self.monitor, self.guard)
         qwen.vae.to(self.accelerator.device)
         self.keeps_text_encoder = not args.release_text_encoder  # rollouts encode their prompts as they come
         precompute_prompts_and_release(qwen, args, train_dataset, monitor_prompts, self.accelerator.device)
 
-    def get_train_dataloader(self):
-        # one (empty) item per micro-step and process; batch size 1 so the Trainer's step count is the micro-step count
-        return self._get_dataloader(dataset=self.train_dataset, description="Training", batch_size=1,
-                                    sampler_fn=torch.utils.data.SequentialSampler,
-                                    is_training=True)
+    @property
+    def online(self) -> GRPOObjective:
+        return self.grpo
 
     def _prepare_inputs(self, inputs):
         if not self.model.training:
             raise ValueError("GRPOTrainer evaluates through its held-out monitor only (monitor_prompts).")
         return inputs
-
-    # ------------------------------------------------------------------ one micro-step
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-            self.optimizer.train()
-        self._prepare_inputs(inputs)
-        scale = 1.0 / self.current_gradient_accumulation_steps
-        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
-            # DeepSpeed steps its engine inside every backward: one backward per micro-step (all timesteps at once).
-            loss = self.compute_loss(model, inputs)
-            self.accelerator.backward(loss, scale_wrt_gas=False)
-            self.rollouts.advance()
-            return loss.detach() * scale
-        weight_kl = self.args.beta if self.grpo.need_kl else 0.0
-        total = self.grpo.micro_step(self.rollouts, model, policy_weight=1.0, kl_weight=weight_kl, scale=scale,
-                                     no_sync=partial(self.accelerator.no_sync, model))
-        return torch.tensor(total * scale, device=self.accelerator.device)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The micro-step's loss as one graph: what ``training_step`` back-propagates per timestep, and, under
-        DeepSpeed (one backward per micro-step), what it back-propagates whole."""
-        batch = self.rollouts.batch(self.accelerator.unwrap_model(model))
-        policy_loss, kl = self.grpo.loss(model, batch, micro_step=self.rollouts.micro_step)
-        loss = policy_loss if kl is None else policy_loss + self.args.beta * kl
-        return (loss, None) if return_outputs else loss
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
