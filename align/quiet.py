@@ -14,9 +14,9 @@ What is silenced and why:
   its enums the old way at import; nothing for a user to change.
 - diffusers' "Unable to import `torchao` Tensor objects": the same torchao build without those kernels; it only
   matters for checkpoints serialised with torchao, which the project neither writes nor reads.
-- transformers' FutureWarning "`gradient_checkpointing` is deprecated": the project's configs keep
-  ``gradient_checkpointing`` as their documented option and hand it to the diffusers model themselves
-  (align/configs/base.py), so transformers sees the old field set by our code on every run, not by the user.
+
+transformers' FutureWarning "`gradient_checkpointing` is deprecated" is not filtered: it is fixed where it came from
+(align/configs/base.py hands the option to the diffusers model and leaves the Trainer's copy unset).
 """
 
 from __future__ import annotations
@@ -32,9 +32,7 @@ LOG_NOISE: tuple[tuple[str, str], ...] = (
     ("diffusers.quantizers.torchao.torchao_quantizer", r"Unable to import `torchao` Tensor objects"),
 )
 # (message regex, category, module regex) for the warnings module.
-WARNING_NOISE: tuple[tuple[str, type[Warning], str], ...] = (
-    (r"`gradient_checkpointing` is deprecated and will be removed in v6", FutureWarning, r"transformers\.training_args"),
-)
+WARNING_NOISE: tuple[tuple[str, type[Warning], str], ...] = ()
 
 
 class _DropMatching(logging.Filter):

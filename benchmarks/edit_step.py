@@ -60,7 +60,7 @@ def edit_bench_config(args, model: str | None, data: str, out: str):
     """sft_step's trainer config (LoRA r4 on the attention projections) with this script's options."""
     cfg = sft_config(argparse.Namespace(**vars(args), rank=4, targets=["to_q", "to_k", "to_v", "to_out.0"]), model,
                      data, out)
-    cfg.finetune, cfg.gradient_checkpointing = args.finetune, args.gradient_checkpointing
+    cfg.finetune, cfg.transformer_gradient_checkpointing = args.finetune, args.gradient_checkpointing
     return cfg
 
 

@@ -193,9 +193,12 @@ class QwenImageTrainingConfig(ValidationArguments, ImageDataArguments, MemoryArg
     def __post_init__(self):
         # Batches are dicts of cached tensors, not model kwargs.
         self.remove_unused_columns = False
-        # diffusers models enable checkpointing themselves (Trainer would call a transformers-only method).
-        self.transformer_gradient_checkpointing = bool(self.gradient_checkpointing)
-        self.gradient_checkpointing = False
+        # diffusers models enable checkpointing themselves (Trainer would call a transformers-only method). Either
+        # name turns it on (recipes say gradient_checkpointing, transformers 5's new name is activation_checkpointing);
+        # the Trainer sees it off under the new name, so it does not warn about the old one.
+        self.transformer_gradient_checkpointing = bool(self.gradient_checkpointing or self.activation_checkpointing)
+        self.gradient_checkpointing = None
+        self.activation_checkpointing = False
         super().__post_init__()
         self._validate_model_fields()
 
