@@ -3,34 +3,15 @@ saved and the command that resumes, exit 130, no KeyboardInterrupt traceback; th
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "ACCELERATE_USE_CPU": "true"}
-
-
-def _data(folder: Path) -> Path:
-    folder.mkdir()
-    with open(folder / "metadata.jsonl", "w") as fh:
-        for i in range(2):
-            Image.fromarray((np.random.default_rng(i).random((32, 32, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
-            fh.write(json.dumps({"file_name": f"{i}.png", "prompt": f"a sign {i}", "ratings": [5, 5, 5]}) + "\n")
-    return folder
+from run_helpers import ROOT, launch_env, rated_images
 
 
 def _interrupt_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
@@ -48,9 +29,9 @@ def _interrupt_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None
 def test_ctrl_c_through_qwen_image_align_says_what_was_saved_and_how_to_resume(tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "align.cli", "sft", "--config", str(ROOT / "recipes/tiny/sft_lora.yaml"),
-               "--dataset_name", str(_data(tmp_path / "data")), "--output_dir", str(out), "--max_steps", "400",
+               "--dataset_name", str(rated_images(tmp_path / "data", n=2)), "--output_dir", str(out), "--max_steps", "400",
                "--save_strategy", "steps", "--save_steps", "1", "--validation_prompts", "[]", "--overwrite_output_dir"]
-    proc = subprocess.Popen(command, env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(command, env=launch_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     _interrupt_when(proc, lambda: (out / "checkpoint-2").is_dir())
     _, err = proc.communicate(timeout=120)
@@ -66,7 +47,7 @@ def test_ctrl_c_through_qwen_image_align_says_what_was_saved_and_how_to_resume(t
     resume = [sys.executable, "-m", "align.cli", *resume[1:]]
     i = resume.index("--max_steps")
     resume[i + 1] = str(max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")) + 1)
-    done = subprocess.run(resume, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(resume, env=launch_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from" in done.stderr
 
@@ -74,7 +55,7 @@ def test_ctrl_c_through_qwen_image_align_says_what_was_saved_and_how_to_resume(t
 def test_ctrl_c_in_the_demo_is_one_line_and_exit_130(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.Popen([sys.executable, "-m", "align.demo", "--fast", "--output_dir", str(out), "--config",
-                             str(ROOT / "recipes/demo/brand_adapter.yaml")], env=_env(), cwd=tmp_path,
+                             str(ROOT / "recipes/demo/brand_adapter.yaml")], env=launch_env(), cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     _interrupt_when(proc, lambda: (out / "data" / "stage_done.json").is_file())
     _, err = proc.communicate(timeout=120)

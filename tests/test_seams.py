@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lora_helpers import lora_b_moved
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -126,8 +127,7 @@ def _common(out: Path) -> list[str]:
 
 
 def _lora_moved(out: Path) -> float:
-    weights = load_file(out / "pytorch_lora_weights.safetensors")
-    return max(float(v.abs().max()) for k, v in weights.items() if "lora_B" in k)
+    return lora_b_moved(load_file(out / "pytorch_lora_weights.safetensors"))
 
 
 # ----------------------------------------------------------------------------- the proof
