@@ -54,8 +54,8 @@ def complete_checkpoints(out: Path) -> list[Path]:
     return sorted(ckpts, key=lambda p: int(p.name.split("-")[1]))
 
 
-def kill_after_checkpoint(proc: subprocess.Popen, out: Path, step: int, *, poll: float = 0.05, delay: float = 0.0,
-                          timeout: float = 600) -> None:
+def kill_at_checkpoint(proc: subprocess.Popen, out: Path, step: int, *, poll: float = 0.05, delay: float = 0.0,
+                       timeout: float = 600) -> None:
     """SIGKILL ``proc`` ``delay`` seconds after a checkpoint >= ``step`` is complete in ``out`` (checked every
     ``poll`` seconds); fails if the run ended first."""
     deadline = time.time() + timeout

@@ -10,15 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_helpers import (
-    ADAPTER,
-    ROOT,
-    assert_same_adapter,
-    child_env,
-    complete_checkpoints,
-    kill_after_checkpoint,
-    run_ok,
-)
+from run_helpers import ADAPTER, ROOT, assert_same_adapter, child_env, complete_checkpoints, kill_at_checkpoint, run_ok
 from safetensors.torch import load_file
 
 from align.data.preference import write_synthetic_pairs
@@ -53,7 +45,7 @@ def test_kill_and_resume_is_exact(kind, tmp_path):
     after = rng.choice([1, 2])
     proc = subprocess.Popen(_command(kind, killed, data), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    kill_after_checkpoint(proc, killed, after, delay=rng.uniform(0.0, 0.2))
+    kill_at_checkpoint(proc, killed, after, delay=rng.uniform(0.0, 0.2))
     assert not (killed / ADAPTER).exists()
     resume_from = complete_checkpoints(killed)[-1]
     assert int(resume_from.name.split("-")[1]) < 5

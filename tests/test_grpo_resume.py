@@ -8,15 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_helpers import (
-    ADAPTER,
-    ROOT,
-    assert_same_adapter,
-    child_env,
-    complete_checkpoints,
-    kill_after_checkpoint,
-    run_ok,
-)
+from run_helpers import ADAPTER, ROOT, assert_same_adapter, child_env, complete_checkpoints, kill_at_checkpoint, run_ok
 from safetensors.torch import load_file
 
 from align.data.preference import write_synthetic_pairs
@@ -45,7 +37,7 @@ def test_kill_and_resume_is_exact(kind, tmp_path):
 
     proc = subprocess.Popen(_command(kind, killed, data), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    kill_after_checkpoint(proc, killed, 2)  # between checkpoint-2 and checkpoint-3 (step 3 is training)
+    kill_at_checkpoint(proc, killed, 2)  # between checkpoint-2 and checkpoint-3 (step 3 is training)
     assert not (killed / ADAPTER).exists()
 
     resume_from = complete_checkpoints(killed)[-1]

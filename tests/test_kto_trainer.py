@@ -12,15 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_helpers import (
-    ADAPTER,
-    ROOT,
-    assert_same_adapter,
-    child_env,
-    complete_checkpoints,
-    kill_after_checkpoint,
-    run_ok,
-)
+from run_helpers import ADAPTER, ROOT, assert_same_adapter, child_env, complete_checkpoints, kill_at_checkpoint, run_ok
 from safetensors.torch import load_file
 
 from align.configs.kto import KTOConfig
@@ -228,7 +220,7 @@ def test_kill_9_and_resume_last_is_bit_identical(rated, tmp_path):
 
     proc = subprocess.Popen([*cmd, "--output_dir", str(killed)], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    kill_after_checkpoint(proc, killed, 2, poll=0.02)
+    kill_at_checkpoint(proc, killed, 2, poll=0.02)
     assert not (killed / ADAPTER).exists()
     run_ok([*cmd, "--output_dir", str(killed), "--resume_from_checkpoint", "last"], ENV)
     a = assert_same_adapter(full, killed)

@@ -37,13 +37,12 @@ from ..configs.forward import buffer_is_on_policy
 from ..data.grpo import reference_area
 from ..losses.awm import awm_log_prob, awm_loss, awm_timestep_indices
 from ..losses.dgpo import dgpo_loss, group_shared_noise
-from ..losses.grpo import num_train_timesteps, rewards_tensor
+from ..losses.grpo import num_train_timesteps
 from ..losses.nft import delayed_linear_decay, linear_decay, nft_implicit_velocities, nft_loss
 from ..rl.adapters import ShadowAdapter
 from ..rl.backward import PerTimestepBackward
 from ..rl.forward import ForwardRolloutBatch, generate_ode_rollouts
 from ..rl.monitor import group_diversity
-from ..rl.rollouts import score_images
 from ..rl.scoring import GroupScoring
 from ..rl.seeds import FORWARD_NOISE, FORWARD_STEPS, derived_generator, sample_seeds
 from .base import MetricLog
@@ -119,12 +118,7 @@ class ForwardObjective(PerTimestepBackward, GroupScoring):
                     true_cfg_scale=args.true_cfg_scale, negative_prompt=args.negative_prompt,
                     reference_area=reference_area(args),
                 )
-                totals, per = score_images(self.reward_fn, batch.prompts, batch.images, batch.columns)
-                batch.rewards = rewards_tensor(totals)
-                batch.rewards_per_func = per
-                local_totals += totals
-                for k, v in per.items():
-                    local_per.setdefault(k, []).extend(v)
+                self._score(batch, local_totals, local_per)
                 chunks.append(batch)
         policy.train(was_training)
         if self.sampler is not None:

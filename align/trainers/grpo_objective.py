@@ -28,12 +28,11 @@ from ..losses.grpo import (
     grpo_clip_loss,
     grpo_guard_loss,
     num_train_timesteps,
-    rewards_tensor,
     sde_window_for,
 )
 from ..rl.backward import PerTimestepBackward
 from ..rl.monitor import group_diversity
-from ..rl.rollouts import RolloutBatch, generate_rollouts, recompute_log_prob, score_images
+from ..rl.rollouts import RolloutBatch, generate_rollouts, recompute_log_prob
 from ..rl.scoring import GroupScoring
 from ..rl.seeds import TRAIN_STEPS, WINDOW, derived_generator, sample_seeds
 from .base import MetricLog
@@ -106,12 +105,7 @@ class GRPOObjective(PerTimestepBackward, GroupScoring):
                 true_cfg_scale=args.true_cfg_scale, negative_prompt=args.negative_prompt, seeds=seeds[sl],
                 keep_means=args.policy_loss != "clip", reference_area=reference_area(args),
             )
-            totals, per = score_images(self.reward_fn, batch.prompts, batch.images, batch.columns)
-            batch.rewards = rewards_tensor(totals)
-            batch.rewards_per_func = per
-            local_totals += totals
-            for k, v in per.items():
-                local_per.setdefault(k, []).extend(v)
+            self._score(batch, local_totals, local_per)
             chunks.append(batch)
         policy.train(was_training)
         self._set_advantages(chunks, local_totals, local_per)
