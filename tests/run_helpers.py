@@ -1,19 +1,15 @@
-"""What the tests that start training processes share: the child's environment, a tiny rated image folder, a run's
-complete checkpoints, killing a run once a checkpoint is complete or in the middle of a save, and comparing two
+"""What the tests that start training processes share: the child's environment, a run's complete checkpoints, killing a run once a checkpoint is complete or in the middle of a save, and comparing two
 runs' final adapters bit for bit."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,16 +25,6 @@ def child_env(**extra: str) -> dict[str, str]:
 def launch_env() -> dict[str, str]:
     """:func:`child_env` for ``accelerate launch`` and the CLI: offline, on the CPU."""
     return child_env(HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true")
-
-
-def rated_images(folder: Path, n: int = 4) -> Path:
-    """An SFT imagefolder of ``n`` random 32x32 images, each rated 5 by three raters (``folder`` must not exist)."""
-    folder.mkdir()
-    with open(folder / "metadata.jsonl", "w") as fh:
-        for i in range(n):
-            Image.fromarray((np.random.default_rng(i).random((32, 32, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
-            fh.write(json.dumps({"file_name": f"{i}.png", "prompt": f"a sign {i}", "ratings": [5, 5, 5]}) + "\n")
-    return folder
 
 
 def run_ok(cmd: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:

@@ -11,7 +11,8 @@ import sys
 import time
 
 import pytest
-from run_helpers import ROOT, launch_env, rated_images
+from data_helpers import rated_images
+from run_helpers import ROOT, launch_env
 
 
 def _interrupt_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_helpers import ROOT, child_env, kill_during_save, rated_images
+from data_helpers import rated_images
+from run_helpers import ROOT, child_env, kill_during_save
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow  # processes / long runs: `-m "not slow"` skips them

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_helpers import ROOT, launch_env, rated_images
+from data_helpers import rated_images
+from run_helpers import ROOT, launch_env
 from safetensors.torch import load_file
 
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]

@@ -13,8 +13,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from data_helpers import rated_images
 from lora_helpers import lora_b_moved
-from run_helpers import child_env, kill_during_save, rated_images
+from run_helpers import child_env, kill_during_save
 from safetensors.torch import load_file
 
 from align.memory import Options, estimate

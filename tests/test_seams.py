@@ -17,11 +17,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from data_helpers import blocky_image
 from lora_helpers import lora_b_moved
-from PIL import Image
 from safetensors.torch import load_file
 
 from align.configs.sft import SFTConfig
@@ -104,17 +103,12 @@ register_model_family(RenamedTinyFamily(), replace=True)
 
 
 # ----------------------------------------------------------------------------- data
-def _image(i: int) -> Image.Image:
-    rng = np.random.default_rng(i)
-    return Image.fromarray((rng.random((RES // 8, RES // 8, 3)) * 255).astype(np.uint8)).resize((RES, RES), Image.NEAREST)
-
-
 @pytest.fixture(scope="module")
 def sft_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("seam_sft")
     with open(root / "metadata.jsonl", "w") as fh:
         for i, prompt in enumerate(["a red square", "a blue square"]):
-            _image(i).save(root / f"{i}.png")
+            blocky_image(i).save(root / f"{i}.png")
             fh.write(json.dumps({"file_name": f"{i}.png", "prompt": prompt, "ratings": [5, 5, 5]}) + "\n")
     return root
 
