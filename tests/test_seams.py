@@ -14,7 +14,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -128,6 +128,22 @@ def _lora_moved(out: Path) -> float:
 def test_both_plugins_are_listed():
     assert "toy-l1" in available_objectives()
     assert get_model_family("tiny-renamed").name == "tiny-renamed"
+
+
+def test_registries_refuse_a_taken_name_and_list_the_choices_of_an_unknown_one():
+    from align.objectives import get_objective
+    from qwen_image.errors import UnknownNameError
+
+    l1 = get_objective("toy-l1")
+    assert register_objective(l1) is l1  # the same objective again (a module imported twice)
+    with pytest.raises(ValueError, match="objective 'toy-l1' is registered already"):
+        register_objective(replace(l1, description="another one"))
+    with pytest.raises(UnknownNameError, match=r"unknown objective 'toy-l2'; choose one of .*toy-l1"):
+        get_objective("toy-l2")
+    with pytest.raises(ValueError, match="model family 'tiny-renamed' is registered already"):
+        register_model_family(type("Other", (QwenImageFamily,), {"name": "tiny-renamed"})())
+    with pytest.raises(UnknownNameError, match=r"unknown model_family 'nope'; choose one of .*tiny-renamed"):
+        get_model_family("nope")
 
 
 def test_new_objective_trains_through_the_run_skeleton(sft_data, tmp_path):
