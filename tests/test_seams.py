@@ -17,10 +17,10 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from data_helpers import blocky_image
-from lora_helpers import lora_b_moved
+from PIL import Image
 from safetensors.torch import load_file
 
 from align.configs.sft import SFTConfig
@@ -34,6 +34,9 @@ from align.trainers.sft import SFTTrainer
 ROOT = Path(__file__).resolve().parents[1]
 RES = 32
 
+
+# This file is also a plugin module (QWEN_IMAGE_ALIGN_PLUGINS) that launched processes import without tests/ on
+# sys.path: it imports no test helper module.
 
 # ----------------------------------------------------------------------------- a new objective, defined here only
 @dataclass
@@ -103,12 +106,17 @@ register_model_family(RenamedTinyFamily(), replace=True)
 
 
 # ----------------------------------------------------------------------------- data
+def _image(i: int) -> Image.Image:
+    rng = np.random.default_rng(i)
+    return Image.fromarray((rng.random((RES // 8, RES // 8, 3)) * 255).astype(np.uint8)).resize((RES, RES), Image.NEAREST)
+
+
 @pytest.fixture(scope="module")
 def sft_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("seam_sft")
     with open(root / "metadata.jsonl", "w") as fh:
         for i, prompt in enumerate(["a red square", "a blue square"]):
-            blocky_image(i).save(root / f"{i}.png")
+            _image(i).save(root / f"{i}.png")
             fh.write(json.dumps({"file_name": f"{i}.png", "prompt": prompt, "ratings": [5, 5, 5]}) + "\n")
     return root
 
@@ -121,7 +129,8 @@ def _common(out: Path) -> list[str]:
 
 
 def _lora_moved(out: Path) -> float:
-    return lora_b_moved(load_file(out / "pytorch_lora_weights.safetensors"))
+    weights = load_file(out / "pytorch_lora_weights.safetensors")
+    return max(float(v.abs().max()) for k, v in weights.items() if "lora_B" in k)
 
 
 # ----------------------------------------------------------------------------- the proof
