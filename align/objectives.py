@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qwen_image.errors import UnknownNameError, UserError
+from qwen_image.errors import UserError
 
-from .plugins import load_plugins
+from .plugins import Registry, load_plugins
 
 GENERIC_SCRIPT = Path(__file__).resolve().parent / "train.py"
 
@@ -80,34 +80,29 @@ class Objective:
         return [] if self.script else [self.name]
 
 
-_REGISTRY: dict[str, Objective] = {}
+_REGISTRY: Registry[Objective] = Registry("objective", same=lambda old, new: old == new)
 
 
 def register_objective(objective: Objective, *, replace: bool = False) -> Objective:
     """Add an objective (``replace`` to redefine a name). Returns it, so it can be used as a module constant."""
-    if objective.name in _REGISTRY and not replace and _REGISTRY[objective.name] != objective:
-        raise ValueError(f"objective {objective.name!r} is registered already")
-    _REGISTRY[objective.name] = objective
-    return objective
+    return _REGISTRY.register(objective.name, objective, replace)
 
 
 def available_objectives() -> list[str]:
     load_plugins()
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def get_objective(name: str) -> Objective:
     load_plugins()
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    raise UnknownNameError(f"unknown objective {name!r}; choose one of {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY.get(name)
 
 
 def objective_of_config(config: Any) -> Objective:
     """The registered objective whose config class ``config`` is (an exact class match, then the nearest base)."""
     load_plugins()
     for cls in type(config).__mro__:
-        for objective in _REGISTRY.values():
+        for objective in _REGISTRY:
             if objective.resolved("config_class") is cls:
                 return objective
     raise UserError(f"{type(config).__name__} is the config of no registered objective")
@@ -161,28 +156,26 @@ def forward_memory(config: Any, method: str | None = None) -> MemoryTerms:
 
 
 _ALIGN = Path(__file__).resolve().parent
-SFT = register_objective(Objective(
-    "sft", "align.configs.sft:SFTConfig", "align.sft:load_data", "align.sft:build_trainer", sft_memory,
-    script=str(_ALIGN / "sft.py"), description="supervised fine-tuning (flow matching) on rater-filtered images"))
-DPO = register_objective(Objective(
-    "dpo", "align.configs.combined:DPOGRPOConfig", "align.dpo:load_data", "align.dpo:build_trainer", dpo_memory,
-    script=str(_ALIGN / "dpo.py"),
-    description="Flow-DPO on preference pairs; with an online term (online: grpo|nft|awm|dgpo, w_online > 0) and/or "
-                "a KTO term on ratings (w_kto > 0) the combined objective"))
-GRPO = register_objective(Objective(
-    "grpo", "align.configs.grpo:GRPOConfig", "align.grpo:load_data", "align.grpo:build_trainer", grpo_memory,
-    script=str(_ALIGN / "grpo.py"), description="Flow-GRPO online RL on SDE rollouts (clip / guard / dppo)"))
-NFT = register_objective(Objective(
-    "nft", "align.configs.forward:NFTConfig", "align.nft:load_data", "align.nft:build_trainer", forward_memory,
-    script=str(_ALIGN / "nft.py"),
-    description="DiffusionNFT online RL on CFG-free ODE rollouts (trained + old LoRA adapters)"))
-AWM = register_objective(Objective(
-    "awm", "align.configs.forward:AWMConfig", "align.awm:load_data", "align.awm:build_trainer", forward_memory,
-    script=str(_ALIGN / "awm.py"), description="AWM: advantage-weighted flow matching on on-policy ODE rollouts"))
-DGPO = register_objective(Objective(
-    "dgpo", "align.configs.forward:DGPOConfig", "align.dgpo:load_data", "align.dgpo:build_trainer", forward_memory,
-    script=str(_ALIGN / "dgpo.py"), description="DGPO: group-level preference optimisation on ODE rollouts"))
-KTO = register_objective(Objective(
-    "kto", "align.configs.kto:KTOConfig", "align.kto:load_data", "align.kto:build_trainer", kto_memory,
-    script=str(_ALIGN / "kto.py"),
-    description="Diffusion-KTO on per-image ratings (desirable / undesirable images of a rating project)"))
+
+
+def _builtin(name: str, config_class: str, memory: Any, description: str) -> Objective:
+    # A built-in objective NAME lives in align/NAME.py: its launch script, with load_data and build_trainer.
+    return register_objective(Objective(name, config_class, f"align.{name}:load_data", f"align.{name}:build_trainer",
+                                        memory, script=str(_ALIGN / f"{name}.py"), description=description))
+
+
+SFT = _builtin("sft", "align.configs.sft:SFTConfig", sft_memory,
+               "supervised fine-tuning (flow matching) on rater-filtered images")
+DPO = _builtin("dpo", "align.configs.combined:DPOGRPOConfig", dpo_memory,
+               "Flow-DPO on preference pairs; with an online term (online: grpo|nft|awm|dgpo, w_online > 0) and/or "
+               "a KTO term on ratings (w_kto > 0) the combined objective")
+GRPO = _builtin("grpo", "align.configs.grpo:GRPOConfig", grpo_memory,
+                "Flow-GRPO online RL on SDE rollouts (clip / guard / dppo)")
+NFT = _builtin("nft", "align.configs.forward:NFTConfig", forward_memory,
+               "DiffusionNFT online RL on CFG-free ODE rollouts (trained + old LoRA adapters)")
+AWM = _builtin("awm", "align.configs.forward:AWMConfig", forward_memory,
+               "AWM: advantage-weighted flow matching on on-policy ODE rollouts")
+DGPO = _builtin("dgpo", "align.configs.forward:DGPOConfig", forward_memory,
+                "DGPO: group-level preference optimisation on ODE rollouts")
+KTO = _builtin("kto", "align.configs.kto:KTOConfig", kto_memory,
+               "Diffusion-KTO on per-image ratings (desirable / undesirable images of a rating project)")

@@ -1,8 +1,8 @@
 """The complete Qwen-Image model bundle on diffusers and transformers classes.
 
-Attributes load lazily (PEP 562): ``qwen_image.errors`` and ``qwen_image.images`` are the project's lowest layer
-(the user-error type and the image converter that ``rewards/`` and ``annotation/`` share), and importing them
-must not pull in torch and diffusers.
+Attributes load lazily (PEP 562): ``qwen_image.errors``, ``qwen_image.images`` and ``qwen_image.jsonl`` are the
+project's lowest layer (the user-error type, the image converter and the JSON Lines reader that ``rewards/`` and
+``annotation/`` share), and importing them must not pull in torch and diffusers.
 """
 
 from __future__ import annotations

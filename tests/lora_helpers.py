@@ -1,4 +1,5 @@
-"""A LoRA whose adapters-on output differs from adapters-off, for tests that compare policy and reference."""
+"""A LoRA whose adapters-on output differs from adapters-off, for tests that compare policy and reference, and how
+far a trained LoRA moved."""
 
 
 def perturbed_lora(q, targets=("to_q", "to_k", "to_v", "to_out.0"), seed: int = 1, scale: float = 0.05):
@@ -21,3 +22,8 @@ def lora_b_off_zero(model, seed: int = 1, scale: float = 0.05):
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def lora_b_moved(state: dict) -> float:
+    """The largest |lora_B| of a LoRA state dict: PEFT starts lora_B at zero, so > 0 means the adapter trained."""
+    return max(float(v.abs().max()) for k, v in state.items() if "lora_B" in k)

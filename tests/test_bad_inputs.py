@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from run_helpers import launch_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny"
@@ -285,6 +286,11 @@ def _run_cli(which: str, argv: list[str]) -> int:
         return int(err.code or 0)
 
 
+def _run_on(recipe: str, data: str, out: str = "{out}") -> list[str]:
+    """The argv of a case that reads data: ``--config recipe --dataset_name data --output_dir out``."""
+    return ["--config", recipe, "--dataset_name", data, "--output_dir", out]
+
+
 # (id, cli, argv with {name} placeholders for fixture paths and {out} for a fresh folder, text the line must hold)
 CASES = [
     # ---- SFT: options and recipes
@@ -308,52 +314,51 @@ CASES = [
     ("sft-no-dataset", "sft", ["--output_dir", "{out}"], "dataset_name is required"),
     ("sft-phases", "sft", ["--config", SFT, "--phases", '[{"until": 0.5}]'], "the last phase must end at until: 1.0"),
     # ---- SFT: output_dir and resume
-    ("sft-previous-run", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{previous_run}"],
+    ("sft-previous-run", "sft", _run_on(SFT, "{sft}", "{previous_run}"),
      "already holds a run (checkpoint-3, pytorch_lora_weights.safetensors): pass --resume_from_checkpoint last"),
-    ("sft-resume-finished-run", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir",
-                                        "{finished_run}", "--resume_from_checkpoint", "last"],
+    ("sft-resume-finished-run", "sft", [*_run_on(SFT, "{sft}", "{finished_run}"), "--resume_from_checkpoint", "last"],
      "holds a run (pytorch_lora_weights.safetensors) but no complete checkpoint to resume"),
-    ("sft-finished-run-no-circle", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir",
-                                           "{finished_run}"], "already holds a run (pytorch_lora_weights.safetensors): "
+    ("sft-finished-run-no-circle", "sft", _run_on(SFT, "{sft}", "{finished_run}"),
+     "already holds a run (pytorch_lora_weights.safetensors): "
                                                               "--overwrite_output_dir to replace it"),
-    ("sft-resume-only-incomplete", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir",
-                                           "{half_written}", "--resume_from_checkpoint", "last"],
+    ("sft-resume-only-incomplete", "sft", [*_run_on(SFT, "{sft}", "{half_written}"), "--resume_from_checkpoint",
+                                           "last"],
      "but no complete checkpoint to resume"),
-    ("sft-resume-incomplete-path", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
-                                           "--resume_from_checkpoint", "{half_written}/checkpoint-5"],
+    ("sft-resume-incomplete-path", "sft", [*_run_on(SFT, "{sft}"), "--resume_from_checkpoint",
+                                           "{half_written}/checkpoint-5"],
      "not a complete checkpoint"),
-    ("sft-resume-missing-path", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
-                                        "--resume_from_checkpoint", "{root}/nope"], "no such checkpoint folder"),
-    ("sft-resume-other-run", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{far_run}",
-                                     "--resume_from_checkpoint", "last", "--max_steps", "10"],
+    ("sft-resume-missing-path", "sft", [*_run_on(SFT, "{sft}"), "--resume_from_checkpoint", "{root}/nope"],
+     "no such checkpoint folder"),
+    ("sft-resume-other-run", "sft", [*_run_on(SFT, "{sft}", "{far_run}"), "--resume_from_checkpoint", "last",
+                                     "--max_steps", "10"],
      "is at step 20, past max_steps 10"),
     # ---- SFT: data
-    ("sft-dataset-missing", "sft", ["--config", SFT, "--dataset_name", "{root}/no_such_data", "--output_dir", "{out}"],
+    ("sft-dataset-missing", "sft", _run_on(SFT, "{root}/no_such_data"),
      "no_such_data' not found"),
     ("sft-dataset-relative-missing", "sft", ["--config", SFT, "--dataset_name", "data/tiny_sft_missing",
                                              "--output_dir", "{out}"], "not found: no such local folder or file"),
-    ("sft-all-filtered", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
-                                 "--min_score", "5", "--min_raters", "4"], "no training rows left (3 rows, 3 too_few_ratings"),
-    ("sft-rating-five", "sft", ["--config", SFT, "--dataset_name", "{sft_five}", "--output_dir", "{out}"],
+    ("sft-all-filtered", "sft", [*_run_on(SFT, "{sft}"), "--min_score", "5", "--min_raters", "4"],
+     "no training rows left (3 rows, 3 too_few_ratings"),
+    ("sft-rating-five", "sft", _run_on(SFT, "{sft_five}"),
      "row 0 (file_name='a.png'): rating 'five' is not a number"),
-    ("sft-rating-scale", "sft", ["--config", SFT, "--dataset_name", "{sft_scale}", "--output_dir", "{out}"],
+    ("sft-rating-scale", "sft", _run_on(SFT, "{sft_scale}"),
      "rating 7 is outside the rating scale [1, 5]"),
-    ("sft-min-score-scale", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
-                                    "--min_score", "9"], "min_score 9 is outside the rating scale"),
-    ("sft-no-ratings", "sft", ["--config", SFT, "--dataset_name", "{sft_unrated}", "--output_dir", "{out}"],
+    ("sft-min-score-scale", "sft", [*_run_on(SFT, "{sft}"), "--min_score", "9"],
+     "min_score 9 is outside the rating scale"),
+    ("sft-no-ratings", "sft", _run_on(SFT, "{sft_unrated}"),
      "no 'ratings' column"),
-    ("sft-bad-json", "sft", ["--config", SFT, "--dataset_name", "{sft_badjson}", "--output_dir", "{out}"],
+    ("sft-bad-json", "sft", _run_on(SFT, "{sft_badjson}"),
      "metadata.jsonl:2: not valid JSON"),
-    ("sft-missing-image", "sft", ["--config", SFT, "--dataset_name", "{sft_missing_img}", "--output_dir", "{out}",
-                                  "--min_raters", "0"], "row 2 (file_name='gone.png'): image: image not found"),
-    ("sft-corrupt-image", "sft", ["--config", SFT, "--dataset_name", "{sft_corrupt}", "--output_dir", "{out}",
-                                  "--min_raters", "0"], "row 2 (file_name='bad.png'): image: unreadable image"),
-    ("sft-empty-prompt", "sft", ["--config", SFT, "--dataset_name", "{sft_empty_prompt}", "--output_dir", "{out}"],
+    ("sft-missing-image", "sft", [*_run_on(SFT, "{sft_missing_img}"), "--min_raters", "0"],
+     "row 2 (file_name='gone.png'): image: image not found"),
+    ("sft-corrupt-image", "sft", [*_run_on(SFT, "{sft_corrupt}"), "--min_raters", "0"],
+     "row 2 (file_name='bad.png'): image: unreadable image"),
+    ("sft-empty-prompt", "sft", _run_on(SFT, "{sft_empty_prompt}"),
      "row 0 (file_name='a.png'): empty prompt"),
-    ("sft-image-key", "sft", ["--config", SFT, "--dataset_name", "{sft_image_key}", "--output_dir", "{out}"],
+    ("sft-image-key", "sft", _run_on(SFT, "{sft_image_key}"),
      "rows must not have an 'image' key"),
-    ("sft-no-rows", "sft", ["--config", SFT, "--dataset_name", "{sft_no_rows}", "--output_dir", "{out}"], "has no rows"),
-    ("sft-empty-folder", "sft", ["--config", SFT, "--dataset_name", "{empty_dir}", "--output_dir", "{out}"],
+    ("sft-no-rows", "sft", _run_on(SFT, "{sft_no_rows}"), "has no rows"),
+    ("sft-empty-folder", "sft", _run_on(SFT, "{empty_dir}"),
      "not a dataset this tool can read"),
     # ---- DPO
     ("dpo-loss-type", "dpo", ["--config", DPO, "--loss_type", "kto"], "loss_type must be one of"),
@@ -362,29 +367,26 @@ CASES = [
     ("dpo-eval-fraction", "dpo", ["--config", DPO, "--eval_fraction", "1"], "eval_fraction must be in [0, 1)"),
     ("dpo-negative-weight", "dpo", ["--config", DPO, "--w_sft", "-1"], "w_sft must be >= 0"),
     ("dpo-yaml-typo", "dpo", ["--config", "{recipes}/typo_dpo.yaml"], "unknown option 'bta' (did you mean 'beta'?)"),
-    ("dpo-max-steps-0", "dpo", ["--config", DPO, "--dataset_name", "{pairs}", "--output_dir", "{out}", "--max_steps", "0"],
+    ("dpo-max-steps-0", "dpo", [*_run_on(DPO, "{pairs}"), "--max_steps", "0"],
      "max_steps 0 trains nothing"),
-    ("dpo-previous-run", "dpo", ["--config", DPO, "--dataset_name", "{pairs}", "--output_dir", "{previous_run}"],
+    ("dpo-previous-run", "dpo", _run_on(DPO, "{pairs}", "{previous_run}"),
      "already holds a run"),
-    ("dpo-resume-finished-run", "dpo", ["--config", DPO, "--dataset_name", "{pairs}", "--output_dir",
-                                        "{finished_run}", "--resume_from_checkpoint", "last"],
+    ("dpo-resume-finished-run", "dpo", [*_run_on(DPO, "{pairs}", "{finished_run}"), "--resume_from_checkpoint", "last"],
      "but no complete checkpoint to resume"),
-    ("dpo-min-agreement-range", "dpo", ["--config", DPO, "--dataset_name", "{pairs}", "--output_dir", "{out}",
-                                        "--min_agreement", "1.5"], "min_agreement must be in [0, 1]"),
-    ("dpo-missing-rejected", "dpo", ["--config", DPO, "--dataset_name", "{pairs_no_rejected}", "--output_dir", "{out}"],
+    ("dpo-min-agreement-range", "dpo", [*_run_on(DPO, "{pairs}"), "--min_agreement", "1.5"],
+     "min_agreement must be in [0, 1]"),
+    ("dpo-missing-rejected", "dpo", _run_on(DPO, "{pairs_no_rejected}"),
      "no row has a 'rejected' image"),
-    ("dpo-dataset-missing", "dpo", ["--config", DPO, "--dataset_name", "{root}/no_pairs", "--output_dir", "{out}"],
+    ("dpo-dataset-missing", "dpo", _run_on(DPO, "{root}/no_pairs"),
      "preference dataset"),
-    ("dpo-identical", "dpo", ["--config", DPO, "--dataset_name", "{pairs_same}", "--output_dir", "{out}"],
+    ("dpo-identical", "dpo", _run_on(DPO, "{pairs_same}"),
      "no usable preference pairs"),
-    ("dpo-nan-agreement", "dpo", ["--config", DPO, "--dataset_name", "{pairs_nan}", "--output_dir", "{out}",
-                                  "--min_agreement", "0.5"], "1 agreement not in [0, 1]"),
-    ("dpo-bad-json", "dpo", ["--config", DPO, "--dataset_name", "{pairs_badjson}", "--output_dir", "{out}"],
+    ("dpo-nan-agreement", "dpo", [*_run_on(DPO, "{pairs_nan}"), "--min_agreement", "0.5"], "1 agreement not in [0, 1]"),
+    ("dpo-bad-json", "dpo", _run_on(DPO, "{pairs_badjson}"),
      "metadata.jsonl:2: not valid JSON"),
-    ("dpo-no-agreement", "dpo", ["--config", DPO, "--dataset_name", "{pairs_novotes}", "--output_dir", "{out}",
-                                 "--min_agreement", "0.5"], "neither an 'agreement' nor a 'votes' column"),
-    ("dpo-grpo-two-prompt-sources", "dpo", ["--config", DPO_GRPO, "--dataset_name", "{pairs}", "--output_dir", "{out}",
-                                            "--grpo_dataset_name", "{prompts}/ok.jsonl"],
+    ("dpo-no-agreement", "dpo", [*_run_on(DPO, "{pairs_novotes}"), "--min_agreement", "0.5"],
+     "neither an 'agreement' nor a 'votes' column"),
+    ("dpo-grpo-two-prompt-sources", "dpo", [*_run_on(DPO_GRPO, "{pairs}"), "--grpo_dataset_name", "{prompts}/ok.jsonl"],
      "both a prompt dataset"),
     # ---- GRPO
     ("grpo-unknown-reward", "grpo", ["--config", GRPO, "--reward_funcs", "nope", "--output_dir", "{out}"],
@@ -434,61 +436,52 @@ CASES = [
      "--reward_no_signal_limit -1: must be >= 0"),
     ("grpo-batch-0", "grpo", ["--config", GRPO, "--per_device_train_batch_size", "0"], "must be >= 1"),
     # ---- round 3: resume refuses incomplete and foreign checkpoints before the weights load
-    ("sft-resume-dpo-checkpoint", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir",
-                                          "{runs}/dpo_ckpt", "--resume_from_checkpoint", "last"],
+    ("sft-resume-dpo-checkpoint", "sft", [*_run_on(SFT, "{sft}", "{runs}/dpo_ckpt"), "--resume_from_checkpoint",
+                                          "last"],
      "it is a dpo checkpoint and this is a sft run"),
-    ("sft-resume-dpo-checkpoint-path", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
-                                               "--resume_from_checkpoint", "{runs}/dpo_ckpt/checkpoint-2"],
+    ("sft-resume-dpo-checkpoint-path", "sft", [*_run_on(SFT, "{sft}"), "--resume_from_checkpoint",
+                                               "{runs}/dpo_ckpt/checkpoint-2"],
      "it is a dpo checkpoint and this is a sft run"),
-    ("dpo-resume-sft-checkpoint", "dpo", ["--config", DPO, "--dataset_name", "{pairs}", "--output_dir",
-                                          "{runs}/sft_ckpt", "--resume_from_checkpoint", "last"],
+    ("dpo-resume-sft-checkpoint", "dpo", [*_run_on(DPO, "{pairs}", "{runs}/sft_ckpt"), "--resume_from_checkpoint",
+                                          "last"],
      "it is a sft checkpoint and this is a dpo run"),
     ("grpo-resume-sft-checkpoint", "grpo", ["--config", GRPO, "--output_dir", "{runs}/sft_ckpt",
                                             "--resume_from_checkpoint", "last"], "it is a sft checkpoint and this is a grpo run"),
-    ("sft-resume-other-rank", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{runs}/rank8_ckpt",
-                                      "--resume_from_checkpoint", "last"],
+    ("sft-resume-other-rank", "sft", [*_run_on(SFT, "{sft}", "{runs}/rank8_ckpt"), "--resume_from_checkpoint", "last"],
      "trained with lora_rank 8, this run has --lora_rank 4: resume with --lora_rank 8"),
-    ("sft-resume-edit-checkpoint", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir",
-                                           "{runs}/edit_ckpt", "--resume_from_checkpoint", "last"],
+    ("sft-resume-edit-checkpoint", "sft", [*_run_on(SFT, "{sft}", "{runs}/edit_ckpt"), "--resume_from_checkpoint",
+                                           "last"],
      "trained on an edit model, this run's model is a text-to-image model"),
-    ("sft-resume-full-checkpoint", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir",
-                                           "{runs}/full_ckpt", "--resume_from_checkpoint", "last"],
+    ("sft-resume-full-checkpoint", "sft", [*_run_on(SFT, "{sft}", "{runs}/full_ckpt"), "--resume_from_checkpoint",
+                                           "last"],
      "its finetune is 'full', this run's is 'lora'"),
-    ("sft-resume-missing-optimizer", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
-                                             "--resume_from_checkpoint", "{runs}/sft_ckpt_no_optimizer/checkpoint-2"],
+    ("sft-resume-missing-optimizer", "sft", [*_run_on(SFT, "{sft}"), "--resume_from_checkpoint",
+                                             "{runs}/sft_ckpt_no_optimizer/checkpoint-2"],
      "is not a complete checkpoint (optimizer.pt is missing)"),
-    ("sft-last-skips-missing-optimizer", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir",
-                                                 "{runs}/sft_ckpt_no_optimizer", "--resume_from_checkpoint", "last"],
+    ("sft-last-skips-missing-optimizer", "sft", [*_run_on(SFT, "{sft}", "{runs}/sft_ckpt_no_optimizer"),
+                                                 "--resume_from_checkpoint", "last"],
      "but no complete checkpoint to resume"),
     # ---- round 3: LoRA files (--init_adapter): one line naming the file and the option
-    ("sft-init-adapter-missing", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
-                                         "--init_adapter", "{adapters}/nope.safetensors"], "does not exist"),
-    ("sft-init-adapter-truncated", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
-                                           "--init_adapter", "{adapters}/truncated.safetensors"],
-     "truncated.safetensors: not a readable .safetensors file"),
-    ("sft-init-adapter-rank", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
-                                      "--init_adapter", "{adapters}/r8.safetensors"],
-     "r8.safetensors has rank 8 (alpha 8), --lora_rank is 4"),
-    ("sft-init-adapter-bin", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
-                                     "--init_adapter", "{adapters}/lora.bin"], "only .safetensors LoRA files are read"),
-    ("sft-init-adapter-two-files", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
-                                           "--init_adapter", "{adapters}/two"], "exactly one .safetensors file"),
-    ("sft-init-adapter-no-lora", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
-                                         "--init_adapter", "{adapters}/no_lora.safetensors"], "holds no LoRA weights"),
-    ("sft-init-adapter-other-size", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
-                                            "--init_adapter", "{adapters}/other_size.safetensors"],
-     "a LoRA for another model size (transformer_blocks.0.attn.to_q has input width"),
-    ("sft-init-adapter-lycoris", "sft", ["--config", SFT, "--dataset_name", "{sft}", "--output_dir", "{out}",
-                                         "--init_adapter", "{adapters}/lycoris.safetensors"], "LyCORIS"),
-    ("dpo-init-adapter-rank", "dpo", ["--config", DPO, "--dataset_name", "{pairs}", "--output_dir", "{out}",
-                                      "--init_adapter", "{adapters}/r8.safetensors"], "has rank 8 (alpha 8)"),
+    *[(f"sft-init-adapter-{name}", "sft", [*_run_on(SFT, "{sft}"), "--init_adapter", f"{{adapters}}/{file}"], expected)
+      for name, file, expected in (
+          ("missing", "nope.safetensors", "does not exist"),
+          ("truncated", "truncated.safetensors", "truncated.safetensors: not a readable .safetensors file"),
+          ("rank", "r8.safetensors", "r8.safetensors has rank 8 (alpha 8), --lora_rank is 4"),
+          ("bin", "lora.bin", "only .safetensors LoRA files are read"),
+          ("two-files", "two", "exactly one .safetensors file"),
+          ("no-lora", "no_lora.safetensors", "holds no LoRA weights"),
+          ("other-size", "other_size.safetensors",
+           "a LoRA for another model size (transformer_blocks.0.attn.to_q has input width"),
+          ("lycoris", "lycoris.safetensors", "LyCORIS"))],
+    ("dpo-init-adapter-rank", "dpo", [*_run_on(DPO, "{pairs}"), "--init_adapter", "{adapters}/r8.safetensors"],
+     "has rank 8 (alpha 8)"),
     ("grpo-init-adapter-truncated", "grpo", ["--config", GRPO, "--finetune", "lora", "--lora_rank", "4",
                                              "--output_dir", "{out}", "--init_adapter",
                                              "{adapters}/truncated.safetensors"], "not a readable .safetensors file"),
     # ---- round 3: model / data mismatches
-    ("sft-t2i-on-edit-data", "sft", ["--config", SFT, "--dataset_name", "{sft_edit}", "--output_dir", "{out}"],
+    ("sft-t2i-on-edit-data", "sft", _run_on(SFT, "{sft_edit}"),
      "edit data (column 'control_image') for a text-to-image model"),
-    ("dpo-t2i-on-edit-pairs", "dpo", ["--config", DPO, "--dataset_name", "{pairs_edit}", "--output_dir", "{out}"],
+    ("dpo-t2i-on-edit-pairs", "dpo", _run_on(DPO, "{pairs_edit}"),
      "edit data (column 'control_image') for a text-to-image model"),
     ("grpo-t2i-on-edit-prompts", "grpo", ["--config", GRPO, "--train_prompts", "{prompts}/edit.jsonl",
                                           "--output_dir", "{out}"],
@@ -499,21 +492,21 @@ CASES = [
     ("dpo-edit-recipe-on-t2i-model", "dpo", ["--config", str(TINY / "edit_dpo_lora.yaml"), "--tiny_variant", "t2i",
                                              "--dataset_name", "{pairs_edit}", "--output_dir", "{out}"],
      "edit data (column 'control_image') for a text-to-image model"),
-    ("sft-edit-fourth-control", "sft", ["--config", EDIT_SFT, "--dataset_name", "{edit_four}", "--output_dir", "{out}"],
+    ("sft-edit-fourth-control", "sft", _run_on(EDIT_SFT, "{edit_four}"),
      "column 'control_image_3'"),
-    ("sft-edit-missing-control", "sft", ["--config", EDIT_SFT, "--dataset_name", "{edit_missing}", "--output_dir",
-                                         "{out}"], "row 1 (file_name='b.png'): control image 1: image not found"),
+    ("sft-edit-missing-control", "sft", _run_on(EDIT_SFT, "{edit_missing}"),
+     "row 1 (file_name='b.png'): control image 1: image not found"),
     ("sft-edit-elongated-control", "sft", ["--config", EDIT_SFT, "--dataset_name", "{edit_elongated}",
                                            "--output_dir", "{out}"], "row 1 (file_name='b.png'): a 3000x8 reference is too elongated"),
-    ("sft-long-prompt", "sft", ["--config", SFT, "--dataset_name", "{sft_long}", "--output_dir", "{out}"],
+    ("sft-long-prompt", "sft", _run_on(SFT, "{sft_long}"),
      "row 1 (file_name='b.png'): prompt is 6006 tokens; Qwen-Image reads at most 1024"),
-    ("sft-prompt-not-text", "sft", ["--config", SFT, "--dataset_name", "{sft_int_prompt}", "--output_dir", "{out}",
-                                    "--min_raters", "0"], "row 1 (file_name='b.png'): 'prompt' is 5 (a number) where row 0 "
+    ("sft-prompt-not-text", "sft", [*_run_on(SFT, "{sft_int_prompt}"), "--min_raters", "0"],
+     "row 1 (file_name='b.png'): 'prompt' is 5 (a number) where row 0 "
                                                           "has text"),
     ("grpo-prompt-not-text", "grpo", ["--config", GRPO, "--train_prompts", "{prompts}/mixed.jsonl", "--output_dir",
                                       "{out}"], "row 1: 'prompt' is ['a', 'dog'] (a list) where row 0 has text"),
-    ("dpo-long-prompt", "dpo", ["--config", DPO, "--dataset_name", "{pairs_long}", "--output_dir", "{out}",
-                                "--eval_fraction", "0", "--eval_strategy", "no"], "prompt is 6006 tokens"),
+    ("dpo-long-prompt", "dpo", [*_run_on(DPO, "{pairs_long}"), "--eval_fraction", "0", "--eval_strategy", "no"],
+     "prompt is 6006 tokens"),
     # ---- round 3: online rewards (the run stops with one line naming the reward)
     *[(f"grpo-reward-{name}", "grpo", ["--config", GRPO, *FAST_GRPO, "--reward_funcs", f"bad_rewards.{name}",
                                        "--output_dir", "{out}"], expected)
@@ -532,9 +525,8 @@ CASES = [
     ("grpo-reward-one-of-two-short", "grpo", ["--config", GRPO, *FAST_GRPO, "--reward_funcs", "brightness",
                                               "bad_rewards.short", "--output_dir", "{out}"],
      "reward 'bad_rewards.short' returned 1 values"),
-    ("dpo-grpo-reward-nan", "dpo", ["--config", DPO_GRPO, "--dataset_name", "{pairs}", "--output_dir", "{out}",
-                                    "--reward_funcs", "bad_rewards.nan", "--num_generations", "2",
-                                    "--train_prompts", "a cat", "a dog", "--num_inference_steps", "2",
+    ("dpo-grpo-reward-nan", "dpo", [*_run_on(DPO_GRPO, "{pairs}"), "--reward_funcs", "bad_rewards.nan",
+                                    "--num_generations", "2", "--train_prompts", "a cat", "a dog", "--num_inference_steps", "2",
                                     "--per_device_train_batch_size", "2",
                                     "--eval_fraction", "0", "--eval_strategy", "no"],
      "reward 'bad_rewards.nan' scored every image None / NaN"),
@@ -789,19 +781,14 @@ def test_a_bug_keeps_its_traceback(capsys):
 
 
 # ---------------------------------------------------------------------------------------------------- end to end
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "ACCELERATE_USE_CPU": "true"}
-
-
 def test_scripts_end_to_end(data, tmp_path):
     """The real entry points: `python align/sft.py --help` (exit 0, no traceback; it used to be a SystemExit
     traceback), `python -m align.datatools` (exit code 2 through sys.exit)."""
     help_run = subprocess.run([sys.executable, str(ROOT / "align/sft.py"), "--help"], capture_output=True, text=True,
-                              env=_env(), timeout=120, cwd=tmp_path)
+                              env=launch_env(), timeout=120, cwd=tmp_path)
     assert help_run.returncode == 0 and "Traceback" not in help_run.stderr and "--config" in help_run.stdout
     dt = subprocess.run([sys.executable, "-m", "align.datatools", "filter", "--data-dir", str(tmp_path / "nope"),
-                         "--out", str(tmp_path / "o")], capture_output=True, text=True, env=_env(), timeout=120)
+                         "--out", str(tmp_path / "o")], capture_output=True, text=True, env=launch_env(), timeout=120)
     assert dt.returncode == 2 and dt.stderr.strip() == f"error: --data-dir {tmp_path / 'nope'}: no such folder"
 
 
@@ -810,7 +797,7 @@ def test_qwen_image_align_passes_the_scripts_one_line_error_through_accelerate(d
     CalledProcessError traceback."""
     proc = subprocess.run([sys.executable, "-m", "align.cli", "sft", "--config", SFT, "--num_processes", "1",
                            "--dataset_name", str(data["sft_five"]), "--output_dir", str(tmp_path / "o")],
-                          capture_output=True, text=True, env=_env(), timeout=300, cwd=tmp_path)
+                          capture_output=True, text=True, env=launch_env(), timeout=300, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "CalledProcessError" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -825,7 +812,7 @@ def test_raw_accelerate_launch_quiet_ends_with_the_scripts_one_line(data, tmp_pa
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--num_processes", "1",
                            str(ROOT / "align/sft.py"), "--config", SFT, "--dataset_name", str(data["sft_five"]),
                            "--output_dir", str(tmp_path / "o")],
-                          capture_output=True, text=True, env=_env(), timeout=300, cwd=tmp_path)
+                          capture_output=True, text=True, env=launch_env(), timeout=300, cwd=tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "rating 'five' is not a number" in errors[0]
@@ -843,7 +830,7 @@ def test_a_reward_failing_on_one_process_stops_every_process_with_one_line(tmp_p
         "        return [math.nan] * len(prompts)\n"
         "    return [0.1 * i for i in range(len(prompts))]  # spread: process 0 alone would train on\n",
         encoding="utf-8")
-    env = {**_env(), "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}", "WANDB_MODE": "disabled"}
+    env = {**launch_env(), "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}", "WANDB_MODE": "disabled"}
     proc = subprocess.run([sys.executable, "-m", "align.cli", "grpo", "--config", GRPO, "--multi_gpu",
                            "--num_processes", "2", "--train_prompts", "a cat", "a dog", "a cow", "a hen",
                            "--num_generations", "2", "--per_device_train_batch_size", "2",
@@ -868,7 +855,7 @@ def _noise(stderr: str) -> list[str]:
 def test_help_and_a_one_line_error_print_no_library_warnings(tmp_path):
     """What a user sees first: no torchao / pytree / transformers deprecation chatter before the help or the line,
     through ``qwen-image-align`` (the launcher) and the training script it would launch."""
-    env = _env()
+    env = launch_env()
     help_run = subprocess.run([sys.executable, "-m", "align.cli", "sft", "--help"], capture_output=True, text=True,
                               env=env, timeout=300, cwd=tmp_path)
     assert help_run.returncode == 0 and "--config RECIPE.yaml" in help_run.stdout, help_run.stderr[-2000:]

@@ -11,9 +11,9 @@ import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as edit_plus
 import numpy as np
 import pytest
 import torch
+from data_helpers import blocky_image
 from datasets import Dataset, List
 from datasets import Image as ImageFeature
-from PIL import Image
 from safetensors.torch import load_file
 
 from align.data.edit import CONTROLS, REFERENCE_LATENTS, control_problem, encode_edit_dataset, load_edit_dataset
@@ -29,12 +29,6 @@ RES = 32
 PROMPTS = ['replace the text with "OPEN"', 'replace the text with "SALE"']
 
 
-def _image(i: int, size=(RES, RES)) -> Image.Image:
-    rng = np.random.default_rng(i)
-    arr = (rng.random((size[1] // 8, size[0] // 8, 3)) * 255).astype(np.uint8)
-    return Image.fromarray(arr).resize(size, Image.NEAREST)
-
-
 def _write_rows(root: Path, rows: list[dict]) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "metadata.jsonl", "w") as fh:
@@ -48,7 +42,7 @@ def edit_dir(tmp_path_factory):
     """Two kept rows (one with 2 controls) and one dropped by the rater filter."""
     root = tmp_path_factory.mktemp("edit_data")
     for i in range(6):
-        _image(i).save(root / f"{i}.png")
+        blocky_image(i).save(root / f"{i}.png")
     return _write_rows(root, [
         {"file_name": "0.png", "prompt": PROMPTS[0], "control_image": "3.png", "ratings": [5, 5, 4]},
         {"file_name": "1.png", "prompt": PROMPTS[1], "control_image": "4.png", "control_image_1": "5.png",
@@ -67,7 +61,7 @@ def test_control_image_rows_are_checked(edit_dir, tmp_path):
     assert summary.kept == 3 and [len(c) for c in ds[CONTROLS]] == [1, 2, 1]
     (tmp_path / "bad.png").write_bytes(b"not a png")
     for i in range(4):
-        _image(i).save(tmp_path / f"{i}.png")
+        blocky_image(i).save(tmp_path / f"{i}.png")
     cases = [
         ({"control_image": "nope.png"}, "control image 1: image not found"),
         ({"control_image": "bad.png"}, "control image 1: unreadable image"),
@@ -90,8 +84,8 @@ def test_control_image_rows_are_checked(edit_dir, tmp_path):
 
 def test_datasets_list_column_and_cache_key_includes_the_control_images(edit_dir, tmp_path):
     qwen = QwenImage.tiny_edit("2509")
-    ds = Dataset.from_dict({"prompt": PROMPTS, "image": [_image(0), _image(1)],
-                            "control_images": [[_image(3)], [_image(4), _image(5)]]})
+    ds = Dataset.from_dict({"prompt": PROMPTS, "image": [blocky_image(0), blocky_image(1)],
+                            "control_images": [[blocky_image(3)], [blocky_image(4), blocky_image(5)]]})
     ds = ds.cast_column("image", ImageFeature()).cast_column("control_images", List(ImageFeature()))
     ds.save_to_disk(tmp_path / "hf")
     from_hf, _ = _checked(tmp_path / "hf")
@@ -104,7 +98,7 @@ def test_datasets_list_column_and_cache_key_includes_the_control_images(edit_dir
         torch.testing.assert_close(a[REFERENCE_LATENTS], b[REFERENCE_LATENTS], atol=1e-6, rtol=0)
     assert enc_hf[1][REFERENCE_LATENTS].shape[0] == 2 * 16  # two 64x64 references, 16 tokens each
     # Same instruction, other control image: other embeddings (the cache keys on the images too).
-    swapped = Dataset.from_dict({"prompt": [PROMPTS[0]], "image": [_image(0)], "control_images": [[_image(5)]]})
+    swapped = Dataset.from_dict({"prompt": [PROMPTS[0]], "image": [blocky_image(0)], "control_images": [[blocky_image(5)]]})
     swapped = swapped.cast_column("image", ImageFeature()).cast_column("control_images", List(ImageFeature()))
     enc_swapped = encode_edit_dataset(_checked_ds(swapped, tmp_path / "hf2"), qwen, "tiny", cache, resolution=RES)
     assert not torch.allclose(enc_swapped[0]["prompt_embeds"], enc_hf[0]["prompt_embeds"])
@@ -124,12 +118,12 @@ def _checked_ds(ds, path):
 
 def edit_loss(transformer, qwen: QwenImage) -> float:
     """Flow-matching loss of the two training edits at 6 fixed (sigma, noise) draws."""
-    controls = [[_image(3)], [_image(4), _image(5)]]
+    controls = [[blocky_image(3)], [blocky_image(4), blocky_image(5)]]
     total = 0.0
     g = torch.Generator().manual_seed(123)
     with torch.no_grad():
         for i in range(2):
-            x0 = pack(qwen.encode_images([_image(i)], RES, RES)).float()
+            x0 = pack(qwen.encode_images([blocky_image(i)], RES, RES)).float()
             cond = qwen.conditioning([PROMPTS[i]], [controls[i]])
             for s in torch.linspace(0.15, 0.9, 6):
                 noisy, target = make_noisy(x0, torch.randn(x0.shape, generator=g), s.repeat(1))
@@ -172,7 +166,7 @@ def test_edit_lora_sft_two_process_ddp_from_an_edit_checkpoint_loads_into_edit_p
     pipe.set_progress_bar_config(disable=True)
 
     def pipeline_image():
-        return pipe(image=[_image(3)], prompt=PROMPTS[0], negative_prompt=" ", height=RES, width=RES,
+        return pipe(image=[blocky_image(3)], prompt=PROMPTS[0], negative_prompt=" ", height=RES, width=RES,
                     num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images[0]
 
     before_img, before_loss = pipeline_image(), edit_loss(pipe.transformer, base)

@@ -2,23 +2,20 @@
 final adapter equals the uninterrupted run's exactly. The rollout buffer is reused across optimizer steps
 (num_iterations 2), so checkpoints fall in the middle of a buffer, and the kill lands between two checkpoints."""
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import ADAPTER, ROOT, assert_same_adapter, child_env, complete_checkpoints, kill_at_checkpoint, run_ok
 from safetensors.torch import load_file
 
 from align.data.preference import write_synthetic_pairs
 
 pytestmark = pytest.mark.slow  # processes / long runs: `-m "not slow"` skips them
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+ENV = child_env(WANDB_MODE="disabled")
 COMMON = ["--finetune", "lora", "--lora_rank", "4", "--lora_alpha", "4", "--max_steps", "5", "--save_strategy", "steps",
           "--save_steps", "1", "--logging_steps", "1", "--gradient_accumulation_steps", "1", "--num_iterations", "2",
           "--per_device_train_batch_size", "4", "--disable_tqdm", "true", "--report_to", "none"]
@@ -32,42 +29,21 @@ def _command(kind: str, out: Path, data: Path) -> list[str]:
             "--cache_dir", str(data.parent / "cache"), "--output_dir", str(out), *COMMON]
 
 
-def _complete_checkpoints(out: Path) -> list[Path]:
-    ckpts = [p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return sorted(ckpts, key=lambda p: int(p.name.split("-")[1]))
-
-
-def _run(cmd: list[str]) -> None:
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
 @pytest.mark.parametrize("kind", ["grpo", "combined"])
 def test_kill_and_resume_is_exact(kind, tmp_path):
     data = write_synthetic_pairs(tmp_path / "pairs", n=8, size=32) if kind == "combined" else tmp_path
     full, killed = tmp_path / "full", tmp_path / "killed"
-    _run(_command(kind, full, data))
+    run_ok(_command(kind, full, data), ENV)
 
     proc = subprocess.Popen(_command(kind, killed, data), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if any(int(p.name.split("-")[1]) >= 2 for p in _complete_checkpoints(killed)):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)  # between checkpoint-2 and checkpoint-3 (step 3 is training)
-    proc.wait()
-    assert not (killed / "pytorch_lora_weights.safetensors").exists()
+    kill_at_checkpoint(proc, killed, 2)  # between checkpoint-2 and checkpoint-3 (step 3 is training)
+    assert not (killed / ADAPTER).exists()
 
-    resume_from = _complete_checkpoints(killed)[-1]
+    resume_from = complete_checkpoints(killed)[-1]
     assert int(resume_from.name.split("-")[1]) < 5
-    _run(_command(kind, killed, data) + ["--resume_from_checkpoint", str(resume_from)])
+    run_ok(_command(kind, killed, data) + ["--resume_from_checkpoint", str(resume_from)], ENV)
 
-    a = load_file(full / "pytorch_lora_weights.safetensors")
-    b = load_file(killed / "pytorch_lora_weights.safetensors")
-    assert a.keys() == b.keys()
-    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert all(torch.equal(a[k], b[k]) for k in a), f"resumed adapter differs by up to {diff:.3g}"
+    a = assert_same_adapter(full, killed)
     # the adapter did train (not a trivially equal zero update)
-    assert any(not torch.equal(a[k], load_file(resume_from / "pytorch_lora_weights.safetensors")[k]) for k in a)
+    assert any(not torch.equal(a[k], load_file(resume_from / ADAPTER)[k]) for k in a)

@@ -3,7 +3,6 @@ saved and the command that resumes, exit 130, no KeyboardInterrupt traceback; th
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import signal
@@ -12,24 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "ACCELERATE_USE_CPU": "true"}
-
-
-def _data(folder: Path) -> Path:
-    folder.mkdir()
-    with open(folder / "metadata.jsonl", "w") as fh:
-        for i in range(2):
-            Image.fromarray((np.random.default_rng(i).random((32, 32, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
-            fh.write(json.dumps({"file_name": f"{i}.png", "prompt": f"a sign {i}", "ratings": [5, 5, 5]}) + "\n")
-    return folder
+from data_helpers import rated_images
+from run_helpers import ROOT, launch_env
 
 
 def _terminal_foreground_job() -> None:
@@ -43,7 +26,7 @@ def _terminal_foreground_job() -> None:
 
 
 def _start(command: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(command, env=_env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    return subprocess.Popen(command, env=launch_env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, preexec_fn=_terminal_foreground_job)
 
 
@@ -59,7 +42,7 @@ def _interrupt_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None
 def test_ctrl_c_through_qwen_image_align_says_what_was_saved_and_how_to_resume(tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "align.cli", "sft", "--config", str(ROOT / "recipes/tiny/sft_lora.yaml"),
-               "--dataset_name", str(_data(tmp_path / "data")), "--output_dir", str(out), "--max_steps", "400",
+               "--dataset_name", str(rated_images(tmp_path / "data", n=2)), "--output_dir", str(out), "--max_steps", "400",
                "--save_strategy", "steps", "--save_steps", "1", "--validation_prompts", "[]", "--overwrite_output_dir"]
     proc = _start(command, tmp_path)
     _interrupt_when(proc, lambda: (out / "checkpoint-2").is_dir())
@@ -76,7 +59,7 @@ def test_ctrl_c_through_qwen_image_align_says_what_was_saved_and_how_to_resume(t
     resume = [sys.executable, "-m", "align.cli", *resume[1:]]
     i = resume.index("--max_steps")
     resume[i + 1] = str(max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")) + 1)
-    done = subprocess.run(resume, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(resume, env=launch_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from" in done.stderr
 

@@ -4,60 +4,32 @@ the weights of an uninterrupted run. (Random kills of SFT, DPO and GRPO: benchma
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from data_helpers import rated_images
+from run_helpers import ROOT, child_env, kill_during_save
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow  # processes / long runs: `-m "not slow"` skips them
-
-ROOT = Path(__file__).resolve().parents[1]
-
-# Runs SFT and SIGKILLs itself while checkpoint-3 is being written: the weights and optimizer are on disk, the
-# RNG states and trainer state are not (what a real kill between two files of a save leaves).
-KILL_DURING_SAVE = """
-import os, signal, sys
-from transformers import Trainer
-real = Trainer._save_rng_state
-def dying(self, output_dir):
-    if self.state.global_step == 3:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real(self, output_dir)
-Trainer._save_rng_state = dying
-from align.sft import main
-main(sys.argv[1:])
-"""
-
-
-def _data(folder: Path) -> Path:
-    folder.mkdir()
-    with open(folder / "metadata.jsonl", "w") as fh:
-        for i in range(4):
-            Image.fromarray((np.random.default_rng(i).random((32, 32, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
-            fh.write(json.dumps({"file_name": f"{i}.png", "prompt": f"a sign {i}", "ratings": [5, 5, 5]}) + "\n")
-    return folder
 
 
 def test_sigkill_during_a_checkpoint_save_then_resume_last_matches_an_uninterrupted_run(tmp_path):
     from align.launch import last_complete_checkpoint
     from align.sft import main
 
-    data = _data(tmp_path / "data")
+    data = rated_images(tmp_path / "data")
     args = ["--config", str(ROOT / "recipes/tiny/sft_lora.yaml"), "--dataset_name", str(data),
             "--cache_dir", str(tmp_path / "cache"), "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "1",
             "--per_device_train_batch_size", "1", "--caption_dropout", "0.5", "--validation_prompts", "[]",
             "--report_to", "none", "--logging_steps", "1", "--seed", "0", "--dataloader_num_workers", "0"]
     killed = tmp_path / "killed"
-    proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, *args, "--output_dir", str(killed)],
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=300)
+    # SFT that SIGKILLs itself while checkpoint-3 is being written
+    proc = subprocess.run([sys.executable, "-c", kill_during_save(3), *args, "--output_dir", str(killed)],
+                          env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     names = sorted(p.name for p in killed.iterdir() if "checkpoint" in p.name)
     assert names == [".incomplete-checkpoint-3", "checkpoint-1", "checkpoint-2"], names

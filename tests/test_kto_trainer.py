@@ -6,25 +6,21 @@ kill -9 resume that ends bit-identical."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import ADAPTER, ROOT, assert_same_adapter, child_env, complete_checkpoints, kill_at_checkpoint, run_ok
 from safetensors.torch import load_file
 
 from align.configs.kto import KTOConfig
 from align.data.kto import LABEL_COLUMN, label_by_ratings, load_kto_rows, write_synthetic_ratings
 from align.launch import parse_config, run_main
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes/tiny/kto_lora.yaml")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
-       "ACCELERATE_USE_CPU": "true"}
+ENV = child_env(WANDB_MODE="disabled", HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true")
 
 
 @pytest.fixture(scope="module")
@@ -213,11 +209,6 @@ def test_combined_objective_with_a_kto_term(rated, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ resume
-def _complete_checkpoints(out: Path) -> list[Path]:
-    ckpts = [p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return sorted(ckpts, key=lambda p: int(p.name.split("-")[1]))
-
-
 @pytest.mark.slow
 def test_kill_9_and_resume_last_is_bit_identical(rated, tmp_path):
     data, cache = rated
@@ -225,26 +216,13 @@ def test_kill_9_and_resume_last_is_bit_identical(rated, tmp_path):
            "--max_steps", "5", "--save_strategy", "steps", "--save_steps", "1", "--eval_strategy", "no",
            "--disable_tqdm", "true", "--logging_steps", "1"]
     full, killed = tmp_path / "full", tmp_path / "killed"
-    done = subprocess.run([*cmd, "--output_dir", str(full)], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_ok([*cmd, "--output_dir", str(full)], ENV)
 
     proc = subprocess.Popen([*cmd, "--output_dir", str(killed)], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if any(int(p.name.split("-")[1]) >= 2 for p in _complete_checkpoints(killed)):
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "pytorch_lora_weights.safetensors").exists()
-    resumed = subprocess.run([*cmd, "--output_dir", str(killed), "--resume_from_checkpoint", "last"], cwd=ROOT,
-                             env=ENV, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a = load_file(full / "pytorch_lora_weights.safetensors")
-    b = load_file(killed / "pytorch_lora_weights.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    first = load_file(_complete_checkpoints(full)[0] / "pytorch_lora_weights.safetensors")
+    kill_at_checkpoint(proc, killed, 2, poll=0.02)
+    assert not (killed / ADAPTER).exists()
+    run_ok([*cmd, "--output_dir", str(killed), "--resume_from_checkpoint", "last"], ENV)
+    a = assert_same_adapter(full, killed)
+    first = load_file(complete_checkpoints(full)[0] / ADAPTER)
     assert any(not torch.equal(a[k], first[k]) for k in a)  # it trained after the first checkpoint

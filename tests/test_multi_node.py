@@ -5,19 +5,17 @@ what ``recipes/accelerate/multi_node.yaml`` does across real machines (docs/dist
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from data_helpers import rated_images
+from run_helpers import ROOT, launch_env
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 
 
@@ -25,20 +23,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _data(folder: Path) -> Path:
-    folder.mkdir()
-    with open(folder / "metadata.jsonl", "w") as fh:
-        for i in range(4):
-            Image.fromarray((np.random.default_rng(i).random((32, 32, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
-            fh.write(json.dumps({"file_name": f"{i}.png", "prompt": f"a sign {i}", "ratings": [5, 5, 5]}) + "\n")
-    return folder
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "ACCELERATE_USE_CPU": "true"}
 
 
 def _training(data: Path, out: Path, cache: Path) -> list[str]:
@@ -50,7 +34,7 @@ def _training(data: Path, out: Path, cache: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_two_machines_on_localhost_train_what_one_machine_with_two_processes_trains(tmp_path):
-    data = _data(tmp_path / "data")
+    data = rated_images(tmp_path / "data")
     common = ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", "2"]
     port = _free_port()
     machines = []
@@ -59,14 +43,14 @@ def test_two_machines_on_localhost_train_what_one_machine_with_two_processes_tra
         cmd = [*LAUNCH, *common, "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
                "--main_process_port", str(port), "--rdzv_backend", "static",
                *_training(data, tmp_path / "two_machines", tmp_path / f"cache{rank}")]
-        machines.append(subprocess.Popen(cmd, env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        machines.append(subprocess.Popen(cmd, env=launch_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                          text=True))
     logs = [m.communicate(timeout=600) for m in machines]
     for m, (_, err) in zip(machines, logs):
         assert m.returncode == 0, err[-3000:]
     one = subprocess.run([*LAUNCH, *common, "--num_machines", "1", "--main_process_port", str(_free_port()),
                           *_training(data, tmp_path / "one_machine", tmp_path / "cache_one")],
-                         env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                         env=launch_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
 
     for run in ("two_machines", "one_machine"):

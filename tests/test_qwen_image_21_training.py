@@ -5,8 +5,6 @@ kill -9 + ``--resume_from_checkpoint last``, and the family's numbers (LoRA targ
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +13,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from data_helpers import rated_images
+from lora_helpers import lora_b_moved
+from run_helpers import child_env, kill_during_save
 from safetensors.torch import load_file
 
 from align.memory import Options, estimate
@@ -25,20 +25,6 @@ from qwen_image.errors import UserError
 ROOT = Path(__file__).resolve().parents[1]
 SFT_RECIPE = str(ROOT / "recipes/tiny/q21_sft_lora.yaml")
 Q21 = ["--model_family", "qwen-image-2.1", "--model_dtype", "bfloat16"]
-
-
-def _data(folder: Path, n: int = 4) -> Path:
-    folder.mkdir()
-    with open(folder / "metadata.jsonl", "w") as fh:
-        for i in range(n):
-            arr = (np.random.default_rng(i).random((32, 32, 3)) * 255).astype(np.uint8)
-            Image.fromarray(arr).save(folder / f"{i}.png")
-            fh.write(json.dumps({"file_name": f"{i}.png", "prompt": f"a sign {i}", "ratings": [5, 5, 5]}) + "\n")
-    return folder
-
-
-def _lora_b_moved(state: dict) -> float:
-    return max(float(v.abs().max()) for k, v in state.items() if "lora_B" in k)
 
 
 # --------------------------------------------------------------------------- the family
@@ -98,7 +84,7 @@ def test_sft_lora_bf16_adapter_loads_in_the_pipeline_and_our_sampler_equals_it(t
     from qwen_image.qwen_image_21 import LORA_TARGETS_21, QwenImage21
 
     out = tmp_path / "out"
-    run = main(["--config", SFT_RECIPE, *Q21, "--dataset_name", str(_data(tmp_path / "data")), "--cache_dir",
+    run = main(["--config", SFT_RECIPE, *Q21, "--dataset_name", str(rated_images(tmp_path / "data")), "--cache_dir",
                 str(tmp_path / "cache"), "--output_dir", str(out), "--max_steps", "3", "--learning_rate", "2e-2",
                 "--validation_prompts", "[]", "--logging_steps", "1"])
     assert isinstance(run.qwen, QwenImage21) and run.qwen.transformer.dtype == torch.bfloat16
@@ -109,7 +95,7 @@ def test_sft_lora_bf16_adapter_loads_in_the_pipeline_and_our_sampler_equals_it(t
     layers = run.qwen.transformer.config.num_layers
     modules = {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in state}
     assert len(modules) == 7 * layers and {m.split(".", 2)[2] for m in modules} == set(LORA_TARGETS_21)
-    assert _lora_b_moved(state) > 0
+    assert lora_b_moved(state) > 0
 
     # The same tiny base in fp32: the diffusers pipeline with and without the adapter, and our sampler with it.
     base = QwenImage21.tiny(seed=0)
@@ -142,7 +128,7 @@ def test_dpo_lora_bf16_trains(tmp_path):
     assert run.qwen.transformer.dtype == torch.bfloat16 and type(run.qwen).__name__ == "QwenImage21"
     losses = [h["loss"] for h in run.state.log_history if "loss" in h]
     assert len(losses) == 2 and all(np.isfinite(losses))
-    assert _lora_b_moved(load_file(out / "pytorch_lora_weights.safetensors")) > 0
+    assert lora_b_moved(load_file(out / "pytorch_lora_weights.safetensors")) > 0
 
 
 # --------------------------------------------------------------------------- Flow-GRPO
@@ -160,35 +146,21 @@ def test_grpo_lora_bf16_first_ratio_is_exactly_one(tmp_path):
     logs = [h for h in run.state.log_history if "ratio/mean" in h]
     assert logs[0]["ratio/min"] == 1.0 and logs[0]["ratio/max"] == 1.0, logs[0]
     assert logs[0]["clip_fraction"] == 0.0
-    assert _lora_b_moved(load_file(out / "pytorch_lora_weights.safetensors")) > 0
+    assert lora_b_moved(load_file(out / "pytorch_lora_weights.safetensors")) > 0
 
 
 # --------------------------------------------------------------------------- kill -9 + resume
-KILL_DURING_SAVE = """
-import os, signal, sys
-from transformers import Trainer
-real = Trainer._save_rng_state
-def dying(self, output_dir):
-    if self.state.global_step == 2:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real(self, output_dir)
-Trainer._save_rng_state = dying
-from align.sft import main
-main(sys.argv[1:])
-"""
-
-
 @pytest.mark.slow
 def test_sigkill_then_resume_last_matches_an_uninterrupted_sft_run(tmp_path):
     from align.sft import main
 
-    args = ["--config", SFT_RECIPE, *Q21, "--dataset_name", str(_data(tmp_path / "data")), "--cache_dir",
+    args = ["--config", SFT_RECIPE, *Q21, "--dataset_name", str(rated_images(tmp_path / "data")), "--cache_dir",
             str(tmp_path / "cache"), "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1",
             "--caption_dropout", "0.5", "--validation_prompts", "[]", "--logging_steps", "1", "--learning_rate",
             "1e-2"]
     killed = tmp_path / "killed"
-    proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, *args, "--output_dir", str(killed)],
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+    proc = subprocess.run([sys.executable, "-c", kill_during_save(2), *args, "--output_dir", str(killed)],
+                          env=child_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert sorted(p.name for p in killed.iterdir() if "checkpoint" in p.name) == [".incomplete-checkpoint-2",
@@ -203,6 +175,6 @@ def test_sigkill_then_resume_last_matches_an_uninterrupted_sft_run(tmp_path):
     assert resumed.state.global_step == full.state.global_step == 3
     a = load_file(killed / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "full" / "pytorch_lora_weights.safetensors")
-    assert a.keys() == b.keys() and _lora_b_moved(a) > 0
+    assert a.keys() == b.keys() and lora_b_moved(a) > 0
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)

@@ -14,7 +14,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,9 @@ from align.trainers.sft import SFTTrainer
 ROOT = Path(__file__).resolve().parents[1]
 RES = 32
 
+
+# This file is also a plugin module (QWEN_IMAGE_ALIGN_PLUGINS) that launched processes import without tests/ on
+# sys.path: it imports no test helper module.
 
 # ----------------------------------------------------------------------------- a new objective, defined here only
 @dataclass
@@ -134,6 +137,22 @@ def _lora_moved(out: Path) -> float:
 def test_both_plugins_are_listed():
     assert "toy-l1" in available_objectives()
     assert get_model_family("tiny-renamed").name == "tiny-renamed"
+
+
+def test_registries_refuse_a_taken_name_and_list_the_choices_of_an_unknown_one():
+    from align.objectives import get_objective
+    from qwen_image.errors import UnknownNameError
+
+    l1 = get_objective("toy-l1")
+    assert register_objective(l1) is l1  # the same objective again (a module imported twice)
+    with pytest.raises(ValueError, match="objective 'toy-l1' is registered already"):
+        register_objective(replace(l1, description="another one"))
+    with pytest.raises(UnknownNameError, match=r"unknown objective 'toy-l2'; choose one of .*toy-l1"):
+        get_objective("toy-l2")
+    with pytest.raises(ValueError, match="model family 'tiny-renamed' is registered already"):
+        register_model_family(type("Other", (QwenImageFamily,), {"name": "tiny-renamed"})())
+    with pytest.raises(UnknownNameError, match=r"unknown model_family 'nope'; choose one of .*tiny-renamed"):
+        get_model_family("nope")
 
 
 def test_new_objective_trains_through_the_run_skeleton(sft_data, tmp_path):

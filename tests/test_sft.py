@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from data_helpers import blocky_image
 from safetensors.torch import load_file
 
 from align.data.buckets import bucket_sizes
@@ -24,12 +24,6 @@ RES = 32
 PROMPTS = ["a red square that says \"HI\"", "a blue square that says \"YO\""]
 
 
-def _image(i: int, size=(RES, RES)) -> Image.Image:
-    rng = np.random.default_rng(i)
-    arr = (rng.random((size[1] // 8, size[0] // 8, 3)) * 255).astype(np.uint8)
-    return Image.fromarray(arr).resize(size, Image.NEAREST)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """Two kept rows (3 raters, mean >= 4.5) and one dropped (mean 3): the filter runs in every launch."""
@@ -37,7 +31,7 @@ def data_dir(tmp_path_factory):
     rows = [("a.png", PROMPTS[0], [5, 5, 4]), ("b.png", PROMPTS[1], [4.5, 4.5, 4.5]), ("c.png", "a dull photo", [3, 3, 3])]
     with open(root / "metadata.jsonl", "w") as fh:
         for i, (name, prompt, ratings) in enumerate(rows):
-            _image(i).save(root / name)
+            blocky_image(i).save(root / name)
             fh.write(json.dumps({"file_name": name, "prompt": prompt, "ratings": ratings, "language": "en"}) + "\n")
     return root
 
@@ -50,7 +44,7 @@ def cache_dir(tmp_path_factory):
 def fixed_batch_loss(transformer) -> float:
     """Flow-matching loss of the training images at 6 fixed (sigma, noise) draws: the same for every model."""
     qwen = QwenImage.tiny(seed=0)
-    x0 = pack(qwen.encode_images([_image(0), _image(1)], RES, RES)).float()
+    x0 = pack(qwen.encode_images([blocky_image(0), blocky_image(1)], RES, RES)).float()
     cond = qwen.conditioning(PROMPTS)
     g = torch.Generator().manual_seed(123)
     total = 0.0
@@ -149,7 +143,7 @@ def test_phases_buckets_flip_and_lr_scale(tmp_path, cache_dir):
     rows = [("w.png", (48, 32), "real"), ("t.png", (32, 48), "real"), ("s.png", (32, 32), "synthetic"), ("s2.png", (40, 40), "synthetic")]
     with open(root / "metadata.jsonl", "w") as fh:
         for i, (name, size, source) in enumerate(rows):
-            _image(i, size).save(root / name)
+            blocky_image(i, size).save(root / name)
             fh.write(json.dumps({"file_name": name, "prompt": f"p {name}", "ratings": [5, 5, 5], "source": source}) + "\n")
     phases = json.dumps([{"until": 0.5, "resolution": 32, "synthetic_fraction": 1.0},
                          {"until": 1.0, "resolution": 48, "synthetic_fraction": 0.0, "lr_scale": 0.5}])

@@ -28,7 +28,7 @@ from ..configs.kto import RatingLabelArguments
 from ..modeling import model_identity, uses_edit_model
 from .edit import CONTROLS, control_problem, encode_edit_dataset, load_edit_dataset
 from .encoding import encode_dataset
-from .loading import load_image_dataset, validate_rows
+from .loading import load_image_dataset, validate_rows, write_synthetic_folder
 from .ratings import _TOLERANCE, aggregate, describe_row, raise_bad_rows, read_ratings
 from .report import RowReport
 
@@ -211,25 +211,22 @@ def write_synthetic_ratings(folder: str | Path, n: int = 24, size: int = 32, see
     ratings``; edit: ``control_image`` too): desirable images are bright (three raters: 4-5), undesirable ones dark
     (1-2), the same random textures otherwise; every ``middle_every``-th image is mid-grey, rated 3 (the middle
     band: dropped). A KTO run on it must learn to tell bright from dark (held-out implicit accuracy)."""
-    from PIL import Image
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    lines = []
-    for i in range(n):
-        texture = rng.integers(0, 30, (size, size, 3)) + rng.integers(0, 10, 3)
-        if middle_every and i % middle_every == middle_every - 1:
-            offset, ratings = 90, [3, 3, 4]
-        elif (i - i // middle_every if middle_every else i) % 2 == 0:  # the two classes alternate: balanced
-            offset, ratings = 170, [5, 5, 4] if i % 4 else [5, 5, 5]
-        else:
-            offset, ratings = 10, [1, 2, 1] if i % 4 == 1 else [2, 1, 1]
-        Image.fromarray((texture + offset).clip(0, 255).astype(np.uint8)).save(folder / f"img{i}.png")
-        row = {"file_name": f"img{i}.png", "prompt": f"a photo number {i % 7}", "ratings": ratings}
-        if edit:
-            Image.fromarray((texture + 90).clip(0, 255).astype(np.uint8)).save(folder / f"src{i}.png")
-            row.update(prompt=f"make photo {i % 7} brighter", control_image=f"src{i}.png")
-        lines.append(json.dumps(row) + "\n")
-    (folder / "metadata.jsonl").write_text("".join(lines), encoding="utf-8")
-    return folder
+
+    def items():
+        for i in range(n):
+            texture = rng.integers(0, 30, (size, size, 3)) + rng.integers(0, 10, 3)
+            if middle_every and i % middle_every == middle_every - 1:
+                offset, ratings = 90, [3, 3, 4]
+            elif (i - i // middle_every if middle_every else i) % 2 == 0:  # the two classes alternate: balanced
+                offset, ratings = 170, [5, 5, 4] if i % 4 else [5, 5, 5]
+            else:
+                offset, ratings = 10, [1, 2, 1] if i % 4 == 1 else [2, 1, 1]
+            images = {f"img{i}.png": texture + offset}
+            row = {"file_name": f"img{i}.png", "prompt": f"a photo number {i % 7}", "ratings": ratings}
+            if edit:
+                images[f"src{i}.png"] = texture + 90
+                row.update(prompt=f"make photo {i % 7} brighter", control_image=f"src{i}.png")
+            yield row, images
+
+    return write_synthetic_folder(folder, items())

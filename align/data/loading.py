@@ -7,13 +7,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
+import numpy as np
 from datasets import Dataset
 from datasets import Image as ImageFeature
 from PIL import Image
 
 from qwen_image.errors import UserError
+from qwen_image.jsonl import read_jsonl_objects
 
 from .ratings import describe_row, raise_bad_rows
 from .report import RowReport
@@ -40,19 +42,21 @@ def _ratings_column(values: list) -> list:
 def read_jsonl_rows(path: Path, example: str = "") -> list[dict]:
     """The JSON objects of a .jsonl file, blank lines skipped; a bad line is a UserError naming file and line
     (``example`` shows what a row should look like). The one JSONL reader of the data layer."""
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{n}: each line must be a JSON object{' like ' + example if example else ''}")
-            rows.append(row)
-    return rows
+    return read_jsonl_objects(path, f" like {example}" if example else "")
+
+
+def write_synthetic_folder(folder: str | Path, items: Iterable[tuple[dict, dict[str, np.ndarray]]]) -> Path:
+    """Write demo/test data: for each ``(row, {file name: pixels})`` the images (pixels clipped to [0, 255], saved as
+    8-bit RGB) and the row as a line of ``metadata.jsonl``; ``folder`` is created. Returns it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for row, images in items:
+        for name, pixels in images.items():
+            Image.fromarray(np.asarray(pixels).clip(0, 255).astype(np.uint8)).save(folder / name)
+        lines.append(json.dumps(row) + "\n")
+    (folder / "metadata.jsonl").write_text("".join(lines), encoding="utf-8")
+    return folder
 
 
 def read_imagefolder(meta: Path, image_column: str = "image") -> Dataset:

@@ -26,7 +26,7 @@ from datasets import Dataset, Image
 
 from qwen_image.errors import UserError
 
-from .loading import read_jsonl_rows
+from .loading import read_jsonl_rows, write_synthetic_folder
 from .report import RowReport
 from .sources import load_source, read_local_dataset
 
@@ -200,18 +200,13 @@ def write_synthetic_pairs(folder: str | Path, n: int = 16, size: int = 64, seed:
     Writes ``c{i}.png``, ``r{i}.png`` and ``metadata.jsonl``; a DPO run on it must reach high implicit accuracy.
     """
     import numpy as np
-    from PIL import Image as PILImage
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    lines = []
-    for i in range(n):
-        texture = rng.integers(0, 60, (size, size, 3)) + rng.integers(0, 40, 3)
-        PILImage.fromarray((texture + 170).clip(0, 255).astype(np.uint8)).save(folder / f"c{i}.png")
-        PILImage.fromarray((texture + 10).clip(0, 255).astype(np.uint8)).save(folder / f"r{i}.png")
-        row = {"prompt": f"a photo number {i % 7}", "chosen": f"c{i}.png", "rejected": f"r{i}.png",
-               "votes": [3, 0], "agreement": 1.0}
-        lines.append(json.dumps(row) + "\n")
-    (folder / "metadata.jsonl").write_text("".join(lines), encoding="utf-8")
-    return folder
+
+    def items():
+        for i in range(n):
+            texture = rng.integers(0, 60, (size, size, 3)) + rng.integers(0, 40, 3)
+            yield ({"prompt": f"a photo number {i % 7}", "chosen": f"c{i}.png", "rejected": f"r{i}.png",
+                    "votes": [3, 0], "agreement": 1.0}, {f"c{i}.png": texture + 170, f"r{i}.png": texture + 10})
+
+    return write_synthetic_folder(folder, items())

@@ -10,6 +10,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .grpo import ratio_stats
+
 DGPO_BETA_DPO = 100.0             # frozen reference (CFG and CFG-free configs)
 DGPO_CLIP_RANGE = 1e-3            # CFG-free rollouts with a frozen reference
 DGPO_BETA_DPO_EMA_REF = 2000.0    # the EMA policy as the score's reference
@@ -118,12 +120,7 @@ def dgpo_loss(
     err_used = torch.where(clipped, err.detach(), err)
     policy = (weights.to(err.dtype) * adv * err_used).mean()
     loss = policy
-    stats = {
-        "ratio_mean": float(ratio.mean()),
-        "ratio_min": float(ratio.min()),
-        "ratio_max": float(ratio.max()),
-        "clip_fraction": float(clipped.float().mean()),
-    }
+    stats = ratio_stats(ratio, clipped)
     if kl is not None:
         kl_used = torch.where(clipped, kl.detach(), kl) if clip_kl else kl
         kl_mean = kl_used.mean()

@@ -77,13 +77,19 @@ def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, epsilon: fl
     adv = advantages.detach().to(ratio.dtype)
     per_sample = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon))
     r = ratio.detach()
-    metrics = {
+    return per_sample, ratio_stats(r, (r - 1.0).abs() > epsilon)
+
+
+def ratio_stats(ratio: torch.Tensor, clipped: torch.Tensor) -> dict[str, float]:
+    """The statistics every policy loss reports: ratio mean / min / max and ``clip_fraction``, the fraction of
+    samples whose gradient the clip (or a trust-region mask) stops (``clipped``: a boolean (B,))."""
+    r = ratio.detach()
+    return {
         "ratio_mean": float(r.mean()),
         "ratio_min": float(r.min()),
         "ratio_max": float(r.max()),
-        "clip_fraction": float(((r - 1.0).abs() > epsilon).float().mean()),
+        "clip_fraction": float(clipped.float().mean()),
     }
-    return per_sample, metrics
 
 
 def gaussian_kl(
@@ -265,12 +271,5 @@ def dppo_loss(
         masked = (kl >= epsilon_kl) & moving_out
         keep = (~masked).to(ratio.dtype)
     loss = (-adv * ratio * keep).mean()
-    metrics = {
-        "ratio_mean": float(r.mean()),
-        "ratio_min": float(r.min()),
-        "ratio_max": float(r.max()),
-        "clip_fraction": float(masked.float().mean()),
-        "trust_kl_mean": float(kl.mean()),
-        "trust_kl_max": float(kl.max()),
-    }
+    metrics = {**ratio_stats(r, masked), "trust_kl_mean": float(kl.mean()), "trust_kl_max": float(kl.max())}
     return loss, metrics

@@ -20,9 +20,7 @@ from typing import Any
 
 import torch
 
-from qwen_image.errors import UnknownNameError
-
-from ..plugins import load_plugins
+from ..plugins import Registry, load_plugins
 
 DEFAULT_FAMILY = "qwen-image"
 
@@ -75,30 +73,27 @@ class ModelFamily:
         free_memory()
 
 
-_FAMILIES: dict[str, ModelFamily] = {}
+# a family class registered again (its module imported twice) is the same family
+_FAMILIES: Registry[ModelFamily] = Registry("model family", same=lambda old, new: type(old) is type(new),
+                                            option="model_family")
 
 
 def register_model_family(family: ModelFamily, *, replace: bool = False) -> ModelFamily:
     if not family.name:
         raise ValueError("a model family needs a name")
-    if family.name in _FAMILIES and not replace and type(_FAMILIES[family.name]) is not type(family):
-        raise ValueError(f"model family {family.name!r} is registered already")
-    _FAMILIES[family.name] = family
-    return family
+    return _FAMILIES.register(family.name, family, replace)
 
 
 def available_model_families() -> list[str]:
     load_plugins()
-    return sorted(_FAMILIES)
+    return _FAMILIES.names()
 
 
 def get_model_family(name: str | None) -> ModelFamily:
     name = name or DEFAULT_FAMILY
     if name not in _FAMILIES:
         load_plugins()
-    if name in _FAMILIES:
-        return _FAMILIES[name]
-    raise UnknownNameError(f"unknown model_family {name!r}; choose one of {', '.join(sorted(_FAMILIES))}")
+    return _FAMILIES.get(name)
 
 
 def family_of(config: Any) -> ModelFamily:

@@ -6,6 +6,7 @@ AWM, DGPO) shares, apart from its loss.
 - ``rollouts``: sampling a batch (SDE with per-step log-probs for likelihood objectives), decoding and scoring;
 - ``forward``: ODE rollouts that keep only x0 and the timestep grid (the forward-process objectives);
 - ``adapters``: a frozen LoRA adapter beside the trained one (NFT's old policy, an EMA, a sampling snapshot);
+- ``backward``: one backward per trained timestep (``loss``, ``backward``, ``micro_step`` of an objective);
 - ``scoring``: group advantages across processes and the reward statistics;
 - ``rewards``: building the configured reward (one registry reward or a weighted combination);
 - ``source``: the rollout source (buffer, counters, prompt stream) whose state goes into every checkpoint;

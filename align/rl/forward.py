@@ -9,21 +9,20 @@ references (``rollout_conditioning``), so the trained and the old / reference ve
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Sequence
 
 import torch
 from PIL import Image
 
 from qwen_image import QwenImage
-from qwen_image.latents import img_shapes
 from qwen_image.sampling import Conditioning, sample
 
-from .rollouts import rollout_conditioning
+from .rollouts import BufferedBatch, rollout_conditioning
 
 
 @dataclass
-class ForwardRolloutBatch:
+class ForwardRolloutBatch(BufferedBatch):
     """One ODE-sampled micro-batch. ``x0`` (B, L, C) are the final latents in the sampler's dtype; ``sigmas``
     (T + 1,) the sampler's noise levels (``sigmas[:-1]`` are the T timesteps a loss may train on);
     ``sample_index`` (B,) each sample's index in the global generation batch (its group is
@@ -43,33 +42,12 @@ class ForwardRolloutBatch:
     rewards_per_func: dict[str, list[float | None]] = field(default_factory=dict)
     advantages: torch.Tensor | None = None  # (B,)
 
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    @property
-    def img_shapes(self) -> list:
-        return img_shapes(len(self), self.height, self.width)
+    DEVICE_FIELDS: ClassVar[tuple[str, ...]] = ("cond", "x0", "advantages")
 
     @property
     def timesteps(self) -> torch.Tensor:
         """The T noise levels the sampler evaluated the velocity at (the trainable timesteps)."""
         return self.sigmas[:-1]
-
-    def to(self, device: torch.device | str) -> "ForwardRolloutBatch":
-        return replace(self, cond=self.cond.to(device), x0=self.x0.to(device),
-                       advantages=None if self.advantages is None else self.advantages.to(device))
-
-    def state(self) -> dict[str, Any]:
-        """What a checkpoint keeps of the batch (every field but the decoded images, on CPU)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "images"}
-        out["cond"] = self.cond.to("cpu")
-        out["x0"] = self.x0.cpu()
-        out["advantages"] = None if self.advantages is None else self.advantages.cpu()
-        return out
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "ForwardRolloutBatch":
-        return cls(**state)
 
 
 @torch.no_grad()

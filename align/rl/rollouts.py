@@ -14,7 +14,7 @@ with batch size, so keep the training batch equal to the sampling batch).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Self, Sequence
 
 import torch
 from PIL import Image
@@ -27,8 +27,44 @@ from qwen_image.sampling import Conditioning, SDEStep, predict_velocity, sample,
 from ..data.edit import CONTROLS, open_control
 
 
+class BufferedBatch:
+    """What the rollout micro-batch dataclasses share: their size, their token grid, moving the fields that live on
+    the training device (``DEVICE_FIELDS``, None allowed) and a checkpoint's copy (every field but the decoded
+    images, on the CPU)."""
+
+    DEVICE_FIELDS: ClassVar[tuple[str, ...]] = ()
+    prompts: list[str]
+    height: int
+    width: int
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def img_shapes(self) -> list:
+        # The target's grid: one token per 16x16 px in every family (Qwen-Image 8x VAE + 2x2 packing, 2.1 16x VAE).
+        return img_shapes(len(self), self.height, self.width)
+
+    def _device_fields_on(self, device: torch.device | str) -> dict[str, Any]:
+        return {name: None if getattr(self, name) is None else getattr(self, name).to(device)
+                for name in self.DEVICE_FIELDS}
+
+    def to(self, device: torch.device | str) -> Self:
+        return replace(self, **self._device_fields_on(device))
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the batch (every field but the decoded images, on CPU)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "images"}
+        out.update(self._device_fields_on("cpu"))
+        return out
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Self:
+        return cls(**state)
+
+
 @dataclass
-class RolloutBatch:
+class RolloutBatch(BufferedBatch):
     """One sampled batch. ``trajectory[:, j]`` is x_j (x_0 = noise, x_T = final latents); step j maps x_j to x_{j+1}
     at noise levels ``sigmas[j] -> sigmas[j+1]``; ``log_probs[:, j]`` is its log-density at rollout (0 off the SDE)."""
 
@@ -51,30 +87,7 @@ class RolloutBatch:
     advantages: torch.Tensor | None = None  # (B,)
     means: torch.Tensor | None = None  # (B, T, L, C) fp32 step means at rollout (kept for the guard / DPPO losses)
 
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    @property
-    def img_shapes(self) -> list:
-        # The target's grid: one token per 16x16 px in every family (Qwen-Image 8x VAE + 2x2 packing, 2.1 16x VAE).
-        return img_shapes(len(self), self.height, self.width)
-
-    def to(self, device: torch.device | str) -> "RolloutBatch":
-        return replace(self, cond=self.cond.to(device), negative=None if self.negative is None else self.negative.to(device),
-                       trajectory=self.trajectory.to(device), means=None if self.means is None else self.means.to(device))
-
-    def state(self) -> dict[str, Any]:
-        """What a checkpoint keeps of the batch (every field but the decoded images, on CPU)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "images"}
-        out["cond"] = self.cond.to("cpu")
-        out["negative"] = None if self.negative is None else self.negative.to("cpu")
-        out["trajectory"] = self.trajectory.cpu()
-        out["means"] = None if self.means is None else self.means.cpu()
-        return out
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "RolloutBatch":
-        return cls(**state)
+    DEVICE_FIELDS: ClassVar[tuple[str, ...]] = ("cond", "negative", "trajectory", "means")
 
     def x(self, j: int) -> torch.Tensor:
         """x_j as the sampler fed it to the transformer: a contiguous copy (a strided slice changes bf16 outputs)."""

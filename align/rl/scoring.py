@@ -1,6 +1,6 @@
 """Group advantages and reward statistics of a generation batch, whatever the sampler: shared by Flow-GRPO (SDE
 rollouts) and the forward-process objectives (ODE rollouts). The host class provides ``args`` (OnlineArguments),
-``accelerator``, ``metrics`` (a MetricLog) and ``logged_images``; its micro-batches have ``prompts``, ``images``,
+``accelerator``, ``reward_fn``, ``metrics`` (a MetricLog) and ``logged_images``; its micro-batches have ``prompts``, ``images``,
 ``rewards`` and ``advantages``."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..losses.grpo import group_advantages, rewards_tensor
+from .rollouts import score_images
 
 
 class GroupScoring:
@@ -18,8 +19,19 @@ class GroupScoring:
 
     args: Any
     accelerator: Any
+    reward_fn: Any
     metrics: Any
     logged_images: list
+
+    def _score(self, batch: Any, local_totals: list, local_per: dict[str, list]) -> None:
+        """Score one micro-batch as soon as it is sampled: its ``rewards`` (NaN where a reward does not apply) and
+        ``rewards_per_func``, appended to this process's totals and per-reward lists for :meth:`_set_advantages`."""
+        totals, per = score_images(self.reward_fn, batch.prompts, batch.images, batch.columns)
+        batch.rewards = rewards_tensor(totals)
+        batch.rewards_per_func = per
+        local_totals += totals
+        for k, v in per.items():
+            local_per.setdefault(k, []).extend(v)
 
     def _set_advantages(self, chunks: list, local_totals: list, local_per: dict[str, list]) -> torch.Tensor:
         """Fill each micro-batch's ``advantages`` (this process's slice of the global ones); returns the global

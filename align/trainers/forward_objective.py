@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -36,12 +36,12 @@ from ..configs.forward import buffer_is_on_policy
 from ..data.grpo import reference_area
 from ..losses.awm import awm_log_prob, awm_loss, awm_timestep_indices
 from ..losses.dgpo import dgpo_loss, group_shared_noise
-from ..losses.grpo import num_train_timesteps, rewards_tensor
+from ..losses.grpo import num_train_timesteps
 from ..losses.nft import delayed_linear_decay, linear_decay, nft_implicit_velocities, nft_loss
 from ..rl.adapters import ShadowAdapter
+from ..rl.backward import PerTimestepBackward
 from ..rl.forward import ForwardRolloutBatch, generate_ode_rollouts
 from ..rl.monitor import group_diversity
-from ..rl.rollouts import score_images
 from ..rl.scoring import GroupScoring
 from ..rl.seeds import FORWARD_NOISE, FORWARD_STEPS, derived_generator, sample_seeds
 from .base import MetricLog
@@ -56,7 +56,7 @@ def _dims(x: torch.Tensor) -> tuple[int, ...]:
     return tuple(range(1, x.dim()))
 
 
-class ForwardObjective(GroupScoring):
+class ForwardObjective(PerTimestepBackward, GroupScoring):
     """Rollouts + loss of one forward-process method for one policy (see the module docstring).
 
     ``policy`` is the bare (unwrapped) transformer, ``reference`` an ``align.reference.ReferenceModel`` (adapters
@@ -117,12 +117,7 @@ class ForwardObjective(GroupScoring):
                     true_cfg_scale=args.true_cfg_scale, negative_prompt=args.negative_prompt,
                     reference_area=reference_area(args),
                 )
-                totals, per = score_images(self.reward_fn, batch.prompts, batch.images, batch.columns)
-                batch.rewards = rewards_tensor(totals)
-                batch.rewards_per_func = per
-                local_totals += totals
-                for k, v in per.items():
-                    local_per.setdefault(k, []).extend(v)
+                self._score(batch, local_totals, local_per)
                 chunks.append(batch)
         policy.train(was_training)
         if self.sampler is not None:
@@ -181,63 +176,14 @@ class ForwardObjective(GroupScoring):
     def _on_device(self, batch: ForwardRolloutBatch) -> ForwardRolloutBatch:
         return batch.to(self.accelerator.device)
 
-    def loss(self, model: torch.nn.Module, batch: ForwardRolloutBatch,
-             micro_step: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(policy loss, KL or None), each averaged over the trained timesteps, as ONE graph (DeepSpeed, tests)."""
-        batch = self._on_device(batch)
-        policy_losses, kls, stats = [], [], []
-        for t, noise in self.plan(batch, micro_step):
-            pl, kl, st = self.step_terms(model, batch, t.to(self.accelerator.device), noise)
-            policy_losses.append(pl)
-            stats.append(st)
-            if kl is not None:
-                kls.append(kl)
-        policy_loss = torch.stack(policy_losses).mean()
-        kl = torch.stack(kls).mean() if kls else None
-        self._record(stats, float(policy_loss.detach()), None if kl is None else float(kl.detach()))
-        return policy_loss, kl
+    # the hooks of PerTimestepBackward: one item of the plan per trained timestep
+    def trained_timesteps(self, batch: ForwardRolloutBatch, micro_step: int) -> list[StepPlan]:
+        return self.plan(batch, micro_step)
 
-    def backward(
-        self,
-        model: torch.nn.Module,
-        batch: ForwardRolloutBatch,
-        backward: Callable[[torch.Tensor], None],
-        *,
-        policy_weight: float = 1.0,
-        kl_weight: float = 0.0,
-        scale: float = 1.0,
-        no_sync: Callable[[], Any] = contextlib.nullcontext,
-        micro_step: int = 0,
-    ) -> float:
-        """Back-propagate ``scale * (policy_weight * L + kl_weight * KL)`` (means over the trained timesteps) one
-        timestep at a time (every one but the last under ``no_sync``); returns the weighted loss value."""
-        batch = self._on_device(batch)
-        plan = self.plan(batch, micro_step)
-        n = len(plan)
-        total, policy_sum, kl_sum, stats = 0.0, 0.0, 0.0, []
-        for idx, (t, noise) in enumerate(plan):
-            with no_sync() if idx < n - 1 else contextlib.nullcontext():
-                pl, kl, st = self.step_terms(model, batch, t.to(self.accelerator.device), noise)
-                loss_j = policy_weight * pl + (kl_weight * kl if kl is not None else 0.0)
-                backward(loss_j * (scale / n))
-            total += float(loss_j.detach()) / n
-            policy_sum += float(pl.detach()) / n
-            if kl is not None:
-                kl_sum += float(kl.detach()) / n
-            stats.append(st)
-        self._record(stats, policy_sum, kl_sum if self.need_kl else None)
-        return total
-
-    def micro_step(self, source, model: torch.nn.Module, policy_weight: float, kl_weight: float, scale: float,
-                   no_sync) -> float:
-        """Roll out if due (``source``: the run's ``RolloutSource``), back-propagate this micro-step's term per
-        timestep, advance the counter; returns the weighted loss value."""
-        policy = self.accelerator.unwrap_model(model)
-        batch = source.batch(policy)
-        total = self.backward(model, batch, self.accelerator.backward, policy_weight=policy_weight,
-                              kl_weight=kl_weight, scale=scale, no_sync=no_sync, micro_step=source.micro_step)
-        source.advance()
-        return total
+    def timestep_terms(self, model: torch.nn.Module, batch: ForwardRolloutBatch,
+                       item: StepPlan) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        t, noise = item
+        return self.step_terms(model, batch, t.to(self.accelerator.device), noise)
 
     def after_optimizer_step(self, global_step: int) -> None:
         """Called once per optimizer step (the EMA adapters move here)."""

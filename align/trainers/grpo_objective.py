@@ -12,10 +12,9 @@ of the run seed and a counter (``align.rl.seeds``): a resumed run draws the same
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -29,11 +28,11 @@ from ..losses.grpo import (
     grpo_clip_loss,
     grpo_guard_loss,
     num_train_timesteps,
-    rewards_tensor,
     sde_window_for,
 )
+from ..rl.backward import PerTimestepBackward
 from ..rl.monitor import group_diversity
-from ..rl.rollouts import RolloutBatch, generate_rollouts, recompute_log_prob, score_images
+from ..rl.rollouts import RolloutBatch, generate_rollouts, recompute_log_prob
 from ..rl.scoring import GroupScoring
 from ..rl.seeds import TRAIN_STEPS, WINDOW, derived_generator, sample_seeds
 from .base import MetricLog
@@ -41,7 +40,7 @@ from .base import MetricLog
 logger = logging.getLogger(__name__)
 
 
-class GRPOObjective(GroupScoring):
+class GRPOObjective(PerTimestepBackward, GroupScoring):
     """Rollouts + Flow-GRPO loss for one policy.
 
     ``rollout(policy, prompts, columns, index)`` samples the local prompts in micro-batches of
@@ -106,12 +105,7 @@ class GRPOObjective(GroupScoring):
                 true_cfg_scale=args.true_cfg_scale, negative_prompt=args.negative_prompt, seeds=seeds[sl],
                 keep_means=args.policy_loss != "clip", reference_area=reference_area(args),
             )
-            totals, per = score_images(self.reward_fn, batch.prompts, batch.images, batch.columns)
-            batch.rewards = rewards_tensor(totals)
-            batch.rewards_per_func = per
-            local_totals += totals
-            for k, v in per.items():
-                local_per.setdefault(k, []).extend(v)
+            self._score(batch, local_totals, local_per)
             chunks.append(batch)
         policy.train(was_training)
         self._set_advantages(chunks, local_totals, local_per)
@@ -151,58 +145,13 @@ class GRPOObjective(GroupScoring):
         kl = self._kl(batch, j, step.mean).mean() if self.need_kl else None
         return policy_loss, kl, stats
 
-    def loss(self, model: torch.nn.Module, batch: RolloutBatch, steps: list[int] | None = None,
-             micro_step: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(policy loss, KL or None), each averaged over the trained steps, as ONE graph (all steps' activations
-        live until backward). Training uses ``backward``; this form serves DeepSpeed and the tests."""
-        batch = self._on_device(batch)
-        steps = self.train_steps(batch, micro_step) if steps is None else steps
-        policy_losses, kls, stats = [], [], []
-        for j in steps:
-            pl, kl, st = self.step_terms(model, batch, j)
-            policy_losses.append(pl)
-            stats.append(st)
-            if kl is not None:
-                kls.append(kl)
-        policy_loss = torch.stack(policy_losses).mean()
-        kl = torch.stack(kls).mean() if kls else None
-        self._record_step_stats(stats, float(policy_loss.detach()), None if kl is None else float(kl.detach()))
-        return policy_loss, kl
+    # the hooks of PerTimestepBackward: the trained SDE steps are its timesteps
+    def trained_timesteps(self, batch: RolloutBatch, micro_step: int) -> list[int]:
+        return self.train_steps(batch, micro_step)
 
-    def backward(
-        self,
-        model: torch.nn.Module,
-        batch: RolloutBatch,
-        backward: Callable[[torch.Tensor], None],
-        *,
-        policy_weight: float = 1.0,
-        kl_weight: float = 0.0,
-        scale: float = 1.0,
-        no_sync: Callable[[], Any] = contextlib.nullcontext,
-        micro_step: int = 0,
-    ) -> float:
-        """Back-propagate ``scale * (policy_weight * L_policy + kl_weight * KL)`` (both means over the trained steps)
-        one trained timestep at a time; returns the value of the weighted loss (unscaled).
-
-        ``backward`` is the accelerator's; every timestep but the last runs under ``no_sync()`` (DDP / FSDP then
-        reduce the accumulated gradient once). Peak activation memory is one timestep's, whatever the step count.
-        """
-        batch = self._on_device(batch)
-        steps = self.train_steps(batch, micro_step)
-        n = len(steps)
-        total, policy_sum, kl_sum, stats = 0.0, 0.0, 0.0, []
-        for idx, j in enumerate(steps):
-            with no_sync() if idx < n - 1 else contextlib.nullcontext():
-                pl, kl, st = self.step_terms(model, batch, j)
-                loss_j = policy_weight * pl + (kl_weight * kl if kl is not None else 0.0)
-                backward(loss_j * (scale / n))
-            total += float(loss_j.detach()) / n
-            policy_sum += float(pl.detach()) / n
-            if kl is not None:
-                kl_sum += float(kl.detach()) / n
-            stats.append(st)
-        self._record_step_stats(stats, policy_sum, kl_sum if self.need_kl else None)
-        return total
+    def timestep_terms(self, model: torch.nn.Module, batch: RolloutBatch,
+                       j: int) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        return self.step_terms(model, batch, j)
 
     def _on_device(self, batch: RolloutBatch) -> RolloutBatch:
         device = self.accelerator.device
@@ -211,7 +160,7 @@ class GRPOObjective(GroupScoring):
         batch.log_probs = batch.log_probs.to(device)
         return batch
 
-    def _record_step_stats(self, stats: list[dict], policy_loss: float, kl: float | None) -> None:
+    def _record(self, stats: list[dict], policy_loss: float, kl: float | None) -> None:
         n = len(stats)
         m = {
             "ratio/mean": sum(s["ratio_mean"] for s in stats) / n,
@@ -240,14 +189,3 @@ class GRPOObjective(GroupScoring):
     def pop_metrics(self) -> dict[str, float]:
         """Averages of the collected metrics since the last call (across ranks and micro-steps)."""
         return self.metrics.pop()
-
-    def micro_step(self, source, model: torch.nn.Module, policy_weight: float, kl_weight: float, scale: float,
-                   no_sync) -> float:
-        """Roll out if due (``source``: the run's ``RolloutSource``), back-propagate this micro-step's GRPO term
-        per timestep, advance the counter; returns the weighted loss value."""
-        policy = self.accelerator.unwrap_model(model)
-        batch = source.batch(policy)
-        total = self.backward(model, batch, self.accelerator.backward, policy_weight=policy_weight,
-                              kl_weight=kl_weight, scale=scale, no_sync=no_sync, micro_step=source.micro_step)
-        source.advance()
-        return total

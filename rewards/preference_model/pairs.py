@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from qwen_image.errors import UserError
+from qwen_image.jsonl import read_jsonl_objects
 
 __all__ = ["PairRecord", "read_pairs", "split_pairs", "evaluate_pairs", "CHOICES"]
 
@@ -31,22 +32,6 @@ class PairRecord:
 
 
 # ----------------------------------------------------------------------------------------------------- reading pairs
-
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{n}: each line must be a JSON object with prompt, chosen, rejected")
-            rows.append(row)
-    return rows
-
 
 def _outcome(row: dict) -> str:
     """"chosen" (chosen won), "tie", "both_bad" or "rejected" (the votes favour the rejected image)."""
@@ -92,7 +77,7 @@ def read_pairs(source: str | os.PathLike, *, ties: str = "half") -> tuple[list[P
     if not meta.is_file():
         raise UserError(f"--pairs {src}: no metadata.jsonl in it (pull a pairs project with "
                         f"`qwen-image-annotation pull`, or give a .jsonl file)")
-    rows = _read_jsonl(meta)
+    rows = read_jsonl_objects(meta, " with prompt, chosen, rejected")
     if not rows:
         raise UserError(f"{meta} has no rows")
     counts = Counter()
