@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from data_helpers import rated_images
+from lora_helpers import lora_b_moved
 from PIL import Image
 from safetensors.torch import load_file
 from test_forward_resume import check_kill_and_resume
 from test_forward_rl import TINY, _bf16_trainer, check_nft_implicit_velocities, check_ratios_exactly_one
-from test_qwen_image_21_training import Q21, _data, _lora_b_moved
+from test_qwen_image_21_training import Q21, run_dpo
 
 from align.launch import train_main
 
@@ -78,7 +80,7 @@ def test_edit_lora_sft_bf16_caches_what_the_21_edit_forward_reads(tmp_path):
     assert isinstance(run.qwen, QwenImage21) and run.qwen.edit_model and run.data.edit
     assert run.qwen.transformer.dtype == torch.bfloat16
     assert len(_losses(run)) == 2 and all(np.isfinite(_losses(run)))
-    assert _lora_b_moved(load_file(out / "pytorch_lora_weights.safetensors")) > 0
+    assert lora_b_moved(load_file(out / "pytorch_lora_weights.safetensors")) > 0
     # Aspect-ratio buckets step by 32 px for 2.1 (16 px would put the 3:2 target at 48x80, which 2.1 cannot take).
     sizes = {(int(r["height"]), int(r["width"])) for r in run.train_dataset}
     assert sizes == {(64, 64), (64, 96)}
@@ -100,21 +102,17 @@ def test_edit_lora_sft_bf16_caches_what_the_21_edit_forward_reads(tmp_path):
 
 def test_edit_dpo_lora_bf16_trains_on_batches_carrying_img_mask(tmp_path):
     from align.data.edit import write_synthetic_edit_pairs
-    from align.dpo import main
 
     data = write_synthetic_edit_pairs(tmp_path / "pairs", n=4, size=32)
     out = tmp_path / "out"
-    run = main(["--config", str(ROOT / "recipes/tiny/edit_dpo_lora.yaml"), *Q21_EDIT, "--dataset_name", str(data),
-                "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out), "--max_steps", "2",
-                "--per_device_train_batch_size", "2", "--eval_fraction", "0", "--eval_strategy", "no",
-                "--logging_steps", "1", "--learning_rate", "1e-2"])
+    run = run_dpo("edit_dpo_lora.yaml", Q21_EDIT, data, tmp_path, batch=2)
     assert type(run.qwen).__name__ == "QwenImage21" and run.qwen.transformer.dtype == torch.bfloat16
     batch = next(iter(run.get_train_dataloader()))
     assert batch["references"].shapes == [(1, 4, 4)]  # a 32 px source at the tiny model's 64² px area
     assert batch["img_mask"].shape == batch["prompt_embeds"].shape[:2]
     assert batch["img_mask"].sum(1).tolist() == [4, 4]  # one slot per 2x2 of the 16 reference tokens
     assert len(_losses(run)) == 2 and all(np.isfinite(_losses(run)))
-    assert _lora_b_moved(load_file(out / "pytorch_lora_weights.safetensors")) > 0
+    assert lora_b_moved(load_file(out / "pytorch_lora_weights.safetensors")) > 0
 
 
 def test_edit_nft_bf16_rolls_out_with_the_control_images(tmp_path):
@@ -129,7 +127,7 @@ def test_edit_nft_bf16_rolls_out_with_the_control_images(tmp_path):
     assert run.qwen.text_encoder is None  # every row was encoded once with its control image, then released
     cond = run.rollouts.buffer[0].cond
     assert cond.references.shapes == [(1, 4, 4)] and cond.img_mask.sum(1).tolist() == [4] * 4
-    assert np.isfinite(_losses(run)[0]) and _lora_b_moved(load_file(out / "pytorch_lora_weights.safetensors")) > 0
+    assert np.isfinite(_losses(run)[0]) and lora_b_moved(load_file(out / "pytorch_lora_weights.safetensors")) > 0
 
 
 # --------------------------------------------------------------------------- offline objectives
@@ -141,7 +139,7 @@ def test_full_fine_tuning_sft_bf16_writes_a_transformer_that_moved(tmp_path):
 
     out = tmp_path / "out"
     run = main(["--config", str(ROOT / "recipes/tiny/sft_full.yaml"), *Q21, "--dataset_name",
-                str(_data(tmp_path / "data")), "--min_raters", "0", "--cache_dir", str(tmp_path / "cache"),
+                str(rated_images(tmp_path / "data")), "--min_raters", "0", "--cache_dir", str(tmp_path / "cache"),
                 "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "1",
                 "--learning_rate", "1e-2", "--logging_steps", "1"])
     assert run.qwen.transformer.dtype == torch.bfloat16
@@ -164,7 +162,7 @@ def test_kto_lora_bf16_trains(tmp_path):
                              "--learning_rate", "1e-2"])
     assert type(run.qwen).__name__ == "QwenImage21" and run.qwen.transformer.dtype == torch.bfloat16
     assert len(_losses(run, "loss/kto")) == 2 and all(np.isfinite(_losses(run, "loss/kto")))
-    assert _lora_b_moved(load_file(out / "pytorch_lora_weights.safetensors")) > 0
+    assert lora_b_moved(load_file(out / "pytorch_lora_weights.safetensors")) > 0
 
 
 # --------------------------------------------------------------------------- online objectives
@@ -178,7 +176,7 @@ def test_forward_objective_lora_bf16_trains(method, tmp_path):
     assert len(_losses(run)) == 2 and all(np.isfinite(_losses(run)))
     if method != "nft":  # each buffer trained once, on-policy: the ratio is the current policy's, exactly 1
         assert _losses(run, "ratio/min")[0] == _losses(run, "ratio/max")[0] == 1.0
-    assert _lora_b_moved(load_file(out / "pytorch_lora_weights.safetensors")) > 0
+    assert lora_b_moved(load_file(out / "pytorch_lora_weights.safetensors")) > 0
 
 
 def test_dpo_plus_nft_bf16_trains_both_terms(tmp_path):
@@ -194,7 +192,7 @@ def test_dpo_plus_nft_bf16_trains_both_terms(tmp_path):
     logs = [h for h in run.state.log_history if "loss/nft" in h]
     assert len(logs) == 2 and all(np.isfinite(h["loss/dpo"]) and np.isfinite(h["loss/nft"]) for h in logs)
     assert logs[0]["nft/old_deviation"] == 0.0
-    assert _lora_b_moved(load_file(out / "pytorch_lora_weights.safetensors")) > 0
+    assert lora_b_moved(load_file(out / "pytorch_lora_weights.safetensors")) > 0
 
 
 # The Qwen-Image checks of test_forward_rl.py on the 2.1 family: adapters moved off zero (on != off), the extra

@@ -115,16 +115,22 @@ def test_sft_lora_bf16_adapter_loads_in_the_pipeline_and_our_sampler_equals_it(t
 
 
 # --------------------------------------------------------------------------- Flow-DPO
+def run_dpo(recipe: str, model_args: list[str], data: Path, tmp_path: Path, batch: int):
+    """Two Flow-DPO steps of ``recipes/tiny/<recipe>`` on tiny 2.1 (``model_args``) into ``tmp_path/out``."""
+    from align.dpo import main
+
+    return main(["--config", str(ROOT / "recipes/tiny" / recipe), *model_args, "--dataset_name", str(data),
+                 "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
+                 "--per_device_train_batch_size", str(batch), "--eval_fraction", "0", "--eval_strategy", "no",
+                 "--logging_steps", "1", "--learning_rate", "1e-2"])
+
+
 def test_dpo_lora_bf16_trains(tmp_path):
     from align.data.preference import write_synthetic_pairs
-    from align.dpo import main
 
     data = write_synthetic_pairs(tmp_path / "pairs", n=4, size=32)
     out = tmp_path / "out"
-    run = main(["--config", str(ROOT / "recipes/tiny/dpo_lora.yaml"), *Q21, "--dataset_name", str(data),
-                "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out), "--max_steps", "2",
-                "--per_device_train_batch_size", "1", "--eval_fraction", "0", "--eval_strategy", "no",
-                "--logging_steps", "1", "--learning_rate", "1e-2"])
+    run = run_dpo("dpo_lora.yaml", Q21, data, tmp_path, batch=1)
     assert run.qwen.transformer.dtype == torch.bfloat16 and type(run.qwen).__name__ == "QwenImage21"
     losses = [h["loss"] for h in run.state.log_history if "loss" in h]
     assert len(losses) == 2 and all(np.isfinite(losses))
