@@ -12,6 +12,7 @@ What is silenced and why:
   GPU architectures; torchao works without them and says so again only if a kernel is actually used.
 - torch's pytree "<enum ...> is an Enum subclass and is now natively supported by torch.compile": torchao registers
   its enums the old way at import; nothing for a user to change.
+- torchao's "Detected no triton": its int-matmul GPU kernels; a CPU machine has no Triton and needs none.
 - diffusers' "Unable to import `torchao` Tensor objects": the same torchao build without those kernels; it only
   matters for checkpoints serialised with torchao, which the project neither writes nor reads.
 
@@ -30,6 +31,7 @@ LOG_NOISE: tuple[tuple[str, str], ...] = (
     ("torchao", r"Failed to load \S*torchao[/\\]_C\S*\.(so|pyd)\b"),
     ("torch.utils._pytree", r"<enum '\w+'> is an Enum subclass and is now natively supported by torch\.compile"),
     ("diffusers.quantizers.torchao.torchao_quantizer", r"Unable to import `torchao` Tensor objects"),
+    ("torchao.kernel.intmm", r"Detected no triton, on systems without Triton certain kernels will not work"),
 )
 # (message regex, category, module regex) for the warnings module.
 WARNING_NOISE: tuple[tuple[str, type[Warning], str], ...] = ()
