@@ -103,3 +103,22 @@ def test_build_reward_checks_every_part_and_names_it(tmp_path, monkeypatch):
     assert not isinstance(monitor, SignalWatch)
     totals, per = score_images(monitor, ["a", "b"], images)
     assert totals[0] < totals[1] and set(per) == {"brightness"}
+
+
+def test_beside_other_terms_zero_spread_warns_once_per_streak_and_none_still_stops(caplog):
+    """The combined objective with DPO / KTO / flow matching training: a reward saturated on its prompts (every
+    rollout the same score) leaves those terms training, with one warning per streak; a broken reward still stops."""
+    from rewards import combine
+
+    saturated = SignalWatch(combine([_Fixed([[1.0, 1.0]] * 4 + [[0.2, 0.9]] + [[1.0, 1.0]] * 3)]), 3,
+                            stop_on_zero_spread=False)
+    with caplog.at_level("WARNING", logger="align.rl.rewards"):
+        for _ in range(8):
+            saturated.compute(["a", "b"], [None, None])
+    warnings = [r.getMessage() for r in caplog.records if "gave every image the same score (1)" in r.getMessage()]
+    assert len(warnings) == 2 and "the other terms go on training" in warnings[0]  # streaks at scorings 3 and 8
+    broken = SignalWatch(combine([_Fixed([[None, None]] * 3)]), 3, stop_on_zero_spread=False)
+    broken.compute(["a", "b"], [None, None])
+    broken.compute(["a", "b"], [None, None])
+    with pytest.raises(UserError, match="scored every image None / NaN"):
+        broken.compute(["a", "b"], [None, None])

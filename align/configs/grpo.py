@@ -27,7 +27,7 @@ class OnlineArguments:
     reward_funcs: list[str] = field(default_factory=lambda: ["ocr"], metadata={"help": "Reward names from the rewards registry (rewards.available_rewards())."})
     reward_weights: list[float] | None = field(default=None, metadata={"help": "One weight per reward (default 1 each)."})
     reward_kwargs: dict | str | None = field(default=None, metadata={"help": "Options per reward, e.g. {\"clip\": {\"model_path\": \"/models/clip\"}} (a dict or JSON)."})
-    reward_no_signal_limit: int = field(default=3, metadata={"help": "Stop the run when the reward gives no signal (every image None/NaN, or one score for all) for this many rollout batches in a row; 0: never."})
+    reward_no_signal_limit: int = field(default=3, metadata={"help": "Stop the run when the reward gives no signal (every image None/NaN, or one score for all) for this many rollout batches in a row; 0: never. Beside other training terms (combined objective) one score for all only warns."})
     train_prompts: list[str] = field(default_factory=list, metadata={"help": "Inline prompts (instead of dataset_name)."})
     num_inference_steps: int = field(default=10, metadata={"help": "Sampler steps of a rollout (flow_grpo trains with 10, evaluates with 40-50)."})
     timestep_fraction: float = field(default=0.99, metadata={"help": "Fraction of the SDE steps trained per batch: int(T * fraction), a random subset."})

@@ -9,11 +9,14 @@ gradient, and the "trained" model would equal the start."""
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import numbers
 from typing import Any, Callable
 
 from qwen_image.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 # Scorings (rollout batches) in a row without any signal before an online run stops; a run sets its own with
 # ``--reward_no_signal_limit`` (0 switches the check off).
@@ -85,11 +88,18 @@ class SignalWatch:
     The verdict is the same on every process: each scoring exchanges every process's totals (and any error its
     reward checks raised) with all the others (``torch.distributed.all_gather_object``, once per rollout batch), so
     a reward that fails on one process only stops every process at the same scoring, with one line, instead of
-    leaving the others waiting for it in their next collective."""
+    leaving the others waiting for it in their next collective.
 
-    def __init__(self, reward: Any, limit: int = NO_SIGNAL_LIMIT):
+    ``stop_on_zero_spread=False`` (the combined objective while another term trains): zero spread then means a
+    reward saturated on these prompts (every rollout already scores the same, e.g. OCR 1.0 on text the model
+    already writes) as much as a broken one, and the run still learns from its other terms; it logs one warning
+    per streak instead of stopping. None / NaN for every image still stops: that reward is broken."""
+
+    def __init__(self, reward: Any, limit: int = NO_SIGNAL_LIMIT, stop_on_zero_spread: bool = True):
         self.reward = reward
         self.limit = limit
+        self.stop_on_zero_spread = stop_on_zero_spread
+        self.warned = False  # zero spread already reported for the current streak
         self.recent: list[list[list[float | None]]] = []  # per scoring: every process's totals, in rank order
 
     def __getattr__(self, name: str) -> Any:  # names, weights, reward_name of the combination
@@ -142,11 +152,20 @@ class SignalWatch:
                 f"reward and the prompts it needs (e.g. quoted text for ocr)")
         values = [v for batch in self.recent for per_rank in batch for v in per_rank if v is not None]
         n = sum(len(per_rank) for batch in self.recent for per_rank in batch)
-        if len(values) > 1 and max(values) == min(values):
-            raise stop_everywhere(
-                f"reward {self._describe()} gave every image the same score ({values[0]:g}) for {self.limit} rollout "
-                f"batches in a row ({n} images{' over ' + str(world) + ' processes' if world > 1 else ''}): zero "
-                f"spread means zero advantages and no learning; check the reward")
+        if not (len(values) > 1 and max(values) == min(values)):
+            self.warned = False
+            return
+        what = (f"reward {self._describe()} gave every image the same score ({values[0]:g}) for {self.limit} rollout "
+                f"batches in a row ({n} images{' over ' + str(world) + ' processes' if world > 1 else ''})")
+        if self.stop_on_zero_spread:
+            raise stop_everywhere(f"{what}: zero spread means zero advantages and no learning; check the reward")
+        if not self.warned:
+            self.warned = True
+            import torch.distributed as dist
+
+            if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+                logger.warning(f"{what}: the online term has nothing to learn from these rollouts (a saturated or "
+                               f"broken reward); the other terms go on training")
 
 
 def _where(rank: int, count: int, world: int, inside: bool = False) -> str:
@@ -182,10 +201,11 @@ def _import_reward_modules(funcs: list[str]) -> None:
 
 
 def build_reward(args: Any, funcs: list[str] | None = None, weights: list[float] | None = None,
-                 watch_signal: bool = True):
+                 watch_signal: bool = True, stop_on_zero_spread: bool = True):
     """The configured reward (``args.reward_funcs`` / ``reward_weights`` / ``reward_kwargs``). ``funcs``/``weights``
     name another set (the held-out monitor's); ``reward_kwargs`` apply to both. Every part is checked
-    (:func:`checked`); with ``watch_signal`` the whole is a :class:`SignalWatch` (training rewards, not monitors)."""
+    (:func:`checked`); with ``watch_signal`` the whole is a :class:`SignalWatch` (training rewards, not monitors);
+    ``stop_on_zero_spread=False`` where other terms train beside the online one (see :class:`SignalWatch`)."""
     from rewards import combine
 
     funcs = list(args.reward_funcs if funcs is None else funcs)
@@ -206,4 +226,4 @@ def build_reward(args: Any, funcs: list[str] | None = None, weights: list[float]
     reward.fns = [checked(name, fn) for name, fn in zip(reward.names, reward.fns)]
     if not watch_signal:
         return reward
-    return SignalWatch(reward, int(getattr(args, "reward_no_signal_limit", NO_SIGNAL_LIMIT)))
+    return SignalWatch(reward, int(getattr(args, "reward_no_signal_limit", NO_SIGNAL_LIMIT)), stop_on_zero_spread)

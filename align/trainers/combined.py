@@ -69,7 +69,10 @@ class DPOGRPOTrainer(MonitoredEvaluationMixin, FlowDPOTrainer):
                 raise UserError(f"the online term ({self.method}) needs prompts: set grpo_dataset_name or train_prompts.")
             if qwen.text_encoder is None or qwen.vae is None:
                 raise ValueError("the online term needs the text encoder (prompts) and the VAE (images for the rewards).")
-            reward = reward_fn or build_reward(args)
+            # Zero reward spread stops a run only when nothing else trains: beside DPO / KTO / flow matching it may
+            # just mean the reward is saturated on these prompts (align.rl.rewards.SignalWatch).
+            others_train = any(getattr(args, w) > 0 for w in ("w_dpo", "w_kto", "w_sft"))
+            reward = reward_fn or build_reward(args, stop_on_zero_spread=not others_train)
             if self.method == "grpo":
                 self.grpo = GRPOObjective(qwen, args, reward, self.accelerator, self.reference, need_kl=args.beta_kl > 0)
                 batch_type = RolloutBatch
