@@ -4,6 +4,8 @@ storage option against bf16 (a hint only: GPUs have fp8/int8 kernels, CPUs mostl
 
     python benchmarks/memory.py                     # ~5 min on 2 CPU cores
     python benchmarks/memory.py --resolutions 512   # the measured resolution only
+    python benchmarks/memory.py --family qwen-image-2.1 [--side 1024 --rank 16]   # one real-size 2.1 block
+                                                    # (benchmarks/qwen_image_21_block.py: its own options)
 
 Measured, per storage format (bf16 | fp8 | int8 | nf4 | nf4 nested), on a block with the real config (inner dim
 3072, 24 heads x 128, LoRA r16 on the default targets, bf16 compute):
@@ -126,6 +128,18 @@ def optimizer_bytes(optimizer) -> int:
 
 
 def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--family" in argv:  # one entry for every family's block: 2.1's measurement lives in its own script
+        i = argv.index("--family")
+        family = argv[i + 1] if i + 1 < len(argv) else ""
+        rest = argv[:i] + argv[i + 2:]
+        if family in ("qwen-image-2.1", "qwen-image-2.1-edit"):
+            from qwen_image_21_block import main as measure_21
+
+            return measure_21(rest)
+        if family != "qwen-image":
+            raise SystemExit(f"--family: qwen-image (default) or qwen-image-2.1, got {family!r}")
+        argv = rest
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--resolutions", type=int, nargs="+", default=[512, 1024])
     ap.add_argument("--text_len", type=int, default=256)
