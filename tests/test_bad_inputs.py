@@ -363,7 +363,7 @@ CASES = [
     # ---- DPO
     ("dpo-loss-type", "dpo", ["--config", DPO, "--loss_type", "kto"], "loss_type must be one of"),
     ("dpo-beta", "dpo", ["--config", DPO, "--beta", "0"], "beta must be > 0"),
-    ("dpo-caption-dropout", "dpo", ["--config", DPO, "--caption_dropout", "0.1"], "unknown option '--caption_dropout' (an option of sft;"),
+    ("dpo-caption-dropout", "dpo", ["--config", DPO, "--caption_dropout", "0.1"], "unknown option '--caption_dropout' (an option of sft"),
     ("dpo-eval-fraction", "dpo", ["--config", DPO, "--eval_fraction", "1"], "eval_fraction must be in [0, 1)"),
     ("dpo-negative-weight", "dpo", ["--config", DPO, "--w_sft", "-1"], "w_sft must be >= 0"),
     ("dpo-yaml-typo", "dpo", ["--config", "{recipes}/typo_dpo.yaml"], "unknown option 'bta' (did you mean 'beta'?)"),

@@ -5,6 +5,7 @@ standalone and the combined trainers' configs) and ``GRPOConfig`` (GRPOTrainer's
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 
 from ..losses.grpo import KL_FORMS, POLICY_LOSSES, TRUST_REGION_FORMS, sde_window_for
@@ -68,9 +69,16 @@ class OnlineArguments:
             self.metric_for_best_model = self.metric_for_best_model or "eval_reward"
             if self.greater_is_better is None:
                 self.greater_is_better = True
+            every_eval = self.eval_steps or self.logging_steps  # type: ignore[attr-defined]
             if value(self.save_strategy) == "no":  # type: ignore[attr-defined]
                 self.save_strategy = "steps"
-                self.save_steps = self.eval_steps or self.logging_steps  # type: ignore[attr-defined]
+                self.save_steps = every_eval
+            elif value(self.save_strategy) == "steps" and self.save_steps != every_eval:  # type: ignore[attr-defined]
+                # The best held-out checkpoint can only be kept if one is written at every evaluation.
+                logging.getLogger(__name__).warning(
+                    f"early_stop_patience keeps the best held-out checkpoint: saving at every evaluation "
+                    f"(save_steps {self.save_steps:g} -> {every_eval:g})")  # type: ignore[attr-defined]
+                self.save_steps = every_eval
 
     def _validate_online(self) -> None:
         if self.num_generations < 2:
