@@ -53,6 +53,10 @@ METHODS: dict[str, tuple[str, list[str]]] = {
 # The forward-process objectives, where registered (align/objectives.py): same budget, their published knobs.
 FORWARD = {
     "nft": ("nft", ["--timestep_fraction", "1.0", "--beta", "1e-4"]),
+    # The published schedules move the old adapter slowly only after hundreds of steps (linear: decay 0.032 at step
+    # 32, so old ~= trained over this budget); this variant holds the paper's steady-state decay 0.5 from step 1.
+    "nft-old0.5": ("nft", ["--timestep_fraction", "1.0", "--beta", "1e-4", "--old_decay_rate", "1",
+                           "--old_decay_cap", "0.5"]),
     "awm": ("awm", ["--awm_num_timesteps", "3", "--timestep_fraction", "1.0"]),  # 3 of the 3 trainable steps
     "dgpo": ("dgpo", []),
 }
