@@ -15,6 +15,9 @@ Measured, per storage format (bf16 | fp8 | int8 | nf4 | nf4 nested), on a block 
   512² image, and the de-quantised weight copies a quantised block adds;
 - LoRA parameters, their gradients and AdamW's states (fp32 and 8-bit) after a real training step (run in fp32
   compute on CPU, where bf16 backward is pathologically slow; LoRA, gradients and states are fp32 either way).
+- DiffusionNFT's step (LoRA under a second, frozen ``old`` adapter on the same block): the old adapter's bytes, and
+  the bytes autograd saves across the whole step (trained forward with graph, then the old adapter's and the
+  adapter-off reference's forwards without graph, as the trainer runs them), against a plain LoRA step's.
 Extrapolation to the full model, with gradient checkpointing (what the launchers use on a quantised base): the 60
 blocks' weights (or 2 + resident ones when streamed) + the 40 M non-block parameters in bf16 + LoRA + gradients +
 optimizer + 60 block inputs + one block's saved tensors and de-quantised copies during its recompute + the same
@@ -28,6 +31,7 @@ import argparse
 import gc
 import sys
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -115,6 +119,99 @@ def train_step(block, inputs, optimizer, checkpointing: bool) -> float:
     return time.perf_counter() - t
 
 
+def _tuner_layers(block: torch.nn.Module) -> list:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in block.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def add_old_adapter(block: torch.nn.Module, rank: int) -> list[torch.nn.Parameter]:
+    """A second LoRA adapter ``old`` on the block, frozen, fp32, equal to the trained one (DiffusionNFT's sampling
+    policy, as the trainer keeps it: a PEFT adapter beside the trained one); the trained adapter stays active."""
+    trained = {n: p for n, p in block.named_parameters() if ".default." in n}
+    with warnings.catch_warnings():  # PEFT warns that a second adapter joins the first: that is the point
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        block = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=DEFAULT_LORA_TARGETS),
+                                        block, adapter_name="old")
+    old = []
+    for name, p in block.named_parameters():
+        if ".old." in name:
+            p.data = trained[name.replace(".old.", ".default.")].detach().clone()
+            p.requires_grad_(False)
+            old.append(p)
+    for layer in _tuner_layers(block):
+        layer.set_adapter("default")
+    for p in trained.values():
+        p.requires_grad_(True)
+    return old
+
+
+def nft_step(block: torch.nn.Module, inputs: dict, optimizer=None) -> int:
+    """One DiffusionNFT-shaped step: the trained forward with graph, then (no graph) the old adapter's forward and
+    the adapter-off reference's, a loss on all three, backward, optimizer step. Returns the bytes autograd saved
+    over the whole step (unique storages that are not parameters or the block inputs)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        except Exception:  # noqa: BLE001 - tensor subclasses: count their inner tensors
+            seen.setdefault(id(t), tensor_bytes(t))
+        return t
+
+    def velocity() -> torch.Tensor:  # both streams, so every trained LoRA tensor is in the graph
+        text, image = block(**inputs)
+        return torch.cat([text.float().flatten(), image.float().flatten()])
+
+    layers = _tuner_layers(block)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        v = velocity()
+        with torch.no_grad():
+            for layer in layers:
+                layer.set_adapter("old")
+            v_old = velocity()
+            for layer in layers:
+                layer.set_adapter("default")
+                layer.enable_adapters(False)
+            v_ref = velocity()
+            for layer in layers:
+                layer.enable_adapters(True)
+    for name, p in block.named_parameters():  # set_adapter moves requires_grad with the active adapter
+        p.requires_grad_(".default." in name)
+    # the implicit positive / negative velocities around v_old, and the KL to the reference (shapes only matter here)
+    positive, negative = v_old + 0.1 * (v - v_old), v_old - 0.1 * (v - v_old)
+    loss = positive.pow(2).mean() + negative.pow(2).mean() + 1e-4 * (v - v_ref).pow(2).mean()
+    loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+    skip = {inputs["hidden_states"].untyped_storage().data_ptr(), inputs["encoder_hidden_states"].untyped_storage().data_ptr()}
+    for p in block.parameters():
+        try:
+            skip.add(p.untyped_storage().data_ptr())
+        except Exception:  # noqa: BLE001
+            pass
+    return sum(n for k, n in seen.items() if k not in skip)
+
+
+def measure_nft(storage: str, nested: bool, rank: int, side: int, text: int) -> dict:
+    """Bytes of the old adapter, and what an NFT step saves for backward next to a plain LoRA step (bf16 compute),
+    on one real-size block; checks the old adapter gets no gradient and stays unchanged by the step."""
+    block = build_block(storage, nested, rank)
+    inputs = block_inputs(side, text)
+    plain = saved_bytes(block, inputs)
+    old = add_old_adapter(block, rank)
+    before = [p.detach().clone() for p in old]
+    trained = [p for n, p in block.named_parameters() if ".default." in n]
+    optimizer = torch.optim.AdamW(trained, lr=1e-4)
+    saved = nft_step(block, block_inputs(side, text), optimizer)
+    assert all(p.grad is None for p in old), "the old adapter must get no gradient"
+    assert all(torch.equal(a, b) for a, b in zip(before, old)), "the optimizer step must leave the old adapter alone"
+    assert all(p.grad is not None for p in trained)
+    return dict(old_bytes=sum(p.numel() * p.element_size() for p in old), saved_plain=plain, saved_nft=saved,
+                old_params=sum(p.numel() for p in old))
+
+
 def make_optimizer(params, eight_bit: bool):
     if eight_bit:
         import bitsandbytes as bnb
@@ -148,6 +245,9 @@ def main(argv=None) -> None:
     ap.add_argument("--step_side", type=int, default=8, help="image tokens per side of the timed training step")
     ap.add_argument("--step_text", type=int, default=32)
     ap.add_argument("--measure_side", type=int, default=32, help="image tokens per side where activations are measured (512²: 32)")
+    ap.add_argument("--nft_formats", nargs="*", default=["bf16", "nf4"], choices=list(FORMATS),
+                    help="storage formats of the DiffusionNFT rows (trained + old adapter, x0 buffer); none: skip")
+    ap.add_argument("--nft_buffer", type=int, default=16, help="rollouts whose x0 an NFT generation batch keeps")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     arch = estimator.architecture(None)
@@ -221,32 +321,62 @@ def main(argv=None) -> None:
     options = [("bf16", "bf16", 0, False), ("fp8", "fp8", 0, False), ("int8", "int8", 0, False), ("nf4", "nf4", 0, False),
                ("nf4 nested", "nf4 nested", 0, False), ("nf4 + 8-bit AdamW", "nf4", 0, True),
                ("fp8 + streaming (8 resident)", "fp8", 8, False)]
+    def measured_gib(fmt: str, res: int, images: int, eight: bool, blocks_on_gpu: int, extra_bytes: float = 0.0,
+                     extra_act_per_token: float = 0.0) -> float:
+        """The 60-block step from the per-block measurements (checkpointing on)."""
+        tokens = (res // 16) ** 2 + args.text_len
+        opt_bytes = (rows["nf4"].get("optimizer_8bit") if eight else base["optimizer"]) * arch.num_blocks
+        act = (arch.num_blocks * images * tokens * DIM * 2  # block inputs held by checkpointing
+               + images * tokens * (act_per_token + extra_act_per_token) + dequant[fmt]  # one block recomputed
+               + images * tokens * estimator.BACKWARD_WIDTHS_PER_TOKEN * DIM * 2)
+        return (blocks_on_gpu * rows[fmt]["block_bytes"] + non_block + lora_total + grads_total + opt_bytes + act
+                + extra_bytes) / GIB + estimator.CONTEXT_GIB
+
+    def compare(label: str, res: int, objective: str, measured: float, options: estimator.Options) -> None:
+        nonlocal worst
+        est = estimator.estimate(options, arch)
+        diff = est.training_gib / measured - 1
+        worst = max(worst, abs(diff))
+        print(f"{label:<30}{res:>6}{objective:>10}{measured:>10.2f}{est.training_gib:>10.2f}{100 * diff:>7.1f}%")
+
+    common = dict(lora_rank=args.rank, lora_targets=tuple(DEFAULT_LORA_TARGETS), text_tokens=args.text_len,
+                  text_encoder_storage="fp8")
     for label, fmt, resident, eight in options:
         if fmt not in rows:
             continue
-        r = rows[fmt]
         for res in args.resolutions:
             for objective, images in (("sft", 1), ("dpo", 2)):
-                tokens = (res // 16) ** 2 + args.text_len
                 blocks_on_gpu = min(arch.num_blocks, resident + 2) if "streaming" in label else arch.num_blocks
-                opt_bytes = (rows["nf4"].get("optimizer_8bit") if eight else base["optimizer"]) * arch.num_blocks
-                act = (arch.num_blocks * images * tokens * DIM * 2  # block inputs held by checkpointing
-                       + images * tokens * act_per_token + dequant[fmt]  # one block recomputed in backward
-                       + images * tokens * estimator.BACKWARD_WIDTHS_PER_TOKEN * DIM * 2)
-                measured = (blocks_on_gpu * r["block_bytes"] + non_block + lora_total + grads_total + opt_bytes + act) / GIB \
-                    + estimator.CONTEXT_GIB
                 storage, nested = FORMATS[fmt]
-                est = estimator.estimate(estimator.Options(
-                    objective=objective, base_storage=storage, nested=nested, optimizer_8bit=eight, lora_rank=args.rank,
-                    lora_targets=tuple(DEFAULT_LORA_TARGETS), resolution=res, text_tokens=args.text_len,
-                    weight_streaming="blocks" if "streaming" in label else "none", resident_blocks=resident,
-                    text_encoder_storage="fp8"), arch)
-                diff = est.training_gib / measured - 1
-                worst = max(worst, abs(diff))
-                print(f"{label:<30}{res:>6}{objective:>10}{measured:>10.2f}{est.training_gib:>10.2f}{100 * diff:>7.1f}%")
+                compare(label, res, objective, measured_gib(fmt, res, images, eight, blocks_on_gpu), estimator.Options(
+                    objective=objective, base_storage=storage, nested=nested, optimizer_8bit=eight, resolution=res,
+                    weight_streaming="blocks" if "streaming" in label else "none", resident_blocks=resident, **common))
+
+    # DiffusionNFT: the old adapter measured on the block, the extra no-graph forwards' saved bytes (expected 0),
+    # the x0 buffer as the tensor the trainer keeps (packed latents, 64 channels, bf16). The VAE that decodes the
+    # rollouts for the reward is counted on both sides (its weights, not measured here).
+    nft_rows = [f for f in args.nft_formats if f in rows]
+    tokens_small = args.step_side**2 + args.step_text
+    for fmt in nft_rows:
+        storage, nested = FORMATS[fmt]
+        eight = fmt == "nf4"  # the 24 GB NFT recipe: nf4 base + 8-bit AdamW
+        m = measure_nft(storage, nested, args.rank, args.step_side, args.step_text)
+        extra_act = (m["saved_nft"] - m["saved_plain"]) / tokens_small
+        print(f"  NFT on the {fmt} block: old adapter {m['old_bytes'] / 2**20:.2f} MiB ({m['old_params']} params, fp32, "
+              f"no grad), saved for backward {m['saved_nft'] / 2**20:.2f} MiB vs {m['saved_plain'] / 2**20:.2f} MiB for "
+              f"a plain LoRA forward at {tokens_small} tokens")
+        for res in args.resolutions:
+            buffer = torch.empty(args.nft_buffer, (res // 16) ** 2, 64, dtype=DTYPE)
+            vae = (arch.vae_params or estimator.VAE_PARAMS) * 2
+            extra = m["old_bytes"] * arch.num_blocks + tensor_bytes(buffer) + vae
+            label = f"{fmt} NFT" + (" + 8-bit AdamW" if eight else "")
+            compare(label, res, "nft", measured_gib(fmt, res, 1, eight, arch.num_blocks, extra, extra_act),
+                    estimator.Options(objective="nft", base_storage=storage, nested=nested, optimizer_8bit=eight,
+                                      resolution=res, graphs=(1,), decodes=True, extra_adapters=1,
+                                      buffer_images=args.nft_buffer, kl_reference=True, **common))
+            del buffer
     print(f"largest estimate error: {100 * worst:.1f}% ({'within' if worst <= 0.15 else 'OUTSIDE'} 15%)")
 
-    tokens_small = args.step_side**2 + args.step_text
     print(f"\nCPU step time of one block ({tokens_small} tokens, fp32 compute, checkpointed, fwd+recompute+bwd+AdamW), "
           "vs the unquantised base:")
     for k, r in rows.items():
