@@ -11,6 +11,7 @@ without accelerate's CalledProcessError traceback (or torchrun's ChildFailedErro
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -89,7 +90,38 @@ def _check_launch_args(launch: list[str], trainer_options: Sequence[str] = ()) -
     return launch
 
 
+# Imported by the training processes, never by the launcher: transformers imports peft as a side effect of importing
+# ``TrainingArguments`` whenever peft is installed, and peft imports bitsandbytes and torchao; that is ~4.5 s of
+# the ~7 s the launcher spends importing before its first check (benchmarks/startup_error.py), all of it paid
+# again by each training process, which needs it.
+LAUNCHER_SKIPS = ("peft",)
+
+
+def _skip_training_only_imports() -> None:
+    """Mark :data:`LAUNCHER_SKIPS` as not installed for this process (``sys.modules[name] = None``: ``find_spec``
+    then finds nothing, so transformers' ``is_peft_available()`` is False and it does not import peft).
+
+    The launcher parses and checks the options, then ``accelerate launch`` starts fresh processes that import
+    everything; nothing it runs uses peft. A plugin module (``QWEN_IMAGE_ALIGN_PLUGINS``, imported here too) may
+    import anything, so with plugins nothing is skipped."""
+    from .plugins import PLUGINS_ENV
+
+    if os.environ.get(PLUGINS_ENV, "").strip():
+        return
+    for name in LAUNCHER_SKIPS:
+        if name not in sys.modules and not any(m.startswith("transformers") for m in sys.modules):
+            sys.modules[name] = None  # type: ignore[assignment]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``qwen-image-align`` program. ``argv`` None: this process is the launcher (the console script, ``python
+    -m align.cli``) and skips the imports only training needs; a list: called from Python (tests), nothing is
+    skipped, since the caller may train in this process afterwards."""
+    if argv is None:
+        from .launch import exit_at_ctrl_c_while_starting
+
+        exit_at_ctrl_c_while_starting()  # until the training processes start: Ctrl-C is one line, exit 130
+        _skip_training_only_imports()
     from .launch import run_main
     from .objectives import available_objectives, get_objective
 
@@ -124,15 +156,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                       *objective.script_arguments(), *script])
     _fill_launch_defaults(launch_args)
     import json
-    import os
 
-    from .launch import COMMAND_ENV, INTERRUPTED
+    from .launch import COMMAND_ENV, INTERRUPTED, ctrl_c_raises_again
 
     # The training processes print the command that resumes them at Ctrl-C: the one typed here.
     os.environ[COMMAND_ENV] = json.dumps(["qwen-image-align", *args])
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     _quiet_elastic_agent()
+    # From here Ctrl-C also reaches the training processes: wait for their line (below) instead of leaving at once.
+    ctrl_c_raises_again()
     try:
         launch_command(launch_args)
     except ChildFailedError as err:
@@ -192,8 +225,6 @@ def _fill_launch_defaults(launch_args) -> None:
     the values nobody gave with its defaults and prints a five-line warning listing them on every run. Give it those
     same defaults here so the warning stays for what a user should hear about: on a machine with accelerators the
     process count is left to accelerate (one per device, and its note when it turns multi-GPU on)."""
-    import os
-
     from accelerate.commands.config import default_config_file
 
     from .launch import _has_accelerator
@@ -209,8 +240,6 @@ def _fill_launch_defaults(launch_args) -> None:
 
 
 def _wait_for_children() -> None:
-    import os
-
     while True:
         try:
             os.wait()

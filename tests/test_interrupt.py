@@ -76,3 +76,60 @@ def test_ctrl_c_in_the_demo_is_one_line_and_exit_130(tmp_path):
     assert "Traceback" not in err, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith("interrupted")]
     assert len(lines) == 1 and "data" in lines[0] and "resume with: qwen-image-demo --fast" in lines[0], err[-3000:]
+
+
+def _session_has(pid: int, script: str) -> bool:
+    """A process of session ``pid`` (started with ``start_new_session``) runs ``script``: the training process that
+    ``qwen-image-align`` starts through ``accelerate launch``."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == pid:
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # the process ended meanwhile
+            continue
+        session = int(stat.rsplit(")", 1)[1].split()[3])  # the fields after "(comm)": state ppid pgrp session
+        if session == pid and any(arg.decode(errors="replace").endswith(script) for arg in cmdline):
+            return True
+    return False
+
+
+def _interrupted_while_importing(command: list[str], cwd: Path, child: str | None = None) -> None:
+    """Start ``command`` and Ctrl-C it while a process imports torch and the libraries (~10 s on CPU): 1.5 s after
+    start, or with ``child`` 1 s after a process running that script appeared; then check the one line and exit
+    130, and that nothing was written."""
+    proc = _start(command, cwd)
+    end = time.monotonic() + 120
+    while child is not None and not _session_has(proc.pid, child):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < end, f"{child} never started"
+        time.sleep(0.1)
+    time.sleep(1.0 if child is not None else 1.5)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    os.killpg(proc.pid, signal.SIGINT)  # the whole foreground group, as Ctrl-C in a terminal
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == ["interrupted (Ctrl-C) before training started: nothing was saved; the same command starts it "
+                     "again"], err[-3000:]
+    assert not (cwd / "run").exists()
+
+
+def _run_arguments(tmp_path: Path) -> list[str]:
+    return ["--config", str(ROOT / "recipes/tiny/sft_lora.yaml"), "--dataset_name",
+            str(rated_images(tmp_path / "data", n=2)), "--output_dir", str(tmp_path / "run")]
+
+
+def test_ctrl_c_while_the_script_imports_is_one_line(tmp_path):
+    """``python align/sft.py``: Ctrl-C in the first seconds, while torch / transformers import."""
+    _interrupted_while_importing([sys.executable, str(ROOT / "align/sft.py"), *_run_arguments(tmp_path)], tmp_path)
+
+
+def test_ctrl_c_while_qwen_image_align_imports_is_one_line(tmp_path):
+    """``qwen-image-align``: Ctrl-C while the launcher imports what checks the options, then (a second run) while
+    the training process it started imports."""
+    command = [sys.executable, "-m", "align.cli", "sft", *_run_arguments(tmp_path)]
+    _interrupted_while_importing(command, tmp_path)
+    _interrupted_while_importing(command, tmp_path, child="align/sft.py")

@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 from qwen_image.errors import UserError
 
+from ..launch import processes_with as _where  # which process a problem came from
+
 logger = logging.getLogger(__name__)
 
 # Scorings (rollout batches) in a row without any signal before an online run stops; a run sets its own with
@@ -166,14 +168,6 @@ class SignalWatch:
             if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
                 logger.warning(f"{what}: the online term has nothing to learn from these rollouts (a saturated or "
                                f"broken reward); the other terms go on training")
-
-
-def _where(rank: int, count: int, world: int, inside: bool = False) -> str:
-    """Which process a problem came from, when not every process of a multi-process run had it."""
-    if world == 1 or count == world:
-        return ""
-    text = f"on process {rank} of {world}" + (f" and {count - 1} more" if count > 1 else "") + ", not the others"
-    return f"; {text}" if inside else f" ({text})"
 
 
 def _import_reward_modules(funcs: list[str]) -> None:
