@@ -70,3 +70,23 @@ def test_a_mistake_only_one_process_meets_names_it(tmp_path):
     assert _errors(proc) == ["error: this machine has no copy of the data folder (on process 1 of 2, not the "
                              "others)"], proc.stderr[-3000:]
     assert not (tmp_path / "o" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_a_mistake_the_main_process_meets_while_encoding_stops_the_others_before_they_encode(tmp_path):
+    """Process 0 encodes the data first (the others then read its cache); a prompt too long stops both processes
+    there with one line, without process 1 starting the encoding over: it caches as much as a 1-process run does."""
+    data = rated_images(tmp_path / "data", n=3)
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    rows[1]["prompt"] = "a sign " * 3000
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bars = {}
+    for processes, launch in (("1", []), ("2", ["--multi_gpu"])):
+        proc = _run([sys.executable, "-m", "align.cli", "sft", "--config", SFT, *launch, "--num_processes", processes,
+                     "--dataset_name", str(data), "--output_dir", str(tmp_path / f"o{processes}")], tmp_path)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        errors = _errors(proc)
+        assert len(errors) == 1 and "row 1 (file_name='1.png'): prompt is 6006 tokens" in errors[0], proc.stderr[-3000:]
+        assert "process" not in errors[0]
+        bars[processes] = proc.stderr.count("Caching text embeddings")
+    assert bars["2"] == bars["1"] > 0, bars
