@@ -92,8 +92,10 @@ def _check_launch_args(launch: list[str], trainer_options: Sequence[str] = ()) -
 
 # Imported by the training processes, never by the launcher: transformers imports peft as a side effect of importing
 # ``TrainingArguments`` whenever peft is installed, and peft imports bitsandbytes and torchao; that is ~4.5 s of
-# the ~7 s the launcher spends importing before its first check (benchmarks/startup_error.py), all of it paid
-# again by each training process, which needs it.
+# the ~7 s the launcher spent importing before its first check (``python -X importtime``), all of it paid again by
+# each training process, which needs it. What the launcher still imports it uses: torch and transformers for
+# ``TrainingArguments`` (whose ``__post_init__`` also imports transformers' model base class, ~3 s, through its
+# reporting integrations: the same checks as in the training process), trl's parser and accelerate's launcher.
 LAUNCHER_SKIPS = ("peft",)
 
 

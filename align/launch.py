@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from qwen_image.errors import UserError
+from qwen_image.errors import UserError, on_processes
 
 logger = logging.getLogger("align")
 
@@ -540,22 +540,14 @@ def _shared_error_line(message: str, rank: int, world: int) -> None:
             # once this one exits cannot cut that process off before its line is out.
             store.wait([f"{said}/done"], timedelta(seconds=SHARE_WAIT_S))
             return
-    except Exception:  # the store went away (the launcher is stopping the run): say it here rather than not at all
+    except Exception:  # the store went away, or the printing process never got its line out: say it here
         print(f"error: {message}", file=sys.stderr, flush=True)
         return
-    print(f"error: {message}{processes_with(min(same), len(same), world)}", file=sys.stderr, flush=True)
+    print(f"error: {message}{on_processes(min(same), len(same), world)}", file=sys.stderr, flush=True)
     try:
         store.set(f"{said}/done", "1")
     except Exception:
         pass
-
-
-def processes_with(rank: int, count: int, world: int, inside: bool = False) -> str:
-    """Which process a problem came from, when not every process of a multi-process run had it (empty otherwise)."""
-    if world == 1 or count == world:
-        return ""
-    text = f"on process {rank} of {world}" + (f" and {count - 1} more" if count > 1 else "") + ", not the others"
-    return f"; {text}" if inside else f" ({text})"
 
 
 def run_main(main_fn: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:

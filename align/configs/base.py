@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from qwen_image.errors import UserError
+from qwen_image.errors import UserError, on_processes, stop_everywhere
 
 # Qwen-Image's default LoRA targets (the Qwen-Image model family's; other families declare their own).
 DEFAULT_LORA_TARGETS = [
@@ -255,10 +255,7 @@ def _stop_if_failed(outcomes: list[dict], cause: BaseException | None = None) ->
     failed = [(rank, o["error"]) for rank, o in enumerate(outcomes) if o["error"] is not None]
     if not failed:
         return
-    from ..launch import processes_with
-    from ..rl.rewards import stop_everywhere
-
     mains = sum(1 for o in outcomes if o["main"])
     rank, message = failed[0]
-    where = processes_with(rank, len(failed), len(outcomes)) if len(failed) < mains else ""
+    where = on_processes(rank, len(failed), len(outcomes)) if len(failed) < mains else ""
     raise stop_everywhere(message + where) from cause
