@@ -78,9 +78,9 @@ def test_ctrl_c_in_the_demo_is_one_line_and_exit_130(tmp_path):
     assert len(lines) == 1 and "data" in lines[0] and "resume with: qwen-image-demo --fast" in lines[0], err[-3000:]
 
 
-def _session_has(pid: int, script: str) -> bool:
-    """A process of session ``pid`` (started with ``start_new_session``) runs ``script``: the training process that
-    ``qwen-image-align`` starts through ``accelerate launch``."""
+def _session_process(pid: int, script: str) -> int | None:
+    """The process of session ``pid`` (started with ``start_new_session``) that runs ``script``: the training process
+    that ``qwen-image-align`` starts through ``accelerate launch``."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == pid:
             continue
@@ -91,22 +91,28 @@ def _session_has(pid: int, script: str) -> bool:
             continue
         session = int(stat.rsplit(")", 1)[1].split()[3])  # the fields after "(comm)": state ppid pgrp session
         if session == pid and any(arg.decode(errors="replace").endswith(script) for arg in cmdline):
-            return True
-    return False
+            return int(entry.name)
+    return None
 
 
-def _interrupted_while_importing(command: list[str], cwd: Path, child: str | None = None) -> None:
-    """Start ``command`` and Ctrl-C it while a process imports torch and the libraries (~10 s on CPU): 1.5 s after
-    start, or with ``child`` 1 s after a process running that script appeared; then check the one line and exit
-    130, and that nothing was written."""
+def _importing_torch(pid: int | None) -> bool:
+    """``pid`` has mapped torch's C++ library: it is importing torch, and transformers and the rest after it, seconds
+    of work before anything of the run starts (a fixed delay would race a fast machine)."""
+    try:
+        return pid is not None and "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def _interrupted_while_importing(command: list[str], cwd: Path, script: str | None = None) -> None:
+    """Start ``command`` and Ctrl-C it as soon as it (or, with ``script``, the training process it starts) imports
+    torch; then check the one line and exit 130, and that nothing was written."""
     proc = _start(command, cwd)
     end = time.monotonic() + 120
-    while child is not None and not _session_has(proc.pid, child):
+    while not _importing_torch(proc.pid if script is None else _session_process(proc.pid, script)):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < end, f"{child} never started"
-        time.sleep(0.1)
-    time.sleep(1.0 if child is not None else 1.5)
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < end, "the process never imported torch"
+        time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGINT)  # the whole foreground group, as Ctrl-C in a terminal
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
@@ -123,7 +129,7 @@ def _run_arguments(tmp_path: Path) -> list[str]:
 
 
 def test_ctrl_c_while_the_script_imports_is_one_line(tmp_path):
-    """``python align/sft.py``: Ctrl-C in the first seconds, while torch / transformers import."""
+    """``python align/sft.py``: Ctrl-C in the first seconds, while torch and transformers import."""
     _interrupted_while_importing([sys.executable, str(ROOT / "align/sft.py"), *_run_arguments(tmp_path)], tmp_path)
 
 
@@ -132,4 +138,4 @@ def test_ctrl_c_while_qwen_image_align_imports_is_one_line(tmp_path):
     the training process it started imports."""
     command = [sys.executable, "-m", "align.cli", "sft", *_run_arguments(tmp_path)]
     _interrupted_while_importing(command, tmp_path)
-    _interrupted_while_importing(command, tmp_path, child="align/sft.py")
+    _interrupted_while_importing(command, tmp_path, script="align/sft.py")
