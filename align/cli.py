@@ -163,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # The training processes print the command that resumes them at Ctrl-C: the one typed here.
     os.environ[COMMAND_ENV] = json.dumps(["qwen-image-align", *args])
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     _quiet_elastic_agent()
@@ -184,6 +185,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Ctrl-C reached the training processes too: let them print their line (what was saved, the resume
         # command) before this process leaves, so the shell prompt comes after it.
         _wait_for_children()
+        return INTERRUPTED
+    except SignalException as err:
+        # Several processes: torchrun's agent turns Ctrl-C into this after it has passed the signal on to the
+        # training processes (their own session, not the terminal's) and waited for them: they said their line.
+        import signal
+
+        if err.sigval != signal.SIGINT:
+            raise
         return INTERRUPTED
     return 0
 
@@ -208,18 +217,20 @@ def _exit_code(code: int, rank: int) -> int:
 
 def _quiet_elastic_agent() -> None:
     """torchrun's agent logs, after any process fails, that it stops the others and which one failed with which
-    code: the failed process has said why itself (its one line, or its traceback), so only these two records are
-    dropped, here in the launcher."""
+    code, and at Ctrl-C that it passes the signal on: the processes say what happened themselves (their one line,
+    or a traceback), so only these records are dropped, here in the launcher."""
     import logging
     import re
 
-    noise = re.compile(r"Sending process \d+ closing signal SIGTERM|failed \(exitcode: -?\d+\) local_rank: \d+")
+    noise = re.compile(r"Sending process \d+ closing signal SIG(TERM|INT)|failed \(exitcode: -?\d+\) local_rank: \d+|"
+                       r"Received (2|SIGINT) death signal, shutting down workers")
 
     class _Drop(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
             return not noise.search(record.getMessage())
 
-    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_Drop())
+    for name in ("torch.distributed.elastic.multiprocessing.api", "torch.distributed.elastic.agent.server.api"):
+        logging.getLogger(name).addFilter(_Drop())
 
 
 def _fill_launch_defaults(launch_args) -> None:

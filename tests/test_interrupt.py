@@ -78,20 +78,26 @@ def test_ctrl_c_in_the_demo_is_one_line_and_exit_130(tmp_path):
     assert len(lines) == 1 and "data" in lines[0] and "resume with: qwen-image-demo --fast" in lines[0], err[-3000:]
 
 
-def _session_process(pid: int, script: str) -> int | None:
-    """The process of session ``pid`` (started with ``start_new_session``) that runs ``script``: the training process
-    that ``qwen-image-align`` starts through ``accelerate launch``."""
+def _started_process(pid: int, script: str) -> int | None:
+    """The descendant of ``pid`` that runs ``script``: a training process that ``qwen-image-align`` starts through
+    ``accelerate launch`` (torchrun's agent starts each in a session of its own, so look by parent, not session)."""
+    parents, scripts = {}, {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == pid:
+        if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
             cmdline = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:  # the process ended meanwhile
             continue
-        session = int(stat.rsplit(")", 1)[1].split()[3])  # the fields after "(comm)": state ppid pgrp session
-        if session == pid and any(arg.decode(errors="replace").endswith(script) for arg in cmdline):
-            return int(entry.name)
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])  # after "(comm)": state ppid ...
+        scripts[int(entry.name)] = any(arg.decode(errors="replace").endswith(script) for arg in cmdline)
+    for child, runs_script in scripts.items():
+        ancestor = parents.get(child)
+        while runs_script and ancestor not in (None, 0, 1):
+            if ancestor == pid:
+                return child
+            ancestor = parents.get(ancestor)
     return None
 
 
@@ -109,7 +115,7 @@ def _interrupted_while_importing(command: list[str], cwd: Path, script: str | No
     torch; then check the one line and exit 130, and that nothing was written."""
     proc = _start(command, cwd)
     end = time.monotonic() + 120
-    while not _importing_torch(proc.pid if script is None else _session_process(proc.pid, script)):
+    while not _importing_torch(proc.pid if script is None else _started_process(proc.pid, script)):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.monotonic() < end, "the process never imported torch"
         time.sleep(0.02)
@@ -138,4 +144,12 @@ def test_ctrl_c_while_qwen_image_align_imports_is_one_line(tmp_path):
     the training process it started imports."""
     command = [sys.executable, "-m", "align.cli", "sft", *_run_arguments(tmp_path)]
     _interrupted_while_importing(command, tmp_path)
+    _interrupted_while_importing(command, tmp_path, script="align/sft.py")
+
+
+def test_ctrl_c_while_two_training_processes_import_is_one_line(tmp_path):
+    """Two processes: torchrun's agent passes Ctrl-C on to them and raises in the launcher; still the one line (from
+    process 0), exit 130, and none of the agent's records."""
+    command = [sys.executable, "-m", "align.cli", "sft", "--multi_gpu", "--num_processes", "2",
+               *_run_arguments(tmp_path)]
     _interrupted_while_importing(command, tmp_path, script="align/sft.py")
