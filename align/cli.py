@@ -94,8 +94,9 @@ def _check_launch_args(launch: list[str], trainer_options: Sequence[str] = ()) -
 # ``TrainingArguments`` whenever peft is installed, and peft imports bitsandbytes and torchao; that is ~4.5 s of
 # the ~7 s the launcher spent importing before its first check (``python -X importtime``), all of it paid again by
 # each training process, which needs it. What the launcher still imports it uses: torch and transformers for
-# ``TrainingArguments`` (whose ``__post_init__`` also imports transformers' model base class, ~3 s, through its
-# reporting integrations: the same checks as in the training process), trl's parser and accelerate's launcher.
+# ``TrainingArguments`` (whose ``__post_init__`` also imports transformers' model base class and torchao with it,
+# ~3 s, through its reporting integrations: the same checks as in the training process, which cannot be left out),
+# trl's parser and accelerate's launcher. (diffusers is not imported: ``align.losses`` loads its modules lazily.)
 LAUNCHER_SKIPS = ("peft",)
 
 
