@@ -11,6 +11,7 @@ without accelerate's CalledProcessError traceback (or torchrun's ChildFailedErro
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -89,7 +90,41 @@ def _check_launch_args(launch: list[str], trainer_options: Sequence[str] = ()) -
     return launch
 
 
+# Imported by the training processes, never by the launcher: transformers imports peft as a side effect of importing
+# ``TrainingArguments`` whenever peft is installed, and peft imports bitsandbytes and torchao; that is ~4.5 s of
+# the ~7 s the launcher spent importing before its first check (``python -X importtime``), all of it paid again by
+# each training process, which needs it. What the launcher still imports it uses: torch and transformers for
+# ``TrainingArguments`` (whose ``__post_init__`` also imports transformers' model base class and torchao with it,
+# ~3 s, through its reporting integrations: the same checks as in the training process, which cannot be left out),
+# trl's parser and accelerate's launcher. (diffusers is not imported: ``align.losses`` loads its modules lazily.)
+LAUNCHER_SKIPS = ("peft",)
+
+
+def _skip_training_only_imports() -> None:
+    """Mark :data:`LAUNCHER_SKIPS` as not installed for this process (``sys.modules[name] = None``: ``find_spec``
+    then finds nothing, so transformers' ``is_peft_available()`` is False and it does not import peft).
+
+    The launcher parses and checks the options, then ``accelerate launch`` starts fresh processes that import
+    everything; nothing it runs uses peft. A plugin module (``QWEN_IMAGE_ALIGN_PLUGINS``, imported here too) may
+    import anything, so with plugins nothing is skipped."""
+    from .plugins import PLUGINS_ENV
+
+    if os.environ.get(PLUGINS_ENV, "").strip():
+        return
+    for name in LAUNCHER_SKIPS:
+        if name not in sys.modules and not any(m.startswith("transformers") for m in sys.modules):
+            sys.modules[name] = None  # type: ignore[assignment]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``qwen-image-align`` program. ``argv`` None: this process is the launcher (the console script, ``python
+    -m align.cli``) and skips the imports only training needs; a list: called from Python (tests), nothing is
+    skipped, since the caller may train in this process afterwards."""
+    if argv is None:
+        from .launch import exit_at_ctrl_c_while_starting
+
+        exit_at_ctrl_c_while_starting()  # until the training processes start: Ctrl-C is one line, exit 130
+        _skip_training_only_imports()
     from .launch import run_main
     from .objectives import available_objectives, get_objective
 
@@ -124,15 +159,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                       *objective.script_arguments(), *script])
     _fill_launch_defaults(launch_args)
     import json
-    import os
 
-    from .launch import COMMAND_ENV, INTERRUPTED
+    from .launch import COMMAND_ENV, INTERRUPTED, ctrl_c_raises_again
 
     # The training processes print the command that resumes them at Ctrl-C: the one typed here.
     os.environ[COMMAND_ENV] = json.dumps(["qwen-image-align", *args])
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     _quiet_elastic_agent()
+    # From here Ctrl-C also reaches the training processes: wait for their line (below) instead of leaving at once.
+    ctrl_c_raises_again()
     try:
         launch_command(launch_args)
     except ChildFailedError as err:
@@ -149,6 +186,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Ctrl-C reached the training processes too: let them print their line (what was saved, the resume
         # command) before this process leaves, so the shell prompt comes after it.
         _wait_for_children()
+        return INTERRUPTED
+    except SignalException as err:
+        # Several processes: torchrun's agent turns Ctrl-C into this after it has passed the signal on to the
+        # training processes (their own session, not the terminal's) and waited for them: they said their line.
+        import signal
+
+        if err.sigval != signal.SIGINT:
+            raise
         return INTERRUPTED
     return 0
 
@@ -173,18 +218,20 @@ def _exit_code(code: int, rank: int) -> int:
 
 def _quiet_elastic_agent() -> None:
     """torchrun's agent logs, after any process fails, that it stops the others and which one failed with which
-    code: the failed process has said why itself (its one line, or its traceback), so only these two records are
-    dropped, here in the launcher."""
+    code, and at Ctrl-C that it passes the signal on: the processes say what happened themselves (their one line,
+    or a traceback), so only these records are dropped, here in the launcher."""
     import logging
     import re
 
-    noise = re.compile(r"Sending process \d+ closing signal SIGTERM|failed \(exitcode: -?\d+\) local_rank: \d+")
+    noise = re.compile(r"Sending process \d+ closing signal SIG(TERM|INT)|failed \(exitcode: -?\d+\) local_rank: \d+|"
+                       r"Received (2|SIGINT) death signal, shutting down workers")
 
     class _Drop(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
             return not noise.search(record.getMessage())
 
-    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_Drop())
+    for name in ("torch.distributed.elastic.multiprocessing.api", "torch.distributed.elastic.agent.server.api"):
+        logging.getLogger(name).addFilter(_Drop())
 
 
 def _fill_launch_defaults(launch_args) -> None:
@@ -192,8 +239,6 @@ def _fill_launch_defaults(launch_args) -> None:
     the values nobody gave with its defaults and prints a five-line warning listing them on every run. Give it those
     same defaults here so the warning stays for what a user should hear about: on a machine with accelerators the
     process count is left to accelerate (one per device, and its note when it turns multi-GPU on)."""
-    import os
-
     from accelerate.commands.config import default_config_file
 
     from .launch import _has_accelerator
@@ -209,8 +254,6 @@ def _fill_launch_defaults(launch_args) -> None:
 
 
 def _wait_for_children() -> None:
-    import os
-
     while True:
         try:
             os.wait()

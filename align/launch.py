@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from qwen_image.errors import UserError
+from qwen_image.errors import UserError, on_processes
 
 logger = logging.getLogger("align")
 
@@ -397,7 +397,7 @@ def interrupted_message() -> str:
 
     config = _ACTIVE.get("config")
     if config is None:
-        return "interrupted (Ctrl-C) before training started: nothing was saved"
+        return "interrupted (Ctrl-C) before training started: nothing was saved; the same command starts it again"
     out = Path(config.output_dir)
     ckpt = last_complete_checkpoint(out, warn=False)
     command = _resume_command()
@@ -412,6 +412,38 @@ def interrupted_message() -> str:
                 f"{shlex.join(again)}")
     return (f"interrupted (Ctrl-C): saved up to step {_checkpoint_step(ckpt)} ({ckpt}); resume with: "
             f"{shlex.join(command)}")
+
+
+def _interrupted_while_starting(signum, frame) -> None:
+    # Python would raise KeyboardInterrupt inside whichever import is running: a traceback through the import
+    # machinery for a run that has done nothing yet. Nothing is open or half-written either, so leave at once.
+    if os.environ.get("RANK", "0") == "0":
+        print(interrupted_message(), file=sys.stderr, flush=True)
+    os._exit(INTERRUPTED)
+
+
+def exit_at_ctrl_c_while_starting() -> None:
+    """From now until :func:`ctrl_c_raises_again`, Ctrl-C prints the one "interrupted (Ctrl-C) before training
+    started" line and exits 130. A launch script calls it before it imports torch and the libraries (the first
+    ~10 s of a run), ``qwen-image-align`` before it checks the options. Only where Ctrl-C has Python's default
+    handling: a background job (SIGINT ignored) and a handler of the caller's are left alone."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+
+def ctrl_c_raises_again() -> None:
+    """Undo :func:`exit_at_ctrl_c_while_starting`: Ctrl-C raises KeyboardInterrupt again, which
+    :func:`run_main` turns into its line (what was saved, the command that resumes)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 _OWN_PACKAGES = tuple(os.sep + name + os.sep for name in ("align", "qwen_image", "rewards", "annotation"))
@@ -443,6 +475,81 @@ def _raised_by_library(err: BaseException) -> bool:
     return last is not None and not any(part in last for part in _OWN_PACKAGES)
 
 
+# How long a process that hit a user error waits for the other processes of the run to report theirs (they read
+# the same data and options, so they meet the same mistake within moments) before it concludes it is alone.
+SHARE_WAIT_S = 10.0
+_ERRORS_KEY = "qwen_image_align/user_error"
+
+
+def say_user_error(err: UserError) -> None:
+    """Print ``error: <err>`` once per run, however many processes raise it.
+
+    One process: print. An error every process raises at the same point after agreeing on it (a shared verdict,
+    ``same_on_every_process``): the first process prints. Any other error in a multi-process run goes through the
+    run's rendezvous store (:func:`_shared_error_line`): each process that hits it posts it, the processes that
+    raised the same line agree on one of them to print it, and a line only some processes raised names them
+    ("on process 1 of 2, not the others")."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if getattr(err, "same_on_every_process", False):
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return
+    if world <= 1:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return
+    _shared_error_line(str(err), rank, world)
+
+
+def _run_store():
+    """A client of the store the launcher (torchrun's agent, ``accelerate launch``) serves at MASTER_ADDR:MASTER_PORT
+    for every process of the run; it exists from the start, before (or without) any process group. None when it
+    cannot be reached (a launcher without one): each process then prints its own line."""
+    from datetime import timedelta
+
+    try:
+        import torch.distributed as dist
+
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                             timeout=timedelta(seconds=5))
+    except Exception:  # no store to share through: saying the line per process beats not saying it
+        return None
+
+
+def _shared_error_line(message: str, rank: int, world: int) -> None:
+    import hashlib
+    import time
+    from datetime import timedelta
+
+    store = _run_store()
+    if store is None:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return
+    # Per launch attempt (torchrun restarts a failed run with the same store when max_restarts > 0).
+    prefix = f"{_ERRORS_KEY}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    keys = [f"{prefix}/rank/{r}" for r in range(world)]
+    try:
+        store.set(keys[rank], message)
+        deadline = time.monotonic() + SHARE_WAIT_S
+        while not store.check(keys) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        posted = [r for r in range(world) if store.check([keys[r]])]
+        same = [r for r in posted if store.get(keys[r]).decode("utf-8") == message]
+        said = f"{prefix}/said/{hashlib.sha1(message.encode('utf-8')).hexdigest()}"
+        if store.add(said, 1) > 1:
+            # Another process prints this line: wait until it has, so that the launcher stopping every process
+            # once this one exits cannot cut that process off before its line is out.
+            store.wait([f"{said}/done"], timedelta(seconds=SHARE_WAIT_S))
+            return
+    except Exception:  # the store went away, or the printing process never got its line out: say it here
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return
+    print(f"error: {message}{on_processes(min(same), len(same), world)}", file=sys.stderr, flush=True)
+    try:
+        store.set(f"{said}/done", "1")
+    except Exception:
+        pass
+
+
 def run_main(main_fn: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
     """Call a launch script's ``main`` and return its exit code: 0 done, 2 a :class:`UserError` (one
     ``error: ...`` line on stderr), the SystemExit code (``--help``: 0), 130 at Ctrl-C (one line: what was saved,
@@ -452,9 +559,7 @@ def run_main(main_fn: Callable[[Sequence[str] | None], object], argv: Sequence[s
         main_fn(argv)
         return 0
     except UserError as err:
-        # An error every process of the run raises at the same point (a shared verdict) is said once, by the first.
-        if not getattr(err, "same_on_every_process", False) or os.environ.get("RANK", "0") == "0":
-            print(f"error: {err}", file=sys.stderr)
+        say_user_error(err)
         return 2
     except SystemExit as err:
         if err.code is None or isinstance(err.code, int):
@@ -470,7 +575,7 @@ def run_main(main_fn: Callable[[Sequence[str] | None], object], argv: Sequence[s
     except BaseException as err:
         wrapped = wrapped_user_error(err)
         if wrapped is not None:  # a library wrapped our one-line error (a datasets.map worker, a callback, ...)
-            print(f"error: {wrapped}", file=sys.stderr)
+            say_user_error(wrapped)
             return 2
         import traceback
 
@@ -485,6 +590,7 @@ def run(main_fn: Callable[[Sequence[str] | None], object], argv: Sequence[str] |
     process group down and leaving with ``os._exit`` avoids it (wandb and files are flushed first).
     """
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    ctrl_c_raises_again()  # the script's imports are done: from here run_main says what Ctrl-C leaves behind
     try:
         code = run_main(main_fn, argv)
     finally:

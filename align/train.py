@@ -11,6 +11,10 @@ import sys
 if __package__ in (None, ""):
     # Run as a file: put the repository root (not align/) first so `align` and `qwen_image` import as packages.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == "__main__":  # before the libraries import (~10 s): Ctrl-C then is one line, not a traceback
+    from align.launch import exit_at_ctrl_c_while_starting
+
+    exit_at_ctrl_c_while_starting()
 
 from align.launch import run, train_main  # noqa: E402
 from align.objectives import available_objectives  # noqa: E402

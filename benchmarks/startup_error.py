@@ -7,10 +7,11 @@ machine inflates much less than the wall time.
 
 ``--repo`` measures another checkout of the project (e.g. an older commit) with the same commands.
 
-Cases: a bad option value (``qwen-image-align`` finds it itself: one process imports the stack), a data mistake
-(found in the training process that ``qwen-image-align`` starts through ``accelerate launch``: the stack is
-imported by the launcher and again by the training process), the same data mistake with the training script run
-directly (one process), and the import of a config class alone (what every one of them pays first).
+Cases: a bad option value (``qwen-image-align`` finds it itself, in its own process), a data mistake (found in the
+training process that ``qwen-image-align`` starts through ``accelerate launch``: the launcher imports what its
+checks use, without peft / diffusers / bitsandbytes, and the training process imports the whole stack), the same
+data mistake with the training script run directly (one process), and the import of a config class alone outside
+the launcher (transformers then imports peft with ``TrainingArguments``).
 """
 
 from __future__ import annotations

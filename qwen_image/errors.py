@@ -26,3 +26,21 @@ class UnknownNameError(UserError, KeyError):
 
 class QwenImageInputError(UserError):
     """A bad argument given to the model bundle (size, prompt, path, dtype). The message says how to fix it."""
+
+
+def stop_everywhere(message: str) -> UserError:
+    """A UserError that every process of a multi-process run raises at the same point, after they agreed on it
+    (an exchange between the processes): only the first process prints its line (``align.launch``), so a
+    2-process run says it once."""
+    err = UserError(message)
+    err.same_on_every_process = True  # type: ignore[attr-defined]
+    return err
+
+
+def on_processes(rank: int, count: int, world: int, inside: bool = False) -> str:
+    """Which process a problem came from (`` (on process 1 of 2, not the others)``), when not every process of a
+    multi-process run had it; empty otherwise. ``inside``: as a clause (``; on process ...``) for a parenthesis."""
+    if world == 1 or count == world:
+        return ""
+    text = f"on process {rank} of {world}" + (f" and {count - 1} more" if count > 1 else "") + ", not the others"
+    return f"; {text}" if inside else f" ({text})"

@@ -17,12 +17,13 @@ Field names follow TRL where the idea is the same; parse with ``align.launch.par
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from qwen_image.errors import UserError
+from qwen_image.errors import UserError, on_processes, stop_everywhere
 
 # Qwen-Image's default LoRA targets (the Qwen-Image model family's; other families declare their own).
 DEFAULT_LORA_TARGETS = [
@@ -202,9 +203,59 @@ class QwenImageTrainingConfig(ValidationArguments, ImageDataArguments, MemoryArg
         super().__post_init__()
         self._validate_model_fields()
 
+    @contextlib.contextmanager
+    def main_process_first(self, local: bool = True, desc: str = "work"):
+        """transformers' context (the main process runs the block first, e.g. encodes the data into the cache; the
+        others wait, then run it reading that cache), except that a mistake the main process finds in the block (a
+        row, a prompt too long) stops every process at the same point with one line, printed once: the others
+        would otherwise start the same work over only to meet the same mistake. The processes exchange the main
+        process's outcome (``all_gather_object``) where transformers has them meet at a barrier."""
+        import torch.distributed as dist
+
+        state = self.distributed_state
+        if self.world_size <= 1 or state is None or not (dist.is_available() and dist.is_initialized()):
+            with super().main_process_first(local=local, desc=desc):
+                yield
+            return
+        is_main = state.is_local_main_process if local else state.is_main_process
+        if not is_main:
+            _stop_if_failed(_outcomes(is_main, None))
+            yield
+            return
+        try:
+            yield
+        except UserError as err:
+            _stop_if_failed(_outcomes(is_main, str(err)), err)
+            raise
+        except BaseException:
+            _outcomes(is_main, None)  # a bug: release the others as transformers' barrier does (they meet it too)
+            raise
+        _stop_if_failed(_outcomes(is_main, None))
+
     def _validate_model_fields(self) -> None:
         self._validate_model()
         self._validate_data()
         from ..lowvram import validate_memory_options
 
         validate_memory_options(self)
+
+
+def _outcomes(is_main: bool, error: str | None) -> list[dict]:
+    """Every process's ``{"main": is_main, "error": error}``, in rank order."""
+    import torch.distributed as dist
+
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, {"main": is_main, "error": error})
+    return gathered
+
+
+def _stop_if_failed(outcomes: list[dict], cause: BaseException | None = None) -> None:
+    """Raise the first main process's mistake on every process (printed once, by process 0), naming the main
+    processes that met it when not all of them did (nodes without a shared file system each encode their own)."""
+    failed = [(rank, o["error"]) for rank, o in enumerate(outcomes) if o["error"] is not None]
+    if not failed:
+        return
+    mains = sum(1 for o in outcomes if o["main"])
+    rank, message = failed[0]
+    where = on_processes(rank, len(failed), len(outcomes)) if len(failed) < mains else ""
+    raise stop_everywhere(message + where) from cause

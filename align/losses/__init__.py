@@ -1,32 +1,43 @@
 """Pure loss functions (no model, no trainer): flow matching, Flow-DPO, Flow-GRPO and its stabilisers, KL to the
-reference, the forward-process online objectives (DiffusionNFT, AWM, DGPO) and Diffusion-KTO."""
+reference, the forward-process online objectives (DiffusionNFT, AWM, DGPO) and Diffusion-KTO.
 
-from .awm import awm_log_prob, awm_loss, awm_timestep_indices
-from .dgpo import dgpo_group_weights, dgpo_loss, group_shared_noise
-from .dpo import DPO_LOSS_TYPES, flow_dpo_loss
-from .flow_matching import flow_matching_loss, make_noisy, sample_sigmas, velocity_error
-from .grpo import (
-    KL_FORMS,
-    TRUST_REGION_FORMS,
-    dppo_loss,
-    gaussian_kl,
-    group_advantages,
-    grpo_clip_loss,
-    grpo_guard_loss,
-    num_train_timesteps,
-    rewards_tensor,
-    trust_region_kl,
-)
-from .kto import kto_implicit_reward, kto_loss
-from .nft import delayed_linear_decay, ema_update_, linear_decay, nft_implicit_velocities, nft_loss, nft_optimality
+Names load lazily (PEP 562): the configs read constants of these modules (``DPO_LOSS_TYPES``, ``KL_FORMS``, ...),
+and ``qwen-image-align`` imports the configs to check the options before it launches; only ``flow_matching``
+imports diffusers (with its quantisation back-ends, bitsandbytes and torchao: seconds), and only training needs it.
+"""
 
-__all__ = [
-    "flow_matching_loss", "make_noisy", "sample_sigmas", "velocity_error",
-    "DPO_LOSS_TYPES", "flow_dpo_loss",
-    "KL_FORMS", "gaussian_kl", "group_advantages", "grpo_clip_loss", "num_train_timesteps", "rewards_tensor",
-    "grpo_guard_loss", "dppo_loss", "TRUST_REGION_FORMS", "trust_region_kl",
-    "nft_loss", "nft_implicit_velocities", "nft_optimality", "linear_decay", "delayed_linear_decay", "ema_update_",
-    "awm_log_prob", "awm_loss", "awm_timestep_indices",
-    "dgpo_loss", "dgpo_group_weights", "group_shared_noise",
-    "kto_loss", "kto_implicit_reward",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_MODULE_NAMES = {
+    "flow_matching": ("flow_matching_loss", "make_noisy", "sample_sigmas", "velocity_error"),
+    "dpo": ("DPO_LOSS_TYPES", "flow_dpo_loss"),
+    "grpo": ("KL_FORMS", "gaussian_kl", "group_advantages", "grpo_clip_loss", "num_train_timesteps", "rewards_tensor",
+             "grpo_guard_loss", "dppo_loss", "TRUST_REGION_FORMS", "trust_region_kl"),
+    "nft": ("nft_loss", "nft_implicit_velocities", "nft_optimality", "linear_decay", "delayed_linear_decay",
+            "ema_update_"),
+    "awm": ("awm_log_prob", "awm_loss", "awm_timestep_indices"),
+    "dgpo": ("dgpo_loss", "dgpo_group_weights", "group_shared_noise"),
+    "kto": ("kto_loss", "kto_implicit_reward"),
+}
+_EXPORTS = {name: module for module, names in _MODULE_NAMES.items() for name in names}
+_SUBMODULES = tuple(_MODULE_NAMES)
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'align.losses' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -14,7 +14,7 @@ import math
 import numbers
 from typing import Any, Callable
 
-from qwen_image.errors import UserError
+from qwen_image.errors import UserError, on_processes, stop_everywhere
 
 logger = logging.getLogger(__name__)
 
@@ -72,14 +72,6 @@ def _gather(payload: Any) -> list[Any]:
     return gathered
 
 
-def stop_everywhere(message: str) -> UserError:
-    """A UserError that every process raises at the same point: only the first process prints its line
-    (``align.launch.run_main``), so a 2-process run says it once."""
-    err = UserError(message)
-    err.same_on_every_process = True  # type: ignore[attr-defined]
-    return err
-
-
 class SignalWatch:
     """A ``rewards.CombinedReward`` that stops the run after ``limit`` scorings in a row with no signal: every
     total None (on any one process: its reward is broken there), or every total the same value (zero spread over
@@ -119,7 +111,7 @@ class SignalWatch:
         failed = [(rank, p["error"]) for rank, p in enumerate(everyone) if p["error"] is not None]
         if failed:
             rank, message = failed[0]
-            raise stop_everywhere(message + _where(rank, len(failed), len(everyone)))
+            raise stop_everywhere(message + on_processes(rank, len(failed), len(everyone)))
         self._watch([p["totals"] for p in everyone], [p["silent"] for p in everyone])
         return result
 
@@ -148,7 +140,7 @@ class SignalWatch:
             raise stop_everywhere(
                 f"reward {self._describe()} scored every image None / NaN for {self.limit} rollout batches in a row "
                 f"({n} images{'; ' + ', '.join(names) + ' always None' if names else ''}"
-                f"{_where(rank, len(empty), world, inside=True)}): the run has nothing to learn from; check the "
+                f"{on_processes(rank, len(empty), world, inside=True)}): the run has nothing to learn from; check the "
                 f"reward and the prompts it needs (e.g. quoted text for ocr)")
         values = [v for batch in self.recent for per_rank in batch for v in per_rank if v is not None]
         n = sum(len(per_rank) for batch in self.recent for per_rank in batch)
@@ -166,14 +158,6 @@ class SignalWatch:
             if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
                 logger.warning(f"{what}: the online term has nothing to learn from these rollouts (a saturated or "
                                f"broken reward); the other terms go on training")
-
-
-def _where(rank: int, count: int, world: int, inside: bool = False) -> str:
-    """Which process a problem came from, when not every process of a multi-process run had it."""
-    if world == 1 or count == world:
-        return ""
-    text = f"on process {rank} of {world}" + (f" and {count - 1} more" if count > 1 else "") + ", not the others"
-    return f"; {text}" if inside else f" ({text})"
 
 
 def _import_reward_modules(funcs: list[str]) -> None:
