@@ -73,10 +73,11 @@ def run_stage(index: int, total: int, name: str, stage_dir: Path, fn: Callable[[
 
 
 def accelerate_command(script: Path, recipe: Path, overrides: dict[str, Any]) -> list[str]:
-    """``accelerate launch --num_processes 1 <script> --config <recipe> --key value ...`` (single CPU process)."""
+    """``accelerate launch --quiet --num_processes 1 <script> --config <recipe> --key value ...`` (single CPU process)."""
     accelerate = Path(sys.executable).with_name("accelerate")
     launcher = [str(accelerate)] if accelerate.exists() else [sys.executable, "-m", "accelerate.commands.launch"]
-    cmd = [*launcher, "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+    # --quiet: a failing run exits 1 without accelerate's CalledProcessError traceback after the run's own message
+    cmd = [*launcher, "launch", "--quiet", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", str(script), "--config", str(recipe)]
     if not accelerate.exists():
         cmd.remove("launch")
