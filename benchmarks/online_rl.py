@@ -59,6 +59,12 @@ FORWARD = {
                            "--old_decay_cap", "0.5"]),
     "awm": ("awm", ["--awm_num_timesteps", "3", "--timestep_fraction", "1.0"]),  # 3 of the 3 trainable steps
     "dgpo": ("dgpo", []),
+    # DGPO's EMA reference. The published schedule (decay min(0.001 n, 0.3)) keeps the EMA equal to the trained
+    # adapter to within 1 % over this budget, so the group scores stay ~0 and every weight ~0.5: "dgpo-ema" as
+    # published; "dgpo-ema-fast" reaches the cap 0.3 after 6 steps, with beta_dpo 200 (the tiny model's large
+    # steps saturate the sigmoid at the published 2000).
+    "dgpo-ema": ("dgpo", ["--dgpo_reference", "ema"]),
+    "dgpo-ema-fast": ("dgpo", ["--dgpo_reference", "ema", "--dgpo_ema_decay_rate", "0.05", "--dgpo_beta_dpo", "200"]),
 }
 
 

@@ -1,6 +1,6 @@
-"""kill -9 during DiffusionNFT, DPO+NFT and DGPO runs that checkpoint every step, then ``--resume_from_checkpoint
-last``: the final adapter (and the old adapter / sampling snapshot of the last checkpoint) equals the uninterrupted
-run's bit for bit. Buffers are trained twice (num_iterations 2), so checkpoints fall in the middle of a buffer;
+"""kill -9 during DiffusionNFT, DPO+NFT, DGPO and DGPO-with-the-EMA-reference runs that checkpoint every step,
+then ``--resume_from_checkpoint last``: the final adapter (and the old adapter / sampling snapshot / EMA reference of
+the last checkpoint) equals the uninterrupted run's bit for bit. Buffers are trained twice (num_iterations 2), so checkpoints fall in the middle of a buffer;
 the kill lands at a (seeded) random point after a (seeded) random checkpoint."""
 
 import random
@@ -21,19 +21,22 @@ COMMON = ["--lora_rank", "4", "--lora_alpha", "4", "--max_steps", "5", "--save_s
           "--per_device_train_batch_size", "4", "--disable_tqdm", "true", "--report_to", "none"]
 # the state file each run's extra adapter leaves in a checkpoint
 ADAPTER_STATE = {"nft": "old_adapter_state_0.pt", "combined": "old_adapter_state_0.pt",
-                 "dgpo": "sampler_adapter_state_0.pt"}
+                 "dgpo": "sampler_adapter_state_0.pt", "dgpo-ema": "ema_ref_adapter_state_0.pt"}
+RECIPES = {"dgpo-ema": "recipes/tiny/dgpo_ema_brightness.yaml"}
 
 
 def _command(kind: str, out: Path, data: Path, extra: tuple[str, ...] = ()) -> list[str]:
     if kind == "combined":
         return [sys.executable, "align/dpo.py", "--config", "recipes/tiny/dpo_nft.yaml", "--dataset_name", str(data),
                 "--cache_dir", str(data.parent / "cache"), "--output_dir", str(out), *COMMON, *extra]
-    return [sys.executable, f"align/{kind}.py", "--config", f"recipes/tiny/{kind}_brightness.yaml", "--beta", "0.01",
+    script = kind.split("-")[0]
+    recipe = RECIPES.get(kind, f"recipes/tiny/{kind}_brightness.yaml")
+    return [sys.executable, f"align/{script}.py", "--config", recipe, "--beta", "0.01",
             "--output_dir", str(out), *COMMON, *extra]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["nft", "combined", "dgpo"])
+@pytest.mark.parametrize("kind", ["nft", "combined", "dgpo", "dgpo-ema"])
 def test_kill_and_resume_is_exact(kind, tmp_path):
     check_kill_and_resume(kind, tmp_path)
 

@@ -5,7 +5,8 @@ standalone and the combined trainers' configs) and the three standalone configs.
 What breaks a method's assumptions is refused in one line: NFT and AWM train on CFG-free samples of the policy
 itself (``true_cfg_scale: 1``); NFT keeps an ``old`` LoRA adapter beside the trained one (LoRA only); a clipped
 objective trained more than once on a buffer keeps a snapshot adapter of the sampling policy (LoRA only); DGPO's
-groups must be whole within a micro-step across processes (the group score is reduced per trained timestep).
+groups must be whole within a micro-step across processes (the group score is reduced per trained timestep), and its
+EMA reference is another LoRA adapter (LoRA only).
 """
 
 from __future__ import annotations
@@ -25,7 +26,16 @@ from ..losses.awm import (
     AWM_TIMESTEP_FRACTION,
     AWM_WEIGHTINGS,
 )
-from ..losses.dgpo import DGPO_BETA_DPO, DGPO_CLIP_RANGE, DGPO_KL_COEF
+from ..losses.dgpo import (
+    DGPO_BETA_DPO,
+    DGPO_BETA_DPO_EMA_REF,
+    DGPO_CLIP_RANGE,
+    DGPO_CLIP_RANGE_EMA_REF,
+    DGPO_EMA_REF_DECAY_CAP,
+    DGPO_EMA_REF_DECAY_RATE,
+    DGPO_KL_COEF,
+    DGPO_KL_COEF_EMA_REF,
+)
 from ..losses.grpo import num_train_timesteps
 from ..losses.nft import (
     NFT_DECAY_CAP,
@@ -41,6 +51,7 @@ from .grpo import OnlineArguments
 
 ONLINE_METHODS = ("grpo", "nft", "awm", "dgpo")
 FORWARD_METHODS = ("nft", "awm", "dgpo")
+DGPO_REFERENCES = ("frozen", "ema")
 OLD_DECAYS = ("linear", "delayed_linear")
 # Published old-policy schedules: (delay, rate, cap)
 OLD_DECAY_DEFAULTS = {"linear": (0, NFT_DECAY_RATE, NFT_DECAY_CAP),
@@ -61,7 +72,7 @@ def extra_adapter_count(method: str, args) -> int:
     if method == "awm":
         return int(args.awm_ema_kl_coef > 0) + snapshot
     if method == "dgpo":
-        return snapshot
+        return int(args.dgpo_reference == "ema") + snapshot
     return 0
 
 
@@ -138,18 +149,39 @@ class AWMArguments:
 
 @dataclass
 class DGPOArguments:
-    """DGPO's own fields."""
+    """DGPO's own fields. ``dgpo_beta_dpo`` and ``dgpo_clip_range`` left unset take the published value of the
+    chosen reference (``dgpo_reference``)."""
 
-    dgpo_beta_dpo: float = field(default=DGPO_BETA_DPO, metadata={"help": "Scale of the group's DPO-style score s_G inside the sigmoid weight (10-100 with a frozen reference)."})
-    dgpo_clip_range: float = field(default=DGPO_CLIP_RANGE, metadata={"help": "PPO-style clip of exp(err_old - err) in the direction of the advantage (1e-3 CFG-free with a frozen reference; only off-policy buffers clip)."})
+    dgpo_reference: str = field(default="frozen", metadata={"help": "The reference of the group score s_G: frozen = the base model (adapter off; beta_dpo 10-100) | ema = an EMA of the trained LoRA adapter, kept as a second adapter (beta_dpo 2000-5000; LoRA only). The KL term (beta) compares with the frozen base either way."})
+    dgpo_beta_dpo: float | None = field(default=None, metadata={"help": f"Scale of the group's DPO-style score s_G inside the sigmoid weight (unset: {DGPO_BETA_DPO:g} with the frozen reference, {DGPO_BETA_DPO_EMA_REF:g} with the EMA one)."})
+    dgpo_clip_range: float | None = field(default=None, metadata={"help": f"PPO-style clip of exp(err_old - err) in the direction of the advantage; only off-policy buffers clip (unset: {DGPO_CLIP_RANGE:g} with the frozen reference, {DGPO_CLIP_RANGE_EMA_REF:g} with the EMA one)."})
+    dgpo_ema_decay_rate: float = field(default=DGPO_EMA_REF_DECAY_RATE, metadata={"help": "dgpo_reference ema: after the n-th optimizer step (n from 0) ema <- d ema + (1 - d) trained with d = min(rate n, cap): the rate."})
+    dgpo_ema_decay_cap: float = field(default=DGPO_EMA_REF_DECAY_CAP, metadata={"help": "dgpo_reference ema: the cap of the decay (0.3: the EMA trails the policy by a few optimizer steps)."})
+
+    @property
+    def dgpo_ema_reference(self) -> bool:
+        return self.dgpo_reference == "ema"
 
     def _validate_dgpo(self) -> None:
+        if self.dgpo_reference not in DGPO_REFERENCES:
+            raise UserError(f"dgpo_reference must be one of {DGPO_REFERENCES}, got {self.dgpo_reference!r}")
+        ema = self.dgpo_ema_reference
+        if self.dgpo_beta_dpo is None:
+            self.dgpo_beta_dpo = DGPO_BETA_DPO_EMA_REF if ema else DGPO_BETA_DPO
+        if self.dgpo_clip_range is None:
+            self.dgpo_clip_range = DGPO_CLIP_RANGE_EMA_REF if ema else DGPO_CLIP_RANGE
         if self.dgpo_beta_dpo <= 0 or self.dgpo_clip_range < 0:
             raise UserError("dgpo_beta_dpo must be > 0 and dgpo_clip_range >= 0")
+        if self.dgpo_ema_decay_rate < 0 or not 0 <= self.dgpo_ema_decay_cap < 1:
+            raise UserError(f"dgpo_ema_decay_rate must be >= 0 and dgpo_ema_decay_cap in [0, 1), got "
+                            f"{self.dgpo_ema_decay_rate} and {self.dgpo_ema_decay_cap}")
         spg, bs, n = self.steps_per_generation, self.rollout_batch_size, self.num_generations  # type: ignore[attr-defined]
         if spg > 1 and bs % n:
             raise UserError(f"DGPO scores whole groups per micro-step: with steps_per_generation {spg} > 1 the "
                             f"rollouts per micro-step ({bs}) must be a multiple of num_generations ({n})")
+        if self.finetune != "lora" and ema:  # type: ignore[attr-defined]
+            raise UserError("DGPO's EMA reference is a second LoRA adapter beside the trained one: set finetune: "
+                            "lora (full fine-tuning is not supported), or dgpo_reference: frozen")
         if self.finetune != "lora" and not buffer_is_on_policy(self):  # type: ignore[attr-defined]
             raise UserError("DGPO with an off-policy buffer (num_iterations > 1, or steps_per_generation not "
                             "dividing gradient_accumulation_steps) keeps a snapshot LoRA adapter: set finetune: lora")
@@ -205,10 +237,11 @@ class AWMConfig(_ForwardConfigMixin, AWMArguments, OnlineArguments, QwenImageTra
 @dataclass
 class DGPOConfig(_ForwardConfigMixin, DGPOArguments, OnlineArguments, QwenImageTrainingConfig):
     """DGPO (``qwen-image-align dgpo``). Defaults: the CFG-free frozen-reference mode (beta_dpo 100, clip 1e-3, KL
-    0.02), 10 steps, 99 % of the timesteps trained."""
+    0.02), 10 steps, 99 % of the timesteps trained. ``dgpo_reference: ema`` scores against an EMA adapter of the
+    policy (beta_dpo 2000, clip 1e-5; the published KL weight is then 1e-3: set ``beta``)."""
 
     method = "dgpo"
-    beta: float = field(default=DGPO_KL_COEF, metadata={"help": f"{_HELP_BETA} (DGPO: 0.02 with a frozen reference)."})
+    beta: float = field(default=DGPO_KL_COEF, metadata={"help": f"{_HELP_BETA} (DGPO: {DGPO_KL_COEF:g} with a frozen reference, {DGPO_KL_COEF_EMA_REF:g} in the EMA-reference config)."})
     true_cfg_scale: float = field(default=1.0, metadata={"help": "1 = CFG-free rollouts (> 1 samples with true CFG; training uses the conditional velocity)."})
     learning_rate: float = field(default=3e-4, metadata={"help": "LoRA learning rate."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})

@@ -16,7 +16,12 @@ DGPO_BETA_DPO = 100.0             # frozen reference (CFG and CFG-free configs)
 DGPO_CLIP_RANGE = 1e-3            # CFG-free rollouts with a frozen reference
 DGPO_BETA_DPO_EMA_REF = 2000.0    # the EMA policy as the score's reference
 DGPO_CLIP_RANGE_EMA_REF = 1e-5
-DGPO_KL_COEF = 0.02               # mean((v - v_ref)^2), frozen-reference configs (1e-3 with the EMA reference)
+DGPO_KL_COEF = 0.02               # mean((v - v_ref)^2), frozen-reference configs
+DGPO_KL_COEF_EMA_REF = 1e-3       # the KL (still to the frozen base) in the EMA-reference config
+# The EMA reference after the n-th optimizer step: ema <- d ema + (1 - d) trained, d = min(rate n, cap) (n from 0, so
+# the first update copies the trained adapter). The official code's schedule: it trails the policy by a few steps.
+DGPO_EMA_REF_DECAY_RATE = 1e-3
+DGPO_EMA_REF_DECAY_CAP = 0.3
 DGPO_ADV_CLIP_MAX = 5.0
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]

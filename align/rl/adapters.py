@@ -1,6 +1,6 @@
 """A frozen LoRA adapter beside the trained one on the same transformer (PEFT multi-adapter): DiffusionNFT's
-``old`` policy (samples the rollouts, EMA of the trained adapter), AWM's EMA-KL adapter, and the sampling-policy
-snapshot the clipped objectives compare with when a rollout buffer is trained more than once.
+``old`` policy (samples the rollouts, EMA of the trained adapter), AWM's EMA-KL adapter, DGPO's EMA reference
+(``ema_ref``: the group score's reference with ``dgpo_reference: ema``), and the sampling-policy snapshot the clipped objectives compare with when a rollout buffer is trained more than once.
 
 ``active()`` runs a forward through it instead of the trained adapter (no grad); ``update(decay)`` moves it
 towards the trained adapter, ``old <- decay old + (1 - decay) trained`` (``decay`` 0 copies exactly). Its tensors

@@ -14,7 +14,9 @@ so a resumed run draws the same numbers), one backward per trained timestep, and
 - ``AWMObjective``: the current policy samples; ``awm_num_timesteps`` stratified timesteps shared by the
   micro-batch; the advantage-weighted, generalised-Huber flow-matching loss, optional EMA-KL adapter;
 - ``DGPOObjective``: the current policy samples; every member of a group shares its noise and timesteps; the
-  sigmoid group weight of the group's DPO-style score (reduced over processes) and the clip.
+  sigmoid group weight of the group's DPO-style score (reduced over processes) and the clip. The score's reference
+  is the frozen base, or (``dgpo_reference: ema``) an ``ema_ref`` adapter moved towards the trained one after every
+  optimizer step; the KL term keeps the frozen base.
 
 AWM and DGPO compare with the sampling policy through a ratio. On-policy (each buffer trained once, within one
 optimizer step) that policy IS the current one and the ratio is exactly 1; when a buffer is trained again after an
@@ -320,14 +322,19 @@ class AWMObjective(ForwardObjective):
 
 # ------------------------------------------------------------------------------------------------ DGPO
 class DGPOObjective(ForwardObjective):
-    """DGPO: group-shared noise and timesteps, sigmoid group weight of a score reduced over processes."""
+    """DGPO: group-shared noise and timesteps, sigmoid group weight of a score reduced over processes. With
+    ``dgpo_reference: ema`` the score compares with an ``ema_ref`` adapter instead of the frozen base."""
 
     method = "dgpo"
-    needs_reference = True  # the group score compares with the reference's error
+    needs_reference = True  # the group score (frozen mode) and the KL term compare with the frozen base
 
     def __init__(self, qwen, args, reward_fn, accelerator, policy, reference=None, need_kl: bool = False):
         super().__init__(qwen, args, reward_fn, accelerator, policy, reference, need_kl)
         self.num_groups = args.generation_batch_size // args.num_generations
+        self.ema_ref: ShadowAdapter | None = None
+        if args.dgpo_reference == "ema":
+            self.ema_ref = ShadowAdapter(policy, "ema_ref")
+            self.checkpoint_states["ema_ref_adapter"] = self.ema_ref
         if not self.on_policy:
             self.sampler = ShadowAdapter(policy, "sampler")
             self.checkpoint_states["sampler_adapter"] = self.sampler
@@ -355,21 +362,38 @@ class DGPOObjective(ForwardObjective):
         target = noise.to(v.device) - batch.x0.float()
         return ((v.float() - target) ** 2).mean(dim=_dims(v))
 
-    def step_terms(self, model, batch, t, noise):
-        args = self.args
+    def errors(self, model, batch: ForwardRolloutBatch, t: torch.Tensor, noise: torch.Tensor):
+        """(err with grad, the score reference's err, the sampling policy's err or None, v, v_ref or None) at one
+        planned timestep: the trained forward first (see the ShadowAdapter trap), then the frozen base (when the
+        score or the KL needs it), the EMA reference and the sampling snapshot, without grad."""
         x_t = self.noised(batch, t, noise)
         v = self.velocity(model, batch, x_t, t)
         err = self._err(v, batch, noise)
-        v_ref = self.reference_velocity(batch, x_t, t)
-        ref_err = self._err(v_ref, batch, noise)
+        v_ref = self.reference_velocity(batch, x_t, t) if self.ema_ref is None or self.need_kl else None
+        if self.ema_ref is None:
+            ref_err = self._err(v_ref, batch, noise)
+        else:
+            ref_err = self._err(self.shadow_velocity(self.ema_ref, batch, x_t, t), batch, noise)
         old_err = None
         if self.sampler is not None:
             old_err = self._err(self.shadow_velocity(self.sampler, batch, x_t, t), batch, noise)
+        return err, ref_err, old_err, v, v_ref
+
+    def step_terms(self, model, batch, t, noise):
+        args = self.args
+        err, ref_err, old_err, v, v_ref = self.errors(model, batch, t, noise)
         ids = self.group_ids(batch).to(err.device)
         policy, stats = dgpo_loss(err, ref_err, batch.advantages, ids, self.num_groups, args.dgpo_beta_dpo, old_err,
                                   args.dgpo_clip_range, adv_clip_max=args.adv_clip_max,
                                   all_reduce=lambda x: self.accelerator.reduce(x, reduction="sum"))
         return policy, self._kl(v, v_ref), stats
+
+    def after_optimizer_step(self, global_step: int) -> None:
+        if self.ema_ref is None:
+            return
+        decay = linear_decay(self.ema_ref.updates, self.args.dgpo_ema_decay_rate, self.args.dgpo_ema_decay_cap)
+        self.ema_ref.update(decay)
+        self.metrics.add({"ema_ref_decay": decay, "ema_ref_rms_gap": self.ema_ref.deviation()})
 
 
 OBJECTIVES = {"nft": NFTObjective, "awm": AWMObjective, "dgpo": DGPOObjective}
