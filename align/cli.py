@@ -87,6 +87,10 @@ def _check_launch_args(launch: list[str], trainer_options: Sequence[str] = ()) -
                         f"<command> --help, nor an accelerate launch option)")
     if getattr(known, "config_file", None) and not Path(known.config_file).is_file():
         raise UserError(f"--config_file {known.config_file}: no such accelerate config file")
+    # accelerate raises a bare ValueError for this one after the launcher has started (a traceback)
+    if getattr(known, "multi_gpu", False) and known.num_processes is not None and known.num_processes < 2:
+        raise UserError(f"accelerate launch: --multi_gpu needs --num_processes 2 or more (got {known.num_processes}); "
+                        "drop --multi_gpu to run one process")
     return launch
 
 

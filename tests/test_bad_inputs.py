@@ -579,6 +579,8 @@ CASES = [
      "invalid int value: 'two'"),
     ("align-accelerate-config-missing", "align", ["grpo", "--config", GRPO, "--config_file", "{root}/nope.yaml"],
      "no such accelerate config file"),
+    ("align-multi-gpu-one-process", "align", ["sft", "--config", SFT, "--multi_gpu", "--num_processes", "1"],
+     "--multi_gpu needs --num_processes 2 or more"),
     ("align-accelerate-config-no-value", "align", ["grpo", "--config", GRPO, "--accelerate_config"],
      "--accelerate_config needs a file"),
     ("align-bad-value", "align", ["dpo", "--config", DPO, "--loss_type", "kto"], "loss_type must be one of"),
