@@ -7,8 +7,7 @@ project's lowest layer (the user-error type, the image converter and the JSON Li
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .lazy import lazy_exports
 
 _EXPORTS = {
     "QwenImageInputError": "errors", "UserError": "errors",
@@ -20,17 +19,4 @@ _EXPORTS = {
     "QWEN_IMAGE_SCHEDULER_CONFIG": "scheduler", "inference_sigmas": "scheduler", "make_scheduler": "scheduler",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'qwen_image' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

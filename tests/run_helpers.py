@@ -81,3 +81,14 @@ def assert_same_adapter(a: Path, b: Path) -> dict[str, torch.Tensor]:
     diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
     assert all(torch.equal(wa[k], wb[k]) for k in wa), f"the adapters differ by up to {diff:.3g}"
     return wa
+
+
+def metrics_after_moving_adapter(objective, model: torch.nn.Module, batch, scale: float = 0.05) -> dict[str, float]:
+    """Move every trainable parameter by random noise (as an optimiser step would), compute the objective's loss
+    on the same batch again and return its metrics: whatever compared two equal forwards before must differ now."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn_like(p))
+    objective.loss(model, batch, micro_step=0)
+    return objective.pop_metrics()

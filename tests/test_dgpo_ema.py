@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from lora_helpers import lora_b_off_zero
+from run_helpers import metrics_after_moving_adapter
 
 from align.configs.combined import DPOGRPOConfig
 from align.configs.forward import DGPOConfig, extra_adapter_count
@@ -104,12 +105,7 @@ def test_group_scores_are_exactly_zero_before_any_update_bf16(tmp_path):
     assert stats["group_score_mean"] == 0.0 and stats["group_score/min"] == 0.0 and stats["group_score/max"] == 0.0
     assert stats["group_weight_mean"] == 0.5 and stats["kl"] > 0  # the KL still compares with the frozen base
 
-    with torch.no_grad():  # the trained adapter moves, the EMA stays: the score moves
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    objective.loss(model, batch, micro_step=0)
-    moved = objective.pop_metrics()
+    moved = metrics_after_moving_adapter(objective, model, batch)  # the trained adapter moves, the EMA stays
     assert moved["group_score/min"] != 0.0 or moved["group_score/max"] != 0.0
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from lora_helpers import lora_b_off_zero
+from run_helpers import metrics_after_moving_adapter
 
 from align.configs.combined import DPOGRPOConfig
 from align.configs.forward import AWMConfig, DGPOConfig, NFTConfig
@@ -152,12 +153,7 @@ def check_ratios_exactly_one(trainer) -> None:
     stats = objective.pop_metrics()
     assert stats["ratio/mean"] == 1.0 and stats["ratio/min"] == 1.0 and stats["ratio/max"] == 1.0
     assert stats["clip_fraction"] == 0.0
-    with torch.no_grad():  # after a step on the trained adapter the ratio moves
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    objective.loss(model, batch, micro_step=0)
-    moved = objective.pop_metrics()
+    moved = metrics_after_moving_adapter(objective, model, batch)  # after a step on the trained adapter
     assert moved["ratio/min"] != 1.0 or moved["ratio/max"] != 1.0
 
 

@@ -8,8 +8,7 @@ imports diffusers (with its quantisation back-ends, bitsandbytes and torchao: se
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from qwen_image.lazy import lazy_exports
 
 _MODULE_NAMES = {
     "flow_matching": ("flow_matching_loss", "make_noisy", "sample_sigmas", "velocity_error"),
@@ -22,22 +21,5 @@ _MODULE_NAMES = {
     "dgpo": ("dgpo_loss", "dgpo_group_weights", "group_shared_noise"),
     "kto": ("kto_loss", "kto_implicit_reward"),
 }
-_EXPORTS = {name: module for module, names in _MODULE_NAMES.items() for name in names}
-_SUBMODULES = tuple(_MODULE_NAMES)
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'align.losses' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__, {name: module for module, names in _MODULE_NAMES.items() for name in names}, submodules=_MODULE_NAMES)
