@@ -107,3 +107,41 @@ def test_ddp_two_processes_combined(pairs, tmp_path):
     assert {"loss/grpo", "loss/kl", "loss/kl_rollout", "grpo/reward", "grpo/ratio/mean"} <= set(steps[0])
     assert steps[0]["grpo/ratio/mean"] == 1.0
     assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_term_grad_norms_split_the_gradient_into_its_parts(pairs, tmp_path):
+    """log_term_grad_norms: grad_norm/offline is the norm of the DPO + KL gradient alone, grad_norm/grpo the norm of
+    what the online term adds on top; the two parts sum to the step's gradient."""
+    trainer, inputs = _trainer(DPOGRPOTrainer, pairs, tmp_path, log_term_grad_norms="true")
+    model = trainer.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(5)
+    offline = trainer.weighted_loss(*trainer.offline_terms(model, trainer._prepare_inputs(inputs)), mode="train")
+    offline_grads = [g if g is not None else torch.zeros_like(p)
+                     for g, p in zip(torch.autograd.grad(offline, params, allow_unused=True), params)]
+    model.zero_grad()
+    trainer.current_gradient_accumulation_steps = 1  # the Trainer's loop sets it before each step
+    torch.manual_seed(5)  # the same timesteps and noise for the offline terms inside the step
+    trainer.training_step(model, inputs)
+    metrics = trainer.term_grads.pop_metrics()
+    assert set(metrics) == {"grad_norm/offline", "grad_norm/grpo"}
+    expected_offline = torch.sqrt(sum(g.float().pow(2).sum() for g in offline_grads)).item()
+    online = [(torch.zeros_like(g) if p.grad is None else p.grad).float() - g.float()
+              for p, g in zip(params, offline_grads)]
+    expected_online = torch.sqrt(sum(d.pow(2).sum() for d in online)).item()
+    assert expected_offline > 0 and expected_online > 0
+    assert metrics["grad_norm/offline"] == pytest.approx(expected_offline, rel=1e-5)
+    assert metrics["grad_norm/grpo"] == pytest.approx(expected_online, rel=1e-4)
+    assert trainer.term_grads.pop_metrics() == {}  # the window starts again after each log
+
+
+def test_term_grad_norms_refuse_what_they_cannot_measure(pairs, tmp_path, monkeypatch):
+    from qwen_image.errors import UserError
+
+    data, cache = pairs
+    argv = ["--config", RECIPE, "--dataset_name", str(data), "--output_dir", str(tmp_path), "--log_term_grad_norms", "true"]
+    with pytest.raises(UserError, match="the online one, which is off"):
+        parse_config(DPOGRPOConfig, [*argv, "--w_grpo", "0"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="works in one process"):
+        parse_config(DPOGRPOConfig, argv)

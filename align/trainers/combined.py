@@ -35,6 +35,7 @@ from ..rl.prompts import precompute_prompts_and_release
 from ..rl.rewards import build_reward
 from ..rl.rollouts import RolloutBatch
 from ..rl.source import RolloutSource
+from ..rl.term_gradients import TermGradientNorms
 from .dpo import FlowDPOTrainer
 from .forward import AfterOptimizerStep
 from .forward_objective import ForwardObjective, build_forward_objective
@@ -91,6 +92,9 @@ class DPOGRPOTrainer(MonitoredEvaluationMixin, FlowDPOTrainer):
             add_monitor_callbacks(self, self.monitor, self.guard)
             self.keeps_text_encoder = not args.release_text_encoder  # rollouts encode their prompts as they come
             precompute_prompts_and_release(qwen, args, grpo_prompts, monitor_prompts, self.accelerator.device)
+        self.term_grads: TermGradientNorms | None = None
+        if args.log_term_grad_norms:  # the config refused several processes and DeepSpeed
+            self.term_grads = TermGradientNorms(self.model.parameters())
         self.kto: KTOTerm | None = None
         self.rated: RatedBatchSource | None = None
         if args.w_kto > 0:
@@ -145,15 +149,23 @@ class DPOGRPOTrainer(MonitoredEvaluationMixin, FlowDPOTrainer):
             self.optimizer.train()
         scale = 1.0 / self.current_gradient_accumulation_steps
         total = 0.0
+        if self.term_grads is not None:
+            self.term_grads.begin()
         if self.dpo_weights_active:
             inputs = self._prepare_inputs(inputs)
             with self.accelerator.no_sync(model):  # the last GRPO timestep reduces the summed gradient
                 loss = self.weighted_loss(*self.offline_terms(model, inputs), mode="train")
                 self.accelerator.backward(loss * scale)
             total += float(loss.detach())
+            if self.term_grads is not None:
+                self.term_grads.mark("offline")
         total += self.grpo.micro_step(self.rollouts, model, policy_weight=self.args.w_online,
                                       kl_weight=self.args.beta_kl, scale=scale,
                                       no_sync=partial(self.accelerator.no_sync, model))
+        if self.term_grads is not None:
+            self.term_grads.mark(self.method)
+            if self.accelerator.sync_gradients:  # this micro-step completes the optimiser step
+                self.term_grads.end_of_step()
         return torch.tensor(total * scale, device=self.accelerator.device)
 
     @property
@@ -167,6 +179,8 @@ class DPOGRPOTrainer(MonitoredEvaluationMixin, FlowDPOTrainer):
                 if name in online:  # the online terms under the same names as the DPO terms
                     logs[f"loss/{self.method}" if name == "policy_loss" else "loss/kl_rollout"] = online[name]
             logs.update({f"{self.method}/{k}": v for k, v in online.items()})
+        if self.term_grads is not None and "loss" in logs:
+            logs.update(self.term_grads.pop_metrics())
         super().log(logs, start_time)
         if self.grpo is not None:
             log_rollout_images(self.args, self.grpo, self.state.global_step, self.accelerator.is_main_process)
