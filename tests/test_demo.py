@@ -235,3 +235,15 @@ def test_raters_abstain_below_the_tie_margin_and_need_a_majority():
     far = [rater_votes(0.5, 0.0, rng, noise=0.05) for _ in range(400)]
     assert sum(max(v) >= 2 for v in close) < 0.25 * len(close)
     assert sum(v[0] >= 2 for v in far) == len(far)
+
+
+def test_learning_signal_notes_read_the_gradient_shares():
+    from align.workflows.report import gradient_share_notes, learning_signal_notes
+
+    assert gradient_share_notes([{"step": 1, "loss": 0.5}]) == []  # no diagnostic logged: no note
+    quiet = [{"step": i, "grad_norm/offline": 4.0, "grad_norm/grpo": 0.02} for i in range(1, 5)]
+    text = " ".join(learning_signal_notes(quiet))
+    assert "was 0.5% of the offline terms'" in text and "barely trains" in text and "about 100x" in text
+    loud = [{"step": i, "grad_norm/offline": 3.0, "grad_norm/nft": 1.5} for i in range(1, 5)]
+    (note,) = gradient_share_notes(loud)
+    assert "`grad_norm/nft`" in note and "50.0%" in note and "barely" not in note

@@ -164,6 +164,25 @@ def _mean(history: Sequence[dict], key: str, last_fraction: float = 1.0) -> floa
     return sum(vals) / len(vals) if vals else None
 
 
+def gradient_share_notes(history: Sequence[dict], too_small: float = 0.05) -> list[str]:
+    """What ``log_term_grad_norms`` measured: the online term's gradient as a share of the offline terms'."""
+    offline = _mean(history, "grad_norm/offline")
+    methods = sorted({k.split("/", 1)[1] for r in history for k in r if k.startswith("grad_norm/")} - {"offline"})
+    if offline is None or not methods or offline <= 0:
+        return []
+    online = _mean(history, f"grad_norm/{methods[0]}")
+    if online is None:
+        return []
+    share = online / offline
+    text = (f"the online term's gradient (`grad_norm/{methods[0]}`, mean {online:.3g}) was {share:.1%} of the "
+            f"offline terms' (`grad_norm/offline`, {offline:.3g})")
+    if share < too_small:
+        return [f"**Gradient shares: {text}**: next to DPO it barely trains. Raise `w_online` (about "
+                f"{0.5 / share:.0f}x brings it to half of the offline gradient) and measure the stage against "
+                "`w_online: 0`."]
+    return [f"Gradient shares: {text}."]
+
+
 def learning_signal_notes(history: Sequence[dict]) -> list[str]:
     """Plain-language notes on the DPO+GRPO log: which term had no learning signal, and what to change.
 
@@ -194,6 +213,7 @@ def learning_signal_notes(history: Sequence[dict]) -> list[str]:
     if reward is not None and reward > 0.95:
         notes.append(f"GRPO rollouts already scored {reward:.2f} on average: little headroom for the reward to push. "
                      "Use fewer SFT steps or harder prompts.")
+    notes += gradient_share_notes(history)
     if acc_late is not None and acc_late >= 0.99:
         notes.append(f"**DPO: implicit accuracy saturated at {acc_late:.2f}** over the second half of training: the "
                      "policy already separates every pair, so the sigmoid term's gradient vanishes (and the pairs may be "
