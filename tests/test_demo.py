@@ -247,3 +247,7 @@ def test_learning_signal_notes_read_the_gradient_shares():
     loud = [{"step": i, "grad_norm/offline": 3.0, "grad_norm/nft": 1.5} for i in range(1, 5)]
     (note,) = gradient_share_notes(loud)
     assert "`grad_norm/nft`" in note and "50.0%" in note and "barely" not in note
+    dead = [{"step": 1, "grad_norm/offline": 2.0, "grad_norm/grpo": 0.0}]  # every group without reward spread
+    assert "did not train at all" in gradient_share_notes(dead)[0]
+    dead = [{"step": 1, "grad_norm/offline": 2.0, "grad_norm/grpo": 0.0}]  # every group without reward spread
+    assert "did not train at all" in gradient_share_notes(dead)[0]

@@ -176,6 +176,8 @@ def gradient_share_notes(history: Sequence[dict], too_small: float = 0.05) -> li
     share = online / offline
     text = (f"the online term's gradient (`grad_norm/{methods[0]}`, mean {online:.3g}) was {share:.1%} of the "
             f"offline terms' (`grad_norm/offline`, {offline:.3g})")
+    if share == 0:  # every group without reward spread: no advantages, no gradient
+        return [f"**Gradient shares: {text}**: the online term did not train at all (see its zero-spread groups)."]
     if share < too_small:
         return [f"**Gradient shares: {text}**: next to DPO it barely trains. Raise `w_online` (about "
                 f"{0.5 / share:.0f}x brings it to half of the offline gradient) and measure the stage against "
