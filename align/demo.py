@@ -22,12 +22,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="qwen-image-demo",
         description="Brand-adapter workflow on a tiny random Qwen-Image (CPU): brand data, SFT LoRA, pairs labelled "
-                    "by the OCR reward, combined DPO+GRPO, adapter export (diffusers + ComfyUI) and a report.")
+                    "by the OCR reward, the combined objective (DPO + an online RL term), adapter export (diffusers + ComfyUI) and a report.")
     parser.add_argument("--output_dir", default="outputs/demo", help="where every stage writes (default: outputs/demo)")
     parser.add_argument("--config", default="recipes/demo/brand_adapter.yaml", help="workflow YAML")
     parser.add_argument("--fast", action="store_true", help="a few steps per stage (plumbing check, used by tests)")
     parser.add_argument("--seed", type=int, default=None,
-                        help="the workflow seed (data ratings, VAE fit, SFT, pairs, DPO+GRPO); default: the config's. "
+                        help="the workflow seed (data ratings, VAE fit, SFT, pairs, alignment); default: the config's. "
                              "The evaluation seeds stay the held-out ones, so runs with different seeds are comparable")
     parser.add_argument("--restart", action="store_true", help="delete --output_dir first instead of resuming")
     return parser.parse_args(argv)
@@ -99,17 +99,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     report = results["report"]
+    aligned = report.get("aligned_label", "DPO+GRPO")
     print(f"\ndone in {results['total_seconds']['seconds']:.0f} s")
     print(f"adapter (diffusers): {results['adapter']['adapter_dir']}/pytorch_lora_weights.safetensors")
     print(f"adapter (ComfyUI):   {results['adapter']['adapter_dir']}/pytorch_lora_weights_comfyui.safetensors")
     print(f"report:              {report['report']}")
     print(f"OCR on held-out seeds: before SFT {report['ocr']['before']:.3f}, after SFT "
-          f"{report['ocr']['sft']:.3f}, after DPO+GRPO {report['ocr']['aligned']:.3f}")
+          f"{report['ocr']['sft']:.3f}, after {aligned} {report['ocr']['aligned']:.3f}")
     for key, label in (("train/aligned", "training prompts"), ("heldout/aligned", "held-out prompts")):
         g = report["gains"].get(key)
         if g:
             o = g["overall"]
-            print(f"DPO+GRPO gain over SFT, {label}: {o['gain']:+.3f} (95 % interval {o['low']:+.3f} .. {o['high']:+.3f})")
+            print(f"{aligned} gain over SFT, {label}: {o['gain']:+.3f} (95 % interval {o['low']:+.3f} .. {o['high']:+.3f})")
     return 0
 
 

@@ -64,15 +64,52 @@ def pooled(on: list[np.ndarray], off: list[np.ndarray]) -> dict:
     return bootstrap_gain(np.concatenate(off, axis=1), np.concatenate(on, axis=1))
 
 
+def rescore_fresh(run: Path, offset: int) -> Path:
+    """Score a finished run's aligned adapter again on ``eval.seeds`` seeds starting at ``offset`` (no retraining):
+    seeds that played no part in choosing the configuration. Returns the folder (``eval_aligned_seeds<offset>``)."""
+    from align.workflows.brand_adapter import _prompts
+    from align.workflows.sample_eval import evaluate_samples
+
+    dest = run / f"eval_aligned_seeds{offset}"
+    if not (dest / "scores.json").is_file():
+        cfg = json.loads((run / "workflow_config.json").read_text())
+        eval_cfg = {**cfg["eval"], "seed_offset": offset, "ocr": cfg.get("ocr") or {}}
+        evaluate_samples(run / "base_model" / "model", run / "dpo_grpo", _prompts(run), dest, eval_cfg,
+                         int(cfg["size"]), heldout_prompts=_prompts(run, "heldout_prompts.jsonl"))
+    return dest
+
+
+def gain_table(rows: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]) -> tuple[list[str], dict, dict]:
+    """Markdown rows per workflow seed (SFT, off, on, gain) and the pooled row; the per-seed and pooled numbers."""
+    lines, per_seed, on, off = [], {}, [], []
+    for seed, s_sft, s_off, s_on in rows:
+        on.append(s_on)
+        off.append(s_off)
+        one = pooled([s_on], [s_off])["overall"]
+        per_seed[seed] = {"sft": float(s_sft.mean()), "off": float(s_off.mean()), "on": float(s_on.mean()), **one}
+        lines.append(f"| {seed} | {s_sft.mean():.3f} | {s_off.mean():.3f} | {s_on.mean():.3f} | "
+                     f"{one['gain']:+.3f} [{one['low']:+.3f}, {one['high']:+.3f}] |")
+    total = pooled(on, off)["overall"]
+    table = ["| workflow seed | OCR after SFT | after the stage, online weight 0 | after the stage | online term's "
+             "gain [95 %] |", "|---|---|---|---|---|", *lines,
+             f"| pooled ({len(rows)} seeds x {on[0].shape[1]} eval seeds x {on[0].shape[0]} prompts) | "
+             f"{np.mean([v['sft'] for v in per_seed.values()]):.3f} | {total['before']:.3f} | {total['after']:.3f} | "
+             f"**{total['gain']:+.3f} [{total['low']:+.3f}, {total['high']:+.3f}]** |"]
+    return table, per_seed, total
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=Path("outputs/online-term"))
     ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="the workflow YAML (default: the demo's)")
     ap.add_argument("--weight_option", default="w_online", help="the online term's weight in the alignment recipe")
+    ap.add_argument("--fresh_seed_offset", type=int, default=None,
+                    help="also score both adapters on as many evaluation seeds from this offset (e.g. 5000): seeds "
+                         "no configuration choice looked at, to check a result picked among several variants")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    on, off, per_seed, lines = [], [], {}, []
+    rows, fresh_rows = [], []
     for seed in args.seeds:
         run_on, run_off = args.out / f"seed{seed}-on", args.out / f"seed{seed}-off"
         if not (run_on / "eval_aligned" / "scores.json").is_file():
@@ -84,24 +121,22 @@ def main(argv=None) -> None:
             cfg = off_config(args.config, args.weight_option, args.out / f"seed{seed}-off.yaml")
             print(f"seed {seed}: the same run with {args.weight_option} 0 ({run_off}) ...", flush=True)
             print(f"  {_demo(run_off, seed, cfg):.0f} s", flush=True)
-        prompts, s_on = _scores(run_on, "eval_aligned")
-        _, s_off = _scores(run_off, "eval_aligned")
         _, s_sft = _scores(run_on, "eval_sft")
-        on.append(s_on)
-        off.append(s_off)
-        one = pooled([s_on], [s_off])["overall"]
-        per_seed[seed] = {"sft": float(s_sft.mean()), "off": float(s_off.mean()), "on": float(s_on.mean()), **one}
-        lines.append(f"| {seed} | {s_sft.mean():.3f} | {s_off.mean():.3f} | {s_on.mean():.3f} | "
-                     f"{one['gain']:+.3f} [{one['low']:+.3f}, {one['high']:+.3f}] |")
-    total = pooled(on, off)["overall"]
-    table = ["| workflow seed | OCR after SFT | after the stage, online weight 0 | after the stage | online term's "
-             "gain [95 %] |", "|---|---|---|---|---|", *lines,
-             f"| pooled ({len(args.seeds)} seeds x {on[0].shape[1]} eval seeds x {on[0].shape[0]} prompts) | "
-             f"{np.mean([v['sft'] for v in per_seed.values()]):.3f} | {total['before']:.3f} | {total['after']:.3f} | "
-             f"**{total['gain']:+.3f} [{total['low']:+.3f}, {total['high']:+.3f}]** |"]
+        rows.append((seed, s_sft, _scores(run_off, "eval_aligned")[1], _scores(run_on, "eval_aligned")[1]))
+        if args.fresh_seed_offset is not None:
+            print(f"seed {seed}: both adapters on seeds from {args.fresh_seed_offset} ...", flush=True)
+            fresh = [_scores(run, rescore_fresh(run, args.fresh_seed_offset).name)[1] for run in (run_off, run_on)]
+            fresh_rows.append((seed, s_sft, *fresh))
+    table, per_seed, total = gain_table(rows)
+    result = {"per_seed": per_seed, "pooled": total}
+    if fresh_rows:
+        fresh_table, fresh_per_seed, fresh_total = gain_table(fresh_rows)
+        table += ["", f"Fresh evaluation seeds from {args.fresh_seed_offset} (the SFT column keeps the workflow's "
+                  "seeds):", "", *fresh_table]
+        result["fresh"] = {"seed_offset": args.fresh_seed_offset, "per_seed": fresh_per_seed, "pooled": fresh_total}
     print("\n".join(table))
     (args.out / "table.md").write_text("\n".join(table) + "\n")
-    (args.out / "result.json").write_text(json.dumps({"per_seed": per_seed, "pooled": total}, indent=1))
+    (args.out / "result.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

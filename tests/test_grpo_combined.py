@@ -135,13 +135,13 @@ def test_term_grad_norms_split_the_gradient_into_its_parts(pairs, tmp_path):
     assert trainer.term_grads.pop_metrics() == {}  # the window starts again after each log
 
 
-def test_term_grad_norms_refuse_what_they_cannot_measure(pairs, tmp_path, monkeypatch):
+def test_term_grad_norms_refuse_several_processes_and_skip_an_ablation_without_online_term(pairs, tmp_path, monkeypatch):
     from qwen_image.errors import UserError
 
     data, cache = pairs
     argv = ["--config", RECIPE, "--dataset_name", str(data), "--output_dir", str(tmp_path), "--log_term_grad_norms", "true"]
-    with pytest.raises(UserError, match="the online one, which is off"):
-        parse_config(DPOGRPOConfig, [*argv, "--w_grpo", "0"])
+    off = parse_config(DPOGRPOConfig, [*argv, "--w_grpo", "0"])  # the w_online: 0 ablation of the same recipe runs
+    assert off.log_term_grad_norms and off.online_method is None
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="works in one process"):
         parse_config(DPOGRPOConfig, argv)

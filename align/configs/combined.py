@@ -40,7 +40,7 @@ class DPOGRPOConfig(GRPOArguments, NFTArguments, AWMArguments, DGPOArguments, Ra
     w_online: float | None = field(default=None, metadata={"help": "Weight of the online term (w_grpo is its older name; default: w_grpo when > 0, else 1 when online is set). 0 switches the term off."})
     true_cfg_scale: float | None = field(default=None, metadata={"help": "True CFG of the rollouts (and of GRPO's training forward): unset = 4 for grpo, 1 (CFG-free) for nft / awm / dgpo, which refuse > 1 where it breaks them."})
 
-    log_term_grad_norms: bool = field(default=False, metadata={"help": "Log each part's gradient norm before clipping (grad_norm/offline: DPO + KL + KTO + SFT; grad_norm/<method>: the online term): what to read when choosing w_online. One process; costs two copies of the trainable gradients."})
+    log_term_grad_norms: bool = field(default=False, metadata={"help": "Log each part's gradient norm before clipping (grad_norm/offline: DPO + KL + KTO + SFT; grad_norm/<method>: the online term): what to read when choosing w_online. One process; costs two copies of the trainable gradients; nothing to compare (so nothing logged) with the online term off, which keeps a w_online: 0 ablation of the same recipe running."})
 
     w_kto: float = field(default=0.0, metadata={"help": "Weight of the Diffusion-KTO term on kto_dataset_name (rated images; combined trainer)."})
     kto_dataset_name: str | None = field(
@@ -58,9 +58,6 @@ class DPOGRPOConfig(GRPOArguments, NFTArguments, AWMArguments, DGPOArguments, Ra
         self._resolve_online()
         self._validate_kto_term()
         method = self.online_method
-        if method is None and self.log_term_grad_norms:
-            raise UserError("log_term_grad_norms compares the offline terms with the online one, which is off "
-                            "(w_online 0): set online / w_online, or drop the option")
         if method is None and self.has_monitor:
             raise UserError("monitor_prompts / monitor_dataset_name evaluate the online term, which is off "
                             "(w_online 0): unset them (and eval_strategy), or give the online term a weight")

@@ -93,7 +93,7 @@ class DPOGRPOTrainer(MonitoredEvaluationMixin, FlowDPOTrainer):
             self.keeps_text_encoder = not args.release_text_encoder  # rollouts encode their prompts as they come
             precompute_prompts_and_release(qwen, args, grpo_prompts, monitor_prompts, self.accelerator.device)
         self.term_grads: TermGradientNorms | None = None
-        if args.log_term_grad_norms:  # the config refused several processes and DeepSpeed
+        if args.log_term_grad_norms and self.grpo is not None:  # the config refused several processes, DeepSpeed
             self.term_grads = TermGradientNorms(self.model.parameters())
         self.kto: KTOTerm | None = None
         self.rated: RatedBatchSource | None = None

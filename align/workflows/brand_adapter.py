@@ -1,7 +1,7 @@
 """The brand-adapter workflow (the main job), one function per stage.
 
 data -> base model (tiny; stage 0 fits its VAE) -> eval before -> SFT LoRA -> eval -> pairs labelled by a reward
--> combined DPO+GRPO -> eval -> export (diffusers + ComfyUI) -> report. Training stages run as subprocesses
+-> the combined objective (DPO + an online RL term) -> eval -> export (diffusers + ComfyUI) -> report. Training stages run as subprocesses
 (``accelerate launch align/sft.py ...``) so the demo shows, and logs, the exact commands a user runs at scale.
 Every stage is resumable: its folder gets a marker when it completes, keyed on the stage's inputs (its config
 and the stages it reads), and a rerun skips it unless those inputs changed.
@@ -157,7 +157,7 @@ def stage_export(cfg: dict, out: Path) -> dict:
             shutil.copy2(src / name, dst / name)
             copied.append(name)
     if ADAPTER_FILES[0] not in copied:
-        raise FileNotFoundError(f"no {ADAPTER_FILES[0]} in {src}: the DPO+GRPO stage did not write an adapter")
+        raise FileNotFoundError(f"no {ADAPTER_FILES[0]} in {src}: the alignment stage did not write an adapter")
     pipe = QwenImagePipeline.from_pretrained(str(out / "base_model" / "model"))
     pipe.load_lora_weights(str(dst), adapter_name="brand")
     n_lora = sum(1 for n, _ in pipe.transformer.named_parameters() if "lora_" in n)
@@ -195,9 +195,9 @@ def run_workflow(cfg: dict[str, Any], output_dir: str | Path, only: Sequence[str
          ("eval", "ocr", "size"), ("data", "base_model", "sft")),
         ("pairs labelled by three simulated raters", "pairs", lambda: stage_pairs(cfg, out),
          ("pairs", "ocr", "seed", "size"), ("data", "base_model", "sft")),
-        ("DPO+GRPO", "dpo_grpo", lambda: stage_dpo_grpo(cfg, out), ("dpo_grpo", "seed", "size", "report_to"),
+        ("alignment (DPO + online RL)", "dpo_grpo", lambda: stage_dpo_grpo(cfg, out), ("dpo_grpo", "seed", "size", "report_to"),
          ("data", "base_model", "sft", "pairs")),
-        ("evaluate after DPO+GRPO", "eval_aligned", lambda: stage_eval(cfg, out, "eval_aligned", out / "dpo_grpo"),
+        ("evaluate after alignment", "eval_aligned", lambda: stage_eval(cfg, out, "eval_aligned", out / "dpo_grpo"),
          ("eval", "ocr", "size"), ("data", "base_model", "dpo_grpo")),
         ("export adapter", "adapter", lambda: stage_export(cfg, out), (), ("base_model", "dpo_grpo")),
     ]

@@ -15,14 +15,27 @@ from PIL import Image, ImageDraw
 
 from rewards.render import load_font
 
+# "{aligned}" is the alignment stage's name, DPO+<its online method> (``aligned_label``).
 EVAL_STAGES = (("before", "eval_before", "before SFT (base model)"), ("sft", "eval_sft", "after SFT"),
-               ("aligned", "eval_aligned", "after DPO+GRPO"))
+               ("aligned", "eval_aligned", "after {aligned}"))
 SFT_CURVES = ("loss",)
-DPO_CURVES = ("loss", "loss/dpo", "loss/grpo", "loss/kl", "loss/sft", "grpo/rewards/ocr/mean", "rewards/accuracies",
-              "grpo/frac_reward_zero_std", "grpo/reward_std", "eval_reward", "eval_kl_ref", "eval_diversity")
+# "{m}" is the online method's log prefix (grpo, nft, awm, dgpo).
+DPO_CURVES = ("loss", "loss/dpo", "loss/{m}", "loss/kl", "loss/sft", "{m}/rewards/ocr/mean", "rewards/accuracies",
+              "{m}/frac_reward_zero_std", "{m}/reward_std", "eval_reward", "eval_kl_ref", "eval_diversity")
 # Which stage's gain over which: (name, earlier eval, later eval).
-GAINS = (("SFT over the base model", "before", "sft"), ("DPO+GRPO over SFT", "sft", "aligned"))
+GAINS = (("SFT over the base model", "before", "sft"), ("{aligned} over SFT", "sft", "aligned"))
+ONLINE_LOG_PREFIXES = ("grpo", "nft", "awm", "dgpo")
 PROMPT_SETS = (("train", "training prompts"), ("heldout", "held-out prompts"))
+
+
+def online_method(history: Sequence[dict]) -> str | None:
+    """The alignment stage's online method, read from what it logged (``<method>/reward``); None without one."""
+    return next((m for m in ONLINE_LOG_PREFIXES if any(f"{m}/reward" in r for r in history)), None)
+
+
+def aligned_label(method: str | None) -> str:
+    """The alignment stage's name in the report: DPO+GRPO, DPO+NFT, ... (DPO when no online term ran)."""
+    return f"DPO+{method.upper()}" if method else "DPO"
 
 
 # ---------------------------------------------------------------- logs
@@ -139,7 +152,7 @@ def _scores(ev: dict, prompt_set: str) -> list[list[float]] | None:
     return [p["ocr"] for p in block["per_prompt"]] if block and block.get("per_prompt") else None
 
 
-def stage_gains(evals: dict[str, dict], n_resamples: int = 2000) -> dict:
+def stage_gains(evals: dict[str, dict], n_resamples: int = 2000, aligned: str = "DPO+GRPO") -> dict:
     """Each stage's OCR gain over the previous one on the held-out seeds, per prompt set: the paired bootstrap of
     :func:`align.evaluation.bootstrap_gain` (overall and per prompt). Sets missing from an eval are left out."""
     from ..evaluation import bootstrap_gain
@@ -154,7 +167,7 @@ def stage_gains(evals: dict[str, dict], n_resamples: int = 2000) -> dict:
             res = bootstrap_gain(before, after, n_resamples=n_resamples)
             for row, p in zip(res["per_prompt"], block["per_prompt"]):
                 row["prompt"], row["text"] = p["prompt"], p["text"]
-            out[f"{prompt_set}/{b}"] = {"stage": name, "prompt_set": prompt_set, **res}
+            out[f"{prompt_set}/{b}"] = {"stage": name.format(aligned=aligned), "prompt_set": prompt_set, **res}
     return out
 
 
@@ -186,34 +199,38 @@ def gradient_share_notes(history: Sequence[dict], too_small: float = 0.05) -> li
 
 
 def learning_signal_notes(history: Sequence[dict]) -> list[str]:
-    """Plain-language notes on the DPO+GRPO log: which term had no learning signal, and what to change.
+    """Plain-language notes on the alignment stage's log: which term had no learning signal, and what to change.
 
-    Reads ``grpo/frac_reward_zero_std`` (groups whose images all scored the same: zero advantages),
-    ``grpo/advantages/abs_mean``, ``loss/grpo``, ``grpo/reward`` and DPO's implicit accuracy ``rewards/accuracies``.
+    Reads the online term's ``<m>/frac_reward_zero_std`` (groups whose images all scored the same: zero
+    advantages), ``<m>/advantages/abs_mean``, ``loss/<m>``, ``<m>/reward`` (``m`` = grpo, nft, ...), the gradient
+    shares and DPO's implicit accuracy ``rewards/accuracies``.
     """
     notes: list[str] = []
-    zero = _mean(history, "grpo/frac_reward_zero_std")
-    adv = _mean(history, "grpo/advantages/abs_mean")
-    grpo_loss = _mean(history, "loss/grpo")
-    reward = _mean(history, "grpo/reward")
+    m = online_method(history) or "grpo"
+    name = m.upper()
+    zero = _mean(history, f"{m}/frac_reward_zero_std")
+    adv = _mean(history, f"{m}/advantages/abs_mean")
+    online_loss = _mean(history, f"loss/{m}")
+    reward = _mean(history, f"{m}/reward")
     acc_late = _mean(history, "rewards/accuracies", last_fraction=0.5)
     if zero is not None and zero >= 0.5:
-        notes.append(f"**GRPO: {zero:.0%} of the groups had zero reward spread** (every image of a prompt scored the "
-                     "same), so their advantages are 0 and they teach nothing. Raise `noise_level` or "
-                     "`num_generations`, start from a weaker SFT (fewer steps), or use harder prompts.")
+        notes.append(f"**{name}: {zero:.0%} of the groups had zero reward spread** (every image of a prompt scored the "
+                     "same), so their advantages are 0 and they teach nothing. Raise `num_generations` (or "
+                     "`noise_level` for GRPO's SDE rollouts), start from a weaker SFT (fewer steps), or use harder "
+                     "prompts.")
     elif zero is not None:
-        notes.append(f"GRPO: {zero:.0%} of the groups had zero reward spread; the others carried signal "
+        notes.append(f"{name}: {zero:.0%} of the groups had zero reward spread; the others carried signal "
                      f"(mean |advantage| {adv:.2f})." if adv is not None else
-                     f"GRPO: {zero:.0%} of the groups had zero reward spread.")
+                     f"{name}: {zero:.0%} of the groups had zero reward spread.")
     if adv is not None and adv < 1e-3:
-        notes.append("**GRPO had no learning signal**: the advantages were ~0 throughout (and so was `loss/grpo`, "
-                     f"{grpo_loss:.1e}). The rewards did not separate the images of a group; see above.")
-    elif grpo_loss is not None and abs(grpo_loss) < 1e-4:
-        notes.append(f"`loss/grpo` is ~0 ({grpo_loss:.1e}) by construction: on-policy the ratio is 1 and the "
+        notes.append(f"**{name} had no learning signal**: the advantages were ~0 throughout. The rewards did not "
+                     "separate the images of a group; see above.")
+    elif m == "grpo" and online_loss is not None and abs(online_loss) < 1e-4:
+        notes.append(f"`loss/grpo` is ~0 ({online_loss:.1e}) by construction: on-policy the ratio is 1 and the "
                      "advantages of a group sum to 0; its gradient is not 0. Judge GRPO by the advantages, the "
                      "zero-spread fraction and the held-out gain, not by this value.")
     if reward is not None and reward > 0.95:
-        notes.append(f"GRPO rollouts already scored {reward:.2f} on average: little headroom for the reward to push. "
+        notes.append(f"{name} rollouts already scored {reward:.2f} on average: little headroom for the reward to push. "
                      "Use fewer SFT steps or harder prompts.")
     notes += gradient_share_notes(history)
     if acc_late is not None and acc_late >= 0.99:
@@ -227,7 +244,7 @@ def learning_signal_notes(history: Sequence[dict]) -> list[str]:
 
 
 def monitor_section(history: Sequence[dict]) -> list[str]:
-    """The over-optimisation monitor's evaluations during DPO+GRPO as a table, with a verdict in words; [] when the
+    """The over-optimisation monitor's evaluations during the alignment stage as a table, with a verdict in words; [] when the
     run had no monitor. Each row: the held-out reward (ODE, fixed seeds, prompts no stage trains on), the rollouts'
     reward since the previous evaluation, KL to the reference, diversity across seeds, the zero-spread fraction."""
     evals: list[dict] = []
@@ -238,7 +255,8 @@ def monitor_section(history: Sequence[dict]) -> list[str]:
             evals.append(r)
     if not evals:
         return []
-    L = ["## Over-optimisation monitor (DPO+GRPO, held-out prompts)", "",
+    m = online_method(history) or "grpo"
+    L = [f"## Over-optimisation monitor ({aligned_label(m)}, held-out prompts)", "",
          "Every `eval_steps` the trainer renders the held-out prompts with the ODE sampler at fixed seeds and scores "
          "them; `eval_overopt_flag` is 1 when that held-out reward fell while the rollouts' reward rose "
          "(docs/grpo.md, \"Reading the monitors\").", "",
@@ -247,7 +265,7 @@ def monitor_section(history: Sequence[dict]) -> list[str]:
     prev = 0.0
     for r in evals:
         since = [x for x in history if prev < x["step"] <= r["step"]]
-        roll, zero = _mean(since, "grpo/reward"), _mean(since, "grpo/frac_reward_zero_std")
+        roll, zero = _mean(since, f"{m}/reward"), _mean(since, f"{m}/frac_reward_zero_std")
         L.append(f"| {r['step']:.0f} | {r['eval_reward']:.3f} | " + ("n/a" if roll is None else f"{roll:.3f}") + " | "
                  + " | ".join(_fmt(r.get(k, "n/a")) for k in ("eval_kl_ref", "eval_diversity")) + " | "
                  + ("n/a" if zero is None else f"{zero:.0%}") + f" | {int(r.get('eval_overopt_flag') or 0)} |")
@@ -291,24 +309,28 @@ def write_report(cfg: dict, out: Path, results: dict[str, dict]) -> dict:
     """Write ``<out>/report.md`` (+ PNGs under ``<out>/report/``); returns its path and the OCR means per stage."""
     assets = out / "report"
     assets.mkdir(parents=True, exist_ok=True)
-    evals = {key: results[stage] for key, stage, _ in EVAL_STAGES}
+    sft_hist, dpo_hist = log_history(out / "sft"), log_history(out / "dpo_grpo")
+    method = online_method(dpo_hist)
+    aligned_name = aligned_label(method)
+    m = method or "grpo"
+    stages = [(key, stage, title.format(aligned=aligned_name)) for key, stage, title in EVAL_STAGES]
+    evals = {key: results[stage] for key, stage, _ in stages}
     ocr = {key: float(r["ocr_mean"]) for key, r in evals.items()}
     prompts = [p["text"] for p in evals["before"]["per_prompt"]]
-    bars = plot_ocr_bars({title: [p["ocr_mean"] for p in evals[key]["per_prompt"]] for key, _, title in EVAL_STAGES},
+    bars = plot_ocr_bars({title: [p["ocr_mean"] for p in evals[key]["per_prompt"]] for key, _, title in stages},
                          prompts, assets / "ocr_per_prompt.png")
-    sft_hist, dpo_hist = log_history(out / "sft"), log_history(out / "dpo_grpo")
     sft_png = plot_curves({k: series(sft_hist, k) for k in SFT_CURVES}, assets / "sft_curves.png", "SFT (flow matching)")
-    dpo_png = plot_curves({k: series(dpo_hist, k) for k in DPO_CURVES}, assets / "dpo_grpo_curves.png",
-                          "DPO+GRPO (combined objective)")
+    dpo_png = plot_curves({k: series(dpo_hist, k) for k in (c.format(m=m) for c in DPO_CURVES)},
+                          assets / "dpo_grpo_curves.png", f"{aligned_name} (combined objective)")
     base, data, pairs, adapter = results["base_model"], results["data"], results["pairs"], results["adapter"]
     L: list[str] = []
     L += ["# Brand adapter: demo report", ""]
     if cfg.get("fast"):
         L += ["> **--fast run**: a few steps per stage to check the plumbing; the OCR numbers mean nothing here.", ""]
     L += ["A tiny random Qwen-Image (the real diffusers classes, small configs) learns to write a brand's slogans: "
-          "SFT on rated renders, then the combined DPO+GRPO objective with the OCR reward. "
+          f"SFT on rated renders, then the combined {aligned_name} objective with the OCR reward. "
           f"Slogans: {', '.join(cfg['slogans'])}; prompt template `{cfg['caption']}`; {cfg['size']} px.", ""]
-    gains = stage_gains(evals)
+    gains = stage_gains(evals, aligned=aligned_name)
     seeds = evals["before"]["seeds"]
     L += ["## OCR gain per stage, on held-out seeds", "",
           f"OCR text accuracy in [0, 1] of images generated with {len(seeds)} seeds ({seeds[0]}..{seeds[-1]}) that no "
@@ -324,10 +346,10 @@ def write_report(cfg: dict, out: Path, results: dict[str, dict]) -> dict:
         verdict = ("is above 0 with 95 % confidence" if o["low"] > 0 else
                    "is below 0 with 95 % confidence: it made the OCR worse" if o["high"] < 0 else
                    "is not distinguishable from seed noise (the interval includes 0)")
-        L += [f"On held-out seeds, DPO+GRPO's gain over SFT {verdict}."]
+        L += [f"On held-out seeds, {aligned_name}'s gain over SFT {verdict}."]
         weak = [r["text"] for r in aligned["per_prompt"] if r["before"] < 0.15]
         if o["low"] <= 0:
-            L += ["To get a clearer gain: train DPO+GRPO longer (`dpo_grpo.args: {max_steps: ...}`), raise "
+            L += [f"To get a clearer gain: train {aligned_name} longer (`dpo_grpo.args: {{max_steps: ...}}`), raise "
                   "`num_generations` so each group has spread"
                   + (f", and give SFT more steps for {', '.join(weak)}: after SFT they are almost never readable, so "
                      "their rollout groups mostly score all 0 and the raters call their pairs ties" if weak else "") + ". "
@@ -340,27 +362,27 @@ def write_report(cfg: dict, out: Path, results: dict[str, dict]) -> dict:
     for key, g in gains.items():
         if not key.endswith("/aligned"):
             continue
-        L += [f"**DPO+GRPO over SFT, per prompt ({dict(PROMPT_SETS)[g['prompt_set']]})**", "",
-              "| prompt | OCR after SFT | after DPO+GRPO | gain [95 % interval] |", "|---|---|---|---|"]
+        L += [f"**{aligned_name} over SFT, per prompt ({dict(PROMPT_SETS)[g['prompt_set']]})**", "",
+              f"| prompt | OCR after SFT | after {aligned_name} | gain [95 % interval] |", "|---|---|---|---|"]
         L += [f"| {r['prompt']} | {r['before']:.2f} | {r['after']:.2f} | {_gain_cell(r)} |" for r in g["per_prompt"]]
         L += [""]
-    L += ["| stage | " + " | ".join(t for _, _, t in EVAL_STAGES) + " |", "|---|---|---|---|"]
-    L += ["| mean OCR, training prompts | " + " | ".join(f"{ocr[k]:.3f}" for k, _, _ in EVAL_STAGES) + " |"]
-    if all("heldout" in evals[k] for k, _, _ in EVAL_STAGES):
-        L += ["| mean OCR, held-out prompts | " + " | ".join(f"{evals[k]['heldout']['ocr_mean']:.3f}" for k, _, _ in EVAL_STAGES) + " |"]
+    L += ["| stage | " + " | ".join(t for _, _, t in stages) + " |", "|---|---|---|---|"]
+    L += ["| mean OCR, training prompts | " + " | ".join(f"{ocr[k]:.3f}" for k, _, _ in stages) + " |"]
+    if all("heldout" in evals[k] for k, _, _ in stages):
+        L += ["| mean OCR, held-out prompts | " + " | ".join(f"{evals[k]['heldout']['ocr_mean']:.3f}" for k, _, _ in stages) + " |"]
     L += ["", f"![OCR per prompt]({_rel(bars, out)})", ""]
-    L += ["## Learning signal", "", "What the DPO+GRPO log says about each term:", ""]
-    L += [f"- {n}" for n in learning_signal_notes(dpo_hist)] or ["- (no DPO+GRPO metrics logged)"]
+    L += ["## Learning signal", "", f"What the {aligned_name} log says about each term:", ""]
+    L += [f"- {n}" for n in learning_signal_notes(dpo_hist)] or [f"- (no {aligned_name} metrics logged)"]
     L += [""]
     L += monitor_section(dpo_hist)
     L += ["## Samples", "", "One row per prompt, one column per seed; the label is the OCR reward of the row.", ""]
-    for key, _, title in EVAL_STAGES:
+    for key, _, title in stages:
         L += [f"**{title}**", "", f"![{title}]({_rel(evals[key]['grid'], out)})", ""]
         if evals[key].get("heldout"):
             L += [f"![{title}, held-out prompts]({_rel(evals[key]['heldout']['grid'], out)})", ""]
     L += ["## Curves", ""]
     L += [f"![SFT curves]({_rel(sft_png, out)})" if sft_png else "(no SFT metrics logged)", ""]
-    L += [f"![DPO+GRPO curves]({_rel(dpo_png, out)})" if dpo_png else "(no DPO+GRPO metrics logged)", ""]
+    L += [f"![{aligned_name} curves]({_rel(dpo_png, out)})" if dpo_png else f"(no {aligned_name} metrics logged)", ""]
     # The Trainer's closing summary (train_runtime, ...) is the last record; the metrics are in the last step log.
     last = next((r for r in reversed(dpo_hist) if "loss" in r), {})
     sft_last = next((r for r in reversed(sft_hist) if "loss" in r), {})
@@ -372,7 +394,7 @@ def write_report(cfg: dict, out: Path, results: dict[str, dict]) -> dict:
         ("SFT final logged loss", _fmt(sft_last.get("loss", "n/a"))),
         ("pairs generated / labelled / unanimous", f"{pairs['pairs']} / {pairs['labelled_pairs']} / {pairs['unanimous']}"),
         ("DPO implicit accuracy (last log)", _fmt(last.get("rewards/accuracies", "n/a"))),
-        ("GRPO OCR reward of rollouts (last log)", _fmt(last.get("grpo/rewards/ocr/mean", "n/a"))),
+        (f"{m.upper()} OCR reward of rollouts (last log)", _fmt(last.get(f"{m}/rewards/ocr/mean", "n/a"))),
     ]
     metrics += [(f"time: {r.get('stage', k)}", f"{r.get('seconds', 0):.0f} s" + (" (skipped on this run)" if r.get("skipped") else ""))
                 for k, r in results.items() if isinstance(r, dict) and "seconds" in r and k != "total_seconds"]
@@ -392,17 +414,17 @@ def write_report(cfg: dict, out: Path, results: dict[str, dict]) -> dict:
     L += ["## Commands each stage ran", "", "```bash",
           f"# SFT\n{results['sft']['command']}",
           f"# pairs (then labelled by {cfg['pairs'].get('reward', 'ocr')} with simulated raters instead of Label Studio)\n{pairs['command']}",
-          f"# DPO+GRPO\n{results['dpo_grpo']['command']}", "```", ""]
+          f"# {aligned_name}\n{results['dpo_grpo']['command']}", "```", ""]
     L += ["Training logs: `sft/train.log`, `dpo_grpo/train.log`; wandb offline runs: `wandb/` "
           "(`wandb sync wandb/offline-run-*` uploads them).", ""]
     L += ["## What this shows, and what it does not", "",
           "The demo runs every stage of the real workflow with the real code paths on CPU in minutes, and judges each "
           "stage on seeds no stage trained on, with an interval, so a gain can be told from seed noise. SFT stops "
-          "early on purpose (see `recipes/demo/sft.yaml`) so that DPO+GRPO has errors to fix, as after a real SFT on a "
+          "early on purpose (see `recipes/demo/sft.yaml`) so that the alignment stage has errors to fix, as after a real SFT on a "
           "small brand set. The model is tiny and random (its text encoder too): it learns four slogans, not text "
           "rendering in general, so the held-out prompts test whether what it learned survives a new caption "
           "template, not new words. For a real adapter see `docs/brand-adapter.md` and `recipes/brand_adapter/`.", ""]
     report = out / "report.md"
     report.write_text("\n".join(L), encoding="utf-8")
     (assets / "gains.json").write_text(json.dumps(gains, indent=2, ensure_ascii=False), encoding="utf-8")
-    return {"report": str(report), "ocr": ocr, "gains": gains, "images": [str(p) for p in (bars, sft_png, dpo_png) if p]}
+    return {"report": str(report), "ocr": ocr, "gains": gains, "aligned_label": aligned_name, "images": [str(p) for p in (bars, sft_png, dpo_png) if p]}

@@ -119,8 +119,9 @@ def run_logged(cmd: Sequence[str], log_path: Path, env: dict[str, str] | None = 
 
 
 # The metrics a console line shows of the Trainer's log dicts (the full dicts stay in the log and in wandb).
-CONSOLE_METRICS = ("loss", "loss/sft", "loss/dpo", "rewards/accuracies", "grpo/reward", "grpo/frac_reward_zero_std",
-                   "grpo/kl/flow_grpo", "eval_reward", "epoch", "train_runtime")
+CONSOLE_METRICS = ("loss", "loss/sft", "loss/dpo", "rewards/accuracies",
+                   *(f"{m}/{k}" for m in ("grpo", "nft", "awm", "dgpo") for k in ("reward", "frac_reward_zero_std")),
+                   "grpo/kl/flow_grpo", "nft/kl", "eval_reward", "epoch", "train_runtime")
 
 
 def console_line(line: str) -> str | None:
