@@ -253,3 +253,15 @@ def test_learning_signal_notes_read_the_gradient_shares():
     assert "did not train at all" in gradient_share_notes(dead)[0]
     dead = [{"step": 1, "grad_norm/offline": 2.0, "grad_norm/grpo": 0.0}]  # every group without reward spread
     assert "did not train at all" in gradient_share_notes(dead)[0]
+
+
+def test_learning_signal_notes_follow_the_logged_online_method():
+    from align.workflows.report import aligned_label, learning_signal_notes, logged_online_method
+
+    nft = [{"step": i, "nft/frac_reward_zero_std": 1.0, "nft/advantages/abs_mean": 0.0, "loss/nft": 1e-9,
+            "nft/reward": 0.5, "rewards/accuracies": 0.6} for i in range(1, 5)]
+    assert logged_online_method(nft) == "nft" and aligned_label("nft") == "DPO+NFT"
+    assert logged_online_method([{"step": 1, "loss": 0.5}]) is None and aligned_label(None) == "DPO"
+    text = " ".join(learning_signal_notes(nft))
+    assert "NFT: 100% of the groups had zero reward spread" in text and "NFT had no learning signal" in text
+    assert "GRPO" not in text and "by construction" not in text  # the ratio argument is Flow-GRPO's alone

@@ -28,7 +28,7 @@ ONLINE_LOG_PREFIXES = ("grpo", "nft", "awm", "dgpo")
 PROMPT_SETS = (("train", "training prompts"), ("heldout", "held-out prompts"))
 
 
-def online_method(history: Sequence[dict]) -> str | None:
+def logged_online_method(history: Sequence[dict]) -> str | None:
     """The alignment stage's online method, read from what it logged (``<method>/reward``); None without one."""
     return next((m for m in ONLINE_LOG_PREFIXES if any(f"{m}/reward" in r for r in history)), None)
 
@@ -206,7 +206,7 @@ def learning_signal_notes(history: Sequence[dict]) -> list[str]:
     shares and DPO's implicit accuracy ``rewards/accuracies``.
     """
     notes: list[str] = []
-    m = online_method(history) or "grpo"
+    m = logged_online_method(history) or "grpo"
     name = m.upper()
     zero = _mean(history, f"{m}/frac_reward_zero_std")
     adv = _mean(history, f"{m}/advantages/abs_mean")
@@ -215,9 +215,9 @@ def learning_signal_notes(history: Sequence[dict]) -> list[str]:
     acc_late = _mean(history, "rewards/accuracies", last_fraction=0.5)
     if zero is not None and zero >= 0.5:
         notes.append(f"**{name}: {zero:.0%} of the groups had zero reward spread** (every image of a prompt scored the "
-                     "same), so their advantages are 0 and they teach nothing. Raise `num_generations` (or "
-                     "`noise_level` for GRPO's SDE rollouts), start from a weaker SFT (fewer steps), or use harder "
-                     "prompts.")
+                     "same), so their advantages are 0 and they teach nothing. Raise `num_generations`"
+                     + (" or `noise_level`" if m == "grpo" else "") + ", start from a weaker SFT (fewer steps), or "
+                     "use harder prompts.")
     elif zero is not None:
         notes.append(f"{name}: {zero:.0%} of the groups had zero reward spread; the others carried signal "
                      f"(mean |advantage| {adv:.2f})." if adv is not None else
@@ -255,7 +255,7 @@ def monitor_section(history: Sequence[dict]) -> list[str]:
             evals.append(r)
     if not evals:
         return []
-    m = online_method(history) or "grpo"
+    m = logged_online_method(history) or "grpo"
     L = [f"## Over-optimisation monitor ({aligned_label(m)}, held-out prompts)", "",
          "Every `eval_steps` the trainer renders the held-out prompts with the ODE sampler at fixed seeds and scores "
          "them; `eval_overopt_flag` is 1 when that held-out reward fell while the rollouts' reward rose "
@@ -310,7 +310,7 @@ def write_report(cfg: dict, out: Path, results: dict[str, dict]) -> dict:
     assets = out / "report"
     assets.mkdir(parents=True, exist_ok=True)
     sft_hist, dpo_hist = log_history(out / "sft"), log_history(out / "dpo_grpo")
-    method = online_method(dpo_hist)
+    method = logged_online_method(dpo_hist)
     aligned_name = aligned_label(method)
     m = method or "grpo"
     stages = [(key, stage, title.format(aligned=aligned_name)) for key, stage, title in EVAL_STAGES]
