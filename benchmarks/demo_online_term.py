@@ -67,15 +67,12 @@ def pooled(on: list[np.ndarray], off: list[np.ndarray]) -> dict:
 def rescore_fresh(run: Path, offset: int) -> Path:
     """Score a finished run's aligned adapter again on ``eval.seeds`` seeds starting at ``offset`` (no retraining):
     seeds that played no part in choosing the configuration. Returns the folder (``eval_aligned_seeds<offset>``)."""
-    from align.workflows.brand_adapter import _prompts
-    from align.workflows.sample_eval import evaluate_samples
+    from align.workflows.brand_adapter import stage_eval
 
     dest = run / f"eval_aligned_seeds{offset}"
     if not (dest / "scores.json").is_file():
         cfg = json.loads((run / "workflow_config.json").read_text())
-        eval_cfg = {**cfg["eval"], "seed_offset": offset, "ocr": cfg.get("ocr") or {}}
-        evaluate_samples(run / "base_model" / "model", run / "dpo_grpo", _prompts(run), dest, eval_cfg,
-                         int(cfg["size"]), heldout_prompts=_prompts(run, "heldout_prompts.jsonl"))
+        stage_eval({**cfg, "eval": {**cfg["eval"], "seed_offset": offset}}, run, dest.name, run / "dpo_grpo")
     return dest
 
 

@@ -145,3 +145,23 @@ def test_term_grad_norms_refuse_several_processes_and_skip_an_ablation_without_o
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="works in one process"):
         parse_config(DPOGRPOConfig, argv)
+
+
+def test_term_grad_norms_leave_a_bf16_run_bit_identical(tmp_path):
+    """The diagnostic only reads .grad: a bf16 run with gradient accumulation trains the same adapter bit for bit
+    with and without it, and the parts' norms land in the log once per logging step."""
+    from run_helpers import assert_same_adapter
+
+    from align.dpo import main
+
+    data = write_synthetic_pairs(tmp_path / "pairs", n=4, size=32)
+    common = ["--config", RECIPE, "--dataset_name", str(data), "--cache_dir", str(tmp_path / "cache"),
+              "--model_dtype", "bfloat16", "--max_steps", "2", "--logging_steps", "1", "--save_strategy", "no",
+              "--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "2", "--disable_tqdm", "true"]
+    main([*common, "--output_dir", str(tmp_path / "plain")])
+    run = main([*common, "--output_dir", str(tmp_path / "probed"), "--log_term_grad_norms", "true"])
+    assert run.qwen.transformer.dtype == torch.bfloat16
+    assert_same_adapter(tmp_path / "plain", tmp_path / "probed")
+    logs = [h for h in json.loads((tmp_path / "probed" / "trainer_state.json").read_text())["log_history"]
+            if "grad_norm/offline" in h]
+    assert len(logs) == 2 and all(h["grad_norm/offline"] > 0 and h["grad_norm/grpo"] > 0 for h in logs)

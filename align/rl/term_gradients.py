@@ -34,7 +34,8 @@ class TermGradientNorms:
                 for p in self.params]
 
     def begin(self) -> None:
-        self.before = self._grads()
+        if self.before is None:  # later micro-steps of the step start where the previous one's last mark left off
+            self.before = self._grads()
 
     @torch.no_grad()
     def mark(self, name: str) -> None:
